@@ -49,8 +49,7 @@ def make_paged_batch(
     used = sum(blocks_per_seq)
     num_blocks = used * copies + extra_blocks
     shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    k_cache = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
-    v_cache = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+    k_cache, v_cache = (_randn(shape, dtype, device, generator) for _ in range(2))
     perm = torch.randperm(num_blocks, generator=generator)
     tables = torch.zeros(copies * len(seqs), max_blocks, dtype=torch.int32)
     nxt = 0
@@ -60,20 +59,27 @@ def make_paged_batch(
             nxt += nb
     q_lens = [q for q, _ in seqs]
     qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
-    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=generator).to(dtype)
+    q = _randn((sum(q_lens), num_heads, head_dim), dtype, device, generator)
     num_decodes = 0
     while num_decodes < len(seqs) and seqs[num_decodes][0] == 1:
         num_decodes += 1
     return PagedBatch(
-        q=q.to(device),
-        k_cache=k_cache.to(device),
-        v_cache=v_cache.to(device),
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
         block_tables=tables.to(device),
         query_start_loc=qsl.to(device),
         seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32, device=device),
         num_decodes=num_decodes,
         max_query_len=max(q_lens),
     )
+
+
+def _randn(shape, dtype, device, generator) -> torch.Tensor:
+    """Seeded through `generator` on the CPU; without one, drawn where it lives (large caches)."""
+    if generator is None:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.randn(shape, generator=generator).to(dtype).to(device)
 
 
 def make_cos_sin_cache(max_position: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
