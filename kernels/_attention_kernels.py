@@ -36,34 +36,34 @@ def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
 
 
 @triton.jit
-def _split_range(seq_len, window, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_range(seq_len, window, split, num_splits, BLOCK_N: tl.constexpr):
     """Decode split `split` covers context positions [start, end); chunk is a multiple of BLOCK_N."""
     kv_lo = tl.maximum(seq_len - window, 0)
-    chunk = tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
     chunk = tl.maximum(chunk, BLOCK_N)
     start = kv_lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
     return start, end, kv_lo, chunk
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, pout_ptr, plse_ptr,
-    scale_log2, window,
+    scale_log2, window, num_splits,
     s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_ot, s_oh,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
+    NUM_HEADS: tl.constexpr, DIRECT_OUT: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Grid (num_decodes, num_kv_heads, NUM_SPLITS). One program: one sequence's one query token,
+    """Grid (num_decodes, num_kv_heads, num_splits). One program: one sequence's one query token,
     the GROUP query heads that share one KV head (padded to GROUP_PAD rows for tl.dot), one split
-    of its context. NUM_SPLITS == 1 writes `out`; otherwise a normalized partial output
-    pout: [S, H, NUM_SPLITS, D] f32 and its base-2 log-sum-exp plse: [S, H, NUM_SPLITS] f32."""
+    of its context. DIRECT_OUT (num_splits == 1) writes `out`; otherwise a normalized partial
+    output pout: [S, H, num_splits, D] f32 and its base-2 log-sum-exp plse: [S, H, num_splits]."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start, end, kv_lo, chunk = _split_range(seq_len, window, split, NUM_SPLITS, BLOCK_N)
+    start, end, kv_lo, chunk = _split_range(seq_len, window, split, num_splits, BLOCK_N)
     if start >= end:  # short context: this split has nothing to read
         return
     g = tl.arange(0, GROUP_PAD)
@@ -87,30 +87,30 @@ def decode_split_kernel(
                                       True, DOT_PREC)
     o = acc / l_i[:, None]
     gm = g < GROUP
-    if NUM_SPLITS == 1:
+    if DIRECT_OUT:
         tl.store(out_ptr + row * s_ot + heads[:, None] * s_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=gm[:, None])
     else:
-        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+        part = (seq * NUM_HEADS + heads) * num_splits + split  # [GROUP_PAD]
         tl.store(pout_ptr + part[:, None].to(tl.int64) * HEAD_DIM + d[None, :], o, mask=gm[:, None])
         tl.store(plse_ptr + part, m_i + tl.log2(l_i), mask=gm)
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def decode_combine_kernel(
-    pout_ptr, plse_ptr, qsl_ptr, seq_lens_ptr, out_ptr, window, s_ot, s_oh,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    pout_ptr, plse_ptr, qsl_ptr, seq_lens_ptr, out_ptr, window, num_splits, s_ot, s_oh,
+    NUM_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (num_decodes, num_heads): merge the splits of one (sequence, head) by their LSE."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    _, _, kv_lo, chunk = _split_range(seq_len, window, 0, NUM_SPLITS, BLOCK_N)
+    _, _, kv_lo, chunk = _split_range(seq_len, window, 0, num_splits, BLOCK_N)
     n_used = tl.cdiv(seq_len - kv_lo, chunk)  # splits that ran, the same rule as the split kernel
     j = tl.arange(0, SPLITS_PAD)
     used = j < n_used
-    base = (seq * NUM_HEADS + head) * NUM_SPLITS
+    base = (seq * NUM_HEADS + head) * num_splits
     lse = tl.load(plse_ptr + base + j, mask=used, other=float("-inf"))  # [SPLITS_PAD]
     m = tl.max(lse, 0)
     w = tl.where(used, tl.exp2(lse - m), 0.0)

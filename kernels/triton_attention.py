@@ -74,6 +74,11 @@ def _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
     return num_seqs, num_heads // num_kv_heads
 
 
+def _check_block(name: str, value: int) -> None:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest), got {value}")
+
+
 def _launch_args(q, k_cache, v_cache, block_tables, out):
     strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
                block_tables.stride(0), out.stride(0), out.stride(1))
@@ -93,11 +98,14 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query token per sequence (q_len 1 for every sequence given).
 
     Split-K: each sequence's context is cut into num_splits equal chunks (multiples of block_n
     tokens); partial results are merged by log-sum-exp. CUDA-graph capturable.
+    block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py).
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
@@ -111,6 +119,7 @@ def paged_decode_attention(
     if not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
     block_n = block_n or (64 if head_dim <= 128 else 32)
+    _check_block("block_n", block_n)
     window = sliding_window or _NO_WINDOW
     strides, prec = _launch_args(q, k_cache, v_cache, block_tables, out)
     # [num_seqs, H, num_splits, D] f32 and [num_seqs, H, num_splits] f32: per-split results.
@@ -119,15 +128,16 @@ def paged_decode_attention(
     scale_log2 = scale * math.log2(math.e)
     K.decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, pout, plse,
-        scale_log2, window, *strides,
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
+        scale_log2, window, num_splits, *strides,
+        NUM_HEADS=num_heads, DIRECT_OUT=num_splits == 1, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, num_warps=4, num_stages=2,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         K.decode_combine_kernel[(num_seqs, num_heads)](
-            pout, plse, query_start_loc, seq_lens, out, window, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
+            pout, plse, query_start_loc, seq_lens, out, window, num_splits, out.stride(0),
+            out.stride(1), NUM_HEADS=num_heads,
             SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_N=block_n,
             num_warps=4 if head_dim * num_splits >= 2048 else 2,
         )
@@ -156,11 +166,15 @@ def paged_prefill_attention(
     num_query_tokens: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of every sequence's new tokens to its cached prefix and to themselves.
 
     One launch for the batch; `num_query_tokens` (default T) bounds the query rows these
     sequences own, so the grid is floor(num_query_tokens / BLOCK_Q) + num_seqs tiles per KV head.
+    block_m (query rows: BLOCK_Q tokens x group heads), block_n, num_warps and num_stages are
+    tuning knobs (bench/kernels_sweep.py); None takes _prefill_config's choice.
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
@@ -168,10 +182,12 @@ def paged_prefill_attention(
     if num_seqs == 0:
         return out
     head_dim, num_kv_heads = q.shape[2], k_cache.shape[1]
-    cfg_m, cfg_n, num_warps, num_stages = _prefill_config(head_dim, group)
+    cfg_m, cfg_n, cfg_warps, cfg_stages = _prefill_config(head_dim, group)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    num_warps, num_stages = num_warps or cfg_warps, num_stages or cfg_stages
     if block_m < group or block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= max(16, group={group}), got {block_m}")
+    _check_block("block_n", block_n)
     block_q = block_m // group
     tokens = q.shape[0] if num_query_tokens is None else num_query_tokens
     strides, prec = _launch_args(q, k_cache, v_cache, block_tables, out)
