@@ -128,7 +128,7 @@ def main() -> None:
     driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
     rows = []
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for name, call in _calls(dtype):
             COMPILED.clear()
             call()

@@ -83,7 +83,7 @@ def rotating(sets: list, call):
 
 
 def n_sets(bytes_per_set: int, quick: bool) -> int:
-    return 2 if quick else max(2, min(8, math.ceil(ROTATE_BYTES / max(1, bytes_per_set))))
+    return 2 if quick else max(1, min(8, math.ceil(ROTATE_BYTES / max(1, bytes_per_set))))
 
 
 def copy_bandwidth(timer: Timer, device: str, quick: bool) -> float:

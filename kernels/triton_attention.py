@@ -118,7 +118,7 @@ def paged_decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device)
     if not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
-    block_n = block_n or (64 if head_dim <= 128 else 32)
+    block_n = block_n or (64 if head_dim <= 128 and q.dtype != torch.float32 else 32)
     _check_block("block_n", block_n)
     window = sliding_window or _NO_WINDOW
     strides, prec = _launch_args(q, k_cache, v_cache, block_tables, out)
@@ -144,8 +144,12 @@ def paged_decode_attention(
     return out
 
 
-def _prefill_config(head_dim: int, group: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel on Hopper."""
+def _prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel on Hopper.
+
+    float32 (tests only) takes an exact FMA dot: smaller tiles keep it out of local memory."""
+    if dtype == torch.float32:
+        return max(32, triton.next_power_of_2(group)), 32, 4, 2
     if head_dim <= 128:
         block_m = 128 if group <= 16 else triton.next_power_of_2(group)
         return block_m, 64, 8, 3
@@ -182,7 +186,7 @@ def paged_prefill_attention(
     if num_seqs == 0:
         return out
     head_dim, num_kv_heads = q.shape[2], k_cache.shape[1]
-    cfg_m, cfg_n, cfg_warps, cfg_stages = _prefill_config(head_dim, group)
+    cfg_m, cfg_n, cfg_warps, cfg_stages = _prefill_config(head_dim, group, q.dtype)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     num_warps, num_stages = num_warps or cfg_warps, num_stages or cfg_stages
     if block_m < group or block_m < 16 or block_m & (block_m - 1):

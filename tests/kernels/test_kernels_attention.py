@@ -62,7 +62,7 @@ def test_decode_block_sizes_and_window(block_size, window, device):
     _check(out, _reference(b, 0.125, window), torch.float16)
 
 
-MIXED = [(1, 40), (1, 97), (1, 16), (13, 61), (40, 40), (5, 5), (70, 150), (1, 33)]
+MIXED = [(1, 40), (1, 97), (1, 16), (13, 61), (40, 40), (5, 5), (37, 120), (1, 33)]
 # decodes, a chunk with a cached prefix, fresh prefills, a long chunk over many blocks, and a
 # trailing q_len-1 sequence handled by the prefill kernel
 
