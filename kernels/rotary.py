@@ -111,7 +111,8 @@ def rope_and_write_kv(
     slot_mapping: torch.Tensor,  # [T] int64, -1 = padding token, not written
 ) -> None:
     """Rotate q in place ("rotate half" over the whole head_dim) and store rotated k and v in
-    the paged cache at slot_mapping. One program per token; any token/head strides."""
+    the paged cache at slot_mapping. One program per token; any token/head strides.
+    Not checked (device values): positions < max_position, slots < num_blocks * block_size."""
     _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:

@@ -6,6 +6,9 @@
 
 Launches depend only on tensor shapes and on `num_splits` (a host int), never on tensor values,
 so the decode path can be captured in a CUDA graph. Layouts are those of kernels/reference.py.
+
+Not checked, since that would read the device: block_tables rows cover cdiv(seq_len, block_size)
+blocks; 1 <= q_len <= seq_len; the first num_decodes sequences have q_len exactly 1.
 """
 
 from __future__ import annotations
