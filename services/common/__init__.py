@@ -1,0 +1,1 @@
+"""Pieces every service tier shares: health probe, tracing and metrics setup."""
