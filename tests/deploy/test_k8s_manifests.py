@@ -12,7 +12,7 @@ from pathlib import Path
 import kubernetes_validate  # the `test` extra; its package data holds the schemas
 import pytest
 import yaml
-from k8s_render import load_documents, render
+from tests.deploy.k8s_render import load_documents, render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
