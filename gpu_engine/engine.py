@@ -45,6 +45,33 @@ class EngineStats:
         return 1.0 - self.num_free_blocks / self.num_total_blocks
 
 
+class StepTimes:
+    """Where the steps' wall time went (seconds, summed), split by decode-only and other steps."""
+
+    def __init__(self):
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def add(self, plan, **parts: float) -> None:
+        kind = "decode" if plan.num_decodes == len(plan.scheduled) else "mixed"
+        acc = self.totals.setdefault(kind, {"steps": 0, "seqs": 0})
+        acc["steps"] += 1
+        acc["seqs"] += len(plan.scheduled)
+        for name, value in parts.items():
+            acc[name] = acc.get(name, 0.0) + value
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per kind: steps, mean sequences per step, and mean milliseconds per step of each part."""
+        out = {}
+        for kind, acc in self.totals.items():
+            n = max(acc["steps"], 1)
+            out[kind] = {"steps": acc["steps"], "mean_seqs": round(acc["seqs"] / n, 1)}
+            out[kind].update({k + "_ms": round(v / n * 1e3, 3) for k, v in acc.items() if k not in ("steps", "seqs")})
+        return out
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
 class _SeqText:
     """Incremental text of one sequence, and how much of it was reported."""
 
@@ -138,6 +165,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
+        self.step_times = StepTimes()
         self._rng = random.Random(config.seed)
         log.info("engine ready: %s on %s (%s), %d KV blocks", self.model_config.name, self.device,
                  self.dtype, self.num_kv_blocks)
@@ -193,12 +221,18 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Plan, run and account one step; returns the outputs it produced."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        t1 = time.perf_counter()
         result = self.runner.execute(plan)
+        t2 = time.perf_counter()
         touched = self.scheduler.update(plan, result)
-        return self._process(touched)
+        outputs = self._process(touched)
+        t3 = time.perf_counter()
+        self.step_times.add(plan, schedule=t1 - t0, execute=t2 - t1, update=t3 - t2, **self.runner.last_parts)
+        return outputs
 
     def _process(self, touched: list[Seq]) -> list[RequestOutput]:
         now = time.monotonic()

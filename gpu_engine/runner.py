@@ -4,6 +4,7 @@ tensors, runs the forward pass and samples. The scheduler never sees a tensor.""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,13 +133,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        self.last_parts = {"prepare": 0.0, "wait": 0.0}
+        return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
         if self.graphs is not None and decode_only(plan) and self.graphs.padded_size(len(plan.scheduled)):
             host = self.host_batch(plan)
+            inputs = self._sampling_inputs(plan, host)
+            self.last_parts["prepare"] = time.perf_counter() - t0
             self.copy_blocks(plan.blocks_to_copy)
             hidden = self.graphs.run(host)
-            inputs = self._sampling_inputs(plan, host)
         else:
             inputs = self.prepare(plan)
+            self.last_parts["prepare"] = time.perf_counter() - t0
             self.copy_blocks(plan.blocks_to_copy)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.cos_sin,
                                 self.ops)
@@ -163,7 +171,9 @@ class ModelRunner:
         entries = plan.scheduled
         want = [entries[e].seq.request.params.logprobs for e in inputs.sample_owner]
         top_n = max((w for w in want if w is not None), default=None)
-        token_list = tokens.tolist()
+        t0 = time.perf_counter()
+        token_list = tokens.tolist()  # the one host sync of the step
+        self.last_parts["wait"] = time.perf_counter() - t0
         lp_rows: list[Logprobs | None] = [None] * len(token_list)
         if top_n is not None:
             rows = [r for r, w in enumerate(want) if w is not None]

@@ -131,6 +131,7 @@ def throughput(cfg: BenchConfig) -> dict:
     warm = random_prompts(min(cfg.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1)
     run_requests(engine, warm, min(cfg.osl, 16))
     prompts = random_prompts(cfg.num_requests, cfg.isl, vocab, cfg.seed)
+    engine.step_times.reset()
     r = run_requests(engine, prompts, cfg.osl)
     assert r["generated_tokens"] == cfg.num_requests * cfg.osl, r["generated_tokens"]
     out_tps = r["generated_tokens"] / r["elapsed_s"]
@@ -141,6 +142,8 @@ def throughput(cfg: BenchConfig) -> dict:
         "output_tokens_per_s": round(out_tps, 1),
         "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
         "preemptions": engine.scheduler.num_preemptions,
+        "graph_capture_s": round(engine.graph_capture_s, 2),
+        "step_times": engine.step_times.summary(),
     }
 
 
