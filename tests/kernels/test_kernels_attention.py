@@ -216,7 +216,9 @@ def test_decode_cuda_graph_replay_gpu():
     with torch.cuda.graph(graph):
         run()
     for seed in (1, 2):
+        # New lengths must stay within the table's width (the kernel's contract).
         new_lens = torch.tensor(_lengths(16, 2048, 10 + seed), dtype=torch.int32)
+        new_lens.clamp_(max=b.block_tables.shape[1] * 16)
         b.seq_lens.copy_(new_lens)
         # Rows padded with block 0 still index real blocks, and the reference reads the same table.
         b.block_tables.copy_(b.block_tables[torch.randperm(16)])
