@@ -29,7 +29,9 @@ for step in "$@"; do
     kernel-tests-all) phase kernel-tests-all 500 python -m pytest tests/kernels -q -x -p no:cacheprovider ;;
     engine-tests) phase engine-tests 500 python -m pytest tests/gpu -q -x -p no:cacheprovider ;;
     kernel-bench) phase kernel-bench 300 python bench/kernels.py --out "$OUT/kernels.json" ;;
+    profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
     t1-quick) tp 128 128 1000 ;;
+    t1-quick-sync) TAG=-sync tp 128 128 1000 --no-async-scheduling ;;
     t1-128) tp 128 128 3000 ;;
     t1-1000) tp 1000 1000 1000 ;;
     t1-2048) tp 2048 2048 500 ;;
