@@ -267,8 +267,9 @@ class LLMEngine:
         for seq in touched:
             request = seq.request
             request.metrics.setdefault("first_token", now)
-            state = self._texts.get(seq.seq_id) or self._attach_text(
-                seq, seq.token_ids[: len(seq.token_ids) - seq.num_pending - 1])
+            state = self._texts.get(seq.seq_id)
+            if state is None and self.tokenizer is not None and request.params.detokenize:
+                state = self._attach_text(seq, seq.token_ids[: len(seq.token_ids) - seq.num_pending - 1])
             if state is not None:
                 self._detokenize(seq, state)
             changed[request.request_id] = request
@@ -317,7 +318,7 @@ class LLMEngine:
                 logprobs=seq.logprobs[len(seq.logprobs) - n_lp:] if request.params.logprobs is not None else None,
                 cumulative_logprob=seq.cumulative_logprob if request.params.logprobs is not None else None,
             ))
-            seq.num_reported_tokens = seq.num_output_tokens
+            seq.num_reported_tokens = seq.num_output_tokens - seq.num_pending
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, outputs=outs, finished=request.finished,

@@ -139,6 +139,7 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> InFlight:
         t0 = time.perf_counter()
+        self.builder.begin_step()
         host = build_host_batch(plan, self.block_size)
         graphed = self.graphs is not None and decode_only(plan) and self.graphs.padded_size(len(plan.scheduled))
         inputs = self.builder.inputs(plan, host, with_forward=not graphed)
@@ -161,8 +162,9 @@ class ModelRunner:
             for r, e in enumerate(host.sample_owner):
                 self._prev_rows.setdefault(plan.scheduled[e].seq.seq_id, r)
             self._launch_logprobs(plan, host, logits, tokens, flight)
-            flight.tokens = self._to_host(tokens)
+            flight.tokens = self.builder.download(tokens)
         flight.prompt_logprobs = self._prompt_logprobs(plan, host, hidden)
+        self.builder.end_step()
         if self.device.type == "cuda":
             flight.event = torch.cuda.Event()
             flight.event.record()
@@ -200,13 +202,6 @@ class ModelRunner:
         rows = self.builder.upload(host.pending_rows, torch.int64)
         return rows, self._prev_tokens[self.builder.upload(src, torch.int64)]
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.copy_(t, non_blocking=True)
-        return out
-
     def _launch_logprobs(self, plan: StepPlan, host: HostBatch, logits, tokens, flight: InFlight) -> None:
         want = [plan.scheduled[e].seq.request.params.logprobs for e in host.sample_owner]
         rows = [r for r, w in enumerate(want) if w is not None]
@@ -217,9 +212,9 @@ class ModelRunner:
         lps = torch.log_softmax(logits[idx], dim=-1)
         chosen, top_v, top_i = gather_logprobs(lps, tokens[idx], top_n)
         flight.logprob_rows = rows
-        flight.chosen = self._to_host(chosen)
-        flight.top_v = None if top_v is None else self._to_host(top_v)
-        flight.top_i = None if top_i is None else self._to_host(top_i)
+        flight.chosen = self.builder.download(chosen)
+        flight.top_v = None if top_v is None else self.builder.download(top_v)
+        flight.top_i = None if top_i is None else self.builder.download(top_i)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:

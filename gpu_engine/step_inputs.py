@@ -44,46 +44,52 @@ class StepInputs:
 
 
 def build_host_batch(plan: StepPlan, block_size: int) -> HostBatch:
+    """Plain-Python loop over the plan (decodes are one token each: lists beat small arrays)."""
     bs = block_size
     n = len(plan.scheduled)
-    qsl = np.zeros(n + 1, dtype=np.int32)
-    lens = np.zeros(n, dtype=np.int32)
+    qsl = [0] * (n + 1)
+    lens = [0] * n
     ids: list[int] = []
-    positions, slots = [], []
+    positions: list[int] = []
+    slots: list[int] = []
     tables: list[list[int]] = []
     sample_rows: list[int] = []
     sample_owner: list[int] = []
     prompt_rows: dict[int, tuple[int, int]] = {}
     pending_rows: list[int] = []
     pending_seqs: list[int] = []
+    row = 0
     for e, entry in enumerate(plan.scheduled):
         seq, start, count = entry.seq, entry.start, entry.num_tokens
+        table = seq.block_table
         if count == 1:
             token = seq.token_ids[start]
-            ids.append(token)
             if token == PENDING:
-                pending_rows.append(int(qsl[e]))
+                pending_rows.append(row)
                 pending_seqs.append(seq.seq_id)
-            positions.append(np.array([start], dtype=np.int64))
-            slots.append(np.array([seq.block_table[start // bs] * bs + start % bs], dtype=np.int64))
+            ids.append(token)
+            positions.append(start)
+            slots.append(table[start // bs] * bs + start % bs)
         else:
             ids.extend(seq.token_ids[start : start + count])
             pos = np.arange(start, start + count, dtype=np.int64)
-            positions.append(pos)
-            slots.append(np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs)
+            positions.extend(range(start, start + count))
+            slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
         if entry.prompt_logprobs:
-            prompt_rows[e] = (int(qsl[e]), count)
-        qsl[e + 1] = qsl[e] + count
+            prompt_rows[e] = (row, count)
+        row += count
+        qsl[e + 1] = row
         lens[e] = start + count
-        tables.append(seq.block_table)
+        tables.append(table)
         if entry.sample:
-            sample_rows.extend([int(qsl[e + 1]) - 1] * entry.num_samples)
+            sample_rows.extend([row - 1] * entry.num_samples)
             sample_owner.extend([e] * entry.num_samples)
     return HostBatch(
-        input_ids=np.asarray(ids, dtype=np.int64), positions=np.concatenate(positions),
-        slot_mapping=np.concatenate(slots), query_start_loc=qsl, seq_lens=lens, block_tables=tables,
-        num_decodes=plan.num_decodes, sample_rows=sample_rows, sample_owner=sample_owner,
-        prompt_rows=prompt_rows, pending_rows=pending_rows, pending_seqs=pending_seqs,
+        input_ids=np.array(ids, dtype=np.int64), positions=np.array(positions, dtype=np.int64),
+        slot_mapping=np.array(slots, dtype=np.int64), query_start_loc=np.array(qsl, dtype=np.int32),
+        seq_lens=np.array(lens, dtype=np.int32), block_tables=tables, num_decodes=plan.num_decodes,
+        sample_rows=sample_rows, sample_owner=sample_owner, prompt_rows=prompt_rows,
+        pending_rows=pending_rows, pending_seqs=pending_seqs,
     )
 
 
@@ -97,12 +103,51 @@ def padded_tables(tables: list[list[int]], width: int | None = None) -> np.ndarr
 
 
 class InputBuilder:
-    """Uploads host arrays to the device without blocking the host."""
+    """Moves a step's host arrays to the device and its results back, without blocking the host.
+
+    On a GPU every array goes through pinned staging buffers that are reused every other step
+    (two slots: the step being prepared and the one in flight), so no step allocates pinned memory
+    (cudaHostAlloc can stall the host until the GPU is idle, defeating the overlap)."""
 
     def __init__(self, device: torch.device, vocab_size: int):
         self.device = device
         self.vocab_size = vocab_size
         self.pinned = device.type == "cuda"
+        self._buffers: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._slot = 0
+        self._used: dict[torch.dtype, int] = {}
+
+    def begin_step(self) -> None:
+        """Switch to the other staging slot; its last use (two steps ago) must be finished."""
+        if not self.pinned:
+            return
+        self._slot ^= 1
+        event = self._events[self._slot]
+        if event is not None:
+            event.synchronize()
+        self._used = {}
+
+    def end_step(self) -> None:
+        """Mark the slot busy until the GPU has done every copy enqueued so far."""
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[self._slot] = event
+
+    def _stage(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """numel elements of this slot's pinned buffer for dtype (grown by doubling when short)."""
+        buffers = self._buffers[self._slot]
+        start = self._used.get(dtype, 0)
+        buf = buffers.get(dtype)
+        if buf is None or start + numel > buf.numel():
+            if start:  # earlier views of this step live in the old buffer: keep it, start a new one
+                start = 0
+                self._used = {k: v for k, v in self._used.items() if k != dtype}
+            size = max(1 << 16, 2 * (start + numel), 0 if buf is None else buf.numel())
+            buf = buffers[dtype] = torch.empty(size, dtype=dtype, pin_memory=True)
+        self._used[dtype] = start + numel
+        return buf[start : start + numel]
 
     def upload(self, array: np.ndarray | list, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.tensor(array, dtype=dtype)
@@ -110,7 +155,17 @@ class InputBuilder:
             t = t.to(dtype)
         if not self.pinned:
             return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
+        staged = self._stage(t.dtype, t.numel())
+        staged.copy_(t.reshape(-1))
+        return staged.to(self.device, non_blocking=True).view(t.shape)
+
+    def download(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of a device tensor, valid once the step's event has fired."""
+        if not self.pinned:
+            return t
+        staged = self._stage(t.dtype, t.numel()).view(t.shape)
+        staged.copy_(t, non_blocking=True)
+        return staged
 
     def inputs(self, plan: StepPlan, host: HostBatch, with_forward: bool) -> StepInputs:
         meta = input_ids = positions = None
@@ -137,6 +192,16 @@ class InputBuilder:
         )
 
     def sampling_batch(self, plan: StepPlan, owners: list[int]) -> SamplingBatch:
+        entries = plan.scheduled
+        for e in owners:
+            seq = entries[e].seq
+            p = seq.request.params
+            if p.temperature or p.needs_penalties or seq.num_output_tokens < p.min_tokens:
+                return self._full_sampling_batch(plan, owners)
+        return SamplingBatch(None, None, None, None, None, None, all_greedy=True, any_top_k=False,
+                             any_top_p=False, any_min_p=False)
+
+    def _full_sampling_batch(self, plan: StepPlan, owners: list[int]) -> SamplingBatch:
         temps, top_k, top_p, min_p, keys, positions = [], [], [], [], [], []
         pen_rows, banned = [], []
         fork_index: dict[int, int] = {}

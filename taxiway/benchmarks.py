@@ -31,6 +31,8 @@ class BenchConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     async_scheduling: bool = True
+    admission_policy: str = "guaranteed_no_evict"
+    """All requests arrive at once with fixed lengths: reserving prompt + OSL avoids preemption churn."""
     seed: int = 0
 
     def engine_kwargs(self) -> dict:
@@ -39,7 +41,7 @@ class BenchConfig:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
-            async_scheduling=self.async_scheduling,
+            async_scheduling=self.async_scheduling, admission_policy=self.admission_policy,
         )
 
 

@@ -27,10 +27,11 @@ def drain(engine, limit=500):
     raise AssertionError("engine did not finish")
 
 
-def test_delta_stream_adds_up_to_the_batch_result(llm):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_delta_stream_adds_up_to_the_batch_result(llm, tiny_llama, overlap):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
-    engine = llm.engine
+    engine = LLM(tiny_llama, num_kv_blocks=64, max_model_len=256, async_scheduling=True).engine if overlap else llm.engine
     for i, p in enumerate(PROMPTS):
         engine.add_request(f"s{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
                                                       output_kind=OutputKind.DELTA))
