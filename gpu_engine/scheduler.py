@@ -112,10 +112,20 @@ class MaxUtilization:
 class GuaranteedNoEvict:
     """Admit only if prompt + max_tokens of every sample fits beside what running ones reserve."""
 
+    def __init__(self):
+        self._epoch = -1
+        self._available = 0  # free blocks minus what running sequences still reserve
+
     def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool:
-        reserved = sum(self.blocks_to_finish(s, scheduler.block_size) for s in scheduler.running)
+        if self._epoch != scheduler.epoch:  # once per schedule(), not once per candidate
+            self._epoch = scheduler.epoch
+            reserved = sum(self.blocks_to_finish(s, scheduler.block_size) for s in scheduler.running)
+            self._available = scheduler.block_manager.num_free_blocks - reserved
         needed = self.blocks_to_finish(seq, scheduler.block_size)
-        return needed <= scheduler.block_manager.num_free_blocks - reserved
+        if needed > self._available:
+            return False
+        self._available -= needed  # admitting it reserves what it needs to finish
+        return True
 
     @staticmethod
     def blocks_to_finish(seq: Sequence, block_size: int) -> int:
@@ -166,7 +176,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-
+        self.epoch = 0  # counts schedule() calls
     # -- requests ---------------------------------------------------------------------------------
     def add(self, request: Request, prior_output_token_ids: list[int] | tuple[int, ...] = ()) -> Sequence:
         seq = Sequence(
@@ -210,6 +220,7 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        self.epoch += 1
         plan = StepPlan()
         entries: dict[int, ScheduledSeq] = {}
         budget = self.config.max_num_batched_tokens
