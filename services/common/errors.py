@@ -60,11 +60,18 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(code, str(exc))
 
 
+def _finished(context: grpc.ServicerContext, exc: Exception) -> bool:
+    """The client cancelled or went away (its request stream raised): nobody to answer."""
+    return isinstance(exc, grpc.RpcError) and not context.is_active()
+
+
 def _unary(fn):
     def handler(request, context):
         try:
             return fn(request, context)
         except Exception as exc:  # noqa: BLE001 - every error leaves through one status
+            if _finished(context, exc):
+                return None
             if context.code() is not None:  # already aborted on purpose
                 raise
             _abort(context, exc)
@@ -76,8 +83,10 @@ def _streaming(fn):
     def handler(request, context):
         try:
             yield from fn(request, context)
-        except Exception as exc:  # noqa: BLE001
-            if context.code() is not None:
+        except Exception as exc:  # noqa: BLE001 - every error leaves through one status
+            if _finished(context, exc):
+                return None
+            if context.code() is not None:  # already aborted on purpose
                 raise
             _abort(context, exc)
 

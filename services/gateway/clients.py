@@ -86,8 +86,7 @@ class _GrpcDetokenizer:
         return resp.new_text, resp.stop or None
 
     def close(self) -> None:
-        self._requests.put(self._END)
-        self._call.cancel()
+        self._requests.put(self._END)  # half-close: the tokenizer's handler ends on its own
 
 
 class RedisIntake:

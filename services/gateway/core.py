@@ -154,6 +154,8 @@ class GatewayCore:
                     self.intake.abort(Abort(rid, "cancelled"))
 
     def _prompt_ids(self, inp: GenerateInput) -> list[int]:
+        if inp.text == "" or inp.token_ids == () or inp.messages == []:
+            raise InvalidRequest("the prompt is empty")
         if inp.token_ids is not None:
             prompt = list(inp.token_ids)
         elif inp.text is not None or inp.messages is not None:
