@@ -163,8 +163,12 @@ class ExecutorCore:
             num_free_blocks=s.num_free_blocks, block_size=s.block_size, num_running=s.num_running,
             num_waiting=s.num_waiting, prefill_backlog_tokens=s.prefill_backlog_tokens,
             max_num_seqs=max_num_seqs(self.engine), last_admit_seq=self._last_admit_seq,
-            max_model_len=self.engine.model_config.max_model_len)
+            max_model_len=engine_max_model_len(self.engine))
         self.board.publish(state, finished, kv_events, frozenset(self._tracked))
+
+
+def engine_max_model_len(engine) -> int:
+    return int(getattr(engine, "max_model_len", 0) or engine.model_config.max_position_embeddings)
 
 
 def max_num_seqs(engine) -> int:

@@ -24,7 +24,7 @@ from services.tokenizer.fake import OFFSET, ByteTokenizer
 @dataclass
 class FakeModelConfig:
     name: str = "fake-bytes"
-    max_model_len: int = 4096
+    max_position_embeddings: int = 4096
     vocab_size: int = ByteTokenizer.vocab_size
 
 
@@ -68,7 +68,8 @@ class FakeEngine:
     def __init__(self, *, num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 64,
                  max_model_len: int = 4096, step_delay_s: float = 0.0):
         self.tokenizer = ByteTokenizer()
-        self.model_config = FakeModelConfig(max_model_len=max_model_len)
+        self.model_config = FakeModelConfig(max_position_embeddings=max_model_len)
+        self.max_model_len = max_model_len
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
@@ -92,9 +93,9 @@ class FakeEngine:
         if any(not 0 <= t < self.model_config.vocab_size for t in ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
         budget = len(ids) + (params.max_tokens or 1)
-        if budget > self.model_config.max_model_len:
+        if budget > self.max_model_len:
             raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                                 f"exceeds the context length {self.model_config.max_model_len}")
+                                 f"exceeds the context length {self.max_model_len}")
         if any(r.request_id == request_id for r in self._waiting + self._running):
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         content = [t for t in ids if t >= OFFSET] or [OFFSET + ord("a")]
@@ -194,7 +195,7 @@ class FakeEngine:
         if token in stops and n >= p.min_tokens:
             finish, stop_reason = "stop", token
         elif (p.max_tokens is not None and n >= p.max_tokens) or \
-                req.num_tokens >= self.model_config.max_model_len:
+                req.num_tokens >= self.max_model_len:
             finish = "length"
         logprobs = [{token: -0.5}] if p.logprobs is not None else None
         completion = CompletionOutput(0, [token], finish_reason=finish, stop_reason=stop_reason,

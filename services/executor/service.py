@@ -14,7 +14,7 @@ from services.common.proto import pb
 from services.common.server import GrpcServer, LazyServicer
 from services.common.types import Delta
 from services.executor.config import ExecutorConfig
-from services.executor.core import ExecutorCore
+from services.executor.core import ExecutorCore, engine_max_model_len
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class ExecutorService:
             "executor_id": self.executor_id,
             "address": f"{self.config.dial_host()}:{self.server.port}",
             "model": engine.model_config.name,
-            "max_model_len": engine.model_config.max_model_len,
+            "max_model_len": engine_max_model_len(engine),
         }
         streams.register_executor(self.redis, self.executor_id, self._registration,
                                   self.config.registration_ttl_s)

@@ -25,13 +25,14 @@ class ByteDetokenizer:
         self._ids: list[int] = []
         self._emitted = 0
         self.text = ""
+        self._full = ""
         self.stopped: str | None = None
 
     def add_tokens(self, ids: Sequence[int]) -> DetokenizerDelta:
         if self.stopped:
             return DetokenizerDelta("", None)
         self._ids.extend(ids)
-        full = self._tok.decode(self._ids, skip_special_tokens=self._skip)
+        full = self._full = self._tok.decode(self._ids, skip_special_tokens=self._skip)
         if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
             full = full.rstrip("\ufffd")
         for s in self._stop:
@@ -44,6 +45,8 @@ class ByteDetokenizer:
         return self._release(max(self._emitted, len(full) - self._hold))
 
     def flush(self) -> DetokenizerDelta:
+        if not self.stopped:
+            self.text = self._full  # a trailing incomplete character stays as U+FFFD
         return self._release(len(self.text), self.stopped)
 
     def _release(self, upto: int, stop: str | None = None) -> DetokenizerDelta:

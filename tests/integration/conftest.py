@@ -44,7 +44,7 @@ def redis_url():
 
 @pytest.fixture
 def stack_factory(redis_url):
-    from svc_stack import Stack
+    from tests.integration.svc_stack import Stack
 
     stacks = []
 

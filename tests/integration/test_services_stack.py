@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from services.common.proto import pb
-from svc_stack import wait_for
+from tests.integration.svc_stack import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,0 +1,369 @@
+"""LLMEngine: requests in, one step at a time, outputs out. The executor service wraps this class."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from gpu_engine.block_manager import BlockManager
+from gpu_engine.config import PRESETS, EngineConfig, ModelConfig
+from gpu_engine.errors import InvalidRequest, ModelLoadError
+from gpu_engine.outputs import CompletionOutput, RequestOutput
+from gpu_engine.runner import ModelRunner
+from gpu_engine.sampling_params import OutputKind, SamplingParams
+from gpu_engine.scheduler import Scheduler, SchedulerConfig
+from gpu_engine.sequence import Request, Sequence as Seq
+from gpu_engine.weights import build_model, init_dummy_weights, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The executor's live capacity, published after its steps for admission."""
+
+    num_total_blocks: int
+    num_free_blocks: int
+    block_size: int
+    num_running: int
+    num_waiting: int
+    prefill_backlog_tokens: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+
+class _SeqText:
+    """Incremental text of one sequence, and how much of it was reported."""
+
+    def __init__(self, detok):
+        self.detok = detok
+        self.reported = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(name: str, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if model_cfg.torch_dtype == "float16" else torch.bfloat16
+
+
+def resolve_model(config: EngineConfig) -> tuple[Path | None, ModelConfig]:
+    """(checkpoint folder or None for a preset, model config)."""
+    if config.model is None:
+        from gpu_engine.default_model import default_model_path
+
+        folder = default_model_path()
+        return folder, ModelConfig.from_folder(folder)
+    path = Path(config.model).expanduser()
+    if path.is_dir():
+        return path, ModelConfig.from_folder(path)
+    if config.model in PRESETS:
+        if config.load_format != "dummy":
+            raise ModelLoadError(
+                f"{config.model!r} is a preset with no checkpoint; use load_format='dummy' for random weights"
+            )
+        return None, ModelConfig.from_preset(config.model)
+    raise ModelLoadError(
+        f"model {config.model!r} is neither a folder nor a preset (presets: {', '.join(PRESETS)})"
+    )
+
+
+class LLMEngine:
+    """Paged-KV, in-flight-batching engine for one model on one device."""
+
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        config = replace(config, **kwargs) if config is not None else EngineConfig(**kwargs)
+        self.config = config
+        self.device = resolve_device(config.device)
+        folder, self.model_config = resolve_model(config)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {self.model_config.max_position_embeddings}"
+            )
+        model = build_model(self.model_config, self.dtype, self.device)
+        if config.load_format == "dummy":
+            init_dummy_weights(model, config.seed)
+        else:
+            load_checkpoint(model, folder, self.model_config)
+        self.tokenizer = _load_tokenizer(config.tokenizer or folder)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len)
+        self.num_kv_blocks = self.runner.num_blocks_for_memory()
+        if self.num_kv_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.num_kv_blocks * config.block_size} tokens "
+                f"({self.num_kv_blocks} blocks of {config.block_size}), less than max_model_len "
+                f"{self.max_model_len}: lower max_model_len or give the cache more memory"
+            )
+        self.runner.allocate_kv_cache(self.num_kv_blocks)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                policy=config.admission_policy,
+            ),
+            self.block_manager,
+        )
+        self.requests: dict[str, Request] = {}
+        self._texts: dict[int, _SeqText] = {}
+        self._rng = random.Random(config.seed)
+        log.info("engine ready: %s on %s (%s), %d KV blocks", self.model_config.name, self.device,
+                 self.dtype, self.num_kv_blocks)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        prior_output_token_ids: Sequence[int] = (),
+    ) -> None:
+        """Queue a request. `prior_output_token_ids` are tokens generated elsewhere (resume after a
+        failure): they count as output (max_tokens, penalties, seeded positions) but are not
+        reported again."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already running")
+        text, ids = self._tokenize(prompt)
+        prior = [self._check_token(t, "prior_output_token_ids") for t in prior_output_token_ids]
+        self._validate(ids, prior, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        request = Request(
+            request_id=request_id, prompt=text, prompt_token_ids=ids, params=params,
+            seed=seed & 0xFFFFFFFFFFFFFFFF, eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len, priority=priority, num_prior_output_tokens=len(prior),
+        )
+        request.metrics["arrival"] = request.arrival_time
+        seq = self.scheduler.add(request, prior)
+        self._attach_text(seq, seq.token_ids)
+        self.requests[request_id] = request
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Stop requests now, returning their KV blocks to the pool at once; unknown ids are
+        ignored. Returns their final outputs (finish_reason "abort")."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outputs = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            self.scheduler.abort(request)
+            outputs.append(self._output(request, force=True))
+            self._forget(request)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Plan, run and account one step; returns the outputs it produced."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan)
+        touched = self.scheduler.update(plan, result)
+        return self._process(touched)
+
+    def _process(self, touched: list[Seq]) -> list[RequestOutput]:
+        now = time.monotonic()
+        changed: dict[str, Request] = {}
+        for seq in touched:
+            request = seq.request
+            request.metrics.setdefault("first_token", now)
+            state = self._texts.get(seq.seq_id) or self._attach_text(seq, seq.token_ids[:-1])
+            if state is not None:
+                self._detokenize(seq, state)
+            changed[request.request_id] = request
+        outputs = []
+        for request in changed.values():
+            if request.finished:
+                request.metrics["finished"] = now
+            out = self._output(request)
+            if out is not None:
+                outputs.append(out)
+            if request.finished:
+                self._forget(request)
+        return outputs
+
+    def _detokenize(self, seq: Seq, state: _SeqText) -> None:
+        """Add the sequence's newest token to its text; a stop string ends the sequence. The text
+        of an eos or stop token is not part of the output."""
+        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+        if not stopped_by_token:
+            delta = state.detok.add_tokens([seq.token_ids[-1]])
+            if delta.stop is not None:
+                self.scheduler.finish(seq, "stop", delta.stop)
+                return
+        if seq.is_finished:
+            state.detok.flush()
+
+    def _output(self, request: Request, force: bool = False) -> RequestOutput | None:
+        kind = request.params.output_kind
+        if kind is OutputKind.FINAL_ONLY and not request.finished and not force:
+            return None
+        delta = kind is OutputKind.DELTA
+        outs = []
+        for seq in sorted(request.seqs, key=lambda s: s.index):
+            first = seq.num_reported_tokens if delta else request.num_prior_output_tokens
+            token_ids = seq.output_token_ids[first:]
+            n_lp = len(token_ids) if seq.logprobs else 0
+            state = self._texts.get(seq.seq_id)
+            text = ""
+            if state is not None:
+                full = state.detok.text
+                text = full[state.reported:] if delta else full
+                state.reported = len(full)
+            outs.append(CompletionOutput(
+                index=seq.index, token_ids=token_ids, text=text, finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=seq.logprobs[len(seq.logprobs) - n_lp:] if request.params.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob if request.params.logprobs is not None else None,
+            ))
+            seq.num_reported_tokens = seq.num_output_tokens
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids, outputs=outs, finished=request.finished,
+            prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
+            num_cached_tokens=request.num_cached_tokens, metrics=dict(request.metrics),
+        )
+
+    def _forget(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            self._texts.pop(seq.seq_id, None)
+
+    # -- state ------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            block_size=bm.block_size, num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            prefill_backlog_tokens=self.scheduler.prefill_backlog_tokens(),
+            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def take_kv_events(self) -> list[tuple[str, bytes]]:
+        return self.block_manager.take_events()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer: pass the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidRequest("prompt tokenizes to no tokens")
+            return prompt, ids
+        if not isinstance(prompt, (list, tuple)) and not hasattr(prompt, "tolist"):
+            raise InvalidRequest(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        ids = [self._check_token(t, "prompt") for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+        if not ids:
+            raise InvalidRequest("prompt is empty (no token ids)")
+        return None, ids
+
+    def _check_token(self, token, what: str) -> int:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise InvalidRequest(f"{what} must hold integer token ids, got {token!r}")
+        if not 0 <= token < self.model_config.vocab_size:
+            raise InvalidRequest(
+                f"{what} holds token id {token}, outside the vocabulary [0, {self.model_config.vocab_size})"
+            )
+        return token
+
+    def _validate(self, ids: list[int], prior: list[int], params: SamplingParams) -> None:
+        total = len(ids) + len(prior)
+        if total >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {total} tokens, but the context length is {self.max_model_len}: "
+                f"at most {self.max_model_len - 1} prompt tokens leave room for one generated token"
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_model_len}; lower max_tokens to {self.max_model_len - len(ids)} or less"
+            )
+        if prior and params.n > 1:
+            raise InvalidRequest("prior_output_token_ids needs n == 1")
+        if params.stop and (self.tokenizer is None or not params.detokenize):
+            raise InvalidRequest("stop strings need detokenization (a tokenizer and detokenize=True)")
+        if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
+            raise InvalidRequest(
+                f"prompt has {total} tokens, more than max_num_batched_tokens "
+                f"{self.config.max_num_batched_tokens}, and chunked prefill is off"
+            )
+        if self.config.admission_policy == "guaranteed_no_evict":
+            room = self.max_model_len - len(ids)
+            out = min(params.max_tokens or room, room)
+            bs = self.config.block_size
+            full = -(-(len(ids) + out) // bs)
+            need = full + (params.n - 1) * (full - len(ids) // bs)
+            if need > self.num_kv_blocks:
+                raise InvalidRequest(
+                    f"the request needs {need} KV blocks to finish, the cache has {self.num_kv_blocks}"
+                )
+
+    def _attach_text(self, seq: Seq, context: list[int]) -> _SeqText | None:
+        """Text state for a sequence whose tokens so far are `context` (prompt + prior output)."""
+        params = seq.request.params
+        if self.tokenizer is None or not params.detokenize:
+            return None
+        from gpu_engine.detokenizer import IncrementalDetokenizer
+
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_token_ids=list(context),
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            stream_hold_back=params.output_kind is OutputKind.DELTA,
+        )
+        state = self._texts[seq.seq_id] = _SeqText(detok)
+        return state
+
+
+def _load_tokenizer(folder: Path | str | None):
+    if folder is None or not (Path(folder) / "tokenizer.json").is_file():
+        return None
+    from gpu_engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(folder)
+

@@ -1,0 +1,120 @@
+"""One Llama-family model (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM2); differences are config flags."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gpu_engine.config import ModelConfig
+from gpu_engine.ops import AttentionMetadata, TorchOps
+
+
+def rope_cos_sin_cache(cfg: ModelConfig, max_len: int, device: torch.device) -> torch.Tensor:
+    """[max_len, head_dim] float32: cos of each position's angles in the first half, sin in the second."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, scaling)
+    elif scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    positions = torch.arange(max_len, dtype=torch.int64).float()
+    freqs = positions[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        self.input_layernorm = nn.Parameter(torch.ones(h))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(h))
+        self.qkv_proj = nn.Linear(h, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, h, bias=cfg.o_bias)
+        self.gate_up_proj = nn.Linear(h, 2 * inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, h, bias=cfg.mlp_bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, hidden]
+        residual: torch.Tensor | None,  # [T, hidden]
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+        ops: TorchOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        eps = cfg.rms_norm_eps
+        if residual is None:
+            residual = hidden
+            hidden = ops.rms_norm(hidden, self.input_layernorm, eps)
+        else:
+            hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.input_layernorm, eps)
+        t = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(t, cfg.num_heads, cfg.head_dim)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = ops.rms_norm(q, self.q_norm, eps)
+            k = ops.rms_norm(k, self.k_norm, eps)
+        k_cache, v_cache = kv_cache
+        q = ops.rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta)
+        attn = ops.attention(q, k_cache, v_cache, meta, self.scale, cfg.sliding_window)
+        hidden = self.o_proj(attn.reshape(t, cfg.q_size))
+        hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)
+        hidden = self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
+        return hidden, residual
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers over the paged KV cache, final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+        ops: TorchOps,
+    ) -> torch.Tensor:  # [T, hidden]
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv in zip(self.layers, kv_caches):
+            hidden, residual = layer(hidden, residual, positions, kv, meta, cos_sin, ops)
+        hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [S, hidden] -> [S, vocab] float32."""
+        return self.lm_head(hidden).float()

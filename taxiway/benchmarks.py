@@ -1,0 +1,180 @@
+"""Offline benchmarks with the trtllm-bench protocol: fixed ISL/OSL, random token ids, EOS ignored,
+every request submitted at once (throughput), or one request alone (latency)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpu_engine.engine import LLMEngine
+from gpu_engine.sampling_params import OutputKind, SamplingParams
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "llama-3.1-8b"
+    load_format: str = "dummy"
+    dtype: str = "auto"
+    device: str = "auto"
+    isl: int = 128
+    osl: int = 128
+    num_requests: int = 3000
+    max_num_seqs: int = 512
+    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    seed: int = 0
+
+    def engine_kwargs(self) -> dict:
+        return dict(
+            model=self.model, load_format=self.load_format, dtype=self.dtype, device=self.device,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
+            max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
+        )
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n, length), generator=gen).tolist()
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], osl: int, stream: bool = False) -> dict:
+    """Submit every prompt at once, step until all finish; returns timings."""
+    params = SamplingParams(max_tokens=osl, min_tokens=osl, temperature=0.0, ignore_eos=True,
+                            detokenize=False,
+                            output_kind=OutputKind.DELTA if stream else OutputKind.FINAL_ONLY)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    token_times: list[float] = []
+    generated = steps = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for out in outs:
+            if stream:
+                token_times.extend([now] * len(out.outputs[0].token_ids))
+            if out.finished:
+                generated += sum(len(c.token_ids) for c in out.outputs) if not stream else 0
+    _sync(engine)
+    elapsed = time.perf_counter() - start
+    if stream:
+        generated = len(token_times)
+    return {"elapsed_s": elapsed, "generated_tokens": generated, "steps": steps, "token_times": token_times,
+            "start": start}
+
+
+def _sync(engine: LLMEngine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+def machine_info() -> dict:
+    info = {"host_cpus": os.cpu_count(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["card"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["card"] = "cpu"
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    info["commit"] = os.environ.get("TAXIWAY_COMMIT") or _git_commit()
+    return info
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), median of 20."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    t = sorted(times[5:])[len(times[5:]) // 2]
+    return 2 * nbytes / t / 1e9
+
+
+def throughput(cfg: BenchConfig) -> dict:
+    t0 = time.perf_counter()
+    engine = LLMEngine(**cfg.engine_kwargs())
+    startup = time.perf_counter() - t0
+    vocab = engine.model_config.vocab_size
+    warm = random_prompts(min(cfg.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1)
+    run_requests(engine, warm, min(cfg.osl, 16))
+    prompts = random_prompts(cfg.num_requests, cfg.isl, vocab, cfg.seed)
+    r = run_requests(engine, prompts, cfg.osl)
+    assert r["generated_tokens"] == cfg.num_requests * cfg.osl, r["generated_tokens"]
+    out_tps = r["generated_tokens"] / r["elapsed_s"]
+    return {
+        "benchmark": "throughput", "config": cfg.__dict__, "machine": machine_info(),
+        "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
+        "elapsed_s": round(r["elapsed_s"], 3), "steps": r["steps"],
+        "output_tokens_per_s": round(out_tps, 1),
+        "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+
+
+def latency(cfg: BenchConfig) -> dict:
+    engine = LLMEngine(**cfg.engine_kwargs())
+    vocab = engine.model_config.vocab_size
+    run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + 1), 16, stream=True)
+    runs = []
+    for i in range(3):
+        r = run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + i), cfg.osl, stream=True)
+        times = r["token_times"]
+        ttft = times[0] - r["start"]
+        tpot = (times[-1] - times[0]) / (len(times) - 1)
+        runs.append({"ttft_s": ttft, "decode_tokens_per_s": 1.0 / tpot, "time_per_token_ms": tpot * 1e3})
+    best = sorted(runs, key=lambda x: x["decode_tokens_per_s"])[len(runs) // 2]
+    mc = engine.model_config
+    elem = torch.empty((), dtype=engine.dtype).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    kv_bytes_per_token = 2 * mc.num_layers * mc.kv_size * elem * (cfg.isl + cfg.osl / 2)
+    bw = copy_bandwidth_gbs(engine.device)
+    roofline_tps = bw * 1e9 / (weight_bytes + kv_bytes_per_token)
+    return {
+        "benchmark": "latency", "config": cfg.__dict__, "machine": machine_info(), "runs": runs,
+        "decode_tokens_per_s": round(best["decode_tokens_per_s"], 1),
+        "time_per_token_ms": round(best["time_per_token_ms"], 3), "ttft_ms": round(best["ttft_s"] * 1e3, 2),
+        "weight_bytes": weight_bytes, "copy_bandwidth_gbs": round(bw, 1),
+        "roofline_tokens_per_s": round(roofline_tps, 1),
+        "share_of_roofline": round(best["decode_tokens_per_s"] / roofline_tps, 3),
+    }
+
+
+def write_result(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text, file=sys.stdout)

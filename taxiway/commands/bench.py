@@ -1,0 +1,38 @@
+"""`taxiway bench throughput|latency`: the trtllm-bench protocol, results as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from taxiway.benchmarks import BenchConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="offline throughput / latency benchmarks (JSON results)")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    defaults = BenchConfig()
+    for kind, help_text in (("throughput", "all requests at once; output and total tokens/s"),
+                            ("latency", "one request; decode tokens/s after the first token")):
+        k = kinds.add_parser(kind, help=help_text)
+        for f in dataclasses.fields(BenchConfig):
+            flag = "--" + f.name.replace("_", "-")
+            value = getattr(defaults, f.name)
+            if isinstance(value, bool):
+                k.add_argument(flag, action="store_true", default=value)
+            else:
+                k.add_argument(flag, type=type(value), default=value)
+        k.add_argument("--out", default=None, help="write the JSON result here too")
+        k.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from taxiway import benchmarks
+
+    names = {f.name for f in dataclasses.fields(BenchConfig)}
+    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if args.kind == "latency" and cfg.num_requests == BenchConfig.num_requests:
+        cfg = dataclasses.replace(cfg, num_requests=1)
+    result = benchmarks.throughput(cfg) if args.kind == "throughput" else benchmarks.latency(cfg)
+    benchmarks.write_result(result, args.out)
+    return 0
