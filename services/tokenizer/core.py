@@ -31,13 +31,31 @@ class TokenizerCore:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)), text
 
     def detokenizer(self, prompt_token_ids: Sequence[int] = (), *, skip_special_tokens: bool = True,
-                    stop: Sequence[str] = (), include_stop_str_in_output: bool = False):
+                    stop: Sequence[str] = (), include_stop_str_in_output: bool = False) -> DetokStream:
         """An incremental detokenizer for one request's output; it holds back text that might be
         the start of a stop string until it is sure."""
-        return self._detokenizer_cls(
+        return DetokStream(self._detokenizer_cls(
             self.tokenizer, prompt_token_ids=tuple(prompt_token_ids),
             skip_special_tokens=skip_special_tokens, stop=tuple(stop),
-            include_stop_str_in_output=include_stop_str_in_output, stream_hold_back=True)
+            include_stop_str_in_output=include_stop_str_in_output, stream_hold_back=True))
+
+
+class DetokStream:
+    """One request's detokenization: add() returns (new text, matched stop string or None)."""
+
+    def __init__(self, detok):
+        self._detok = detok
+
+    def add(self, token_ids: Sequence[int], flush: bool = False) -> tuple[str, str | None]:
+        delta = self._detok.add_tokens(list(token_ids))
+        text, stop = delta.new_text, delta.stop
+        if flush and not stop:
+            tail = self._detok.flush()
+            text, stop = text + tail.new_text, tail.stop
+        return text, stop or None
+
+    def close(self) -> None:
+        pass
 
 
 def load_core(config: TokenizerConfig) -> TokenizerCore:

@@ -30,11 +30,7 @@ class TokenizerServicer:
         detok = self.core.detokenizer(**convert.detokenize_setup_from_pb(first.setup))
         with telemetry.span("tokenizer.detokenize", _traceparent(context)):
             for msg in request_iterator:
-                delta = detok.add_tokens(list(msg.tokens.ids))
-                text, stop = delta.new_text, delta.stop
-                if msg.flush and not stop:
-                    tail = detok.flush()
-                    text, stop = text + tail.new_text, tail.stop
+                text, stop = detok.add(msg.tokens.ids, flush=msg.flush)
                 yield pb.DetokenizeResponse(new_text=text, stop=stop or "")
 
     def GetModelInfo(self, request, context):

@@ -73,7 +73,7 @@ def test_stream_equals_llm_generate_default_model(stack_factory):
     llm = LLM(model=model, device="cpu", dtype="float32")
     expected = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12))
     stack = stack_factory(executors=0, real_model=model)
-    stack.add_executor(engine=llm.engine if hasattr(llm, "engine") else _engine(model))
+    stack.add_executor(engine=llm.engine)
     stack.wait_executors(1)
     for prompt, want in zip(PROMPTS, expected):
         chunks = stack.generate(prompt, max_tokens=12, temperature=0.0)
