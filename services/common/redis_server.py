@@ -46,7 +46,8 @@ class EmbeddedRedis:
         self._proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", host, "--dir", self._dir.name,
              "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
+            process_group=0)  # Ctrl-C reaches `taxiway serve`, which stops Redis last
         self._wait_ready(host)
 
     def _wait_ready(self, host: str, timeout: float = 10.0) -> None:

@@ -22,6 +22,19 @@ OPTIONS = [
 ]
 
 
+CHANNEL_OPTIONS = [
+    # a tier that is still starting is retried within a second, not after gRPC's growing backoff
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def channel(address: str, extra: list[tuple[str, object]] | None = None) -> grpc.Channel:
+    """A client channel to another tier."""
+    return grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *(extra or [])])
+
+
 class GrpcServer:
     """Serves `services` ({"Gateway": impl, ...}) on host:port (port 0 picks a free one)."""
 

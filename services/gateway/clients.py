@@ -13,6 +13,7 @@ import grpc
 
 from services.common import convert, errors, streams
 from services.common.proto import Stub, pb
+from services.common.server import channel
 from services.common.types import Abort, EngineRequest, ModelInfo
 from services.gateway.router import Router
 
@@ -30,8 +31,7 @@ class GrpcTokenizerClient:
     """TokenizerClient over taxiway.v1.Tokenizer (round-robin over a dns:/// target's replicas)."""
 
     def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 1)])
+        self.channel = channel(address, [("grpc.lb_policy_name", "round_robin")])
         self._stub = Stub(self.channel, "Tokenizer")
         self._info: tuple[float, ModelInfo] | None = None
 

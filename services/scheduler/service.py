@@ -13,6 +13,7 @@ import grpc
 
 from services.common import convert, streams, telemetry
 from services.common.proto import Stub, pb
+from services.common import server
 from services.common.server import GrpcServer
 from services.common.types import Abort, Delta
 from services.scheduler.config import SchedulerConfig
@@ -140,7 +141,7 @@ class SchedulerService:
         return actions
 
     def _watch(self, eid: str, address: str) -> None:
-        channel = grpc.insecure_channel(address)
+        channel = server.channel(address)
         self._channels[eid] = channel
         self._stubs[eid] = Stub(channel, "Executor")
         call = self._stubs[eid].WatchState(pb.WatchStateRequest())

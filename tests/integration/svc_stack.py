@@ -96,7 +96,7 @@ class Stack:
 
     def spawn_executor(self, executor_id: str, fake_step_s: float) -> subprocess.Popen:
         """An executor in a child process (to kill -9)."""
-        args = [sys.executable, "-m", "taxiway.commands.serve", "--role", "executor",
+        args = [sys.executable, "-m", "services.serve", "--role", "executor",
                 "--fake-engine", "--fake-step-s", str(fake_step_s), "--port", "0",
                 "--executor-id", executor_id, "--redis-url", self.redis_url,
                 "--heartbeat-interval-s", "0.2", "--registration-ttl-s", "1.0"]

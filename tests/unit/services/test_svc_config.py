@@ -8,7 +8,7 @@ from services.common.config import resolve
 from services.executor.config import ExecutorConfig
 from services.gateway.config import GatewayConfig
 from services.scheduler.config import SchedulerConfig
-from taxiway.commands.serve import CONFIGS, role_configs
+from services.serve import CONFIGS, role_configs
 
 
 def test_defaults_come_from_the_dataclass():
