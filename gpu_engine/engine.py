@@ -125,6 +125,7 @@ class LLMEngine:
                 f"{self.max_model_len}: lower max_model_len or give the cache more memory"
             )
         self.runner.allocate_kv_cache(self.num_kv_blocks)
+        self.graph_capture_s = self.runner.capture_graphs()
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gpu_engine.config import EngineConfig, ModelConfig
+from gpu_engine.cuda_graphs import DecodeGraphs, decode_only
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
@@ -20,14 +21,31 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class HostBatch:
+    """A step's inputs as host arrays (numpy), before they go to the device."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [S + 1] int32
+    seq_lens: np.ndarray  # [S] int32
+    block_tables: list[list[int]]
+    num_decodes: int
+    sample_rows: list[int]
+    sample_owner: list[int]
+    prompt_rows: dict[int, tuple[int, int]]
+
+
+@dataclass
 class StepInputs:
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    meta: AttentionMetadata
+    input_ids: torch.Tensor | None  # [T] int64 (None when a CUDA graph holds the forward's inputs)
+    positions: torch.Tensor | None  # [T] int64
+    meta: AttentionMetadata | None
     sample_rows: torch.Tensor  # [R] int64: hidden rows to sample from (repeated for forks)
     sample_owner: list[int]  # [R] plan entry of each sampled row
     prompt_rows: dict[int, tuple[int, int]]  # plan entry -> (first row, count) of prompt-logprob rows
     sampling: SamplingBatch | None
+    host: HostBatch
 
 
 class ModelRunner:
@@ -42,6 +60,7 @@ class ModelRunner:
         self.cos_sin = rope_cos_sin_cache(model_cfg, max_model_len, device)  # [max_len, head_dim] f32
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cfg.block_size
+        self.graphs: DecodeGraphs | None = None
 
     # -- KV cache memory --------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -104,10 +123,25 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
+    def capture_graphs(self) -> float:
+        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager); returns seconds."""
+        if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
+            return 0.0
+        self.graphs = DecodeGraphs(self, self.cfg.max_num_seqs)
+        return self.graphs.capture()
+
+    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        inputs = self.prepare(plan)
-        self.copy_blocks(plan.blocks_to_copy)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.cos_sin, self.ops)
+        if self.graphs is not None and decode_only(plan) and self.graphs.padded_size(len(plan.scheduled)):
+            host = self.host_batch(plan)
+            self.copy_blocks(plan.blocks_to_copy)
+            hidden = self.graphs.run(host)
+            inputs = self._sampling_inputs(plan, host)
+        else:
+            inputs = self.prepare(plan)
+            self.copy_blocks(plan.blocks_to_copy)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.cos_sin,
+                                self.ops)
         samples: list[list[SampledToken]] = [[] for _ in plan.scheduled]
         if inputs.sampling is not None:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
@@ -167,42 +201,67 @@ class ModelRunner:
         return out
 
     # -- inputs -----------------------------------------------------------------------------------
-    def prepare(self, plan: StepPlan) -> StepInputs:
+    def host_batch(self, plan: StepPlan) -> HostBatch:
+        """The step's token, position, slot and block-table arrays, on the host."""
         bs = self.block_size
+        n = len(plan.scheduled)
+        qsl = np.zeros(n + 1, dtype=np.int32)
+        lens = np.zeros(n, dtype=np.int32)
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        qsl = [0]
-        lens: list[int] = []
+        positions, slots = [], []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_owner: list[int] = []
         prompt_rows: dict[int, tuple[int, int]] = {}
         for e, entry in enumerate(plan.scheduled):
-            seq, start, n = entry.seq, entry.start, entry.num_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(seq.block_table, dtype=np.int64)
+            seq, start, count = entry.seq, entry.start, entry.num_tokens
+            ids.extend(seq.token_ids[start : start + count])
+            if count == 1:
+                pos = np.array([start], dtype=np.int64)
+                slots.append(np.array([seq.block_table[start // bs] * bs + start % bs], dtype=np.int64))
+            else:
+                pos = np.arange(start, start + count, dtype=np.int64)
+                slots.append(np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs)
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
             if entry.prompt_logprobs:
-                prompt_rows[e] = (qsl[-1], n)
-            qsl.append(qsl[-1] + n)
-            lens.append(start + n)
+                prompt_rows[e] = (int(qsl[e]), count)
+            qsl[e + 1] = qsl[e] + count
+            lens[e] = start + count
             tables.append(seq.block_table)
             if entry.sample:
-                sample_rows.extend([qsl[-1] - 1] * entry.num_samples)
+                sample_rows.extend([int(qsl[e + 1]) - 1] * entry.num_samples)
                 sample_owner.extend([e] * entry.num_samples)
-        dev = self.device
-        meta = self._metadata(qsl, lens, tables, torch.from_numpy(np.concatenate(slots)).to(dev), plan.num_decodes)
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
-            meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
-            sample_owner=sample_owner,
+        return HostBatch(
+            input_ids=np.asarray(ids, dtype=np.int64), positions=np.concatenate(positions),
+            slot_mapping=np.concatenate(slots), query_start_loc=qsl, seq_lens=lens, block_tables=tables,
+            num_decodes=plan.num_decodes, sample_rows=sample_rows, sample_owner=sample_owner,
             prompt_rows=prompt_rows,
-            sampling=self._sampling_batch(plan, sample_owner) if sample_owner else None,
+        )
+
+    def _sampling_inputs(self, plan: StepPlan, host: HostBatch) -> StepInputs:
+        """Inputs for the sampling half of a graph-replayed step (the forward's inputs are in the graph)."""
+        return StepInputs(
+            input_ids=None, positions=None, meta=None,
+            sample_rows=torch.tensor(host.sample_rows, dtype=torch.int64, device=self.device),
+            sample_owner=host.sample_owner, prompt_rows={},
+            sampling=self._sampling_batch(plan, host.sample_owner) if host.sample_owner else None,
+            host=host,
+        )
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        host = self.host_batch(plan)
+        dev = self.device
+        meta = self._metadata(host.query_start_loc.tolist(), host.seq_lens.tolist(), host.block_tables,
+                              torch.from_numpy(host.slot_mapping).to(dev), host.num_decodes)
+        return StepInputs(
+            input_ids=torch.from_numpy(host.input_ids).to(dev),
+            positions=torch.from_numpy(host.positions).to(dev),
+            meta=meta,
+            sample_rows=torch.tensor(host.sample_rows, dtype=torch.int64, device=dev),
+            sample_owner=host.sample_owner,
+            prompt_rows=host.prompt_rows,
+            sampling=self._sampling_batch(plan, host.sample_owner) if host.sample_owner else None,
+            host=host,
         )
 
     def _metadata(self, qsl, lens, tables, slot_mapping, num_decodes: int) -> AttentionMetadata:
