@@ -48,11 +48,10 @@ class DetokStream:
 
     def add(self, token_ids: Sequence[int], flush: bool = False) -> tuple[str, str | None]:
         delta = self._detok.add_tokens(list(token_ids))
-        text, stop = delta.new_text, delta.stop
-        if flush and not stop:
-            tail = self._detok.flush()
-            text, stop = text + tail.new_text, tail.stop
-        return text, stop or None
+        text = delta.new_text
+        if flush and not delta.stop:
+            text += self._detok.flush()
+        return text, self._detok.stop
 
     def close(self) -> None:
         pass
@@ -60,14 +59,14 @@ class DetokStream:
 
 def load_core(config: TokenizerConfig) -> TokenizerCore:
     """The tokenizer of config.model (or the default model), or the fake one."""
+    from gpu_engine.detokenizer import IncrementalDetokenizer
+
     if config.fake_engine:
-        from services.tokenizer.detok_fake import ByteDetokenizer
         from services.tokenizer.fake import ByteTokenizer
 
         tok = ByteTokenizer()
-        return TokenizerCore(tok, ByteDetokenizer, ModelInfo(tok.name, tok.max_model_len,
-                                                             tok.vocab_size, tok.eos_token_ids))
-    from gpu_engine.detokenizer import IncrementalDetokenizer
+        return TokenizerCore(tok, IncrementalDetokenizer,
+                             ModelInfo(tok.name, tok.max_model_len, tok.vocab_size, tok.eos_token_ids))
     from gpu_engine.tokenizer import Tokenizer
 
     folder = Path(config.model) if config.model else _default_model_path()

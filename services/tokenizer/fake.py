@@ -24,7 +24,8 @@ class ByteTokenizer:
         ids = [b + OFFSET for b in text.encode("utf-8")]
         return [BOS, *ids] if add_special_tokens else ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
         out, raw = [], bytearray()
         for t in ids:
             if t >= OFFSET:

@@ -1,4 +1,4 @@
-"""The tokenizer tier's core with the byte tokenizer: chat template, UTF-8 held until complete,
+"""The tokenizer tier's core (gpu_engine.detokenizer over the byte tokenizer): chat template, UTF-8 held until complete,
 stop strings split across tokens, hold-back released at the end."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ def feed(stream, data: bytes, stop_at_end=True):
     out = []
     for i, b in enumerate(data):
         out.append(stream.add([b + 3], flush=stop_at_end and i == len(data) - 1))
+        if out[-1][1]:
+            break  # a stop string ended the output
     return out
 
 
