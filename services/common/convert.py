@@ -1,4 +1,5 @@
-"""protobuf <-> domain objects, for every tier: the only module that reads or builds messages."""
+"""protobuf <-> domain objects for what crosses tiers (requests, deltas, states, sampling, model
+info). A servicer converts only its own RPC's envelope (e.g. the gateway's GenerateResponse)."""
 
 from __future__ import annotations
 

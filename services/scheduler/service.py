@@ -221,23 +221,24 @@ class SchedulerService:
         log.warning("executor %s lost (%s); its requests go back to their gateways", eid, reason)
         self._lost_at[eid] = now
         self._watch_calls.pop(eid).cancel()
-        self._stubs.pop(eid, None)
+        stub = self._stubs.pop(eid, None)
         channel = self._channels.pop(eid, None)
         actions = self.core.executor_lost(eid, now)
-        if channel is not None:  # best effort: a partitioned executor may still be running them
-            self._run([AbortOn(eid, "", tuple(a.delta.request_id for a in actions
-                                              if isinstance(a, Notify)))], channel=channel)
+        lost = [a.delta.request_id for a in actions if isinstance(a, Notify)]
+        if stub is not None and lost:  # best effort: a partitioned executor may still run them
+            self._abort(stub, eid, lost)
+        if channel is not None:
             channel.close()
         return actions
 
-    def _run(self, actions: list[Action], channel: grpc.Channel | None = None) -> None:
+    def _run(self, actions: list[Action]) -> None:
         notices: dict[str, list[Delta]] = {}
         acks: list[str] = []
         for a in actions:
             if isinstance(a, Admit):
                 self._admit(a)
-            elif isinstance(a, AbortOn):
-                self._abort(a, channel)
+            elif isinstance(a, AbortOn) and a.executor_id in self._stubs:
+                self._abort(self._stubs[a.executor_id], a.executor_id, list(a.request_ids))
             elif isinstance(a, Notify):
                 notices.setdefault(a.gateway_id, []).append(a.delta)
             elif isinstance(a, Ack):
@@ -263,11 +264,9 @@ class SchedulerService:
             log.warning("admit of %s on %s failed: %s", a.request.request_id, a.executor_id, exc)
             self._events.put(("lost", a.executor_id, "admit failed"))
 
-    def _abort(self, a: AbortOn, channel: grpc.Channel | None) -> None:
-        stub = Stub(channel, "Executor") if channel else self._stubs.get(a.executor_id)
-        if stub is None or not a.request_ids:
-            return
+    @staticmethod
+    def _abort(stub: Stub, executor_id: str, request_ids: list[str]) -> None:
         try:
-            stub.Abort(pb.AbortRequest(request_ids=list(a.request_ids)), timeout=1)
+            stub.Abort(pb.AbortRequest(request_ids=request_ids), timeout=1)
         except grpc.RpcError as exc:
-            log.info("abort on %s failed (%s); it is going away anyway", a.executor_id, exc.code())
+            log.info("abort on %s failed (%s); it is going away anyway", executor_id, exc.code())
