@@ -23,7 +23,19 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-PROTO_ROOT = Path(__file__).resolve().parents[2] / "protos"
+def _proto_root() -> Path:
+    """protos/ of the source tree, else the copy a non-editable install puts under
+    <prefix>/share/taxiway/protos."""
+    import sys
+
+    for root in (Path(__file__).resolve().parents[2] / "protos",
+                 Path(sys.prefix) / "share" / "taxiway" / "protos"):
+        if (root / "taxiway" / "v1").is_dir():
+            return root
+    raise RuntimeError("protos/taxiway/v1 not found: run from a source checkout or `pip install .`")
+
+
+PROTO_ROOT = _proto_root()
 PACKAGE = "taxiway.v1"
 PROTO_FILES = tuple(
     f"taxiway/v1/{name}.proto"
