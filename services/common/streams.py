@@ -52,8 +52,8 @@ def list_executors(r: redis.Redis) -> dict[str, dict]:
     """{executor_id: registration} of every live executor."""
     keys = list(r.scan_iter(match=EXECUTOR_PREFIX + "*", count=1000))
     found = {}
-    for key, value in zip(keys, r.mget(keys) if keys else []):
-        if value is not None:
+    for value in r.mget(keys) if keys else []:
+        if value is not None:  # expired between SCAN and MGET
             info = json.loads(value)
             found[info["executor_id"]] = info
     return found

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -90,13 +90,12 @@ class GatewayCore:
     def internal_id(self, client_request_id: str) -> str:
         return f"{self.gateway_id}:{client_request_id}"
 
-    def cancel(self, client_request_id: str) -> None:
-        """The client went away: the request's handler aborts it."""
-        self.router.cancel(self.internal_id(client_request_id))
+    def generate(self, inp: GenerateInput, *, timeout_s: float | None = None, traceparent: str = "",
+                 on_cancel: Callable[[Callable[[], None]], object] | None = None) -> Iterator[Chunk]:
+        """Streams the completion. Raises InvalidRequest, Overloaded, NotReady, DeadlineExceeded.
 
-    def generate(self, inp: GenerateInput, *, timeout_s: float | None = None,
-                 traceparent: str = "") -> Iterator[Chunk]:
-        """Streams the completion. Raises InvalidRequest, Overloaded, NotReady, DeadlineExceeded."""
+        `on_cancel(fn)` (gRPC's context.add_callback) registers what to call when the client goes
+        away: it wakes this request's handler, which aborts the request."""
         client_id = inp.request_id or uuid.uuid4().hex
         rid = self.internal_id(client_id)
         now = self._clock()
@@ -106,6 +105,8 @@ class GatewayCore:
             mailbox = self.router.open(rid)
             if mailbox is None:
                 raise InvalidRequest(f"request_id {client_id!r} is already in flight")
+            if on_cancel is not None:
+                on_cancel(lambda: mailbox.put(CANCELLED))
             p = inp.params
             request = EngineRequest(rid, self.gateway_id, tuple(prompt), p, priority=inp.priority,
                                     arrival_time=now, deadline=deadline, traceparent=traceparent)

@@ -52,11 +52,5 @@ class Router:
                 if box is not None:  # unknown: finished or cancelled already
                     box.put(d)
 
-    def cancel(self, request_id: str) -> None:
-        with self._lock:
-            box = self._boxes.get(request_id)
-        if box is not None:
-            box.put(CANCELLED)
-
     def __len__(self) -> int:
         return len(self._boxes)

@@ -22,18 +22,17 @@ class GatewayServicer:
         self.core = core
 
     def Generate(self, request, context):
-        inp = generate_input_from_pb(request)
-        context.add_callback(lambda: self.core.cancel(inp.request_id))
-        for chunk in self.core.generate(inp, timeout_s=context.time_remaining(),
-                                        traceparent=_traceparent(context)):
+        for chunk in self._generate(request, context):
             yield chunk_to_pb(chunk)
 
     def GenerateOnce(self, request, context):
-        inp = generate_input_from_pb(request)
-        context.add_callback(lambda: self.core.cancel(inp.request_id))
-        chunks = list(self.core.generate(inp, timeout_s=context.time_remaining(),
-                                         traceparent=_traceparent(context)))
-        return chunk_to_pb(merge_chunks(chunks, inp.request_id))
+        chunks = list(self._generate(request, context))
+        return chunk_to_pb(merge_chunks(chunks, chunks[-1].request_id if chunks else ""))
+
+    def _generate(self, request, context):
+        return self.core.generate(generate_input_from_pb(request),
+                                  timeout_s=context.time_remaining(),
+                                  traceparent=_traceparent(context), on_cancel=context.add_callback)
 
     def Tokenize(self, request, context):
         ids, text = self.core.tokenizer.tokenize(**convert.tokenize_request_from_pb(request))

@@ -117,9 +117,11 @@ def test_error_from_the_scheduler_is_raised_and_not_aborted_again():
 
 def test_cancel_and_deadline_abort_the_request():
     core, intake = make(lambda req: [Delta(req.request_id, 0, 0, ids("a"))])
-    gen = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"))
+    callbacks = []
+    gen = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"),
+                        on_cancel=callbacks.append)
     assert next(gen).text == "a"
-    core.cancel("r")
+    callbacks[0]()  # the client went away
     assert list(gen) == []
     assert intake.aborts == [Abort("gw:r", "cancelled")]
     core, intake = make(lambda req: [], timeout=0.05)
