@@ -80,3 +80,24 @@ def test_stream_equals_llm_generate_default_model(stack_factory):
         assert "".join(c.text for c in chunks) == want.outputs[0].text
         assert [t for c in chunks for t in c.token_ids] == list(want.outputs[0].token_ids)
         assert chunks[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+
+
+def test_cancellation_frees_the_real_engines_blocks(stack_factory, byte_llama):
+    engine = _engine(byte_llama)
+    aborted: list[str] = []
+    abort = engine.abort_request
+    engine.abort_request = lambda ids: (aborted.extend(ids), abort(ids))[1]
+    stack = stack_factory(executors=0)
+    stack.add_executor(engine=engine)
+    stack.wait_executors(1)
+    idle = stack.state().executors[0]
+    assert idle.num_free_blocks == idle.num_total_blocks
+    call = stack.stub.Generate(pb.GenerateRequest(
+        text="a long prompt " * 4, sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)),
+        timeout=60)
+    for _ in range(3):
+        next(call)
+    assert stack.state().executors[0].num_requests == 1
+    call.cancel()
+    stack.wait_idle(10)  # every block free again, nothing running
+    assert len(aborted) == 1  # freed by the abort, not by finishing its 400 tokens
