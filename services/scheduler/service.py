@@ -97,15 +97,17 @@ class SchedulerService:
         """Own unacknowledged entries first (a restart), then entries other schedulers left idle,
         then new ones."""
         r, cfg = self.reader_redis, self.config
-        start = "0"
+        pending = "0"  # cursor through our own unacknowledged entries; None once done
         while not self._stopping.is_set():
             try:
-                if start == "0":
+                if pending is not None:
                     got = r.xreadgroup(streams.SCHEDULER_GROUP, cfg.scheduler_id,
-                                       {streams.REQUESTS_STREAM: "0"}, count=256)
+                                       {streams.REQUESTS_STREAM: pending}, count=256)
                     entries = got[0][1] if got else []
-                    if not entries:
-                        start = ">"
+                    if entries:
+                        pending = entries[-1][0]
+                    else:
+                        pending = None
                         _, entries, *_ = r.xautoclaim(
                             streams.REQUESTS_STREAM, streams.SCHEDULER_GROUP, cfg.scheduler_id,
                             min_idle_time=int(cfg.claim_idle_s * 1000), count=1024)
@@ -113,8 +115,8 @@ class SchedulerService:
                     got = r.xreadgroup(streams.SCHEDULER_GROUP, cfg.scheduler_id,
                                        {streams.REQUESTS_STREAM: ">"}, count=256, block=READ_BLOCK_MS)
                     entries = got[0][1] if got else []
-                for entry_id, fields in entries:
-                    self._events.put(("entry", entry_id.decode(), fields.get(streams.FIELD, b"")))
+                for entry_id, fields in entries:  # fields is empty for an entry trimmed away
+                    self._events.put(("entry", entry_id.decode(), (fields or {}).get(streams.FIELD, b"")))
             except Exception:  # noqa: BLE001 - Redis hiccup: back off and read again
                 if self._stopping.is_set():
                     return

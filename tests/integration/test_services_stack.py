@@ -185,5 +185,9 @@ def test_restarted_scheduler_reads_unacknowledged_requests_again(stack_factory):
     stack.stop_scheduler()
     stack.start_scheduler()  # same consumer name: re-reads what it had not acknowledged
     wait_for(lambda: stack.state().num_waiting == 1, 10, "the request to be read again")
+    later = stack.stub.Generate(pb.GenerateRequest(text="and a new one",
+                                                   sampling=pb.SamplingParams(max_tokens=5)), timeout=60)
+    wait_for(lambda: stack.state().num_waiting == 2, 10, "new requests to be read after the old")
     stack.add_executor()
     assert texts(list(call)) == echo("survive a restart", 8)
+    assert texts(list(later)) == echo("and a new one", 5)
