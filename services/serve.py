@@ -127,7 +127,7 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
                 env=child_env, process_group=0)
         gw = configs["gateway"]
         address = f"{'127.0.0.1' if gw.host in ('0.0.0.0', '::') else gw.host}:{gw.port}"
-        if not _wait_ready(address, procs, stop):
+        if not _wait_ready(address, configs["gateway"].redis_url, procs, stop):
             return 1 if not stop.is_set() else 0
         print(f"taxiway is serving at {address}  (try: taxiway client --address {address} "
               f"\"What is the capital of France?\"; Ctrl-C stops)", flush=True)
@@ -156,13 +156,16 @@ def _install_stop_handler():
     return stop
 
 
-def _wait_ready(address: str, procs: dict, stop) -> bool:
+def _wait_ready(address: str, redis_url: str, procs: dict, stop) -> bool:
+    """True once the gateway is SERVING and an executor has joined (its model is loaded)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    from services.common import streams
     from services.common.server import channel as make_channel
 
+    redis = streams.connect(redis_url)
+    deadline = time.monotonic() + READY_TIMEOUT_S
     with make_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and not stop.is_set():
@@ -172,13 +175,14 @@ def _wait_ready(address: str, procs: dict, stop) -> bool:
                 return False
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
+                if status == health_pb2.HealthCheckResponse.SERVING and streams.list_executors(redis):
                     return True
             except grpc.RpcError:
                 pass
             stop.wait(0.3)
     if not stop.is_set():
-        print(f"taxiway: the gateway was not ready within {READY_TIMEOUT_S:.0f}s", file=sys.stderr)
+        print(f"taxiway: not ready within {READY_TIMEOUT_S:.0f}s (gateway serving and an executor "
+              "joined)", file=sys.stderr)
     return False
 
 
