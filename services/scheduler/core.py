@@ -122,6 +122,16 @@ class SchedulerCore:
             actions += self._unplace(record)
         return actions + self.schedule()
 
+    def admit_failed(self, request_id: str, exc: Exception) -> list[Action]:
+        """The executor refused the request itself (bad input): it fails, nothing is retried."""
+        record = self._requests.pop(request_id, None)
+        if record is None:
+            return []
+        view = self.executors.get(record.executor_id or "")
+        if view is not None:
+            view.requests.discard(request_id)
+        return self._reject(record.request, record.entry_id, exc)
+
     def tick(self, now: float) -> list[Action]:
         """Timers: deadlines of waiting requests, executors gone silent, orphans, lost requests."""
         actions: list[Action] = []

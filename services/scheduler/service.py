@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from services.common import convert, streams, telemetry
+from services.common import convert, errors, streams, telemetry
 from services.common.proto import Stub, pb
 from services.common import server
 from services.common.server import GrpcServer
@@ -262,9 +262,17 @@ class SchedulerService:
                 raise ConnectionError("no channel")
             stub.Admit(pb.AdmitRequest(request=convert.engine_request_to_pb(a.request),
                                        admit_seq=a.admit_seq), timeout=5)
-        except (grpc.RpcError, ConnectionError) as exc:
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                with self.lock:
+                    actions = self.core.admit_failed(a.request.request_id,
+                                                     errors.from_rpc_error(exc))
+                self._run(actions)
+                return
             log.warning("admit of %s on %s failed: %s", a.request.request_id, a.executor_id, exc)
             self._events.put(("lost", a.executor_id, "admit failed"))
+        except ConnectionError:
+            self._events.put(("lost", a.executor_id, "no channel"))
 
     @staticmethod
     def _abort(stub: Stub, executor_id: str, request_ids: list[str]) -> None:

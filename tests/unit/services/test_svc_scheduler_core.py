@@ -126,3 +126,14 @@ def test_duplicate_entry_read_twice_is_ignored():
     core.submit(req("a"), "1", 0.0)
     assert core.submit(req("a"), "1", 0.0) == []
     assert core.submit(req("a"), "7", 0.0) == [Ack(("7",))]
+
+
+def test_a_request_the_executor_refuses_fails_without_retry():
+    from gpu_engine.errors import InvalidRequest
+
+    core = core_with(("e", state("e")))
+    core.submit(req("a"), "1", 0.0)
+    actions = core.admit_failed("a", InvalidRequest("prompt too long"))
+    (notice,) = [a for a in actions if isinstance(a, Notify)]
+    assert notice.delta.error == ("InvalidRequest", "prompt too long") and Ack(("1",)) in actions
+    assert core.placement_of("a") is None and core.executors["e"].requests == set()
