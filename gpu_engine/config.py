@@ -223,6 +223,9 @@ class EngineConfig:
     guaranteed_no_evict: admit only when prompt + max_tokens is reserved for every running request."""
     enforce_eager: bool = False
     """GPU only: no CUDA graphs."""
+    async_scheduling: bool | None = None
+    """Plan and launch step N+1 while step N runs (outputs trail by one step). None: on with a
+    GPU, off on the CPU (where nothing would overlap)."""
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

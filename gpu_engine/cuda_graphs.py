@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from gpu_engine.ops import AttentionMetadata
+from gpu_engine.step_inputs import padded_tables
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,6 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        # One pinned staging buffer: ids | positions | slots | seq_lens, uploaded with one copy.
-        self._stage = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=True)
-        self._tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, pin_memory=True)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def capture(self) -> float:
@@ -73,27 +72,29 @@ class DecodeGraphs:
                 return size
         return None
 
-    def run(self, host) -> torch.Tensor:
-        """Replay the graph for a decode-only batch; returns hidden states [batch, hidden]."""
+    def run(self, host, feed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Replay the graph for a decode-only batch; returns hidden states [batch, hidden].
+
+        `feed` = (rows, tokens) on the device overrides inputs sampled by the previous step."""
         b = len(host.input_ids)
         size = self.padded_size(b)
-        stage = self._stage.numpy()
+        stage = np.zeros((4, size), dtype=np.int64)
         stage[0, :b] = host.input_ids
         stage[1, :b] = host.positions
         stage[2, :b] = host.slot_mapping
-        stage[3, :b] = host.seq_lens
-        stage[0:2, b:size] = 0
-        stage[2, b:size] = -1
-        stage[3, b:size] = 0
-        tables = self._tables.numpy()
-        for i, t in enumerate(host.block_tables):
-            tables[i, : len(t)] = t
-        width = max(len(t) for t in host.block_tables)
-        self.input_ids[:size].copy_(self._stage[0, :size], non_blocking=True)
-        self.positions[:size].copy_(self._stage[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self._stage[2, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(self._stage[3, :size], non_blocking=True)
-        self.block_tables[:b, :width].copy_(self._tables[:b, :width], non_blocking=True)
+        stage[2, b:] = -1  # padding rows write nothing
+        stage[3, :b] = host.seq_lens  # padding rows have length 0: attention skips them
+        up = self.runner.builder.upload
+        staged = up(stage)
+        self.input_ids[:size].copy_(staged[0], non_blocking=True)
+        self.positions[:size].copy_(staged[1], non_blocking=True)
+        self.slot_mapping[:size].copy_(staged[2], non_blocking=True)
+        self.seq_lens[:size].copy_(staged[3], non_blocking=True)
+        tables = padded_tables(host.block_tables)
+        self.block_tables[:b, : tables.shape[1]].copy_(up(tables), non_blocking=True)
+        if feed is not None:
+            rows, tokens = feed
+            self.input_ids[rows] = tokens
         graph, out = self.graphs[size]
         graph.replay()
         return out[:b]

@@ -45,6 +45,33 @@ class EngineStats:
         return 1.0 - self.num_free_blocks / self.num_total_blocks
 
 
+class StepTimes:
+    """Where the steps' wall time went (seconds, summed), split by decode-only and other steps."""
+
+    def __init__(self):
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def add(self, plan, **parts: float) -> None:
+        kind = "decode" if plan.num_decodes == len(plan.scheduled) else "mixed"
+        acc = self.totals.setdefault(kind, {"steps": 0, "seqs": 0})
+        acc["steps"] += 1
+        acc["seqs"] += len(plan.scheduled)
+        for name, value in parts.items():
+            acc[name] = acc.get(name, 0.0) + value
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per kind: steps, mean sequences per step, and mean milliseconds per step of each part."""
+        out = {}
+        for kind, acc in self.totals.items():
+            n = max(acc["steps"], 1)
+            out[kind] = {"steps": acc["steps"], "mean_seqs": round(acc["seqs"] / n, 1)}
+            out[kind].update({k + "_ms": round(v / n * 1e3, 3) for k, v in acc.items() if k not in ("steps", "seqs")})
+        return out
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
 class _SeqText:
     """Incremental text of one sequence, and how much of it was reported."""
 
@@ -138,6 +165,11 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
+        self.step_times = StepTimes()
+        self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._inflight = None  # the launched step not yet collected (async scheduling)
+        self._sync_requests: set[str] = set()  # requests that force synchronous steps
         self._rng = random.Random(config.seed)
         log.info("engine ready: %s on %s (%s), %d KV blocks", self.model_config.name, self.device,
                  self.dtype, self.num_kv_blocks)
@@ -168,6 +200,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, priority=priority, num_prior_output_tokens=len(prior),
         )
         request.metrics["arrival"] = request.arrival_time
+        if params.needs_penalties or params.n > 1 or params.prompt_logprobs is not None:
+            self._sync_requests.add(request_id)
         seq = self.scheduler.add(request, prior)
         self._attach_text(seq, seq.token_ids)
         self.requests[request_id] = request
@@ -188,17 +222,44 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Plan, run and account one step; returns the outputs it produced."""
+        """Run one step; returns the outputs it produced.
+
+        With async scheduling (GPU), this plans and launches step N+1 before reading step N's
+        tokens, so the host's work overlaps the GPU's; outputs then trail launches by one step.
+        Requests that need every previous token on the host before the next draw (penalties,
+        n > 1 forks, prompt logprobs) make the engine run synchronously while they are present.
+        """
+        t0 = time.perf_counter()
+        overlap = self.async_scheduling and not self._sync_requests
+        outputs: list[RequestOutput] = []
+        if not overlap and self._inflight is not None:
+            outputs = self._finish(self._inflight)
+            self._inflight = None
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
-        result = self.runner.execute(plan)
-        touched = self.scheduler.update(plan, result)
-        return self._process(touched)
+        t1 = time.perf_counter()
+        launched = None
+        if not plan.is_empty:
+            launched = self.runner.launch(plan)
+            self.scheduler.commit(plan)
+        t2 = time.perf_counter()
+        if overlap:
+            if self._inflight is not None:
+                outputs = self._finish(self._inflight)
+            self._inflight = launched
+        elif launched is not None:
+            outputs = self._finish(launched)
+        if launched is not None:
+            self.step_times.add(plan, schedule=t1 - t0, launch=t2 - t1, collect=time.perf_counter() - t2,
+                                **self.runner.last_parts)
+        return outputs
+
+    def _finish(self, flight) -> list[RequestOutput]:
+        result = self.runner.collect(flight)
+        return self._process(self.scheduler.update(flight.plan, result))
 
     def _process(self, touched: list[Seq]) -> list[RequestOutput]:
         now = time.monotonic()
@@ -206,7 +267,8 @@ class LLMEngine:
         for seq in touched:
             request = seq.request
             request.metrics.setdefault("first_token", now)
-            state = self._texts.get(seq.seq_id) or self._attach_text(seq, seq.token_ids[:-1])
+            state = self._texts.get(seq.seq_id) or self._attach_text(
+                seq, seq.token_ids[: len(seq.token_ids) - seq.num_pending - 1])
             if state is not None:
                 self._detokenize(seq, state)
             changed[request.request_id] = request
@@ -226,7 +288,7 @@ class LLMEngine:
         of an eos or stop token is not part of the output."""
         stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
         if not stopped_by_token:
-            delta = state.detok.add_tokens([seq.token_ids[-1]])
+            delta = state.detok.add_tokens([seq.output_token_ids[-1]])
             if delta.stop is not None:
                 self.scheduler.finish(seq, "stop", delta.stop)
                 return
@@ -265,6 +327,7 @@ class LLMEngine:
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
+        self._sync_requests.discard(request.request_id)
         for seq in request.seqs:
             self._texts.pop(seq.seq_id, None)
 

@@ -1,10 +1,16 @@
 """The model runner: owns the device, the weights and the KV cache memory; turns a StepPlan into
-tensors, runs the forward pass and samples. The scheduler never sees a tensor."""
+tensors, runs the forward pass and samples. The scheduler never sees a tensor.
+
+A step is launched (`launch`: inputs uploaded, forward and sampling enqueued, sampled tokens copied
+to pinned host memory behind an event) and later collected (`collect`: wait for that event, read the
+tokens). Between the two the host is free to plan and launch the next step (async scheduling).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,38 +20,26 @@ from gpu_engine.cuda_graphs import DecodeGraphs, decode_only
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
-from gpu_engine.sampler import Penalties, SamplingBatch, gather_logprobs, row_key, sample
-from gpu_engine.scheduler import SampledToken, ScheduledSeq, StepPlan, StepResult
+from gpu_engine.sampler import gather_logprobs, sample
+from gpu_engine.scheduler import SampledToken, StepPlan, StepResult
+from gpu_engine.step_inputs import HostBatch, InputBuilder, build_host_batch, padded_tables
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class HostBatch:
-    """A step's inputs as host arrays (numpy), before they go to the device."""
+class InFlight:
+    """A launched step: what collect() needs to turn it into a StepResult."""
 
-    input_ids: np.ndarray  # [T] int64
-    positions: np.ndarray  # [T] int64
-    slot_mapping: np.ndarray  # [T] int64
-    query_start_loc: np.ndarray  # [S + 1] int32
-    seq_lens: np.ndarray  # [S] int32
-    block_tables: list[list[int]]
-    num_decodes: int
-    sample_rows: list[int]
-    sample_owner: list[int]
-    prompt_rows: dict[int, tuple[int, int]]
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor | None  # [T] int64 (None when a CUDA graph holds the forward's inputs)
-    positions: torch.Tensor | None  # [T] int64
-    meta: AttentionMetadata | None
-    sample_rows: torch.Tensor  # [R] int64: hidden rows to sample from (repeated for forks)
-    sample_owner: list[int]  # [R] plan entry of each sampled row
-    prompt_rows: dict[int, tuple[int, int]]  # plan entry -> (first row, count) of prompt-logprob rows
-    sampling: SamplingBatch | None
+    plan: StepPlan
     host: HostBatch
+    tokens: torch.Tensor | None  # [R] int64, on the host (pinned) once `event` fired
+    logprob_rows: list[int] = field(default_factory=list)  # sample rows that asked for logprobs
+    chosen: torch.Tensor | None = None  # [L] f32 host: their chosen tokens' logprobs
+    top_v: torch.Tensor | None = None  # [L, N] f32 host
+    top_i: torch.Tensor | None = None  # [L, N] int64 host
+    prompt_logprobs: dict[int, list[Logprobs]] = field(default_factory=dict)
+    event: torch.cuda.Event | None = None
 
 
 class ModelRunner:
@@ -61,6 +55,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cfg.block_size
         self.graphs: DecodeGraphs | None = None
+        self.builder = InputBuilder(device, model_cfg.vocab_size)
+        self._prev_tokens: torch.Tensor | None = None  # [R] int64: the last launch's samples
+        self._prev_rows: dict[int, int] = {}  # seq_id -> its row in _prev_tokens
+        self.last_parts: dict[str, float] = {}
 
     # -- KV cache memory --------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -100,19 +98,22 @@ class ModelRunner:
         num_tokens = max(1, num_tokens)
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = -(-num_tokens // seq_len)
-        blocks_per_seq = -(-seq_len // self.block_size)
-        self.allocate_kv_cache(num_seqs * blocks_per_seq)
-        lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
-        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(num_seqs)]
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        meta = self._metadata(
-            [0] + np.cumsum(lens).tolist(), lens, tables,
-            torch.cat([torch.tensor(t, device=self.device).repeat_interleave(self.block_size)[:n] * self.block_size
-                       + torch.arange(n, device=self.device) % self.block_size for t, n in zip(tables, lens)]),
-            num_decodes=0,
+        per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_seqs * per_seq)
+        lens = np.array([seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)], dtype=np.int32)
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
+        positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
+        slots = np.concatenate([np.arange(n, dtype=np.int64) + i * per_seq * self.block_size
+                                for i, n in enumerate(lens)])
+        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        up = self.builder.upload
+        meta = AttentionMetadata(
+            slot_mapping=up(slots), query_start_loc=up(qsl), seq_lens=up(lens),
+            block_tables=up(padded_tables(tables)), num_decodes=0, max_query_len=int(lens.max()),
+            max_seq_len=int(lens.max()), query_start_loc_host=qsl.tolist(), seq_lens_host=lens.tolist(),
         )
-        hidden = self.model(ids, positions, self.kv_caches, meta, self.cos_sin, self.ops)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, up(positions), self.kv_caches, meta, self.cos_sin, self.ops)
         self.model.compute_logits(hidden[-min(num_seqs * 4, self.cfg.max_num_seqs):])
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -132,61 +133,111 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        if self.graphs is not None and decode_only(plan) and self.graphs.padded_size(len(plan.scheduled)):
-            host = self.host_batch(plan)
-            self.copy_blocks(plan.blocks_to_copy)
-            hidden = self.graphs.run(host)
-            inputs = self._sampling_inputs(plan, host)
+        """Launch and collect one step (the synchronous loop)."""
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> InFlight:
+        t0 = time.perf_counter()
+        host = build_host_batch(plan, self.block_size)
+        graphed = self.graphs is not None and decode_only(plan) and self.graphs.padded_size(len(plan.scheduled))
+        inputs = self.builder.inputs(plan, host, with_forward=not graphed)
+        self.last_parts = {"prepare": time.perf_counter() - t0, "wait": 0.0}
+        self.copy_blocks(plan.blocks_to_copy)
+        if graphed:
+            hidden = self.graphs.run(host, self._feed(host))
         else:
-            inputs = self.prepare(plan)
-            self.copy_blocks(plan.blocks_to_copy)
+            if host.pending_rows:
+                rows, src = self._feed(host)
+                inputs.input_ids[rows] = src
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.cos_sin,
                                 self.ops)
-        samples: list[list[SampledToken]] = [[] for _ in plan.scheduled]
+        flight = InFlight(plan=plan, host=host, tokens=None)
         if inputs.sampling is not None:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
             tokens = sample(logits, inputs.sampling)
-            self._fill_samples(plan, inputs, logits, tokens, samples)
-        prompt_lps = self._prompt_logprobs(plan, inputs, hidden)
-        return StepResult(samples, prompt_lps)
+            self._prev_tokens = tokens
+            self._prev_rows = {}
+            for r, e in enumerate(host.sample_owner):
+                self._prev_rows.setdefault(plan.scheduled[e].seq.seq_id, r)
+            self._launch_logprobs(plan, host, logits, tokens, flight)
+            flight.tokens = self._to_host(tokens)
+        flight.prompt_logprobs = self._prompt_logprobs(plan, host, hidden)
+        if self.device.type == "cuda":
+            flight.event = torch.cuda.Event()
+            flight.event.record()
+        return flight
+
+    def collect(self, flight: InFlight) -> StepResult:
+        """Wait for a launched step's tokens (the one host sync of a step) and return them."""
+        t0 = time.perf_counter()
+        if flight.event is not None:
+            flight.event.synchronize()
+        self.last_parts["wait"] = time.perf_counter() - t0
+        samples: list[list[SampledToken]] = [[] for _ in flight.plan.scheduled]
+        if flight.tokens is None:
+            return StepResult(samples, flight.prompt_logprobs)
+        token_list = flight.tokens.tolist()
+        lps: dict[int, Logprobs] = {}
+        if flight.logprob_rows:
+            wants = [flight.plan.scheduled[flight.host.sample_owner[r]].seq.request.params.logprobs
+                     for r in flight.logprob_rows]
+            dicts = _logprob_dicts(
+                [token_list[r] for r in flight.logprob_rows], flight.chosen.tolist(),
+                None if flight.top_v is None else flight.top_v.tolist(),
+                None if flight.top_i is None else flight.top_i.tolist(), wants,
+            )
+            lps = dict(zip(flight.logprob_rows, dicts))
+        for r, (owner, tok) in enumerate(zip(flight.host.sample_owner, token_list)):
+            samples[owner].append(SampledToken(tok, lps.get(r)))
+        return StepResult(samples, flight.prompt_logprobs)
+
+    def _feed(self, host: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, tokens) on the device: the inputs sampled by the previous launch (PENDING ones)."""
+        if not host.pending_rows:
+            return None
+        src = [self._prev_rows[s] for s in host.pending_seqs]
+        rows = self.builder.upload(host.pending_rows, torch.int64)
+        return rows, self._prev_tokens[self.builder.upload(src, torch.int64)]
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    def _launch_logprobs(self, plan: StepPlan, host: HostBatch, logits, tokens, flight: InFlight) -> None:
+        want = [plan.scheduled[e].seq.request.params.logprobs for e in host.sample_owner]
+        rows = [r for r, w in enumerate(want) if w is not None]
+        if not rows:
+            return
+        top_n = max(want[r] for r in rows)
+        idx = self.builder.upload(rows, torch.int64)
+        lps = torch.log_softmax(logits[idx], dim=-1)
+        chosen, top_v, top_i = gather_logprobs(lps, tokens[idx], top_n)
+        flight.logprob_rows = rows
+        flight.chosen = self._to_host(chosen)
+        flight.top_v = None if top_v is None else self._to_host(top_v)
+        flight.top_i = None if top_i is None else self._to_host(top_i)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        src = self.builder.upload([s for s, _ in pairs], torch.int64)
+        dst = self.builder.upload([d for _, d in pairs], torch.int64)
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def _fill_samples(self, plan, inputs: StepInputs, logits, tokens, samples) -> None:
-        entries = plan.scheduled
-        want = [entries[e].seq.request.params.logprobs for e in inputs.sample_owner]
-        top_n = max((w for w in want if w is not None), default=None)
-        token_list = tokens.tolist()
-        lp_rows: list[Logprobs | None] = [None] * len(token_list)
-        if top_n is not None:
-            rows = [r for r, w in enumerate(want) if w is not None]
-            idx = torch.tensor(rows, device=logits.device)
-            lps = torch.log_softmax(logits[idx], dim=-1)
-            chosen, top_v, top_i = gather_logprobs(lps, tokens[idx], top_n)
-            lp_rows_sel = _logprob_dicts(
-                tokens[idx].tolist(), chosen.tolist(),
-                None if top_v is None else top_v.tolist(), None if top_i is None else top_i.tolist(),
-                [want[r] for r in rows],
-            )
-            for r, d in zip(rows, lp_rows_sel):
-                lp_rows[r] = d
-        for r, (owner, tok) in enumerate(zip(inputs.sample_owner, token_list)):
-            samples[owner].append(SampledToken(tok, lp_rows[r]))
-
-    def _prompt_logprobs(self, plan: StepPlan, inputs: StepInputs, hidden) -> dict[int, list[Logprobs]]:
+    def _prompt_logprobs(self, plan: StepPlan, host: HostBatch, hidden) -> dict[int, list[Logprobs]]:
+        """Logprobs of each prompt token given its prefix (synchronous: such steps never overlap)."""
         out: dict[int, list[Logprobs]] = {}
-        for e, (first, count) in inputs.prompt_rows.items():
+        for e, (first, count) in host.prompt_rows.items():
             entry = plan.scheduled[e]
             seq = entry.seq
             next_ids = seq.token_ids[entry.start + 1 : entry.start + 1 + count]
-            count = len(next_ids)  # the last row of the final chunk predicts a token not drawn yet
+            count = len(next_ids)
             if count == 0:
                 out[e] = []
                 continue
@@ -199,151 +250,6 @@ class ModelRunner:
                 None if top_i is None else top_i.tolist(), [n] * count,
             )
         return out
-
-    # -- inputs -----------------------------------------------------------------------------------
-    def host_batch(self, plan: StepPlan) -> HostBatch:
-        """The step's token, position, slot and block-table arrays, on the host."""
-        bs = self.block_size
-        n = len(plan.scheduled)
-        qsl = np.zeros(n + 1, dtype=np.int32)
-        lens = np.zeros(n, dtype=np.int32)
-        ids: list[int] = []
-        positions, slots = [], []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_owner: list[int] = []
-        prompt_rows: dict[int, tuple[int, int]] = {}
-        for e, entry in enumerate(plan.scheduled):
-            seq, start, count = entry.seq, entry.start, entry.num_tokens
-            ids.extend(seq.token_ids[start : start + count])
-            if count == 1:
-                pos = np.array([start], dtype=np.int64)
-                slots.append(np.array([seq.block_table[start // bs] * bs + start % bs], dtype=np.int64))
-            else:
-                pos = np.arange(start, start + count, dtype=np.int64)
-                slots.append(np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs)
-            positions.append(pos)
-            if entry.prompt_logprobs:
-                prompt_rows[e] = (int(qsl[e]), count)
-            qsl[e + 1] = qsl[e] + count
-            lens[e] = start + count
-            tables.append(seq.block_table)
-            if entry.sample:
-                sample_rows.extend([int(qsl[e + 1]) - 1] * entry.num_samples)
-                sample_owner.extend([e] * entry.num_samples)
-        return HostBatch(
-            input_ids=np.asarray(ids, dtype=np.int64), positions=np.concatenate(positions),
-            slot_mapping=np.concatenate(slots), query_start_loc=qsl, seq_lens=lens, block_tables=tables,
-            num_decodes=plan.num_decodes, sample_rows=sample_rows, sample_owner=sample_owner,
-            prompt_rows=prompt_rows,
-        )
-
-    def _sampling_inputs(self, plan: StepPlan, host: HostBatch) -> StepInputs:
-        """Inputs for the sampling half of a graph-replayed step (the forward's inputs are in the graph)."""
-        return StepInputs(
-            input_ids=None, positions=None, meta=None,
-            sample_rows=torch.tensor(host.sample_rows, dtype=torch.int64, device=self.device),
-            sample_owner=host.sample_owner, prompt_rows={},
-            sampling=self._sampling_batch(plan, host.sample_owner) if host.sample_owner else None,
-            host=host,
-        )
-
-    def prepare(self, plan: StepPlan) -> StepInputs:
-        host = self.host_batch(plan)
-        dev = self.device
-        meta = self._metadata(host.query_start_loc.tolist(), host.seq_lens.tolist(), host.block_tables,
-                              torch.from_numpy(host.slot_mapping).to(dev), host.num_decodes)
-        return StepInputs(
-            input_ids=torch.from_numpy(host.input_ids).to(dev),
-            positions=torch.from_numpy(host.positions).to(dev),
-            meta=meta,
-            sample_rows=torch.tensor(host.sample_rows, dtype=torch.int64, device=dev),
-            sample_owner=host.sample_owner,
-            prompt_rows=host.prompt_rows,
-            sampling=self._sampling_batch(plan, host.sample_owner) if host.sample_owner else None,
-            host=host,
-        )
-
-    def _metadata(self, qsl, lens, tables, slot_mapping, num_decodes: int) -> AttentionMetadata:
-        width = max(len(t) for t in tables)
-        padded = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            padded[i, : len(t)] = t
-        dev = self.device
-        return AttentionMetadata(
-            slot_mapping=slot_mapping,
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(padded).to(dev),
-            num_decodes=num_decodes,
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
-            max_seq_len=max(lens),
-            query_start_loc_host=list(qsl),
-            seq_lens_host=list(lens),
-        )
-
-    def _sampling_batch(self, plan: StepPlan, owners: list[int]) -> SamplingBatch:
-        temps, top_k, top_p, min_p, keys, positions = [], [], [], [], [], []
-        pen_rows, banned = [], []
-        fork_index: dict[int, int] = {}
-        for r, e in enumerate(owners):
-            entry: ScheduledSeq = plan.scheduled[e]
-            seq, req = entry.seq, entry.seq.request
-            p = req.params
-            k = fork_index.get(e, 0)
-            fork_index[e] = k + 1
-            temps.append(p.temperature)
-            top_k.append(p.top_k)
-            top_p.append(p.top_p)
-            min_p.append(p.min_p)
-            keys.append(row_key(req.seed, seq.index + k))
-            positions.append(seq.num_output_tokens)
-            if p.needs_penalties:
-                pen_rows.append(r)
-            if seq.num_output_tokens < p.min_tokens:
-                stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(req.eos_token_ids))
-                if stop_ids:
-                    banned.append((r, stop_ids))
-        dev = self.device
-        return SamplingBatch(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=dev),
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=dev),
-            min_p=torch.tensor(min_p, dtype=torch.float32, device=dev),
-            keys=torch.tensor(keys, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            all_greedy=all(t == 0 for t in temps),
-            any_top_k=any(k > 0 for k in top_k),
-            any_top_p=any(p < 1.0 for p in top_p),
-            any_min_p=any(m > 0 for m in min_p),
-            penalties=self._penalties(plan, owners, pen_rows) if pen_rows else None,
-            banned=banned or None,
-        )
-
-    def _penalties(self, plan: StepPlan, owners: list[int], rows: list[int]) -> Penalties:
-        vocab = self.model_cfg.vocab_size
-        dev = self.device
-        prompt_mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=dev)
-        counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=dev)
-        rep, pres, freq = [], [], []
-        for i, r in enumerate(rows):
-            seq = plan.scheduled[owners[r]].seq
-            p = seq.request.params
-            prompt_mask[i, torch.tensor(seq.request.prompt_token_ids, device=dev)] = True
-            out = seq.output_token_ids
-            if out:
-                counts[i].index_add_(0, torch.tensor(out, device=dev), torch.ones(len(out), device=dev))
-            rep.append(p.repetition_penalty)
-            pres.append(p.presence_penalty)
-            freq.append(p.frequency_penalty)
-        return Penalties(
-            rows=torch.tensor(rows, dtype=torch.int64, device=dev),
-            prompt_mask=prompt_mask,
-            output_counts=counts,
-            repetition=torch.tensor(rep, dtype=torch.float32, device=dev),
-            presence=torch.tensor(pres, dtype=torch.float32, device=dev),
-            frequency=torch.tensor(freq, dtype=torch.float32, device=dev),
-        )
 
 
 def _logprob_dicts(tokens, chosen, top_v, top_i, wants) -> list[Logprobs]:

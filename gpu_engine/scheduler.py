@@ -1,9 +1,11 @@
 """The executor's step planner: which sequences run this step, with which tokens. No torch.
 
-A step is `plan = scheduler.schedule()`, `result = runner.execute(plan)`,
-`finished = scheduler.update(plan, result)`. Two small policies decide: an admission policy
-("may this waiting sequence join the running batch?") and a composer ("how many tokens does each
-running sequence get under the step's token budget?").
+A step is `plan = scheduler.schedule()`, `runner.launch(plan)`, `scheduler.commit(plan)`, and
+later `scheduler.update(plan, runner.collect(...))`. commit() advances the scheduled sequences as
+if the step had run, with a placeholder for each token being sampled, so the next step can be
+planned while this one is still on the GPU; update() fills the placeholders in and applies stops.
+Two small policies decide: an admission policy ("may this waiting sequence join the running batch?")
+and a composer ("how many tokens does each running sequence get under the step's token budget?").
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Protocol
 from gpu_engine.block_manager import BlockManager, hash_token_blocks
 from gpu_engine.outputs import Logprobs
 from gpu_engine.sequence import Request, Sequence, SeqStatus
+
+PENDING = -1
+"""Placeholder token id: drawn by a launched step, not read back yet."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ class DecodeFirstComposer:
         return decodes + prefills
 
     def num_tokens(self, seq: Sequence, budget: int) -> int:
+        if seq.num_pending and seq.num_output_tokens >= seq.request.max_tokens:
+            return 0  # its last token is being drawn: it finishes when that step is collected
         n = seq.num_uncomputed_tokens
         if n <= budget:
             return n
@@ -316,27 +323,37 @@ class Scheduler:
         self.waiting.insert(bisect.bisect(keys, seq.sort_key), seq)
 
     # -- after the step ---------------------------------------------------------------------------
+    def commit(self, plan: StepPlan) -> None:
+        """The plan was launched: its tokens count as computed, each draw as a pending token."""
+        for entry in plan.scheduled:
+            seq = entry.seq
+            seq.num_computed_tokens += entry.num_tokens
+            if entry.sample:
+                seq.token_ids.append(PENDING)
+                seq.num_pending += 1
+
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
-        """Advance each scheduled sequence; returns the sequences that got new tokens."""
+        """Fill in the committed plan's sampled tokens and apply stops; returns the sequences that
+        got new tokens (finished ones included)."""
         touched: list[Sequence] = []
         for i, entry in enumerate(plan.scheduled):
             seq = entry.seq
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran
-            seq.num_computed_tokens += entry.num_tokens
+            if seq.is_finished:
+                continue  # aborted or stopped while the step ran
             self._register_full_blocks(seq)
             if entry.prompt_logprobs:
                 self._record_prompt_logprobs(entry, result.prompt_logprobs.get(i, []))
-            if not entry.sample:
-                continue
-            samples = result.samples[i]
-            seqs = [seq] + [self._fork(seq, k) for k in range(1, len(samples))]
-            for s, sampled in zip(seqs, samples):
-                self._append(s, sampled)
-                touched.append(s)
+            if entry.sample:
+                samples = result.samples[i]
+                seqs = [seq] + [self._fork(seq, k) for k in range(1, len(samples))]
+                for s, sampled in zip(seqs, samples):
+                    self._append(s, sampled)
+                    touched.append(s)
         return touched
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
+        """A new sample sharing the parent's blocks; it draws its first token in the same step
+        (never with async scheduling: forking steps run synchronously)."""
         child = Sequence(
             request=parent.request,
             index=index,
@@ -348,6 +365,7 @@ class Scheduler:
             block_hashes=list(parent.block_hashes),
             num_registered_blocks=parent.num_registered_blocks,
             num_reported_tokens=parent.num_reported_tokens,
+            num_pending=parent.num_pending,
         )
         self.block_manager.share(child.block_table)
         parent.request.seqs.append(child)
@@ -355,21 +373,29 @@ class Scheduler:
         return child
 
     def _append(self, seq: Sequence, sampled: SampledToken) -> None:
+        """Put a sampled token in place of the sequence's oldest pending one, then apply stops."""
         token = sampled.token_id
-        seq.token_ids.append(token)
+        slot = len(seq.token_ids) - seq.num_pending
+        seq.token_ids[slot] = token
+        seq.num_pending -= 1
         if sampled.logprobs is not None:
             seq.logprobs.append(sampled.logprobs)
             seq.cumulative_logprob += sampled.logprobs.get(token, 0.0)
         request = seq.request
         params = request.params
-        n_out = seq.num_output_tokens
+        n_out = slot + 1 - seq.num_prompt_tokens
         if n_out > params.min_tokens:  # the sampler masks stop tokens until min_tokens
             if token in params.stop_token_ids:
-                return self.finish(seq, "stop", token)
+                return self._stop(seq, "stop", token)
             if not params.ignore_eos and token in request.eos_token_ids:
-                return self.finish(seq, "stop", None)
-        if n_out >= request.max_tokens:
-            self.finish(seq, "length")
+                return self._stop(seq, "stop", None)
+        if n_out >= request.max_tokens or slot + 1 >= request.max_model_len:
+            self._stop(seq, "length")
+
+    def _stop(self, seq: Sequence, reason: str, stop_reason: int | None = None) -> None:
+        del seq.token_ids[len(seq.token_ids) - seq.num_pending :]  # drafts after the stop
+        seq.num_pending = 0
+        self.finish(seq, reason, stop_reason)
 
     def _record_prompt_logprobs(self, entry: ScheduledSeq, rows: list[Logprobs]) -> None:
         request = entry.seq.request
@@ -383,7 +409,8 @@ class Scheduler:
     def _register_full_blocks(self, seq: Sequence) -> None:
         if not self.block_manager.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending)
+        full = known // self.block_size
         if full <= seq.num_registered_blocks:
             return
         self._extend_hashes(seq, full)

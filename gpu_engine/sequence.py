@@ -47,6 +47,8 @@ class Sequence:
     num_reported_tokens: int = 0
     """Generated tokens already reported (OutputKind.DELTA)."""
     num_preemptions: int = 0
+    num_pending: int = 0
+    """Trailing placeholder tokens: sampled by a launched step whose result is not read yet."""
 
     @property
     def num_tokens(self) -> int:
@@ -54,11 +56,13 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, placeholders included (the index the next sample gets)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated tokens known on the host (placeholders left out)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
     @property
     def num_uncomputed_tokens(self) -> int:

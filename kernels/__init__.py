@@ -1,0 +1,12 @@
+"""GPU kernels, each with a checked wrapper, a plain-torch reference and tests.
+
+Importing this package needs neither triton nor a GPU. The Triton kernels live in submodules that
+callers import when they run on the GPU:
+
+    kernels.reference         plain-torch references (the CPU engine runs these)
+    kernels.triton_attention  paged_attention, paged_decode_attention, paged_prefill_attention
+    kernels.rotary            rope_and_write_kv
+    kernels.norm              rms_norm, fused_add_rms_norm
+    kernels.activation        silu_and_mul
+    kernels.testing           random paged batches for tests and benchmarks (no triton)
+"""

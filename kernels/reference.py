@@ -130,3 +130,23 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def rope_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotate q in place and store rotated k and v in the cache; k itself is left unchanged.
+
+    q: [T, H, D]; k, v: [T, KVH, D]; positions, slot_mapping: [T] int64 (slot -1: padding, skipped).
+    """
+    q_rot, k_rot = apply_rope(q, k, positions, cos_sin_cache)
+    q.copy_(q_rot)
+    keep = slot_mapping >= 0
+    write_kv(k_rot[keep], v[keep], k_cache, v_cache, slot_mapping[keep])

@@ -112,7 +112,8 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
         configs = {r: dataclasses.replace(c, redis_url=redis.url) if hasattr(c, "redis_url") else c
                    for r, c in configs.items()}
         print(f"taxiway: embedded Redis at {redis.url}", file=sys.stderr)
-    child_env = {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX) and k != "REDIS_URL"}
+    settings = {ENV_PREFIX + n.upper() for n in [*known, "role", "config"]} | {"REDIS_URL"}
+    child_env = {k: v for k, v in env.items() if k not in settings}  # the files say it all
     child_env[PARENT_ENV] = str(os.getpid())
     tmp = tempfile.TemporaryDirectory(prefix="taxiway-serve-")
     procs: dict[str, subprocess.Popen] = {}

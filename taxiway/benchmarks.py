@@ -30,6 +30,7 @@ class BenchConfig:
     max_num_batched_tokens: int = 8192
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    async_scheduling: bool = True
     seed: int = 0
 
     def engine_kwargs(self) -> dict:
@@ -38,6 +39,7 @@ class BenchConfig:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
+            async_scheduling=self.async_scheduling,
         )
 
 
@@ -131,6 +133,7 @@ def throughput(cfg: BenchConfig) -> dict:
     warm = random_prompts(min(cfg.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1)
     run_requests(engine, warm, min(cfg.osl, 16))
     prompts = random_prompts(cfg.num_requests, cfg.isl, vocab, cfg.seed)
+    engine.step_times.reset()
     r = run_requests(engine, prompts, cfg.osl)
     assert r["generated_tokens"] == cfg.num_requests * cfg.osl, r["generated_tokens"]
     out_tps = r["generated_tokens"] / r["elapsed_s"]
@@ -141,6 +144,8 @@ def throughput(cfg: BenchConfig) -> dict:
         "output_tokens_per_s": round(out_tps, 1),
         "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
         "preemptions": engine.scheduler.num_preemptions,
+        "graph_capture_s": round(engine.graph_capture_s, 2),
+        "step_times": engine.step_times.summary(),
     }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpu_engine.scheduler import SampledToken, Scheduler, StepPlan, StepResult
+from gpu_engine.scheduler import PENDING, SampledToken, Scheduler, StepPlan, StepResult
 from gpu_engine.sequence import Request
 from gpu_engine.sampling_params import SamplingParams
 
@@ -22,31 +22,59 @@ def make_request(
 
 
 class FakeRunner:
-    """Deterministic "model": the next token depends only on the sequence's tokens so far and the
-    sample index, so recomputation after preemption must reproduce it exactly."""
+    """Deterministic "model": the next token depends only on the tokens a step consumed and the
+    sample index, so recomputation after preemption must reproduce it exactly. Like the real
+    runner it is launched (before the scheduler commits the plan) and collected later."""
 
     def __init__(self):
         self.plans: list[StepPlan] = []
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def launch(self, plan: StepPlan) -> StepPlan:
         self.plans.append(plan)
+        return plan
+
+    def collect(self, plan: StepPlan) -> StepResult:
         samples = []
         for entry in plan.scheduled:
             if not entry.sample:
                 samples.append([])
                 continue
-            base = sum((i + 1) * t for i, t in enumerate(entry.seq.token_ids)) + entry.seq.index
+            consumed = entry.seq.token_ids[: entry.start + entry.num_tokens]
+            assert PENDING not in consumed, "a step read a token that was never filled in"
+            base = sum((i + 1) * t for i, t in enumerate(consumed)) + entry.seq.index
             samples.append([SampledToken((base + 7 * k) % (VOCAB - 1)) for k in range(entry.num_samples)])
         return StepResult(samples)
 
 
-def run_to_completion(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 1000) -> int:
-    """Step until nothing is left, checking the block pool after every step; returns the step count."""
+def run_step(scheduler: Scheduler, runner: FakeRunner) -> StepPlan:
+    """One synchronous step: schedule, launch, commit, collect, update."""
+    plan = scheduler.schedule()
+    runner.launch(plan)
+    scheduler.commit(plan)
+    scheduler.update(plan, runner.collect(plan))
+    return plan
+
+
+def run_to_completion(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 1000,
+                      overlap: bool = False) -> int:
+    """Step until nothing is left, checking the block pool after every step; returns the step
+    count. With overlap, step N+1 is planned and launched before step N is collected."""
     steps = 0
-    while scheduler.num_unfinished:
+    inflight = None
+    while scheduler.num_unfinished or inflight is not None:
         plan = scheduler.schedule()
-        assert not plan.is_empty, "scheduler stalled with work left"
-        scheduler.update(plan, runner.execute(plan))
+        launched = None
+        if not plan.is_empty:
+            launched = runner.launch(plan)
+            scheduler.commit(plan)
+        else:
+            assert inflight is not None, "scheduler stalled with work left"
+        if not overlap and launched is not None:
+            scheduler.update(launched, runner.collect(launched))
+            launched = None
+        if inflight is not None:
+            scheduler.update(inflight, runner.collect(inflight))
+        inflight = launched
         scheduler.block_manager.check_integrity()
         steps += 1
         assert steps < max_steps

@@ -13,8 +13,8 @@ from services.common.config import check_port, option, require
 class ExecutorConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = option(50054, "gRPC port (0 picks a free one)")
-    advertise_host: str | None = option(None, "host the scheduler dials (default: host, or this "
-                                              "machine's name when host is 0.0.0.0)")
+    advertise_address: str | None = option(None, "host:port the scheduler dials (default: host and "
+                                                 "the bound port; this machine's name for 0.0.0.0)")
     redis_url: str | None = option(None, "Redis URL, e.g. redis://127.0.0.1:6379/0 (also REDIS_URL)")
     executor_id: str | None = option(None, "unique id in the pool (default: <hostname>-<pid>)")
     model: str | None = option(None, "model folder (Hugging Face layout); default: SmolLM2-135M-Instruct")
@@ -39,7 +39,8 @@ class ExecutorConfig:
     def resolved_id(self) -> str:
         return self.executor_id or f"{socket.gethostname()}-{os.getpid()}"
 
-    def dial_host(self) -> str:
-        if self.advertise_host:
-            return self.advertise_host
-        return socket.gethostname() if self.host in ("0.0.0.0", "::", "[::]") else self.host
+    def dial_address(self, bound_port: int) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "[::]") else self.host
+        return f"{host}:{bound_port}"

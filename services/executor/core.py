@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gpu_engine.errors import DeadlineExceeded, TaxiwayError
-from services.common import errors, telemetry
+from services.common import errors, hooks
 from services.common.convert import engine_params
 from services.common.types import Delta, EngineRequest, ExecutorState, KvEvent
 from services.executor.state import StateBoard
@@ -88,7 +88,7 @@ class ExecutorCore:
         self._expire(out, finished)
         busy = self.engine.has_unfinished_requests()
         if busy:
-            with telemetry.span("executor.step", num_requests=len(self._tracked)):
+            with hooks.span("executor.step", num_requests=len(self._tracked)):
                 outputs = self.engine.step()
             for output in outputs:
                 self._collect(output, out, finished)

@@ -114,7 +114,7 @@ class ExecutorService:
         engine = self._start_loop()
         self._registration = {
             "executor_id": self.executor_id,
-            "address": f"{self.config.dial_host()}:{self.server.port}",
+            "address": self.config.dial_address(self.server.port),
             "model": engine.model_config.name,
             "max_model_len": engine_max_model_len(engine),
         }

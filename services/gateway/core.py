@@ -18,7 +18,7 @@ from typing import Protocol
 
 from gpu_engine.errors import DeadlineExceeded, InvalidRequest
 from gpu_engine.sampling_params import SamplingParams
-from services.common import errors, telemetry
+from services.common import errors, hooks
 from services.common.types import Abort, Delta, EngineRequest, ModelInfo
 from services.gateway.router import CANCELLED, Router
 
@@ -100,7 +100,7 @@ class GatewayCore:
         rid = self.internal_id(client_id)
         now = self._clock()
         deadline = now + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
-        with telemetry.span("gateway.generate", traceparent, request_id=client_id):
+        with hooks.span("gateway.generate", traceparent, request_id=client_id):
             prompt = self._prompt_ids(inp)
             mailbox = self.router.open(rid)
             if mailbox is None:

@@ -7,7 +7,7 @@ import threading
 import uuid
 
 from gpu_engine.errors import InvalidRequest
-from services.common import convert, streams, telemetry
+from services.common import convert, hooks, streams
 from services.common.proto import pb
 from services.common.server import GrpcServer
 from services.gateway.clients import GrpcTokenizerClient, OutputReader, RedisIntake
@@ -43,7 +43,7 @@ class GatewayServicer:
 
 
 def _traceparent(context) -> str:
-    return telemetry.traceparent_from_metadata(context.invocation_metadata())
+    return hooks.traceparent_from_metadata(context.invocation_metadata())
 
 
 def generate_input_from_pb(msg) -> GenerateInput:

@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from services.common import convert, errors, streams, telemetry
+from services.common import convert, errors, hooks, streams
 from services.common.proto import Stub, pb
 from services.common import server
 from services.common.server import GrpcServer
@@ -191,7 +191,7 @@ class SchedulerService:
     def _handle(self, event: tuple) -> None:
         now = time.time()
         kind = event[0]
-        with telemetry.span(f"scheduler.{kind}"), self.lock:
+        with hooks.span(f"scheduler.{kind}"), self.lock:
             if kind == "entry":
                 actions = self._on_entry(event[1], event[2], now)
             elif kind == "state":
@@ -214,7 +214,7 @@ class SchedulerService:
             return [Ack((entry_id,))]
         if isinstance(item, Abort):
             return self.core.abort(item.request_id, entry_id)
-        with telemetry.span("scheduler.submit", item.traceparent, request_id=item.request_id):
+        with hooks.span("scheduler.submit", item.traceparent, request_id=item.request_id):
             return self.core.submit(item, entry_id, now)
 
     def _on_lost(self, eid: str, reason: str, now: float) -> list[Action]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from gpu_engine.errors import InvalidRequest
-from services.common import convert, telemetry
+from services.common import convert, hooks
 from services.common.proto import pb
 from services.common.server import GrpcServer, LazyServicer
 from services.tokenizer.config import TokenizerConfig
@@ -19,7 +19,7 @@ class TokenizerServicer:
         self.core = core
 
     def Tokenize(self, request, context):
-        with telemetry.span("tokenizer.tokenize", _traceparent(context)):
+        with hooks.span("tokenizer.tokenize", _traceparent(context)):
             ids, text = self.core.tokenize(**convert.tokenize_request_from_pb(request))
         return pb.TokenizeResponse(token_ids=ids, text=text)
 
@@ -28,7 +28,7 @@ class TokenizerServicer:
         if first is None or first.WhichOneof("kind") != "setup":
             raise InvalidRequest("the first Detokenize message must be a setup")
         detok = self.core.detokenizer(**convert.detokenize_setup_from_pb(first.setup))
-        with telemetry.span("tokenizer.detokenize", _traceparent(context)):
+        with hooks.span("tokenizer.detokenize", _traceparent(context)):
             for msg in request_iterator:
                 text, stop = detok.add(msg.tokens.ids, flush=msg.flush)
                 yield pb.DetokenizeResponse(new_text=text, stop=stop or "")
@@ -38,7 +38,7 @@ class TokenizerServicer:
 
 
 def _traceparent(context) -> str:
-    return telemetry.traceparent_from_metadata(context.invocation_metadata())
+    return hooks.traceparent_from_metadata(context.invocation_metadata())
 
 
 def build(config: TokenizerConfig, core: TokenizerCore | None = None) -> GrpcServer:

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             flag = "--" + f.name.replace("_", "-")
             value = getattr(defaults, f.name)
             if isinstance(value, bool):
-                k.add_argument(flag, action="store_true", default=value)
+                k.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
             else:
                 k.add_argument(flag, type=type(value), default=value)
         k.add_argument("--out", default=None, help="write the JSON result here too")

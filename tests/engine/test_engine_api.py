@@ -211,3 +211,26 @@ def test_dummy_weights_from_a_config_folder(tiny_llama):
 def test_kv_pool_smaller_than_the_context_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="lower max_model_len"):
         LLMEngine(model=tiny_llama, num_kv_blocks=4, max_model_len=256)
+
+
+def test_async_engine_streams_aborts_and_stops_like_the_sync_one(tiny_llama):
+    llm = LLM(tiny_llama, num_kv_blocks=64, max_model_len=256, async_scheduling=True)
+    sync = LLM(tiny_llama, num_kv_blocks=64, max_model_len=256)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    first = sync.generate(PROMPTS[2], greedy)[0].outputs[0].token_ids[2]
+    stop = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first])
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, stop)] == [
+        o.outputs[0].token_ids for o in sync.generate(PROMPTS, stop)]
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"x{i}", p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine._inflight is not None
+    finals = engine.abort_request([f"x{i}" for i in range(len(PROMPTS))])
+    assert all(-1 not in f.outputs[0].token_ids for f in finals)
+    assert all(f.outputs[0].finish_reason == "abort" for f in finals)
+    while engine.has_unfinished_requests():
+        assert engine.step() == []
+    assert engine.stats().num_free_blocks == 64
+    engine.block_manager.check_integrity()

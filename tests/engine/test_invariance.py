@@ -88,3 +88,15 @@ def test_unseeded_sampling_differs_between_requests(tiny_llama):
     params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
     outs = llm.generate([PROMPTS[4]] * 4, params)
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) > 1
+
+
+@pytest.mark.parametrize("pool, budget", [(256, 8192), (12, 64)])
+def test_async_scheduling_changes_nothing(tiny_llama, baseline, pool, budget):
+    """The overlapped loop (tokens of step N fed to step N+1 on the device) on the CPU."""
+    llm = LLM(tiny_llama, num_kv_blocks=pool, max_model_len=192, max_num_batched_tokens=budget,
+              async_scheduling=True)
+    assert greedy_tokens(llm) == baseline
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    sync = LLM(tiny_llama, num_kv_blocks=256, max_model_len=192, async_scheduling=False)
+    assert greedy_tokens(llm, params=seeded) == greedy_tokens(sync, params=seeded)
+    assert llm.engine.stats().num_free_blocks == pool

@@ -62,7 +62,7 @@ def test_decodes_run_first_and_new_requests_join_between_steps():
     sched.add(make_request("a", [1, 2, 3], max_tokens=5))
     runner = FakeRunner()
     plan = sched.schedule()
-    sched.update(plan, runner.execute(plan))
+    runner.launch(plan); sched.commit(plan); sched.update(plan, runner.collect(plan))
     sched.add(make_request("b", list(range(30)), max_tokens=1))
     plan = sched.schedule()
     assert [(e.seq.request.request_id, e.start, e.num_tokens) for e in plan.scheduled] == [
@@ -118,10 +118,10 @@ def test_preemption_frees_the_victims_blocks_and_requeues_it_first():
     runner = FakeRunner()
     plan = sched.schedule()  # both prefills: 2 blocks each, pool full
     assert [e.seq.block_table for e in plan.scheduled] == [[0, 1], [2, 3]]
-    sched.update(plan, runner.execute(plan))
+    runner.launch(plan); sched.commit(plan); sched.update(plan, runner.collect(plan))
     plan = sched.schedule()  # both decode position 7, the end of their second block
     assert plan.preempted == []
-    sched.update(plan, runner.execute(plan))
+    runner.launch(plan); sched.commit(plan); sched.update(plan, runner.collect(plan))
     plan = sched.schedule()  # position 8 needs a third block each: the pool has none
     victim = new.seqs[0]
     assert plan.preempted == [victim]
@@ -165,7 +165,7 @@ def test_prefix_cache_hit_shares_blocks_and_skips_their_compute():
     assert sched.block_manager.prefix_hits == 3
     assert entry.seq.block_table[:3] == [0, 1, 2]
     assert [sched.block_manager.ref_count(b) for b in entry.seq.block_table[:3]] == [1, 1, 1]
-    sched.update(plan, runner.execute(plan))
+    runner.launch(plan); sched.commit(plan); sched.update(plan, runner.collect(plan))
     run_to_completion(sched, runner)
 
 
@@ -199,7 +199,7 @@ def test_n_samples_fork_after_the_prompt_sharing_its_blocks():
     runner = FakeRunner()
     plan = sched.schedule()
     assert plan.scheduled[0].num_samples == 3
-    sched.update(plan, runner.execute(plan))
+    runner.launch(plan); sched.commit(plan); sched.update(plan, runner.collect(plan))
     assert [s.index for s in req.seqs] == [0, 1, 2]
     tables = [s.block_table for s in req.seqs]
     assert tables[0] == tables[1] == tables[2] == [0, 1, 2]
@@ -207,7 +207,7 @@ def test_n_samples_fork_after_the_prompt_sharing_its_blocks():
     plan = sched.schedule()  # each writes position 10, inside the shared block 2
     assert plan.blocks_to_copy == [(2, 3), (2, 4)]  # the last writer keeps block 2
     assert [s.block_table for s in req.seqs] == [[0, 1, 3], [0, 1, 4], [0, 1, 2]]
-    sched.update(plan, runner.execute(plan))
+    runner.launch(plan); sched.commit(plan); sched.update(plan, runner.collect(plan))
     run_to_completion(sched, runner)
     outs = [s.output_token_ids for s in req.seqs]
     assert len({tuple(o) for o in outs}) == 3
@@ -233,7 +233,7 @@ def test_abort_frees_blocks_at_once_wherever_the_request_is():
     sched.add(running)
     sched.add(waiting)
     plan = sched.schedule()
-    sched.update(plan, FakeRunner().execute(plan))
+    r = FakeRunner(); r.launch(plan); sched.commit(plan); sched.update(plan, r.collect(plan))
     assert sched.block_manager.num_free_blocks == 13
     sched.abort(running)
     sched.abort(waiting)
@@ -245,20 +245,41 @@ def test_abort_frees_blocks_at_once_wherever_the_request_is():
 
 
 def test_eos_min_tokens_and_stop_token_ids():
+    from gpu_engine.scheduler import PENDING, SampledToken
+
     sched = make_scheduler()
     req = make_request("a", [1, 2, 3], max_tokens=10, ignore_eos=False, min_tokens=2, stop_token_ids=[7])
     sched.add(req)
     seq = req.seqs[0]
-    seq.status = SeqStatus.RUNNING  # drive _append directly
+    seq.status = SeqStatus.RUNNING  # drive _append directly, as update() does after a commit
     sched.waiting.remove(seq)
     sched.running.append(seq)
-    from gpu_engine.scheduler import SampledToken
 
-    sched._append(seq, SampledToken(5))
-    sched._append(seq, SampledToken(7))  # second token: min_tokens reached only after it
+    def draw(token):
+        seq.token_ids.append(PENDING)
+        seq.num_pending += 1
+        sched._append(seq, SampledToken(token))
+
+    draw(5)
+    draw(7)  # second token: min_tokens reached only after it
     assert not seq.is_finished
-    sched._append(seq, SampledToken(7))
+    draw(7)
     assert (seq.finish_reason, seq.stop_reason) == ("stop", 7)
+    assert seq.output_token_ids == [5, 7, 7]
+
+
+def test_a_stop_drops_tokens_drafted_after_it():
+    from gpu_engine.scheduler import PENDING, SampledToken
+
+    sched = make_scheduler()
+    req = make_request("a", [1, 2, 3], max_tokens=10, ignore_eos=False)
+    sched.add(req)
+    seq = req.seqs[0]
+    seq.token_ids += [PENDING, PENDING]  # two launched steps not collected yet
+    seq.num_pending = 2
+    sched._append(seq, SampledToken(49))  # EOS in the first
+    assert seq.finish_reason == "stop"
+    assert seq.token_ids == [1, 2, 3, 49] and seq.num_pending == 0
 
 
 @pytest.mark.parametrize("policy", ["max_utilization", "guaranteed_no_evict"])
@@ -272,3 +293,28 @@ def test_many_requests_tiny_pool_tiny_budget_finish_with_pool_intact(policy):
     run_to_completion(sched, FakeRunner())
     assert outputs_of(reqs) == want
     assert sched.block_manager.num_free_blocks == 12
+
+
+@pytest.mark.parametrize("num_blocks, budget", [(64, 64), (14, 64), (12, 6)])
+def test_overlapped_steps_give_the_same_outputs(num_blocks, budget):
+    """Planning step N+1 before step N is read back (placeholders fed on the device) changes nothing,
+    with preemption and chunked prefill in play."""
+    want = reference_outputs(PROMPTS, max_tokens=9)
+    sched = make_scheduler(num_blocks=num_blocks, budget=budget, max_seqs=4)
+    reqs = [make_request(f"r{i}", p, max_tokens=9) for i, p in enumerate(PROMPTS)]
+    for r in reqs:
+        sched.add(r)
+    run_to_completion(sched, FakeRunner(), overlap=True)
+    assert outputs_of(reqs) == want
+    assert all(s.num_pending == 0 for r in reqs for s in r.seqs)
+    assert sched.block_manager.num_free_blocks == num_blocks
+
+
+def test_overlap_never_schedules_past_max_tokens():
+    sched = make_scheduler()
+    req = make_request("a", [1, 2, 3], max_tokens=3)
+    sched.add(req)
+    runner = FakeRunner()
+    run_to_completion(sched, runner, overlap=True)
+    assert sum(e.sample for p in runner.plans for e in p.scheduled) == 3
+    assert len(req.seqs[0].output_token_ids) == 3

@@ -1,0 +1,149 @@
+"""Compile every kernel for sm_90 (H100/H200) without a GPU and report its resources.
+
+Runs on the CPU machine: Triton's own ptxas compiles the kernels at Llama-3.1-8B shapes through
+the real wrappers (a stand-in driver answers "sm_90", launches only compile), then cuobjdump
+reads registers, spills and shared memory from each cubin. Catches kernels that the
+interpreter accepts but the GPU compiler rejects, and register spills, before any GPU time.
+
+    python bench/compile_report.py [--out report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET: this script compiles for the GPU")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia import driver as nv_driver  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _Sm90Driver(nv_driver.CudaDriver):
+    """Answers as an H100 would; only compilation is ever asked of it."""
+
+    def __init__(self) -> None:  # no CUDA library to load
+        pass
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+COMPILED: list[tuple[str, object]] = []
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _ORIGINAL_RUN(self, *args, grid=grid, warmup=True, **kwargs)
+    COMPILED.append((self.fn.__name__, kernel))
+    return kernel
+
+
+_ORIGINAL_RUN = JITFunction.run
+
+
+def _resources(kernel) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    ptx = kernel.asm["ptx"]
+    return {
+        "regs": int(regs.group(1)) if regs else None,
+        "stack_bytes": int(stack.group(1)) if stack else None,
+        "local_bytes": int(local.group(1)) if local else None,
+        "shared_bytes": kernel.metadata.shared,
+        "num_warps": kernel.metadata.num_warps,
+        "num_stages": kernel.metadata.num_stages,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma_sync": ptx.count("mma.sync"),
+        "cp_async": ptx.count("cp.async"),
+        "ld_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+    }
+
+
+def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
+    from kernels import activation, norm, rotary, triton_attention as A
+    from kernels.testing import make_cos_sin_cache, make_paged_batch
+
+    g = torch.Generator().manual_seed(0)
+    heads = dict(num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, generator=g)
+    dec = make_paged_batch([(1, 64)] * 4, **heads)
+    pre = make_paged_batch([(1, 64), (48, 80)], **heads)
+    scale = 128**-0.5
+    x = torch.randn(4, 4096, dtype=dtype)
+    qkv = torch.randn(4, 48 * 128, dtype=dtype)
+    q, k, v = qkv.view(4, 48, 128).split([32, 8, 8], dim=1)
+    cache = torch.randn(8, 8, 16, 128, dtype=dtype)
+    attn = (dec.q, dec.k_cache, dec.v_cache, dec.block_tables, dec.query_start_loc, dec.seq_lens)
+    return [
+        ("decode splits=1", lambda: A.paged_decode_attention(*attn, scale, num_splits=1)),
+        ("decode splits=16", lambda: A.paged_decode_attention(*attn, scale, num_splits=16)),
+        ("prefill", lambda: A.paged_prefill_attention(
+            pre.q, pre.k_cache, pre.v_cache, pre.block_tables, pre.query_start_loc,
+            pre.seq_lens, scale)),
+        ("prefill window", lambda: A.paged_prefill_attention(
+            pre.q, pre.k_cache, pre.v_cache, pre.block_tables, pre.query_start_loc,
+            pre.seq_lens, scale, sliding_window=32)),
+        ("rope+kv", lambda: rotary.rope_and_write_kv(
+            q, k, v, torch.arange(4), make_cos_sin_cache(64, 128), cache, cache.clone(),
+            torch.arange(4))),
+        ("rms_norm 4096", lambda: norm.rms_norm(x, torch.ones(4096, dtype=dtype), 1e-6)),
+        ("rms_norm per-head", lambda: norm.rms_norm(q, torch.ones(128, dtype=dtype), 1e-6)),
+        ("fused_add_rms_norm", lambda: norm.fused_add_rms_norm(
+            x.clone(), x.clone(), torch.ones(4096, dtype=dtype), 1e-6)),
+        ("silu_and_mul", lambda: activation.silu_and_mul(torch.randn(4, 2 * 14336, dtype=dtype))),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the report as JSON here")
+    args = parser.parse_args()
+    from kernels import _triton_compat
+
+    _triton_compat.ALLOW_CPU_TENSORS = True
+    driver.set_active(_Sm90Driver())
+    JITFunction.run = _compile_only
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for name, call in _calls(dtype):
+            COMPILED.clear()
+            call()
+            for kname, kernel in COMPILED:
+                rows.append({"case": name, "dtype": str(dtype).split(".")[1], "kernel": kname,
+                             **_resources(kernel)})
+    cols = ["case", "dtype", "kernel", "regs", "stack_bytes", "local_bytes", "shared_bytes",
+            "num_warps", "num_stages", "wgmma", "mma_sync", "cp_async", "ld_v4"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

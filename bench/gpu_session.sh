@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: tests, micro-benchmarks and engine benchmarks, phases chosen by name.
+#   OUT=/tmp/out TAXIWAY_COMMIT=$(git rev-parse HEAD) bash bench/gpu_session.sh env kernel-tests engine-tests ...
+# Every phase writes its log (and JSON) under $OUT and gets its own time limit; a summary comes last.
+set -u
+OUT=${OUT:-/tmp/taxiway-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
+summary=()
+
+phase() {  # phase NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-20s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")")
+}
+
+tp() {  # tp ISL OSL N [extra args]: one throughput run
+  local isl=$1 osl=$2 n=$3; shift 3
+  phase "t1-$isl-$osl${TAG:-}" 580 python -m taxiway.cli bench throughput --isl "$isl" --osl "$osl" \
+    --num-requests "$n" --out "$OUT/t1-$isl-$osl${TAG:-}.json" "$@"
+}
+
+for step in "$@"; do
+  case $step in
+    env) phase env 60 bash -c 'nvidia-smi; python3 -c "import torch,triton,transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(0))"' ;;
+    kernel-tests) phase kernel-tests 400 python -m pytest tests/kernels -q -m gpu -p no:cacheprovider ;;
+    kernel-tests-all) phase kernel-tests-all 500 python -m pytest tests/kernels -q -x -p no:cacheprovider ;;
+    engine-tests) phase engine-tests 500 python -m pytest tests/gpu -q -x -p no:cacheprovider ;;
+    kernel-bench) phase kernel-bench 300 python bench/kernels.py --out "$OUT/kernels.json" ;;
+    profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
+    t1-quick) tp 128 128 1000 ;;
+    t1-quick-sync) TAG=-sync tp 128 128 1000 --no-async-scheduling ;;
+    t1-128) tp 128 128 3000 ;;
+    t1-1000) tp 1000 1000 1000 ;;
+    t1-2048) tp 2048 2048 500 ;;
+    l1) phase l1 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 --out "$OUT/l1.json" ;;
+    hf-128) phase hf-128 500 python bench/hf_baseline.py --isl 128 --osl 128 --num-requests 512 --out "$OUT/hf-128-128.json" ;;
+    hf-1000) phase hf-1000 500 python bench/hf_baseline.py --isl 1000 --osl 1000 --num-requests 64 --out "$OUT/hf-1000-1000.json" ;;
+    *) echo "unknown phase $step" ;;
+  esac
+done
+echo "== summary"
+printf '%s\n' "${summary[@]}"

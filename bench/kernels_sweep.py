@@ -1,0 +1,100 @@
+"""Sweep the attention kernels' tiling knobs on the GPU, at Llama-3.1-8B shapes, bf16.
+
+Each variant's output is checked against the default configuration's (which the tests check
+against the reference) before it is timed through a CUDA graph (do_bench_cudagraph, median).
+Prints, per case, the default and the five fastest variants; --out writes every row as JSON.
+
+    python bench/kernels_sweep.py --only decode --out sweep-decode.json
+    python bench/kernels_sweep.py --only prefill --out sweep-prefill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton.testing  # noqa: E402
+
+from kernels import triton_attention as A  # noqa: E402
+from kernels.testing import make_paged_batch, rel_err  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DT = torch.bfloat16
+
+
+def _variants(kind: str, auto_splits: int):
+    if kind == "decode":
+        splits = sorted({max(1, auto_splits // 2), auto_splits, min(64, auto_splits * 2)})
+        for bn, w, st, sp in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), splits):
+            yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
+    else:
+        for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+            yield dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+
+
+def _sweep_case(kind: str, seqs: list[tuple[int, int]]):
+    b = make_paged_batch(seqs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                         dtype=DT, device="cuda")
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens, HEAD_DIM**-0.5)
+    fn = A.paged_decode_attention if kind == "decode" else A.paged_prefill_attention
+    ref = fn(*args)
+    auto = A.choose_num_splits(len(seqs), KV_HEADS, b.q.device)
+    out = torch.empty_like(b.q)
+    rows = []
+    for cfg in [{}] + list(_variants(kind, auto)):
+        try:
+            out.fill_(float("nan"))
+            fn(*args, out=out, **cfg)
+            err = rel_err(out, ref)
+            if not err < 1e-2:
+                raise AssertionError(f"output differs from the default's: {err:.2e}")
+            t = triton.testing.do_bench_cudagraph(lambda: fn(*args, out=out, **cfg), rep=30,
+                                                  return_mode="median")
+            rows.append(dict(cfg=cfg or "default", t_us=t * 1e3))
+        except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run is listed
+            rows.append(dict(cfg=cfg or "default", error=f"{type(e).__name__}: {str(e)[:200]}"))
+    return rows
+
+
+CASES = {
+    "decode b=1 ctx=8192": ("decode", [(1, 8192)]),
+    "decode b=32 ctx=4096": ("decode", [(1, 4096)] * 32),
+    "decode b=256 ctx=4096": ("decode", [(1, 4096)] * 256),
+    "prefill 8x1024": ("prefill", [(1024, 1024)] * 8),
+    "prefill 8x512 ctx=4096": ("prefill", [(512, 4096)] * 8),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="attention tiling sweep (GPU)")
+    parser.add_argument("--only", default="", help="run only cases whose name contains this")
+    parser.add_argument("--out", help="write every row as JSON here")
+    args = parser.parse_args()
+    report = {"device": torch.cuda.get_device_name(), "cases": {}}
+    for name, (kind, seqs) in CASES.items():
+        if args.only not in name:
+            continue
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        report["cases"][name] = _sweep_case(kind, seqs)
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(report["device"])
+    for name, rows in report["cases"].items():
+        ok = sorted((r for r in rows if "t_us" in r), key=lambda r: r["t_us"])
+        default = next((r for r in rows if r["cfg"] == "default"), None)
+        failed = sum("error" in r for r in rows)
+        print(f"{name}: default {default.get('t_us', float('nan')):.1f} us; {failed} variants failed")
+        for r in ok[:5]:
+            print(f"   {r['t_us']:8.1f} us  {r['cfg']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Where a step's GPU time goes: torch.profiler over one prefill step (8192 tokens) and one decode
+step (256 sequences, graph replay and eager), Llama-3.1-8B dummy weights.
+
+    python bench/profile_step.py --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_engine.engine import LLMEngine  # noqa: E402
+from gpu_engine.sampling_params import SamplingParams  # noqa: E402
+from taxiway.benchmarks import machine_info, random_prompts  # noqa: E402
+
+
+def top_kernels(prof, n: int = 15) -> list[dict]:
+    rows = []
+    for e in prof.key_averages():
+        cuda_us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if cuda_us > 0 and e.key and not e.key.startswith(("ProfilerStep", "aten::", "cuda")):
+            rows.append({"kernel": e.key[:90], "calls": e.count, "total_ms": round(cuda_us / 1e3, 3)})
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:n]
+
+
+def timed_step(engine: LLMEngine) -> tuple[float, list]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3, outs
+
+
+def profiled(engine: LLMEngine, label: str, results: dict) -> None:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ms, _ = timed_step(engine)
+    kernels = top_kernels(prof)
+    results[label] = {"step_ms": round(ms, 3), "gpu_ms_total": round(sum(k["total_ms"] for k in top_kernels(prof, 999)), 3),
+                      "top": kernels}
+    print(f"\n== {label}: step {ms:.2f} ms")
+    for k in kernels:
+        print(f"{k['total_ms']:9.3f} ms {k['calls']:6d}x  {k['kernel']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    engine = LLMEngine(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=256,
+                       enable_prefix_caching=False)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, detokenize=False)
+    results: dict = {"machine": machine_info()}
+    for i, p in enumerate(random_prompts(64, 128, vocab, 5)):
+        engine.add_request(f"w{i}", p, params)
+    while engine.has_unfinished_requests():  # warm-up: compile every kernel variant
+        engine.step()
+    for i, p in enumerate(random_prompts(64, 128, vocab, 1)):
+        engine.add_request(f"p{i}", p, params)
+    profiled(engine, "prefill_64x128", results)
+    for i, p in enumerate(random_prompts(192, 128, vocab, 2)):
+        engine.add_request(f"q{i}", p, params)
+    while engine.scheduler.prefill_backlog_tokens() > 0:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    profiled(engine, "decode_256_graph", results)
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    engine.step()
+    profiled(engine, "decode_256_eager", results)
+    engine.runner.graphs = graphs
+    times = [timed_step(engine)[0] for _ in range(10)]
+    results["decode_256_graph_step_ms"] = sorted(times)[5]
+    engine.abort_request(list(engine.requests))
+    text = json.dumps(results, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
