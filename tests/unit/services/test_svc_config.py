@@ -55,3 +55,15 @@ def test_serve_all_gives_port_flags_to_the_gateway_only():
     assert configs["tokenizer"].port == 7000 and configs["tokenizer"].model == "/m"
     assert configs["executor"].port == 50054 and configs["executor"].host == "127.0.0.1"
     assert configs["gateway"].tokenizer_address == "127.0.0.1:7000"
+
+
+def test_every_setting_the_deploy_files_pass_is_a_serve_flag():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    files = [root / "compose.yaml", *sorted((root / "deploy").rglob("*.yaml"))]
+    used = {m for f in files if f.exists() for m in re.findall(r"TAXIWAY_([A-Z_]+)", f.read_text())}
+    not_settings = {"CACHE_DIR", "IMAGE", "GPU_IMAGE", "GATEWAY_PORT"}  # model cache; compose-only
+    flags = {f.upper() for cls in CONFIGS.values() for f in cls.__dataclass_fields__} | {"ROLE", "CONFIG"}
+    assert used - not_settings <= flags, sorted(used - not_settings - flags)
