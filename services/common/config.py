@@ -1,0 +1,114 @@
+"""Configuration: one frozen dataclass per role, filled from CLI flags > TAXIWAY_* environment
+variables > a YAML file > the dataclass defaults.
+
+Every field is documented with `option(default, help)`; `taxiway serve` builds its flags from the
+fields, so defaults live in one place. The YAML file holds flat keys (for every role that has the
+field) and per-role sections that override them:
+
+    redis_url: redis://10.0.0.5:6379/0
+    model: /models/llama
+    executor: {port: 50060}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "TAXIWAY_"
+ROLES = ("gateway", "tokenizer", "scheduler", "executor")
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    """A documented dataclass field."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def field_type(cls: type, name: str) -> type:
+    return base_type(typing.get_type_hints(cls)[name])
+
+
+def base_type(tp: Any) -> type:
+    """int for `int | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def parse_value(text: str, tp: Any) -> Any:
+    """Parses an environment variable's text as a field of type `tp`."""
+    base = base_type(tp)
+    if text == "" and base is not str:
+        return None
+    if base is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {text!r}")
+    return base(text)
+
+
+def load_yaml(path: str | Path | None) -> dict:
+    if not path:
+        return {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def resolve(cls: type, role: str, *, cli: Mapping[str, Any] | None = None,
+            env: Mapping[str, str] | None = None, file: Mapping[str, Any] | None = None,
+            known: set[str] | None = None) -> Any:
+    """Builds `cls` for `role` from CLI values (None = not given), the environment and YAML data.
+
+    `known` is every field name of every role: YAML keys outside it are reported as typos.
+    """
+    cli, env, file = cli or {}, env or {}, dict(file or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+
+    section = file.pop(role, None) or {}
+    for other in ROLES:
+        file.pop(other, None)
+    for source in (file, section):
+        for key, value in source.items():
+            name = str(key).replace("-", "_")
+            if name in names:
+                values[name] = value
+            elif known is not None and name not in known:
+                raise ValueError(f"unknown setting {key!r} in the config file; known: {sorted(known)}")
+
+    if "redis_url" in names and env.get("REDIS_URL"):
+        values["redis_url"] = env["REDIS_URL"]
+    for name in names:
+        text = env.get(ENV_PREFIX + name.upper())
+        if text is not None:
+            try:
+                values[name] = parse_value(text, field_type(cls, name))
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: {exc}") from None
+
+    values.update({k: v for k, v in cli.items() if k in names and v is not None})
+    return cls(**values)
+
+
+def require(ok: bool, message: str) -> None:
+    """For __post_init__ validation: raise ValueError(message) unless ok."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_port(port: int, name: str = "port") -> None:
+    require(isinstance(port, int) and 0 <= port <= 65535,
+            f"{name} must be an integer in 0..65535 (0 picks a free port), got {port!r}")

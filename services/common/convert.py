@@ -1,0 +1,179 @@
+"""protobuf <-> domain objects for what crosses tiers (requests, deltas, states, sampling, model
+info). A servicer converts only its own RPC's envelope (e.g. the gateway's GenerateResponse)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gpu_engine.sampling_params import OutputKind, SamplingParams
+from services.common.proto import pb
+from services.common.types import Abort, Delta, EngineRequest, ExecutorState, KvEvent, ModelInfo
+
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs")
+_PLAIN_SAMPLING = ("min_tokens", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "ignore_eos")
+
+FINISH_REASONS = {
+    "stop": "FINISH_REASON_STOP",
+    "length": "FINISH_REASON_LENGTH",
+    "abort": "FINISH_REASON_CANCELLED",
+}
+
+
+# -- sampling parameters -------------------------------------------------------------------------
+
+def sampling_from_pb(msg, **overrides) -> SamplingParams:
+    """SamplingParams from a pb.SamplingParams (validated: raises InvalidRequest)."""
+    kwargs = {name: getattr(msg, name) for name in _PLAIN_SAMPLING}
+    for name in _OPTIONAL_SAMPLING:
+        if msg.HasField(name):
+            kwargs[name] = getattr(msg, name)
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
+        if name in kwargs:  # float32 on the wire: 0.9 -> 0.8999999761581421
+            kwargs[name] = round(float(kwargs[name]), 6)
+    kwargs["stop"] = tuple(msg.stop)
+    kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    kwargs.update(overrides)
+    return SamplingParams(**kwargs)
+
+
+def sampling_to_pb(params: SamplingParams):
+    msg = pb.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
+    for name in _PLAIN_SAMPLING:
+        setattr(msg, name, getattr(params, name))
+    for name in _OPTIONAL_SAMPLING:
+        value = getattr(params, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def engine_params(params: SamplingParams) -> SamplingParams:
+    """The executor's view: token ids only (stop strings are matched by the gateway), deltas."""
+    return dataclasses.replace(params, stop=(), include_stop_str_in_output=False, detokenize=False,
+                               output_kind=OutputKind.DELTA)
+
+
+# -- the request stream ----------------------------------------------------------------------------
+
+def engine_request_to_pb(req: EngineRequest):
+    return pb.EngineRequest(
+        request_id=req.request_id, gateway_id=req.gateway_id, attempt=req.attempt,
+        prompt_token_ids=list(req.prompt_token_ids),
+        prior_output_token_ids=list(req.prior_output_token_ids),
+        sampling=sampling_to_pb(req.params), priority=req.priority,
+        arrival_time=req.arrival_time, deadline=req.deadline or 0.0, traceparent=req.traceparent)
+
+
+def engine_request_from_pb(msg) -> EngineRequest:
+    return EngineRequest(
+        request_id=msg.request_id, gateway_id=msg.gateway_id, attempt=msg.attempt,
+        prompt_token_ids=tuple(msg.prompt_token_ids),
+        prior_output_token_ids=tuple(msg.prior_output_token_ids),
+        params=sampling_from_pb(msg.sampling), priority=msg.priority,
+        arrival_time=msg.arrival_time, deadline=msg.deadline or None, traceparent=msg.traceparent)
+
+
+def queue_entry_to_bytes(item: EngineRequest | Abort) -> bytes:
+    if isinstance(item, Abort):
+        msg = pb.QueueEntry(abort=pb.AbortEntry(request_id=item.request_id, reason=item.reason))
+    else:
+        msg = pb.QueueEntry(submit=engine_request_to_pb(item))
+    return msg.SerializeToString()
+
+
+def queue_entry_from_bytes(data: bytes) -> EngineRequest | Abort:
+    """Raises InvalidRequest (sampling) or DecodeError (garbage) for a bad entry."""
+    msg = pb.QueueEntry.FromString(data)
+    if msg.WhichOneof("kind") == "abort":
+        return Abort(msg.abort.request_id, msg.abort.reason)
+    return engine_request_from_pb(msg.submit)
+
+
+# -- the output streams ----------------------------------------------------------------------------
+
+def delta_to_pb(d: Delta):
+    msg = pb.RequestDelta(
+        request_id=d.request_id, attempt=d.attempt, first_index=d.first_index,
+        token_ids=d.token_ids, finish_reason=d.finish_reason or "",
+        num_prompt_tokens=d.num_prompt_tokens, num_cached_tokens=d.num_cached_tokens,
+        executor_lost=d.executor_lost)
+    if d.stop_token_id is not None:
+        msg.stop_token_id = d.stop_token_id
+    if d.error is not None:
+        msg.error.kind, msg.error.message = d.error
+    for lp in d.logprobs or ():
+        msg.logprobs.add().logprobs.update(lp)
+    return msg
+
+
+def delta_from_pb(msg) -> Delta:
+    return Delta(
+        request_id=msg.request_id, attempt=msg.attempt, first_index=msg.first_index,
+        token_ids=list(msg.token_ids), finish_reason=msg.finish_reason or None,
+        stop_token_id=msg.stop_token_id if msg.HasField("stop_token_id") else None,
+        num_prompt_tokens=msg.num_prompt_tokens, num_cached_tokens=msg.num_cached_tokens,
+        error=(msg.error.kind, msg.error.message) if msg.HasField("error") else None,
+        executor_lost=msg.executor_lost,
+        logprobs=[dict(lp.logprobs) for lp in msg.logprobs] or None)
+
+
+def output_batch_to_bytes(source: str, deltas: list[Delta]) -> bytes:
+    return pb.OutputBatch(source=source, deltas=[delta_to_pb(d) for d in deltas]).SerializeToString()
+
+
+def output_batch_from_bytes(data: bytes) -> list[Delta]:
+    return [delta_from_pb(d) for d in pb.OutputBatch.FromString(data).deltas]
+
+
+# -- executor state ----------------------------------------------------------------------------------
+
+_STATE_SCALARS = ("executor_id", "seq", "full", "num_total_blocks", "num_free_blocks", "block_size",
+                  "num_running", "num_waiting", "prefill_backlog_tokens", "max_num_seqs",
+                  "last_admit_seq", "max_model_len")
+
+
+def state_to_pb(s: ExecutorState):
+    msg = pb.ExecutorState(**{k: getattr(s, k) for k in _STATE_SCALARS})
+    msg.finished_request_ids.extend(s.finished_request_ids)
+    msg.running_request_ids.extend(s.running_request_ids)
+    for e in s.kv_events:
+        msg.kv_events.add(stored=e.stored, block_hash=e.block_hash)
+    return msg
+
+
+def state_from_pb(msg) -> ExecutorState:
+    return ExecutorState(
+        **{k: getattr(msg, k) for k in _STATE_SCALARS},
+        finished_request_ids=tuple(msg.finished_request_ids),
+        running_request_ids=tuple(msg.running_request_ids),
+        kv_events=tuple(KvEvent(e.stored, e.block_hash) for e in msg.kv_events))
+
+
+# -- model info ----------------------------------------------------------------------------------------
+
+def model_info_to_pb(info: ModelInfo):
+    return pb.ModelInfo(name=info.name, max_context_length=info.max_context_length,
+                        vocab_size=info.vocab_size, eos_token_ids=list(info.eos_token_ids))
+
+
+def model_info_from_pb(msg) -> ModelInfo:
+    return ModelInfo(msg.name, msg.max_context_length, msg.vocab_size, tuple(msg.eos_token_ids))
+
+
+# -- tokenizer tier ----------------------------------------------------------------------------------
+
+def tokenize_request_from_pb(msg) -> dict:
+    """Keyword arguments of TokenizerCore.tokenize (pb.TokenizeRequest, public or internal)."""
+    kind = msg.WhichOneof("input")
+    if kind == "messages":
+        return {"messages": [{"role": m.role, "content": m.content} for m in msg.messages.messages]}
+    return {"text": msg.text if kind == "text" else None,
+            "add_special_tokens": msg.add_special_tokens}
+
+
+def detokenize_setup_from_pb(msg) -> dict:
+    return {"prompt_token_ids": list(msg.prompt_token_ids),
+            "skip_special_tokens": msg.skip_special_tokens, "stop": list(msg.stop),
+            "include_stop_str_in_output": msg.include_stop_str_in_output}

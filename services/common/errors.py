@@ -1,0 +1,109 @@
+"""The one mapping between taxiway's errors and gRPC status codes, both ways.
+
+Servers get `ErrorInterceptor`, which turns a raised `TaxiwayError` into its status; clients of
+other tiers turn an `grpc.RpcError` back with `from_rpc_error`; Redis entries carry errors by
+class name (`to_wire` / `from_wire`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from gpu_engine.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, TaxiwayError
+
+log = logging.getLogger(__name__)
+
+# taxiway error -> gRPC status; the reverse mapping is derived from it.
+STATUS_OF: dict[type[TaxiwayError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_ERROR_OF = {code: cls for cls, code in STATUS_OF.items()}
+_BY_NAME = {cls.__name__: cls for cls in STATUS_OF}
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in STATUS_OF.items():
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def from_rpc_error(err: grpc.RpcError, what: str = "") -> TaxiwayError:
+    """The taxiway error for a failed call to another tier (UNAVAILABLE and unknown codes: NotReady)."""
+    code = err.code() if hasattr(err, "code") else None
+    detail = err.details() if hasattr(err, "details") else str(err)
+    cls = _ERROR_OF.get(code, NotReady)
+    prefix = f"{what}: " if what and cls is NotReady else ""
+    return cls(f"{prefix}{detail}")
+
+
+def to_wire(exc: BaseException) -> tuple[str, str]:
+    """(kind, message) for an ErrorInfo entry."""
+    kind = next((cls.__name__ for cls in STATUS_OF if isinstance(exc, cls)), "TaxiwayError")
+    return kind, str(exc)
+
+
+def from_wire(kind: str, message: str) -> TaxiwayError:
+    return _BY_NAME.get(kind, TaxiwayError)(message)
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error")
+        context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+    context.abort(code, str(exc))
+
+
+def _finished(context: grpc.ServicerContext, exc: Exception) -> bool:
+    """The client cancelled or went away (its request stream raised): nobody to answer."""
+    return isinstance(exc, grpc.RpcError) and not context.is_active()
+
+
+def _unary(fn):
+    def handler(request, context):
+        try:
+            return fn(request, context)
+        except Exception as exc:  # noqa: BLE001 - every error leaves through one status
+            if _finished(context, exc):
+                return None
+            if context.code() is not None:  # already aborted on purpose
+                raise
+            _abort(context, exc)
+
+    return handler
+
+
+def _streaming(fn):
+    def handler(request, context):
+        try:
+            yield from fn(request, context)
+        except Exception as exc:  # noqa: BLE001 - every error leaves through one status
+            if _finished(context, exc):
+                return None
+            if context.code() is not None:  # already aborted on purpose
+                raise
+            _abort(context, exc)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Wraps every handler so that a raised error becomes its one gRPC status."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_streaming(handler.unary_stream))
+        return handler._replace(stream_stream=_streaming(handler.stream_stream))

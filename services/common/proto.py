@@ -1,0 +1,141 @@
+"""The wire contract, loaded at run time from protos/taxiway/v1/*.proto (no generated code in git).
+
+protoc (from grpcio-tools) compiles the .proto files into a descriptor set once per process; the
+message classes are built from it and the descriptors go into the default pool, so server
+reflection serves them. Services are registered and called through generic handlers built from the
+same descriptors:
+
+    from services.common.proto import pb, add_service, Stub
+    req = pb.GenerateRequest(text="hi")
+    stub = Stub(channel, "Gateway")
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+def _proto_root() -> Path:
+    """protos/ of the source tree, else the copy a non-editable install puts under
+    <prefix>/share/taxiway/protos."""
+    import sys
+
+    for root in (Path(__file__).resolve().parents[2] / "protos",
+                 Path(sys.prefix) / "share" / "taxiway" / "protos"):
+        if (root / "taxiway" / "v1").is_dir():
+            return root
+    raise RuntimeError("protos/taxiway/v1 not found: run from a source checkout or `pip install .`")
+
+
+PROTO_ROOT = _proto_root()
+PACKAGE = "taxiway.v1"
+PROTO_FILES = tuple(
+    f"taxiway/v1/{name}.proto"
+    for name in ("sampling", "gateway", "tokenizer", "streams", "executor", "scheduler")
+)
+
+
+def _compile() -> bytes:
+    """Runs protoc over PROTO_FILES; returns a serialized FileDescriptorSet (imports included)."""
+    from grpc_tools import protoc
+
+    include = str(importlib.resources.files("grpc_tools") / "_proto")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "taxiway.pb")
+        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--descriptor_set_out={out}",
+                "--include_imports", *PROTO_FILES]
+        if protoc.main(args) != 0 or not os.path.exists(out):
+            raise RuntimeError(f"protoc failed on {PROTO_ROOT}; run it by hand: {' '.join(args)}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
+@functools.cache
+def _load() -> SimpleNamespace:
+    pool = descriptor_pool.Default()
+    files = descriptor_pb2.FileDescriptorSet.FromString(_compile()).file
+    for fdp in files:
+        try:
+            pool.FindFileByName(fdp.name)
+        except KeyError:
+            pool.AddSerializedFile(fdp.SerializeToString())
+    ns = SimpleNamespace()
+    for fdp in files:
+        if fdp.package != PACKAGE:
+            continue
+        fd = pool.FindFileByName(fdp.name)
+        for name, desc in fd.message_types_by_name.items():
+            setattr(ns, name, message_factory.GetMessageClass(desc))
+        for name, desc in fd.enum_types_by_name.items():
+            setattr(ns, name, EnumTypeWrapper(desc))
+            for value in desc.values:
+                setattr(ns, value.name, value.number)
+    return ns
+
+
+class _LazyNamespace:
+    """`pb.GenerateRequest` etc.; compiles the protos on first use."""
+
+    def __getattr__(self, name: str):
+        return getattr(_load(), name)
+
+
+pb = _LazyNamespace()
+
+
+def service_descriptor(service: str):
+    _load()
+    return descriptor_pool.Default().FindServiceByName(f"{PACKAGE}.{service}")
+
+
+def service_full_name(service: str) -> str:
+    return f"{PACKAGE}.{service}"
+
+
+def _classes(method) -> tuple[type, type]:
+    return (message_factory.GetMessageClass(method.input_type),
+            message_factory.GetMessageClass(method.output_type))
+
+
+def add_service(server: grpc.Server, service: str, impl: object) -> None:
+    """Registers `impl` (one method per RPC, named as in the .proto) as taxiway.v1.<service>."""
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    sd = service_descriptor(service)
+    handlers = {}
+    for m in sd.methods:
+        req, resp = _classes(m)
+        factory = factories[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = factory(getattr(impl, m.name), request_deserializer=req.FromString,
+                                   response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(sd.full_name, handlers),))
+
+
+class Stub:
+    """A client of taxiway.v1.<service>: one callable attribute per RPC, as generated stubs have."""
+
+    def __init__(self, channel: grpc.Channel, service: str):
+        sd = service_descriptor(service)
+        for m in sd.methods:
+            req, resp = _classes(m)
+            factory = {
+                (False, False): channel.unary_unary,
+                (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary,
+                (True, True): channel.stream_stream,
+            }[(m.client_streaming, m.server_streaming)]
+            setattr(self, m.name, factory(f"/{sd.full_name}/{m.name}",
+                                          request_serializer=req.SerializeToString,
+                                          response_deserializer=resp.FromString))

@@ -1,0 +1,46 @@
+"""The executor tier's settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from services.common.config import check_port, option, require
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = option(50054, "gRPC port (0 picks a free one)")
+    advertise_address: str | None = option(None, "host:port the scheduler dials (default: host and "
+                                                 "the bound port; this machine's name for 0.0.0.0)")
+    redis_url: str | None = option(None, "Redis URL, e.g. redis://127.0.0.1:6379/0 (also REDIS_URL)")
+    executor_id: str | None = option(None, "unique id in the pool (default: <hostname>-<pid>)")
+    model: str | None = option(None, "model folder (Hugging Face layout); default: SmolLM2-135M-Instruct")
+    device: str | None = option(None, "torch device: cuda, cuda:1, cpu (default: cuda if present)")
+    dtype: str | None = option(None, "weights and activations dtype: bfloat16, float16, float32")
+    fake_engine: bool = option(False, "run the deterministic fake engine instead of a model (tests)")
+    fake_step_s: float = option(0.0, "fake engine: seconds each step takes")
+    fake_num_blocks: int = option(256, "fake engine: KV blocks in its pool")
+    heartbeat_interval_s: float = option(0.5, "seconds between state heartbeats and registration refreshes")
+    registration_ttl_s: float = option(3.0, "seconds the Redis registration lives without a refresh")
+    max_workers: int = option(16, "gRPC worker threads")
+
+    def __post_init__(self) -> None:
+        check_port(self.port)
+        require(self.heartbeat_interval_s > 0,
+                f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        require(self.registration_ttl_s > 2 * self.heartbeat_interval_s,
+                f"registration_ttl_s ({self.registration_ttl_s}) must exceed twice "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) or registrations flicker")
+        require(self.fake_num_blocks >= 1, f"fake_num_blocks must be >= 1, got {self.fake_num_blocks}")
+
+    def resolved_id(self) -> str:
+        return self.executor_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def dial_address(self, bound_port: int) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "[::]") else self.host
+        return f"{host}:{bound_port}"

@@ -1,0 +1,211 @@
+"""The gateway's request handling, without gRPC or Redis: validate, tokenize, enqueue, then turn
+the executor's token deltas into text (through the tokenizer tier's detokenizer), stop strings into
+aborts, a lost executor into a resubmission, and client disconnects and deadlines into aborts.
+
+Resume after a lost executor: the gateway knows exactly which tokens it streamed (`tokens`), so it
+resubmits the request (attempt + 1) with them as prior_output_token_ids; the new executor continues
+after them, and deltas of older attempts are dropped. No gap, no duplicate, whatever the sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from gpu_engine.errors import DeadlineExceeded, InvalidRequest
+from gpu_engine.sampling_params import SamplingParams
+from services.common import errors, hooks
+from services.common.types import Abort, Delta, EngineRequest, ModelInfo
+from services.gateway.router import CANCELLED, Router
+
+log = logging.getLogger(__name__)
+
+
+class DetokenizerSession(Protocol):
+    def add(self, token_ids: Sequence[int], flush: bool = False) -> tuple[str, str | None]:
+        """(new text, the stop string if one matched)."""
+
+    def close(self) -> None: ...
+
+
+class TokenizerClient(Protocol):
+    def tokenize(self, text: str | None = None, messages: list[dict] | None = None,
+                 add_special_tokens: bool = True) -> tuple[list[int], str]: ...
+
+    def detokenizer(self, prompt_token_ids: Sequence[int], *, skip_special_tokens: bool,
+                    stop: Sequence[str], include_stop_str_in_output: bool) -> DetokenizerSession: ...
+
+    def model_info(self) -> ModelInfo: ...
+
+
+class Intake(Protocol):
+    """The way to the scheduler (the taxiway:requests stream)."""
+
+    def submit(self, request: EngineRequest) -> None: ...
+
+    def abort(self, abort: Abort) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """A validated-on-use Generate request, as the gateway's servicer hands it over."""
+
+    params: SamplingParams
+    request_id: str = ""
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    messages: list[dict] | None = None
+    priority: int = 0
+
+
+@dataclass
+class Chunk:
+    """One GenerateResponse."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str = ""
+    usage: tuple[int, int, int] | None = None
+    """(prompt, completion, cached) tokens, on the last chunk."""
+    logprobs: list[dict[int, float]] | None = None
+
+
+class GatewayCore:
+    def __init__(self, gateway_id: str, tokenizer: TokenizerClient, intake: Intake,
+                 router: Router | None = None, *, request_timeout_s: float = 600.0,
+                 clock=time.time):
+        self.gateway_id = gateway_id
+        self.tokenizer = tokenizer
+        self.intake = intake
+        self.router = router or Router()
+        self.request_timeout_s = request_timeout_s
+        self._clock = clock
+
+    def internal_id(self, client_request_id: str) -> str:
+        return f"{self.gateway_id}:{client_request_id}"
+
+    def generate(self, inp: GenerateInput, *, timeout_s: float | None = None, traceparent: str = "",
+                 on_cancel: Callable[[Callable[[], None]], object] | None = None) -> Iterator[Chunk]:
+        """Streams the completion. Raises InvalidRequest, Overloaded, NotReady, DeadlineExceeded.
+
+        `on_cancel(fn)` (gRPC's context.add_callback) registers what to call when the client goes
+        away: it wakes this request's handler, which aborts the request."""
+        client_id = inp.request_id or uuid.uuid4().hex
+        rid = self.internal_id(client_id)
+        now = self._clock()
+        deadline = now + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
+        with hooks.span("gateway.generate", traceparent, request_id=client_id):
+            prompt = self._prompt_ids(inp)
+            mailbox = self.router.open(rid)
+            if mailbox is None:
+                raise InvalidRequest(f"request_id {client_id!r} is already in flight")
+            if on_cancel is not None:
+                on_cancel(lambda: mailbox.put(CANCELLED))
+            p = inp.params
+            request = EngineRequest(rid, self.gateway_id, tuple(prompt), p, priority=inp.priority,
+                                    arrival_time=now, deadline=deadline, traceparent=traceparent)
+            detok = None
+            done = False
+            try:
+                detok = self.tokenizer.detokenizer(
+                    prompt, skip_special_tokens=p.skip_special_tokens, stop=p.stop,
+                    include_stop_str_in_output=p.include_stop_str_in_output)
+                self.intake.submit(request)
+                stream = _Stream(client_id, len(prompt))
+                while True:
+                    item = mailbox.get(timeout=max(0.0, deadline - self._clock()))
+                    if item is None:
+                        raise DeadlineExceeded(f"request {client_id} passed its deadline")
+                    if item is CANCELLED:
+                        return
+                    delta: Delta = item
+                    if delta.attempt != request.attempt:
+                        continue  # from an executor that was given up on
+                    if delta.error is not None:
+                        done = True  # the tier that failed it has dropped it already
+                        raise errors.from_wire(*delta.error)
+                    if delta.executor_lost:
+                        request = replace(request, attempt=request.attempt + 1,
+                                          prior_output_token_ids=tuple(stream.tokens))
+                        log.warning("request %s: executor lost; resubmitting after %d tokens "
+                                    "(attempt %d)", client_id, len(stream.tokens), request.attempt)
+                        self.intake.submit(request)
+                        continue
+                    chunk = stream.take(delta, detok)
+                    if chunk is None:
+                        continue
+                    if chunk.finish_reason is not None:
+                        if delta.finish_reason is None:  # a stop string: the executor goes on
+                            self.intake.abort(Abort(rid, "stop_string"))
+                        done = True
+                        yield chunk
+                        return
+                    yield chunk
+            finally:
+                self.router.close(rid)
+                if detok is not None:
+                    detok.close()
+                if not done:
+                    self.intake.abort(Abort(rid, "cancelled"))
+
+    def _prompt_ids(self, inp: GenerateInput) -> list[int]:
+        if inp.text == "" or inp.token_ids == () or inp.messages == []:
+            raise InvalidRequest("the prompt is empty")
+        if inp.token_ids is not None:
+            prompt = list(inp.token_ids)
+        elif inp.text is not None or inp.messages is not None:
+            prompt, _ = self.tokenizer.tokenize(text=inp.text, messages=inp.messages)
+        else:
+            raise InvalidRequest("no prompt: set text, token_ids or messages")
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        info = self.tokenizer.model_info()
+        bad = [t for t in prompt if t >= info.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is out of range: the vocabulary has "
+                                 f"{info.vocab_size} tokens")
+        max_tokens = inp.params.max_tokens or 1
+        if info.max_context_length and len(prompt) + max_tokens > info.max_context_length:
+            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) "
+                                 f"exceeds the context length {info.max_context_length}")
+        return prompt
+
+
+class _Stream:
+    """What one request has streamed so far, and the dedupe of incoming deltas."""
+
+    def __init__(self, client_id: str, num_prompt_tokens: int):
+        self.client_id = client_id
+        self.tokens: list[int] = []
+        self.prompt_tokens = num_prompt_tokens
+        self.cached_tokens = 0
+
+    def take(self, delta: Delta, detok: DetokenizerSession) -> Chunk | None:
+        if delta.first_index > len(self.tokens):
+            raise RuntimeError(f"request {self.client_id}: tokens {len(self.tokens)}.."
+                               f"{delta.first_index} never arrived")
+        skip = len(self.tokens) - delta.first_index
+        new = delta.token_ids[skip:]
+        if delta.num_prompt_tokens:
+            self.cached_tokens = delta.num_cached_tokens
+        self.tokens.extend(new)
+        text, stop = detok.add(new, flush=delta.finish_reason is not None)
+        if not (new or text or stop or delta.finish_reason):
+            return None
+        chunk = Chunk(self.client_id, new, text,
+                      logprobs=delta.logprobs[skip:] if delta.logprobs else None)
+        if stop:
+            chunk.finish_reason, chunk.stop_reason = "stop", stop
+        elif delta.finish_reason:
+            chunk.finish_reason = delta.finish_reason
+            if delta.stop_token_id is not None:
+                chunk.stop_reason = str(delta.stop_token_id)
+        if chunk.finish_reason:
+            chunk.usage = (self.prompt_tokens, len(self.tokens), self.cached_tokens)
+        return chunk

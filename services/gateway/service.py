@@ -1,0 +1,128 @@
+"""The gateway tier's shell: the public taxiway.v1.Gateway API over GatewayCore."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+from gpu_engine.errors import InvalidRequest
+from services.common import convert, hooks, streams
+from services.common.proto import pb
+from services.common.server import GrpcServer
+from services.gateway.clients import GrpcTokenizerClient, OutputReader, RedisIntake
+from services.gateway.config import GatewayConfig
+from services.gateway.core import Chunk, GatewayCore, GenerateInput
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServicer:
+    def __init__(self, core: GatewayCore):
+        self.core = core
+
+    def Generate(self, request, context):
+        for chunk in self._generate(request, context):
+            yield chunk_to_pb(chunk)
+
+    def GenerateOnce(self, request, context):
+        chunks = list(self._generate(request, context))
+        return chunk_to_pb(merge_chunks(chunks, chunks[-1].request_id if chunks else ""))
+
+    def _generate(self, request, context):
+        return self.core.generate(generate_input_from_pb(request),
+                                  timeout_s=context.time_remaining(),
+                                  traceparent=_traceparent(context), on_cancel=context.add_callback)
+
+    def Tokenize(self, request, context):
+        ids, text = self.core.tokenizer.tokenize(**convert.tokenize_request_from_pb(request))
+        return pb.TokenizeResponse(token_ids=ids, text=text)
+
+    def GetModelInfo(self, request, context):
+        return convert.model_info_to_pb(self.core.tokenizer.model_info())
+
+
+def _traceparent(context) -> str:
+    return hooks.traceparent_from_metadata(context.invocation_metadata())
+
+
+def generate_input_from_pb(msg) -> GenerateInput:
+    kind = msg.WhichOneof("prompt")
+    params = convert.sampling_from_pb(msg.sampling)
+    fields = {"request_id": msg.request_id or uuid.uuid4().hex, "priority": msg.priority,
+              "params": params}
+    if kind == "text":
+        return GenerateInput(text=msg.text, **fields)
+    if kind == "token_ids":
+        return GenerateInput(token_ids=tuple(msg.token_ids.ids), **fields)
+    if kind == "messages":
+        return GenerateInput(messages=[{"role": m.role, "content": m.content}
+                                       for m in msg.messages.messages], **fields)
+    raise InvalidRequest("no prompt: set text, token_ids or messages")
+
+
+def chunk_to_pb(chunk: Chunk):
+    msg = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids,
+                              text=chunk.text, stop_reason=chunk.stop_reason)
+    if chunk.finish_reason:
+        msg.finish_reason = pb.FinishReason.Value(convert.FINISH_REASONS[chunk.finish_reason])
+    if chunk.usage:
+        msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_tokens = chunk.usage
+    for lp, token in zip(chunk.logprobs or (), chunk.token_ids):
+        entry = msg.logprobs.add(token_id=token, logprob=lp.get(token, 0.0))
+        entry.top_logprobs.update(lp)
+    return msg
+
+
+def merge_chunks(chunks: list[Chunk], request_id: str) -> Chunk:
+    merged = Chunk(request_id)
+    for c in chunks:
+        merged.token_ids += c.token_ids
+        merged.text += c.text
+        if c.logprobs:
+            merged.logprobs = (merged.logprobs or []) + c.logprobs
+        merged.finish_reason = c.finish_reason or merged.finish_reason
+        merged.stop_reason = c.stop_reason or merged.stop_reason
+        merged.usage = c.usage or merged.usage
+    return merged
+
+
+class GatewayService:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.gateway_id = config.gateway_id or uuid.uuid4().hex[:12]
+        self._stopping = threading.Event()
+
+    def start(self) -> GatewayService:
+        cfg = self.config
+        if not cfg.redis_url:
+            raise ValueError("the gateway needs --redis-url (or REDIS_URL)")
+        self.redis = streams.connect(cfg.redis_url)
+        self.tokenizer = GrpcTokenizerClient(cfg.tokenizer_address)
+        self.core = GatewayCore(self.gateway_id, self.tokenizer, RedisIntake(self.redis),
+                                request_timeout_s=cfg.request_timeout_s)
+        self.reader = OutputReader(streams.connect(cfg.redis_url), self.gateway_id, self.core.router)
+        self.server = GrpcServer(cfg.host, cfg.port, {"Gateway": GatewayServicer(self.core)},
+                                 max_workers=cfg.max_workers).start()
+        threading.Thread(target=self._become_ready, name="readiness", daemon=True).start()
+        return self
+
+    def _become_ready(self) -> None:
+        """SERVING once Redis answers and the tokenizer tier describes the model."""
+        while not self._stopping.is_set():
+            try:
+                self.redis.ping()
+                info = self.tokenizer.model_info()
+            except Exception as exc:  # noqa: BLE001 - not yet: try again
+                log.info("gateway not ready yet: %s", exc)
+                self._stopping.wait(0.5)
+                continue
+            self.server.set_serving(True)
+            log.info("gateway %s serving %s on %s", self.gateway_id, info.name, self.server.address)
+            return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.stop(2.0)
+        self.reader.stop()
+        self.tokenizer.close()

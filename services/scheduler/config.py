@@ -1,0 +1,34 @@
+"""The scheduler tier's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import check_port, option, require
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = option(50053, "gRPC port (0 picks a free one)")
+    redis_url: str | None = option(None, "Redis URL, e.g. redis://127.0.0.1:6379/0 (also REDIS_URL)")
+    scheduler_id: str = option("scheduler-0", "consumer name in the request stream's group; a "
+                                              "restarted scheduler with the same id re-reads what "
+                                              "it had not acknowledged")
+    max_waiting: int = option(1024, "most requests waiting for admission; past it RESOURCE_EXHAUSTED")
+    max_prefill_backlog_tokens: int = option(16384, "admit to an executor only while its prompt "
+                                                    "tokens not yet prefilled stay under this")
+    kv_watermark: float = option(0.01, "share of an executor's KV blocks kept free at admission")
+    heartbeat_timeout_s: float = option(3.0, "an executor silent this long is declared lost")
+    discovery_interval_s: float = option(0.5, "seconds between looks for new executors in Redis")
+    claim_idle_s: float = option(30.0, "take over request entries another scheduler left "
+                                       "unacknowledged this long")
+    max_workers: int = option(8, "gRPC worker threads")
+
+    def __post_init__(self) -> None:
+        check_port(self.port)
+        require(self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}")
+        require(0.0 <= self.kv_watermark < 1.0, f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
+        require(self.heartbeat_timeout_s > 0, f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
+        require(self.discovery_interval_s > 0,
+                f"discovery_interval_s must be > 0, got {self.discovery_interval_s}")

@@ -1,0 +1,210 @@
+"""`taxiway serve`: run one tier (--role) or all four as separate processes on this machine.
+
+Kept outside the `taxiway` package so that a tier process imports only what it needs (no torch
+for the gateway, tokenizer and scheduler): `python -m services.serve --role gateway ...`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+from services.common.config import ENV_PREFIX, ROLES, field_help, field_type, load_yaml, resolve
+from services.executor.config import ExecutorConfig
+from services.gateway.config import GatewayConfig
+from services.scheduler.config import SchedulerConfig
+from services.tokenizer.config import TokenizerConfig
+
+CONFIGS = {"gateway": GatewayConfig, "tokenizer": TokenizerConfig, "scheduler": SchedulerConfig,
+           "executor": ExecutorConfig}
+START_ORDER = ("tokenizer", "executor", "scheduler", "gateway")
+READY_TIMEOUT_S = 900.0
+
+
+def _fields() -> dict[str, dict[str, dataclasses.Field]]:
+    """field name -> {role: field}, over every role's config."""
+    out: dict[str, dict[str, dataclasses.Field]] = {}
+    for role, cls in CONFIGS.items():
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, {})[role] = f
+    return out
+
+
+DESCRIPTION = (
+    "Run taxiway's tiers. With no arguments: all four as separate processes, the default model, "
+    "an embedded Redis server, the gateway on 127.0.0.1:50051. Every flag is also an environment "
+    f"variable {ENV_PREFIX}<FLAG> and a key of the --config YAML file; precedence: flags > "
+    "environment > file > defaults.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", choices=[*ROLES, "all"], default=None,
+                   help="which tier to run (default: all)")
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="YAML settings: flat keys, and per-role sections (gateway: {port: ...})")
+    for name, per_role in _fields().items():
+        f = next(iter(per_role.values()))
+        defaults = ", ".join(f"{r} {fl.default}" for r, fl in per_role.items())
+        if len({repr(fl.default) for fl in per_role.values()}) == 1:
+            defaults = str(f.default)
+        kwargs = {"default": None, "help": f"{field_help(f)} (default: {defaults}; "
+                                           f"roles: {', '.join(per_role)})"}
+        tp = field_type(CONFIGS[next(iter(per_role))], name)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+        p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def run(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    role = args.role or env.get(ENV_PREFIX + "ROLE") or "all"
+    file = load_yaml(args.config or env.get(ENV_PREFIX + "CONFIG"))
+    cli = {name: getattr(args, name) for name in _fields()}
+    logging.basicConfig(level=env.get(ENV_PREFIX + "LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {role:9s} %(levelname)s %(name)s: %(message)s")
+    known = set(_fields())
+    if role != "all":
+        from services.run import run_role
+
+        return run_role(role, resolve(CONFIGS[role], role, cli=cli, env=env, file=file, known=known))
+    return run_all(cli, env, file, known)
+
+
+def role_configs(cli: dict, env: dict, file: dict, known: set[str]) -> dict:
+    """Each tier's config for `--role all`: --host/--port (and TAXIWAY_HOST/PORT) are the
+    gateway's; the other tiers take theirs from the file's sections or their defaults."""
+    configs = {}
+    for role in START_ORDER:
+        c, e = dict(cli), dict(env)
+        if role != "gateway":
+            c.pop("host", None), c.pop("port", None)
+            e.pop(ENV_PREFIX + "HOST", None), e.pop(ENV_PREFIX + "PORT", None)
+        configs[role] = resolve(CONFIGS[role], role, cli=c, env=e, file=file, known=known)
+    tok = configs["tokenizer"]
+    if tok.port == 0:
+        from services.common.redis_server import free_port
+
+        configs["tokenizer"] = tok = dataclasses.replace(tok, port=free_port(tok.host))
+    if cli.get("tokenizer_address") is None and ENV_PREFIX + "TOKENIZER_ADDRESS" not in env:
+        host = "127.0.0.1" if tok.host in ("0.0.0.0", "::") else tok.host
+        configs["gateway"] = dataclasses.replace(configs["gateway"],
+                                                 tokenizer_address=f"{host}:{tok.port}")
+    return configs
+
+
+def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
+    from services.common.redis_server import EmbeddedRedis
+    from services.run import PARENT_ENV
+
+    configs = role_configs(cli, env, file, known)
+    redis = None
+    if not configs["gateway"].redis_url:
+        redis = EmbeddedRedis()
+        configs = {r: dataclasses.replace(c, redis_url=redis.url) if hasattr(c, "redis_url") else c
+                   for r, c in configs.items()}
+        print(f"taxiway: embedded Redis at {redis.url}", file=sys.stderr)
+    settings = {ENV_PREFIX + n.upper() for n in [*known, "role", "config"]} | {"REDIS_URL"}
+    child_env = {k: v for k, v in env.items() if k not in settings}  # the files say it all
+    child_env[PARENT_ENV] = str(os.getpid())
+    tmp = tempfile.TemporaryDirectory(prefix="taxiway-serve-")
+    procs: dict[str, subprocess.Popen] = {}
+    stop = _install_stop_handler()
+    try:
+        for role in START_ORDER:
+            path = os.path.join(tmp.name, f"{role}.yaml")
+            with open(path, "w") as f:
+                yaml.safe_dump({role: dataclasses.asdict(configs[role])}, f)
+            procs[role] = subprocess.Popen(
+                [sys.executable, "-m", "services.serve", "--role", role, "--config", path],
+                env=child_env, process_group=0)
+        gw = configs["gateway"]
+        address = f"{'127.0.0.1' if gw.host in ('0.0.0.0', '::') else gw.host}:{gw.port}"
+        if not _wait_ready(address, configs["gateway"].redis_url, procs, stop):
+            return 1 if not stop.is_set() else 0
+        print(f"taxiway is serving at {address}  (try: taxiway client --address {address} "
+              f"\"What is the capital of France?\"; Ctrl-C stops)", flush=True)
+        while not stop.wait(0.5):
+            dead = [r for r, p in procs.items() if p.poll() is not None]
+            if dead:
+                print(f"taxiway: the {dead[0]} tier exited ({procs[dead[0]].returncode}); "
+                      "stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        _stop_children(procs)
+        if redis is not None:
+            redis.stop()
+        tmp.cleanup()
+        print("taxiway: stopped", file=sys.stderr)
+
+
+def _install_stop_handler():
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_ready(address: str, redis_url: str, procs: dict, stop) -> bool:
+    """True once the gateway is SERVING and an executor has joined (its model is loaded)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common import streams
+    from services.common.server import channel as make_channel
+
+    redis = streams.connect(redis_url)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with make_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and not stop.is_set():
+            dead = [r for r, p in procs.items() if p.poll() is not None]
+            if dead:
+                print(f"taxiway: the {dead[0]} tier exited during start-up", file=sys.stderr)
+                return False
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING and streams.list_executors(redis):
+                    return True
+            except grpc.RpcError:
+                pass
+            stop.wait(0.3)
+    if not stop.is_set():
+        print(f"taxiway: not ready within {READY_TIMEOUT_S:.0f}s (gateway serving and an executor "
+              "joined)", file=sys.stderr)
+    return False
+
+
+def _stop_children(procs: dict) -> None:
+    for role in reversed(START_ORDER):  # gateway first: no new requests
+        p = procs.get(role)
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.serve ...`: the same as `taxiway serve ...`."""
+    parser = argparse.ArgumentParser(prog="taxiway serve", description=DESCRIPTION)
+    add_arguments(parser)
+    return int(run(parser.parse_args(sys.argv[1:] if argv is None else argv)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

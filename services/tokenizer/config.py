@@ -1,0 +1,20 @@
+"""The tokenizer tier's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import check_port, option, require
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = option(50052, "gRPC port (0 picks a free one)")
+    model: str | None = option(None, "model folder (Hugging Face layout); default: SmolLM2-135M-Instruct")
+    fake_engine: bool = option(False, "use the byte-level test tokenizer that matches the fake engine")
+    max_workers: int = option(256, "gRPC worker threads; each open Detokenize stream holds one")
+
+    def __post_init__(self) -> None:
+        check_port(self.port)
+        require(self.max_workers >= 1, f"max_workers must be >= 1, got {self.max_workers}")

@@ -1,0 +1,160 @@
+"""All four tiers in this process (each its own gRPC server on a free port), joined by a real
+Redis: what the integration tests drive. Executors can also run as child processes, to be killed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import redis
+
+from services.common.proto import Stub, pb
+from services.executor.config import ExecutorConfig
+from services.executor.service import ExecutorService
+from services.gateway.config import GatewayConfig
+from services.gateway.service import GatewayService
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.service import SchedulerService
+from services.tokenizer.config import TokenizerConfig
+from services.tokenizer.service import build as build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = {"heartbeat_interval_s": 0.2, "registration_ttl_s": 1.0}
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Stack:
+    def __init__(self, redis_url: str, *, executors: int = 1, fake_step_s: float = 0.005,
+                 fake_num_blocks: int = 256, max_waiting: int = 1024, real_model: str | None = None,
+                 scheduler_id: str | None = None):
+        self.redis_url = redis_url
+        self.num_executors = executors
+        self.fake_step_s = fake_step_s
+        self.fake_num_blocks = fake_num_blocks
+        self.max_waiting = max_waiting
+        self.real_model = real_model
+        self.scheduler_id = scheduler_id or f"sched-{uuid.uuid4().hex[:6]}"
+        self.executors: list[ExecutorService] = []
+        self.procs: list[subprocess.Popen] = []
+        self.scheduler: SchedulerService | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> Stack:
+        redis.Redis.from_url(self.redis_url).flushdb()
+        fake = self.real_model is None
+        self.tokenizer = build_tokenizer(TokenizerConfig(port=0, fake_engine=fake,
+                                                         model=self.real_model))
+        for _ in range(self.num_executors):
+            self.add_executor()
+        self.start_scheduler()
+        self.gateway = GatewayService(GatewayConfig(
+            port=0, redis_url=self.redis_url,
+            tokenizer_address=f"127.0.0.1:{self.tokenizer.port}")).start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.server.port}")
+        self.stub = Stub(self.channel, "Gateway")
+        self.wait_serving(self.channel)
+        self.wait_executors(self.num_executors)
+        return self
+
+    def start_scheduler(self) -> SchedulerService:
+        self.scheduler = SchedulerService(SchedulerConfig(
+            port=0, redis_url=self.redis_url, scheduler_id=self.scheduler_id,
+            max_waiting=self.max_waiting, heartbeat_timeout_s=1.0, discovery_interval_s=0.1)).start()
+        self.scheduler_channel = grpc.insecure_channel(f"127.0.0.1:{self.scheduler.server.port}")
+        self.scheduler_stub = Stub(self.scheduler_channel, "Scheduler")
+        return self.scheduler
+
+    def stop_scheduler(self) -> None:
+        self.scheduler.stop()
+        self.scheduler_channel.close()
+
+    def add_executor(self, engine=None) -> ExecutorService:
+        cfg = ExecutorConfig(port=0, redis_url=self.redis_url,
+                             executor_id=f"exec-{len(self.executors)}-{uuid.uuid4().hex[:6]}",
+                             fake_engine=self.real_model is None and engine is None,
+                             fake_step_s=self.fake_step_s, fake_num_blocks=self.fake_num_blocks,
+                             model=self.real_model, device="cpu" if self.real_model else None,
+                             dtype="float32" if self.real_model else None, **FAST)
+        ex = ExecutorService(cfg, engine=engine).start()
+        self.executors.append(ex)
+        return ex
+
+    def spawn_executor(self, executor_id: str, fake_step_s: float) -> subprocess.Popen:
+        """An executor in a child process (to kill -9)."""
+        args = [sys.executable, "-m", "services.serve", "--role", "executor",
+                "--fake-engine", "--fake-step-s", str(fake_step_s), "--port", "0",
+                "--executor-id", executor_id, "--redis-url", self.redis_url,
+                "--heartbeat-interval-s", "0.2", "--registration-ttl-s", "1.0"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TAXIWAY_")}
+        proc = subprocess.Popen(args, cwd=ROOT, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.gateway.stop()
+        self.channel.close()
+        if self.scheduler:
+            self.stop_scheduler()
+        for ex in self.executors:
+            ex.stop()
+        self.tokenizer.stop(0.5)
+
+    # -- observation -------------------------------------------------------------------------------
+
+    @staticmethod
+    def wait_serving(channel, timeout: float = 20.0) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        def serving():
+            try:
+                return stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+
+        wait_for(serving, timeout, "the gateway to serve")
+
+    def state(self):
+        return self.scheduler_stub.GetState(pb.GetSchedulerStateRequest(), timeout=5)
+
+    def wait_executors(self, n: int, timeout: float = 20.0) -> None:
+        wait_for(lambda: sum(1 for e in self.state().executors if e.num_total_blocks) >= n,
+                 timeout, f"{n} executors with state")
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Every executor has all its blocks free and no request."""
+        def idle():
+            s = self.state()
+            return s.num_waiting == 0 and all(
+                e.num_requests == 0 and e.num_free_blocks == e.num_total_blocks for e in s.executors)
+
+        wait_for(idle, timeout, "the executors to be idle")
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def generate(self, text: str | None = None, *, timeout: float = 30.0, **sampling):
+        req = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
+        if text is not None:
+            req.text = text
+        return list(self.stub.Generate(req, timeout=timeout))

@@ -1,0 +1,103 @@
+"""The stack with the real engine: streamed output through gateway -> Redis -> scheduler ->
+executor equals `LLM.generate` for the same greedy request.
+
+Two models: a tiny random Llama whose vocabulary is the byte tokenizer's (runs wherever
+transformers is installed), and the default model, SmolLM2-135M-Instruct, through the real
+tokenizer tier (needs gpu_engine.tokenizer and gpu_engine.default_model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.proto import pb
+from services.tokenizer.fake import ByteTokenizer
+
+pytestmark = pytest.mark.timeout(300)
+PROMPTS = ["Hello, world", "The capital of France is", "héllo 😀"]
+
+
+@pytest.fixture(scope="module")
+def byte_llama(tmp_path_factory) -> str:
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=ByteTokenizer.vocab_size, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    folder = tmp_path_factory.mktemp("byte-llama")
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _engine(model: str | None):
+    from gpu_engine.config import EngineConfig
+    from gpu_engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=model, device="cpu", dtype="float32"))
+
+
+def test_stream_equals_llm_generate_tiny_model(stack_factory, byte_llama):
+    from gpu_engine.llm import LLM
+    from gpu_engine.sampling_params import SamplingParams
+
+    tok = ByteTokenizer()
+    expected = LLM(model=byte_llama, device="cpu", dtype="float32").generate(
+        [tok.encode(p) for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=24))
+    stack = stack_factory(executors=0)
+    stack.add_executor(engine=_engine(byte_llama))
+    stack.wait_executors(1)
+    for prompt, want in zip(PROMPTS, expected):
+        chunks = stack.generate(prompt, max_tokens=24, temperature=0.0)
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == list(want.outputs[0].token_ids)
+        assert "".join(c.text for c in chunks) == tok.decode(tokens)
+        assert chunks[-1].usage.completion_tokens == len(tokens)
+    stack.wait_idle()
+
+
+def test_stream_equals_llm_generate_default_model(stack_factory):
+    pytest.importorskip("gpu_engine.default_model")
+    pytest.importorskip("gpu_engine.tokenizer")
+    from gpu_engine.default_model import default_model_path
+    from gpu_engine.llm import LLM
+    from gpu_engine.sampling_params import SamplingParams
+
+    model = str(default_model_path())
+    llm = LLM(model=model, device="cpu", dtype="float32")
+    expected = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12))
+    stack = stack_factory(executors=0, real_model=model)
+    stack.add_executor(engine=llm.engine)
+    stack.wait_executors(1)
+    for prompt, want in zip(PROMPTS, expected):
+        chunks = stack.generate(prompt, max_tokens=12, temperature=0.0)
+        assert "".join(c.text for c in chunks) == want.outputs[0].text
+        assert [t for c in chunks for t in c.token_ids] == list(want.outputs[0].token_ids)
+        assert chunks[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+
+
+def test_cancellation_frees_the_real_engines_blocks(stack_factory, byte_llama):
+    engine = _engine(byte_llama)
+    aborted: list[str] = []
+    abort = engine.abort_request
+    engine.abort_request = lambda ids: (aborted.extend(ids), abort(ids))[1]
+    stack = stack_factory(executors=0)
+    stack.add_executor(engine=engine)
+    stack.wait_executors(1)
+    idle = stack.state().executors[0]
+    assert idle.num_free_blocks == idle.num_total_blocks
+    call = stack.stub.Generate(pb.GenerateRequest(
+        text="a long prompt " * 4, sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)),
+        timeout=60)
+    for _ in range(3):
+        next(call)
+    assert stack.state().executors[0].num_requests == 1
+    call.cancel()
+    stack.wait_idle(10)  # every block free again, nothing running
+    assert len(aborted) == 1  # freed by the abort, not by finishing its 400 tokens

@@ -1,0 +1,69 @@
+"""Configuration: flags > TAXIWAY_* environment > YAML file > dataclass defaults; validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.config import resolve
+from services.executor.config import ExecutorConfig
+from services.gateway.config import GatewayConfig
+from services.scheduler.config import SchedulerConfig
+from services.serve import CONFIGS, role_configs
+
+
+def test_defaults_come_from_the_dataclass():
+    assert resolve(GatewayConfig, "gateway") == GatewayConfig()
+    assert (GatewayConfig().port, SchedulerConfig().port, ExecutorConfig().port) == (50051, 50053, 50054)
+
+
+def test_precedence_cli_over_env_over_file_over_defaults():
+    file = {"port": 1000, "request_timeout_s": 5, "gateway": {"port": 2000}}
+    assert resolve(GatewayConfig, "gateway", file=file).port == 2000  # the role's section wins
+    env = {"TAXIWAY_PORT": "3000"}
+    cfg = resolve(GatewayConfig, "gateway", env=env, file=file)
+    assert (cfg.port, cfg.request_timeout_s) == (3000, 5)
+    assert resolve(GatewayConfig, "gateway", cli={"port": 4000}, env=env, file=file).port == 4000
+    assert resolve(GatewayConfig, "gateway", cli={"port": None}, env=env).port == 3000
+
+
+def test_redis_url_env_and_types():
+    env = {"REDIS_URL": "redis://a/0"}
+    assert resolve(GatewayConfig, "gateway", env=env).redis_url == "redis://a/0"
+    env["TAXIWAY_REDIS_URL"] = "redis://b/0"
+    assert resolve(GatewayConfig, "gateway", env=env).redis_url == "redis://b/0"
+    cfg = resolve(ExecutorConfig, "executor", env={"TAXIWAY_FAKE_ENGINE": "true",
+                                                   "TAXIWAY_FAKE_STEP_S": "0.5"})
+    assert cfg.fake_engine is True and cfg.fake_step_s == 0.5
+
+
+def test_bad_values_name_the_setting_and_the_fix():
+    with pytest.raises(ValueError, match="TAXIWAY_PORT='abc'"):
+        resolve(GatewayConfig, "gateway", env={"TAXIWAY_PORT": "abc"})
+    with pytest.raises(ValueError, match="port must be an integer in 0..65535"):
+        resolve(GatewayConfig, "gateway", cli={"port": 70000})
+    with pytest.raises(ValueError, match="unknown setting 'prot'"):
+        resolve(GatewayConfig, "gateway", file={"prot": 1}, known={"port"})
+    with pytest.raises(ValueError, match="must exceed twice"):
+        ExecutorConfig(heartbeat_interval_s=1.0, registration_ttl_s=1.5)
+
+
+def test_serve_all_gives_port_flags_to_the_gateway_only():
+    known = {f for cls in CONFIGS.values() for f in cls.__dataclass_fields__}
+    configs = role_configs({"port": 6000, "model": "/m"}, {"TAXIWAY_HOST": "0.0.0.0"},
+                           {"tokenizer": {"port": 7000}}, known)
+    assert (configs["gateway"].port, configs["gateway"].host) == (6000, "0.0.0.0")
+    assert configs["tokenizer"].port == 7000 and configs["tokenizer"].model == "/m"
+    assert configs["executor"].port == 50054 and configs["executor"].host == "127.0.0.1"
+    assert configs["gateway"].tokenizer_address == "127.0.0.1:7000"
+
+
+def test_every_setting_the_deploy_files_pass_is_a_serve_flag():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    files = [root / "compose.yaml", *sorted((root / "deploy").rglob("*.yaml"))]
+    used = {m for f in files if f.exists() for m in re.findall(r"TAXIWAY_([A-Z_]+)", f.read_text())}
+    not_settings = {"CACHE_DIR", "IMAGE", "GPU_IMAGE", "GATEWAY_PORT"}  # model cache; compose-only
+    flags = {f.upper() for cls in CONFIGS.values() for f in cls.__dataclass_fields__} | {"ROLE", "CONFIG"}
+    assert used - not_settings <= flags, sorted(used - not_settings - flags)

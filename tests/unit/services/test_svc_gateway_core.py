@@ -1,0 +1,143 @@
+"""GatewayCore without network: the tokenizer tier in-process, the intake scripted. Checks the
+stream's text and usage, stop strings, resume after a lost executor (no gap, no duplicate, stale
+attempts dropped), errors, cancellation and deadlines."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_engine.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from gpu_engine.sampling_params import SamplingParams
+from services.common.types import Abort, Delta
+from services.gateway.core import GatewayCore, GenerateInput
+from services.tokenizer.config import TokenizerConfig
+from services.tokenizer.core import load_core
+
+B = 3  # byte token offset of the fake tokenizer
+
+
+def ids(text: str) -> list[int]:
+    return [b + B for b in text.encode()]
+
+
+class LocalTokenizer:
+    def __init__(self):
+        self.core = load_core(TokenizerConfig(fake_engine=True))
+
+    def tokenize(self, text=None, messages=None, add_special_tokens=True):
+        return self.core.tokenize(text, messages, add_special_tokens)
+
+    def detokenizer(self, prompt_token_ids, **kw):
+        return self.core.detokenizer(prompt_token_ids, **kw)
+
+    def model_info(self):
+        return self.core.info
+
+
+class ScriptedIntake:
+    """On each submit, plays `script(request)` (a list of deltas) into the router."""
+
+    def __init__(self, script):
+        self.script = script
+        self.submitted, self.aborts = [], []
+        self.core: GatewayCore | None = None
+
+    def submit(self, request):
+        self.submitted.append(request)
+        self.core.router.dispatch(self.script(request))
+
+    def abort(self, abort):
+        self.aborts.append(abort)
+
+
+def make(script, timeout=5.0):
+    intake = ScriptedIntake(script)
+    core = GatewayCore("gw", LocalTokenizer(), intake, request_timeout_s=timeout)
+    intake.core = core
+    return core, intake
+
+
+def run(core, text="hi", **params):
+    return list(core.generate(GenerateInput(SamplingParams(**params), request_id="r", text=text)))
+
+
+def test_streams_text_and_usage():
+    def script(req):
+        toks = ids("Bonjour 😀")
+        return [Delta(req.request_id, 0, 0, toks[:9], num_prompt_tokens=3, num_cached_tokens=2),
+                Delta(req.request_id, 0, 9, toks[9:], finish_reason="length")]
+
+    core, intake = make(script)
+    chunks = run(core)
+    assert "".join(c.text for c in chunks) == "Bonjour 😀"
+    assert chunks[0].text == "Bonjour "  # the emoji's first byte waits for the others
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage == (3, 12, 2)
+    assert intake.aborts == [] and len(core.router) == 0
+
+
+def test_stop_string_split_across_tokens_aborts_the_request():
+    def script(req):
+        rid = req.request_id
+        return [Delta(rid, 0, i, [t]) for i, t in enumerate(ids("abc<END>xyz"))]
+
+    core, intake = make(script)
+    chunks = run(core, stop=("<END>",))
+    assert "".join(c.text for c in chunks) == "abc"
+    assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == ("stop", "<END>")
+    assert intake.aborts == [Abort("gw:r", "stop_string")]
+
+
+def test_lost_executor_resumes_without_gap_or_duplicate():
+    answer = ids("0123456789")
+
+    def script(req):
+        rid = req.request_id
+        if req.attempt == 0:
+            return [Delta(rid, 0, 0, answer[:4]), Delta(rid, 0, 4, answer[4:6]),
+                    Delta(rid, 0, executor_lost=True),
+                    Delta(rid, 0, 6, answer[6:7])]  # a straggler of the lost attempt: dropped
+        assert req.prior_output_token_ids == tuple(answer[:6])
+        return [Delta(rid, 1, 5, answer[5:8]),  # overlaps what was streamed: deduped
+                Delta(rid, 1, 8, answer[8:], finish_reason="length")]
+
+    core, intake = make(script)
+    chunks = run(core)
+    assert [t for c in chunks for t in c.token_ids] == answer
+    assert "".join(c.text for c in chunks) == "0123456789"
+    assert [r.attempt for r in intake.submitted] == [0, 1]
+    assert intake.aborts == []
+
+
+def test_error_from_the_scheduler_is_raised_and_not_aborted_again():
+    core, intake = make(lambda req: [Delta(req.request_id, 0, error=("Overloaded", "queue is full"))])
+    with pytest.raises(Overloaded, match="queue is full"):
+        run(core)
+    assert intake.aborts == []
+
+
+def test_cancel_and_deadline_abort_the_request():
+    core, intake = make(lambda req: [Delta(req.request_id, 0, 0, ids("a"))])
+    callbacks = []
+    gen = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"),
+                        on_cancel=callbacks.append)
+    assert next(gen).text == "a"
+    callbacks[0]()  # the client went away
+    assert list(gen) == []
+    assert intake.aborts == [Abort("gw:r", "cancelled")]
+    core, intake = make(lambda req: [], timeout=0.05)
+    with pytest.raises(DeadlineExceeded):
+        run(core)
+    assert intake.aborts == [Abort("gw:r", "cancelled")]
+
+
+def test_input_validation():
+    core, _ = make(lambda req: [])
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        run(core, text="")
+    with pytest.raises(InvalidRequest, match="out of range"):
+        list(core.generate(GenerateInput(SamplingParams(), token_ids=(1, 999))))
+    with pytest.raises(InvalidRequest, match="exceeds the context length"):
+        run(core, max_tokens=10_000)
+    core.router.open("gw:r")
+    with pytest.raises(InvalidRequest, match="already in flight"):
+        run(core)
