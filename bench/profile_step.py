@@ -82,6 +82,15 @@ def main() -> None:
     times = [timed_step(engine)[0] for _ in range(10)]
     results["decode_256_graph_step_ms"] = sorted(times)[5]
     engine.abort_request(list(engine.requests))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.add_request("one", random_prompts(1, 128, vocab, 3)[0], params)
+    for _ in range(5):
+        engine.step()
+    profiled(engine, "decode_1_graph", results)
+    times = [timed_step(engine)[0] for _ in range(20)]
+    results["decode_1_step_ms"] = sorted(times)[10]
+    engine.abort_request(list(engine.requests))
     text = json.dumps(results, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
