@@ -30,6 +30,7 @@ for step in "$@"; do
     engine-tests) phase engine-tests 500 python -m pytest tests/gpu -q -x -p no:cacheprovider ;;
     kernel-bench) phase kernel-bench 300 python bench/kernels.py --out "$OUT/kernels.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
+    cpu-step) phase cpu-step 120 python bench/cpu_step.py --seqs 64 256 512 --out "$OUT/cpu-step.json" ;;
     t1-quick) tp 128 128 1000 ;;
     t1-quick-sync) TAG=-sync tp 128 128 1000 --no-async-scheduling ;;
     t1-128) tp 128 128 3000 ;;
