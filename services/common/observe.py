@@ -12,6 +12,7 @@ its own provider; the provider passed in stays the caller's to shut down.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from opentelemetry import trace
@@ -19,6 +20,7 @@ from opentelemetry import trace
 from services.common.metrics import new_registry, start_metrics_server
 from services.common.telemetry import setup_tracing, shutdown_tracing
 
+FLUSH_TIMEOUT_S = 3.0
 SERVICE_NAMES = {role: f"taxiway-{role}" for role in ("gateway", "tokenizer", "scheduler", "executor")}
 
 
@@ -35,10 +37,15 @@ class TierObservability:
     def metrics_port(self) -> int:
         return self.server.port
 
-    def close(self) -> None:
+    def close(self, flush_timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Stops the metrics endpoint and flushes queued spans, for at most flush_timeout_s: an
+        unreachable collector must not hold the tier's exit (the exporter retries for ~10 s)."""
         self.server.close()
         if self._own_provider:
-            shutdown_tracing(self.provider)
+            flush = threading.Thread(target=shutdown_tracing, args=(self.provider,),
+                                     name="trace-flush", daemon=True)
+            flush.start()
+            flush.join(flush_timeout_s)
 
 
 def model_label(name: str) -> str:
