@@ -79,7 +79,8 @@ def run_stack(args, prompts: list[list[int]]) -> list[dict]:
     from services.common.proto import Stub, pb
 
     port = free_port()
-    cfg = {"tokenizer": {"port": free_port()}, "scheduler": {"port": 0}, "executor": {"port": 0}}
+    cfg = {"tokenizer": {"port": free_port()}, "scheduler": {"port": 0}, "executor": {"port": 0},
+           "metrics_port": 0}
     for key in ("model", "device", "dtype"):
         if getattr(args, key):
             cfg[key] = getattr(args, key)

@@ -1,5 +1,6 @@
-"""Runs one tier in this process until SIGINT/SIGTERM (or until the `taxiway serve` parent that
-started it is gone)."""
+"""Runs one tier in this process until SIGTERM/SIGINT (or until the `taxiway serve` parent that
+started it is gone), then drains it: NOT_SERVING, new calls UNAVAILABLE, running requests finish
+within the tier's drain_timeout_s, exit 0. A second signal stops at once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from services.common.config import ROLES
 
@@ -14,13 +16,24 @@ log = logging.getLogger("taxiway.serve")
 PARENT_ENV = "TAXIWAY_PARENT_PID"
 
 
-def start_role(role: str, config):
-    """Starts the tier; returns its stop function."""
-    if role == "tokenizer":
-        from services.tokenizer.service import build
+class Signals:
+    """SIGTERM and SIGINT as two events: `first` (drain) and `second` (stop now)."""
 
-        return build(config).stop
-    if role == "gateway":
+    def __init__(self) -> None:
+        self.first = threading.Event()
+        self.second = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, *_) -> None:
+        (self.second if self.first.is_set() else self.first).set()
+
+
+def start_role(role: str, config):
+    """Starts the tier; returns the service, which has drain(timeout_s, interrupted) and stop()."""
+    if role == "tokenizer":
+        from services.tokenizer.service import TokenizerService as cls
+    elif role == "gateway":
         from services.gateway.service import GatewayService as cls
     elif role == "scheduler":
         from services.scheduler.service import SchedulerService as cls
@@ -28,19 +41,34 @@ def start_role(role: str, config):
         from services.executor.service import ExecutorService as cls
     else:
         raise ValueError(f"unknown role {role!r}; one of {ROLES}")
-    return cls(config).start().stop
+    return cls(config).start()
 
 
 def run_role(role: str, config) -> int:
-    stop_requested = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.set())
+    signals = Signals()
     parent = int(os.environ.get(PARENT_ENV, "0"))
-    stop = start_role(role, config)
-    while not stop_requested.wait(0.5):
+    service = start_role(role, config)
+    parent_gone = False
+    while not signals.first.wait(0.5):
         if parent and os.getppid() != parent:
             log.warning("%s: the taxiway serve parent is gone; stopping", role)
+            parent_gone = True
             break
+    if not parent_gone:
+        drain(role, service, config.drain_timeout_s, signals.second)
     log.info("%s stopping", role)
-    stop()
+    service.stop()
     return 0
+
+
+def drain(role: str, service, timeout_s: float, interrupted: threading.Event) -> bool:
+    log.info("%s draining: admitting nothing more, finishing what runs (up to %.0fs)",
+             role, timeout_s)
+    t0 = time.monotonic()
+    done = service.drain(timeout_s, interrupted)
+    if done:
+        log.info("%s drained in %.1fs", role, time.monotonic() - t0)
+    else:
+        log.warning("%s: requests still running after %.1fs; stopping anyway", role,
+                    time.monotonic() - t0)
+    return done

@@ -26,6 +26,8 @@ CONFIGS = {"gateway": GatewayConfig, "tokenizer": TokenizerConfig, "scheduler": 
            "executor": ExecutorConfig}
 START_ORDER = ("tokenizer", "executor", "scheduler", "gateway")
 READY_TIMEOUT_S = 900.0
+DRAIN_REST_S = 10.0
+"""`--role all` drain: how long the other tiers get once the gateway has drained."""
 
 
 def _fields() -> dict[str, dict[str, dataclasses.Field]]:
@@ -79,15 +81,19 @@ def run(args: argparse.Namespace) -> int:
     return run_all(cli, env, file, known)
 
 
+GATEWAY_ONLY = ("host", "port", "metrics_port")
+"""With `--role all`, these flags and variables are the gateway's."""
+
+
 def role_configs(cli: dict, env: dict, file: dict, known: set[str]) -> dict:
-    """Each tier's config for `--role all`: --host/--port (and TAXIWAY_HOST/PORT) are the
-    gateway's; the other tiers take theirs from the file's sections or their defaults."""
+    """Each tier's config for `--role all`: --host/--port/--metrics-port (and TAXIWAY_HOST/PORT/
+    METRICS_PORT) are the gateway's; the other tiers take theirs from the file or their defaults."""
     configs = {}
     for role in START_ORDER:
         c, e = dict(cli), dict(env)
         if role != "gateway":
-            c.pop("host", None), c.pop("port", None)
-            e.pop(ENV_PREFIX + "HOST", None), e.pop(ENV_PREFIX + "PORT", None)
+            for name in GATEWAY_ONLY:
+                c.pop(name, None), e.pop(ENV_PREFIX + name.upper(), None)
         configs[role] = resolve(CONFIGS[role], role, cli=c, env=e, file=file, known=known)
     tok = configs["tokenizer"]
     if tok.port == 0:
@@ -103,7 +109,7 @@ def role_configs(cli: dict, env: dict, file: dict, known: set[str]) -> dict:
 
 def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
     from services.common.redis_server import EmbeddedRedis
-    from services.run import PARENT_ENV
+    from services.run import PARENT_ENV, Signals
 
     configs = role_configs(cli, env, file, known)
     redis = None
@@ -117,7 +123,8 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
     child_env[PARENT_ENV] = str(os.getpid())
     tmp = tempfile.TemporaryDirectory(prefix="taxiway-serve-")
     procs: dict[str, subprocess.Popen] = {}
-    stop = _install_stop_handler()
+    signals = Signals()
+    stop = signals.first
     try:
         for role in START_ORDER:
             path = os.path.join(tmp.name, f"{role}.yaml")
@@ -138,6 +145,7 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
                 print(f"taxiway: the {dead[0]} tier exited ({procs[dead[0]].returncode}); "
                       "stopping", file=sys.stderr)
                 return 1
+        _drain_children(procs, configs["gateway"].drain_timeout_s, signals.second)
         return 0
     finally:
         _stop_children(procs)
@@ -145,16 +153,6 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
             redis.stop()
         tmp.cleanup()
         print("taxiway: stopped", file=sys.stderr)
-
-
-def _install_stop_handler():
-    import signal
-    import threading
-
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
 
 
 def _wait_ready(address: str, redis_url: str, procs: dict, stop) -> bool:
@@ -185,6 +183,25 @@ def _wait_ready(address: str, redis_url: str, procs: dict, stop) -> bool:
         print(f"taxiway: not ready within {READY_TIMEOUT_S:.0f}s (gateway serving and an executor "
               "joined)", file=sys.stderr)
     return False
+
+
+def _drain_children(procs: dict, grace_s: float, interrupted) -> None:
+    """Gateway first: it stops taking requests and finishes its streams (within its own
+    drain_timeout_s) while the other tiers still serve them; then the others, which have nothing
+    left to run, drain and exit together. A second signal cuts it short (_stop_children then
+    signals the children again, which makes them stop at once)."""
+    from services.common.drain import wait_until
+
+    print(f"taxiway: draining (up to {grace_s:.0f}s; Ctrl-C again to stop at once)",
+          file=sys.stderr)
+    budget = grace_s + 5.0  # + the gateway's own stop
+    for group in (["gateway"], [r for r in reversed(START_ORDER) if r != "gateway"]):
+        alive = [procs[r] for r in group if r in procs and procs[r].poll() is None]
+        for p in alive:
+            p.terminate()
+        if not wait_until(lambda: all(p.poll() is not None for p in alive), budget, interrupted):
+            return
+        budget = DRAIN_REST_S
 
 
 def _stop_children(procs: dict) -> None:

@@ -112,3 +112,12 @@ def require(ok: bool, message: str) -> None:
 def check_port(port: int, name: str = "port") -> None:
     require(isinstance(port, int) and 0 <= port <= 65535,
             f"{name} must be an integer in 0..65535 (0 picks a free port), got {port!r}")
+
+
+DRAIN_TIMEOUT_S = 30.0
+DRAIN_HELP = ("on SIGTERM, seconds to let running requests finish before exiting; keep it under the "
+              "pod's terminationGracePeriodSeconds minus its preStop sleep")
+
+
+def check_drain(seconds: float) -> None:
+    require(seconds >= 0, f"drain_timeout_s must be >= 0 seconds, got {seconds!r}")

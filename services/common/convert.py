@@ -63,7 +63,8 @@ def engine_request_to_pb(req: EngineRequest):
         prompt_token_ids=list(req.prompt_token_ids),
         prior_output_token_ids=list(req.prior_output_token_ids),
         sampling=sampling_to_pb(req.params), priority=req.priority,
-        arrival_time=req.arrival_time, deadline=req.deadline or 0.0, traceparent=req.traceparent)
+        arrival_time=req.arrival_time, deadline=req.deadline or 0.0, traceparent=req.traceparent,
+        queue_time_s=req.queue_time_s)
 
 
 def engine_request_from_pb(msg) -> EngineRequest:
@@ -72,7 +73,8 @@ def engine_request_from_pb(msg) -> EngineRequest:
         prompt_token_ids=tuple(msg.prompt_token_ids),
         prior_output_token_ids=tuple(msg.prior_output_token_ids),
         params=sampling_from_pb(msg.sampling), priority=msg.priority,
-        arrival_time=msg.arrival_time, deadline=msg.deadline or None, traceparent=msg.traceparent)
+        arrival_time=msg.arrival_time, deadline=msg.deadline or None, traceparent=msg.traceparent,
+        queue_time_s=msg.queue_time_s)
 
 
 def queue_entry_to_bytes(item: EngineRequest | Abort) -> bytes:
@@ -98,7 +100,7 @@ def delta_to_pb(d: Delta):
         request_id=d.request_id, attempt=d.attempt, first_index=d.first_index,
         token_ids=d.token_ids, finish_reason=d.finish_reason or "",
         num_prompt_tokens=d.num_prompt_tokens, num_cached_tokens=d.num_cached_tokens,
-        executor_lost=d.executor_lost)
+        executor_lost=d.executor_lost, queue_time_s=d.queue_time_s)
     if d.stop_token_id is not None:
         msg.stop_token_id = d.stop_token_id
     if d.error is not None:
@@ -116,7 +118,7 @@ def delta_from_pb(msg) -> Delta:
         num_prompt_tokens=msg.num_prompt_tokens, num_cached_tokens=msg.num_cached_tokens,
         error=(msg.error.kind, msg.error.message) if msg.HasField("error") else None,
         executor_lost=msg.executor_lost,
-        logprobs=[dict(lp.logprobs) for lp in msg.logprobs] or None)
+        logprobs=[dict(lp.logprobs) for lp in msg.logprobs] or None, queue_time_s=msg.queue_time_s)
 
 
 def output_batch_to_bytes(source: str, deltas: list[Delta]) -> bytes:
@@ -131,7 +133,7 @@ def output_batch_from_bytes(data: bytes) -> list[Delta]:
 
 _STATE_SCALARS = ("executor_id", "seq", "full", "num_total_blocks", "num_free_blocks", "block_size",
                   "num_running", "num_waiting", "prefill_backlog_tokens", "max_num_seqs",
-                  "last_admit_seq", "max_model_len")
+                  "last_admit_seq", "max_model_len", "draining")
 
 
 def state_to_pb(s: ExecutorState):

@@ -18,9 +18,10 @@ a registry or a bundle turns off prometheus-client's `*_created` series for the 
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,8 +32,9 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 PREFIX = "taxiway:"
 
@@ -208,6 +210,18 @@ class MetricsServer:
 
 def start_metrics_server(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> MetricsServer:
     """Serve `registry` in the Prometheus text format on http://addr:port/metrics from a daemon
-    thread (any path answers; Prometheus scrapes /metrics)."""
-    httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    thread (any path answers; Prometheus scrapes /metrics). prometheus-client's own server, except
+    that its loop looks for close() every 0.1 s instead of every 0.5 s: a tier stops faster."""
+    family, *_, sockaddr = socket.getaddrinfo(addr, port)[0]  # IPv4 or IPv6, as addr is
+    server_cls = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+    httpd = make_server(sockaddr[0], port, make_wsgi_app(registry), server_cls,
+                        handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="metrics-http", daemon=True)
+    thread.start()
     return MetricsServer(httpd, thread)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        """No access log line per scrape."""

@@ -10,7 +10,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gpu_engine.errors import NotReady
 from services.common.errors import ErrorInterceptor
 from services.common.proto import add_service, service_full_name
 
@@ -75,20 +74,3 @@ class GrpcServer:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
-
-
-class LazyServicer:
-    """Answers UNAVAILABLE until `target` (the real servicer) is set: lets a tier listen, with its
-    health NOT_SERVING, while it loads a model or connects."""
-
-    def __init__(self, not_ready_message: str):
-        self.target = None
-        self._message = not_ready_message
-
-    def __getattr__(self, name: str):
-        def call(request, context):
-            if self.target is None:
-                raise NotReady(self._message)
-            return getattr(self.target, name)(request, context)
-
-        return call

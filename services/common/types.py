@@ -25,6 +25,9 @@ class EngineRequest:
     deadline: float | None = None
     """Unix time after which the request is dropped; None means no deadline."""
     traceparent: str = ""
+    """W3C trace context of the span that sent it (the gateway's enqueue, the scheduler's admit)."""
+    queue_time_s: float = 0.0
+    """Set by the scheduler when it admits the request: seconds this attempt waited."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Delta:
     """(error class name, message): the request failed."""
     executor_lost: bool = False
     logprobs: list[dict[int, float]] | None = None
+    queue_time_s: float = 0.0
+    """On the first delta of an attempt: the scheduler's queue time of that attempt."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class ExecutorState:
     max_num_seqs: int = 256
     last_admit_seq: int = 0
     max_model_len: int = 0
+    draining: bool = False
     finished_request_ids: tuple[str, ...] = ()
     running_request_ids: tuple[str, ...] = ()
     kv_events: tuple[KvEvent, ...] = ()

@@ -160,8 +160,8 @@ class FakeEngine:
             if h not in self._cached:
                 break
             hit += 1
-        self._queries += len(req.prompt)
-        self._hits += hit * self.block_size
+        self._queries += len(hashes)  # in blocks, as the real engine counts
+        self._hits += hit
         req.cached_tokens = hit * self.block_size
         for h in hashes[hit:]:
             self._cached.add(h)

@@ -8,10 +8,15 @@ import queue
 import threading
 from collections.abc import Iterator
 
+from opentelemetry import trace
+
 from gpu_engine.errors import NotReady
 from services.common import convert, streams
+from services.common.drain import Gate, GatedServicer, wait_until
+from services.common.metrics import ExecutorMetrics
+from services.common.observe import TierObservability, model_label
 from services.common.proto import pb
-from services.common.server import GrpcServer, LazyServicer
+from services.common.server import GrpcServer
 from services.common.types import Delta
 from services.executor.config import ExecutorConfig
 from services.executor.core import ExecutorCore, engine_max_model_len
@@ -93,12 +98,17 @@ def make_engine(config: ExecutorConfig):
 
 
 class ExecutorService:
-    """The whole executor: start() loads the engine and joins the pool; stop() leaves it."""
+    """The whole executor: start() loads the engine and joins the pool; drain() admits nothing
+    more (NOT_SERVING, Admit UNAVAILABLE, "draining" in its state) and lets the running requests
+    finish, still registered and still publishing; stop() leaves the pool."""
 
-    def __init__(self, config: ExecutorConfig, engine=None):
+    def __init__(self, config: ExecutorConfig, engine=None, *,
+                 tracer_provider: trace.TracerProvider | None = None):
         self.config = config
         self.executor_id = config.resolved_id()
         self._engine = engine
+        self._provider = tracer_provider
+        self.gate = Gate("executor")
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.server: GrpcServer | None = None
@@ -107,9 +117,12 @@ class ExecutorService:
     def start(self) -> ExecutorService:
         if not self.config.redis_url:
             raise ValueError("the executor needs --redis-url (or REDIS_URL)")
+        self.obs = TierObservability("executor", host=self.config.host,
+                                     metrics_port=self.config.metrics_port,
+                                     tracer_provider=self._provider)
         self.redis = streams.connect(self.config.redis_url)
-        self._lazy = LazyServicer("executor is still loading its model")
-        self.server = GrpcServer(self.config.host, self.config.port, {"Executor": self._lazy},
+        self._gated = GatedServicer(self.gate, always=("Abort", "WatchState"))
+        self.server = GrpcServer(self.config.host, self.config.port, {"Executor": self._gated},
                                  max_workers=self.config.max_workers).start()
         engine = self._start_loop()
         self._registration = {
@@ -121,6 +134,7 @@ class ExecutorService:
         streams.register_executor(self.redis, self.executor_id, self._registration,
                                   self.config.registration_ttl_s)
         self._spawn(self._heartbeat, name="registration")
+        self.gate.open()
         self.server.set_serving(True)
         log.info("executor %s serving %s on %s", self.executor_id, engine.model_config.name,
                  self._registration["address"])
@@ -137,7 +151,10 @@ class ExecutorService:
             try:
                 engine = self._engine or make_engine(self.config)
                 self.publisher = OutputPublisher(self.redis, self.executor_id)
-                self.core = ExecutorCore(engine, self.executor_id, self.publisher)
+                metrics = ExecutorMetrics(model_label(engine.model_config.name),
+                                          registry=self.obs.registry)
+                self.core = ExecutorCore(engine, self.executor_id, self.publisher,
+                                         tracer=self.obs.tracer, metrics=metrics)
             except BaseException as exc:  # noqa: BLE001 - re-raised in start()
                 box["error"] = exc
                 built.set()
@@ -150,8 +167,8 @@ class ExecutorService:
         built.wait()
         if "error" in box:
             raise box["error"]
-        self._lazy.target = ExecutorServicer(self.core, self.config.heartbeat_interval_s,
-                                             self._stopping)
+        self._gated.target = ExecutorServicer(self.core, self.config.heartbeat_interval_s,
+                                              self._stopping)
         return box["engine"]
 
     def _spawn(self, target, *args, name: str) -> None:
@@ -167,7 +184,15 @@ class ExecutorService:
             except Exception:  # noqa: BLE001 - Redis may come back; the TTL decides
                 log.exception("registration refresh failed")
 
+    def drain(self, timeout_s: float, interrupted: threading.Event | None = None) -> bool:
+        """True when every request it held finished within timeout_s."""
+        self.gate.close("draining")  # first: nobody gets in once health says NOT_SERVING
+        self.server.set_serving(False)
+        self.core.drain()
+        return wait_until(lambda: self.core.idle, timeout_s, interrupted)
+
     def stop(self) -> None:
+        self.gate.close("stopped")
         self._stopping.set()
         try:
             streams.unregister_executor(self.redis, self.executor_id)
@@ -178,3 +203,4 @@ class ExecutorService:
         for t in self._threads:
             t.join(5)
         self.publisher.close()
+        self.obs.close()

@@ -3,6 +3,7 @@ stream in Redis. Each implements an interface of core.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -14,6 +15,7 @@ import grpc
 from services.common import convert, errors, streams
 from services.common.proto import Stub, pb
 from services.common.server import channel
+from services.common.telemetry import inject_context
 from services.common.types import Abort, EngineRequest, ModelInfo
 from services.gateway.router import Router
 
@@ -22,16 +24,36 @@ TOKENIZER_TIMEOUT_S = 30.0
 MODEL_INFO_TTL_S = 30.0
 
 
+def _trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current trace context (the request's span) as gRPC metadata."""
+    return tuple(inject_context().items())
+
+
 def _chat_pb(messages: list[dict]):
     return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"])
                                      for m in messages])
+
+
+# Round-robin over a dns:/// target's replicas, skipping those whose health is not SERVING
+# (starting or draining), and unary calls retried on UNAVAILABLE (on the next replica): a tokenizer
+# that drains refuses new calls, and the client must not see it.
+TOKENIZER_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+    "methodConfig": [{
+        "name": [{"service": "taxiway.v1.Tokenizer", "method": "Tokenize"},
+                 {"service": "taxiway.v1.Tokenizer", "method": "GetModelInfo"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
 
 
 class GrpcTokenizerClient:
     """TokenizerClient over taxiway.v1.Tokenizer (round-robin over a dns:/// target's replicas)."""
 
     def __init__(self, address: str):
-        self.channel = channel(address, [("grpc.lb_policy_name", "round_robin")])
+        self.channel = channel(address, [("grpc.service_config", TOKENIZER_SERVICE_CONFIG)])
         self._stub = Stub(self.channel, "Tokenizer")
         self._info: tuple[float, ModelInfo] | None = None
 
@@ -41,7 +63,7 @@ class GrpcTokenizerClient:
         else:
             req = pb.TokenizeRequest(text=text or "", add_special_tokens=add_special_tokens)
         try:
-            resp = self._stub.Tokenize(req, timeout=TOKENIZER_TIMEOUT_S)
+            resp = self._stub.Tokenize(req, timeout=TOKENIZER_TIMEOUT_S, metadata=_trace_metadata())
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc, "tokenizer tier") from None
         return list(resp.token_ids), resp.text
@@ -75,7 +97,7 @@ class _GrpcDetokenizer:
     def __init__(self, stub: Stub, setup):
         self._requests: queue.Queue = queue.Queue()
         self._requests.put(pb.DetokenizeRequest(setup=setup))
-        self._call = stub.Detokenize(iter(self._requests.get, self._END))
+        self._call = stub.Detokenize(iter(self._requests.get, self._END), metadata=_trace_metadata())
 
     def add(self, token_ids: Sequence[int], flush: bool = False) -> tuple[str, str | None]:
         self._requests.put(pb.DetokenizeRequest(tokens=pb.TokenIds(ids=list(token_ids)), flush=flush))

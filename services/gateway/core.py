@@ -9,6 +9,7 @@ after them, and deltas of older attempts are dropped. No gap, no duplicate, what
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -16,11 +17,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
+
 from gpu_engine.errors import DeadlineExceeded, InvalidRequest
 from gpu_engine.sampling_params import SamplingParams
-from services.common import errors, hooks
+from services.common import errors
+from services.common.metrics import GatewayMetrics
+from services.common.telemetry import PassThroughTracerProvider, inject_context
 from services.common.types import Abort, Delta, EngineRequest, ModelInfo
-from services.gateway.router import CANCELLED, Router
+from services.gateway.observe import RequestObserver
+from services.gateway.router import CANCELLED, Mailbox, Router
 
 log = logging.getLogger(__name__)
 
@@ -79,80 +88,118 @@ class Chunk:
 class GatewayCore:
     def __init__(self, gateway_id: str, tokenizer: TokenizerClient, intake: Intake,
                  router: Router | None = None, *, request_timeout_s: float = 600.0,
-                 clock=time.time):
+                 clock=time.time, tracer: trace.Tracer | None = None,
+                 metrics: GatewayMetrics | None = None):
         self.gateway_id = gateway_id
         self.tokenizer = tokenizer
         self.intake = intake
         self.router = router or Router()
         self.request_timeout_s = request_timeout_s
         self._clock = clock
+        self.tracer = tracer or PassThroughTracerProvider().get_tracer("taxiway.gateway")
+        self.metrics = metrics
+        """Set by the service once the model is known (its name labels every series)."""
 
     def internal_id(self, client_request_id: str) -> str:
         return f"{self.gateway_id}:{client_request_id}"
 
-    def generate(self, inp: GenerateInput, *, timeout_s: float | None = None, traceparent: str = "",
+    def generate(self, inp: GenerateInput, *, timeout_s: float | None = None,
+                 parent: Context | None = None,
                  on_cancel: Callable[[Callable[[], None]], object] | None = None) -> Iterator[Chunk]:
         """Streams the completion. Raises InvalidRequest, Overloaded, NotReady, DeadlineExceeded.
 
-        `on_cancel(fn)` (gRPC's context.add_callback) registers what to call when the client goes
-        away: it wakes this request's handler, which aborts the request."""
+        `parent`: the client's trace context (from its gRPC metadata), if any. `on_cancel(fn)`
+        (gRPC's context.add_callback) registers what to call when the client goes away: it wakes
+        this request's handler, which aborts the request."""
         client_id = inp.request_id or uuid.uuid4().hex
+        obs = RequestObserver(self.tracer, self.metrics, parent, response_id=client_id,
+                              operation="chat" if inp.messages is not None else "text_completion")
+        try:
+            for chunk in self._generate(inp, client_id, obs, timeout_s, on_cancel):
+                obs.chunk(chunk)
+                yield chunk
+        except Exception as exc:
+            obs.failed(exc)
+            raise
+        finally:
+            obs.finished("abort")  # the client went away; a no-op once the request has ended
+
+    def _open(self, inp: GenerateInput, client_id: str, obs: RequestObserver,
+              timeout_s: float | None, on_cancel) -> tuple[EngineRequest, Mailbox]:
+        """Validates and tokenizes the request, opens its mailbox."""
         rid = self.internal_id(client_id)
         now = self._clock()
         deadline = now + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
-        with hooks.span("gateway.generate", traceparent, request_id=client_id):
+        with _current(obs.context):  # tokenizer calls carry the trace in their metadata
             prompt = self._prompt_ids(inp)
-            mailbox = self.router.open(rid)
-            if mailbox is None:
-                raise InvalidRequest(f"request_id {client_id!r} is already in flight")
-            if on_cancel is not None:
-                on_cancel(lambda: mailbox.put(CANCELLED))
-            p = inp.params
-            request = EngineRequest(rid, self.gateway_id, tuple(prompt), p, priority=inp.priority,
-                                    arrival_time=now, deadline=deadline, traceparent=traceparent)
-            detok = None
-            done = False
-            try:
+            obs.request(self.tokenizer.model_info().name, inp.params, len(prompt))
+        mailbox = self.router.open(rid)
+        if mailbox is None:
+            raise InvalidRequest(f"request_id {client_id!r} is already in flight")
+        if on_cancel is not None:
+            on_cancel(lambda: mailbox.put(CANCELLED))
+        request = EngineRequest(rid, self.gateway_id, tuple(prompt), inp.params,
+                                priority=inp.priority, arrival_time=now, deadline=deadline)
+        return request, mailbox
+
+    def _generate(self, inp: GenerateInput, client_id: str, obs: RequestObserver,
+                  timeout_s: float | None, on_cancel) -> Iterator[Chunk]:
+        request, mailbox = self._open(inp, client_id, obs, timeout_s, on_cancel)
+        rid, p, prompt = request.request_id, request.params, request.prompt_token_ids
+        detok = None
+        done = False
+        try:
+            with _current(obs.context):
                 detok = self.tokenizer.detokenizer(
                     prompt, skip_special_tokens=p.skip_special_tokens, stop=p.stop,
                     include_stop_str_in_output=p.include_stop_str_in_output)
-                self.intake.submit(request)
-                stream = _Stream(client_id, len(prompt))
-                while True:
-                    item = mailbox.get(timeout=max(0.0, deadline - self._clock()))
-                    if item is None:
-                        raise DeadlineExceeded(f"request {client_id} passed its deadline")
-                    if item is CANCELLED:
-                        return
-                    delta: Delta = item
-                    if delta.attempt != request.attempt:
-                        continue  # from an executor that was given up on
-                    if delta.error is not None:
-                        done = True  # the tier that failed it has dropped it already
-                        raise errors.from_wire(*delta.error)
-                    if delta.executor_lost:
-                        request = replace(request, attempt=request.attempt + 1,
-                                          prior_output_token_ids=tuple(stream.tokens))
-                        log.warning("request %s: executor lost; resubmitting after %d tokens "
-                                    "(attempt %d)", client_id, len(stream.tokens), request.attempt)
-                        self.intake.submit(request)
-                        continue
-                    chunk = stream.take(delta, detok)
-                    if chunk is None:
-                        continue
-                    if chunk.finish_reason is not None:
-                        if delta.finish_reason is None:  # a stop string: the executor goes on
-                            self.intake.abort(Abort(rid, "stop_string"))
-                        done = True
-                        yield chunk
-                        return
+                request = self._submit(request)
+            stream = _Stream(client_id, len(prompt))
+            while True:
+                item = mailbox.get(timeout=max(0.0, request.deadline - self._clock()))
+                if item is None:
+                    raise DeadlineExceeded(f"request {client_id} passed its deadline")
+                if item is CANCELLED:
+                    return
+                delta: Delta = item
+                if delta.attempt != request.attempt:
+                    continue  # from an executor that was given up on
+                if delta.error is not None:
+                    done = True  # the tier that failed it has dropped it already
+                    raise errors.from_wire(*delta.error)
+                if delta.executor_lost:
+                    request = replace(request, attempt=request.attempt + 1,
+                                      prior_output_token_ids=tuple(stream.tokens))
+                    log.warning("request %s: executor lost; resubmitting after %d tokens "
+                                "(attempt %d)", client_id, len(stream.tokens), request.attempt)
+                    with _current(obs.context):
+                        request = self._submit(request)
+                    continue
+                obs.delta(delta.queue_time_s)
+                chunk = stream.take(delta, detok)
+                if chunk is None:
+                    continue
+                if chunk.finish_reason is not None:
+                    if delta.finish_reason is None:  # a stop string: the executor goes on
+                        self.intake.abort(Abort(rid, "stop_string"))
+                    done = True
                     yield chunk
-            finally:
-                self.router.close(rid)
-                if detok is not None:
-                    detok.close()
-                if not done:
-                    self.intake.abort(Abort(rid, "cancelled"))
+                    return
+                yield chunk
+        finally:
+            self.router.close(rid)
+            if detok is not None:
+                detok.close()
+            if not done:
+                self.intake.abort(Abort(rid, "cancelled"))
+
+    def _submit(self, request: EngineRequest) -> EngineRequest:
+        """XADDs the request inside an `enqueue` span, whose context travels in the entry."""
+        with self.tracer.start_as_current_span("enqueue", kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("taxiway.request.attempt", request.attempt)
+            request = replace(request, traceparent=inject_context().get("traceparent", ""))
+            self.intake.submit(request)
+        return request
 
     def _prompt_ids(self, inp: GenerateInput) -> list[int]:
         if inp.text == "" or inp.token_ids == () or inp.messages == []:
@@ -209,3 +256,14 @@ class _Stream:
         if chunk.finish_reason:
             chunk.usage = (self.prompt_tokens, len(self.tokens), self.cached_tokens)
         return chunk
+
+
+@contextlib.contextmanager
+def _current(ctx: Context) -> Iterator[None]:
+    """Makes `ctx` current around synchronous calls only: never across a yield of a generator,
+    whose consumer may resume it in another context."""
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

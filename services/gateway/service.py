@@ -6,10 +6,17 @@ import logging
 import threading
 import uuid
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from gpu_engine.errors import InvalidRequest
-from services.common import convert, hooks, streams
+from services.common import convert, streams
+from services.common.drain import Gate, GatedServicer
+from services.common.metrics import GatewayMetrics
+from services.common.observe import TierObservability, model_label
 from services.common.proto import pb
 from services.common.server import GrpcServer
+from services.common.telemetry import extract_context
 from services.gateway.clients import GrpcTokenizerClient, OutputReader, RedisIntake
 from services.gateway.config import GatewayConfig
 from services.gateway.core import Chunk, GatewayCore, GenerateInput
@@ -32,18 +39,19 @@ class GatewayServicer:
     def _generate(self, request, context):
         return self.core.generate(generate_input_from_pb(request),
                                   timeout_s=context.time_remaining(),
-                                  traceparent=_traceparent(context), on_cancel=context.add_callback)
+                                  parent=extract_context(context.invocation_metadata()),
+                                  on_cancel=context.add_callback)
 
     def Tokenize(self, request, context):
-        ids, text = self.core.tokenizer.tokenize(**convert.tokenize_request_from_pb(request))
+        token = otel_context.attach(extract_context(context.invocation_metadata()))
+        try:  # the client's trace context goes on to the tokenizer tier
+            ids, text = self.core.tokenizer.tokenize(**convert.tokenize_request_from_pb(request))
+        finally:
+            otel_context.detach(token)
         return pb.TokenizeResponse(token_ids=ids, text=text)
 
     def GetModelInfo(self, request, context):
         return convert.model_info_to_pb(self.core.tokenizer.model_info())
-
-
-def _traceparent(context) -> str:
-    return hooks.traceparent_from_metadata(context.invocation_metadata())
 
 
 def generate_input_from_pb(msg) -> GenerateInput:
@@ -88,21 +96,30 @@ def merge_chunks(chunks: list[Chunk], request_id: str) -> Chunk:
 
 
 class GatewayService:
-    def __init__(self, config: GatewayConfig):
+    """start(): listens at once (NOT_SERVING, calls UNAVAILABLE), SERVING once Redis answers and
+    the tokenizer tier describes the model. drain(): NOT_SERVING, new calls UNAVAILABLE, the
+    streams in flight run to their end."""
+
+    def __init__(self, config: GatewayConfig, *, tracer_provider: trace.TracerProvider | None = None):
         self.config = config
         self.gateway_id = config.gateway_id or uuid.uuid4().hex[:12]
+        self._provider = tracer_provider
         self._stopping = threading.Event()
+        self.gate = Gate("gateway")
 
     def start(self) -> GatewayService:
         cfg = self.config
         if not cfg.redis_url:
             raise ValueError("the gateway needs --redis-url (or REDIS_URL)")
+        self.obs = TierObservability("gateway", host=cfg.host, metrics_port=cfg.metrics_port,
+                                     tracer_provider=self._provider)
         self.redis = streams.connect(cfg.redis_url)
         self.tokenizer = GrpcTokenizerClient(cfg.tokenizer_address)
         self.core = GatewayCore(self.gateway_id, self.tokenizer, RedisIntake(self.redis),
-                                request_timeout_s=cfg.request_timeout_s)
+                                request_timeout_s=cfg.request_timeout_s, tracer=self.obs.tracer)
         self.reader = OutputReader(streams.connect(cfg.redis_url), self.gateway_id, self.core.router)
-        self.server = GrpcServer(cfg.host, cfg.port, {"Gateway": GatewayServicer(self.core)},
+        servicer = GatedServicer(self.gate, target=GatewayServicer(self.core))
+        self.server = GrpcServer(cfg.host, cfg.port, {"Gateway": servicer},
                                  max_workers=cfg.max_workers).start()
         threading.Thread(target=self._become_ready, name="readiness", daemon=True).start()
         return self
@@ -117,12 +134,23 @@ class GatewayService:
                 log.info("gateway not ready yet: %s", exc)
                 self._stopping.wait(0.5)
                 continue
+            self.core.metrics = GatewayMetrics(model_label(info.name), registry=self.obs.registry)
+            self.gate.open()
             self.server.set_serving(True)
             log.info("gateway %s serving %s on %s", self.gateway_id, info.name, self.server.address)
             return
 
+    def drain(self, timeout_s: float, interrupted: threading.Event | None = None) -> bool:
+        """True when every request in flight ended within timeout_s."""
+        self._stopping.set()
+        self.gate.close("draining")  # first: nobody gets in once health says NOT_SERVING
+        self.server.set_serving(False)
+        return self.gate.wait_idle(timeout_s, interrupted)
+
     def stop(self) -> None:
         self._stopping.set()
+        self.gate.close("stopped")
         self.server.stop(2.0)
         self.reader.stop()
         self.tokenizer.close()
+        self.obs.close()

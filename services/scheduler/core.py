@@ -80,6 +80,11 @@ class SchedulerCore:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_requests(self) -> int:
+        """Requests waiting or running on an executor (not those awaiting a resubmission)."""
+        return sum(1 for r in self._requests.values() if r.lost_at is None)
+
     def placement_of(self, request_id: str) -> str | None:
         r = self._requests.get(request_id)
         return r.executor_id if r else None
@@ -132,6 +137,21 @@ class SchedulerCore:
             view.requests.discard(request_id)
         return self._reject(record.request, record.entry_id, exc)
 
+    def admit_refused(self, request_id: str, executor_id: str) -> list[Action]:
+        """The executor refused the admission because it is draining: it gets nothing more, and
+        the request waits again at its place in the queue."""
+        view = self.executors.get(executor_id)
+        if view is not None:
+            view.draining = True
+            view.requests.discard(request_id)
+            for seq in [s for s, r in view.reserved.items() if r[0] == request_id]:
+                del view.reserved[seq]
+        record = self._requests.get(request_id)
+        if record is not None and record.executor_id == executor_id:
+            record.executor_id = None
+            self._enqueue(record)
+        return self.schedule()
+
     def tick(self, now: float) -> list[Action]:
         """Timers: deadlines of waiting requests, executors gone silent, orphans, lost requests."""
         actions: list[Action] = []
@@ -162,6 +182,7 @@ class SchedulerCore:
             return []
         view.state = state
         view.last_seen = now
+        view.draining = view.draining or state.draining  # a draining executor never comes back
         view.admit_seq = max(view.admit_seq, state.last_admit_seq)
         for seq in [s for s in view.reserved if s <= state.last_admit_seq]:
             del view.reserved[seq]

@@ -25,10 +25,12 @@ class ExecutorView:
     num_admitted: int = 0
     admit_seq: int = 0
     """The last admission sequence number sent to it (continues from its last_admit_seq)."""
+    draining: bool = False
+    """It got SIGTERM: it finishes what it runs and admits nothing more."""
 
     @property
     def ready(self) -> bool:
-        return self.state is not None
+        return self.state is not None and not self.draining
 
     def prefix_hit_blocks(self, hashes: list[bytes]) -> int:
         hit = 0

@@ -11,13 +11,18 @@ import time
 
 import grpc
 
-from services.common import convert, errors, hooks, streams
+from opentelemetry import trace
+
+from services.common import convert, errors, server, streams
+from services.common.drain import is_draining_error, wait_until
+from services.common.metrics import SchedulerMetrics
+from services.common.observe import TierObservability, model_label
 from services.common.proto import Stub, pb
-from services.common import server
 from services.common.server import GrpcServer
 from services.common.types import Abort, Delta
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import AbortOn, Ack, Action, Admit, Notify, SchedulerCore
+from services.scheduler.observe import Admissions
 from services.scheduler.policy import CapacityPolicy
 
 log = logging.getLogger(__name__)
@@ -42,14 +47,21 @@ class SchedulerServicer:
 
 
 class SchedulerService:
-    def __init__(self, config: SchedulerConfig):
+    """start(): reads the request stream and admits. drain(): NOT_SERVING, stops reading the
+    request stream (new entries stay there for another scheduler, or for this one's restart), and
+    keeps admitting what it had read and following it until every request is over."""
+
+    def __init__(self, config: SchedulerConfig, *,
+                 tracer_provider: trace.TracerProvider | None = None):
         self.config = config
+        self._provider = tracer_provider
         self.core = SchedulerCore(
             max_waiting=config.max_waiting,
             capacity=CapacityPolicy(config.kv_watermark, config.max_prefill_backlog_tokens))
         self.lock = threading.Lock()
         self._events: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, Stub] = {}
@@ -61,6 +73,10 @@ class SchedulerService:
     def start(self) -> SchedulerService:
         if not self.config.redis_url:
             raise ValueError("the scheduler needs --redis-url (or REDIS_URL)")
+        self.obs = TierObservability("scheduler", host=self.config.host,
+                                     metrics_port=self.config.metrics_port,
+                                     tracer_provider=self._provider)
+        self.admissions = Admissions(self.obs.tracer)
         self.server = GrpcServer(self.config.host, self.config.port,
                                  {"Scheduler": SchedulerServicer(self)},
                                  max_workers=self.config.max_workers).start()
@@ -76,7 +92,14 @@ class SchedulerService:
         log.info("scheduler %s serving on %s", self.config.scheduler_id, self.server.address)
         return self
 
+    def drain(self, timeout_s: float, interrupted: threading.Event | None = None) -> bool:
+        """True when every request it had read was over within timeout_s."""
+        self._draining.set()
+        self.server.set_serving(False)
+        return wait_until(lambda: self.core.num_requests == 0, timeout_s, interrupted)
+
     def stop(self) -> None:
+        self._draining.set()
         self._stopping.set()
         for call in list(self._watch_calls.values()):
             call.cancel()
@@ -85,6 +108,8 @@ class SchedulerService:
             t.join(5)
         for ch in self._channels.values():
             ch.close()
+        self.admissions.close()
+        self.obs.close()
 
     def _spawn(self, target, name: str, *args) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -98,7 +123,7 @@ class SchedulerService:
         then new ones."""
         r, cfg = self.reader_redis, self.config
         pending = "0"  # cursor through our own unacknowledged entries; None once done
-        while not self._stopping.is_set():
+        while not self._draining.is_set():
             try:
                 if pending is not None:
                     got = r.xreadgroup(streams.SCHEDULER_GROUP, cfg.scheduler_id,
@@ -118,7 +143,7 @@ class SchedulerService:
                 for entry_id, fields in entries:  # fields is empty for an entry trimmed away
                     self._events.put(("entry", entry_id.decode(), (fields or {}).get(streams.FIELD, b"")))
             except Exception:  # noqa: BLE001 - Redis hiccup: back off and read again
-                if self._stopping.is_set():
+                if self._draining.is_set():
                     return
                 log.exception("reading %s failed", streams.REQUESTS_STREAM)
                 self._stopping.wait(1.0)
@@ -137,6 +162,9 @@ class SchedulerService:
             if eid not in self._watch_calls and not recently_lost:
                 self.core.executor_found(eid, info["address"], now)
                 self._watch(eid, info["address"])
+            if self.admissions.metrics is None and info.get("model"):
+                self.admissions.metrics = SchedulerMetrics(model_label(info["model"]),
+                                                           registry=self.obs.registry)
         for eid in list(self._watch_calls):
             if eid not in registered:  # its registration expired: missed heartbeats
                 actions += self._on_lost(eid, "registration expired", now)
@@ -191,7 +219,7 @@ class SchedulerService:
     def _handle(self, event: tuple) -> None:
         now = time.time()
         kind = event[0]
-        with hooks.span(f"scheduler.{kind}"), self.lock:
+        with self.lock:
             if kind == "entry":
                 actions = self._on_entry(event[1], event[2], now)
             elif kind == "state":
@@ -200,11 +228,20 @@ class SchedulerService:
                 actions = self._on_registry(event[1], now)
             elif kind == "lost":
                 actions = self._on_lost(event[1], event[2], now)
+            elif kind == "refused":
+                actions = self.core.admit_refused(event[2], event[1])
             else:
                 actions = self.core.tick(now)
                 for eid in self.core.silent_executors(now, self.config.heartbeat_timeout_s):
                     actions += self._on_lost(eid, "missed heartbeats", now)
         self._run(actions)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        metrics = self.admissions.metrics
+        if metrics is not None:
+            metrics.num_requests_waiting.set(self.core.num_waiting)
+            metrics.num_executors.set(len(self.core.executors))
 
     def _on_entry(self, entry_id: str, data: bytes, now: float) -> list[Action]:
         try:
@@ -213,9 +250,14 @@ class SchedulerService:
             log.error("dropping malformed entry %s: %s", entry_id, exc)
             return [Ack((entry_id,))]
         if isinstance(item, Abort):
+            self.admissions.dropped(item.request_id, "aborted")
             return self.core.abort(item.request_id, entry_id)
-        with hooks.span("scheduler.submit", item.traceparent, request_id=item.request_id):
-            return self.core.submit(item, entry_id, now)
+        self.admissions.received(item, entry_id, now)
+        actions = self.core.submit(item, entry_id, now)
+        if self.core.placement_of(item.request_id) and not any(
+                isinstance(a, Admit) and a.request.request_id == item.request_id for a in actions):
+            self.admissions.dropped(item.request_id, "already running")  # re-read after a restart
+        return actions
 
     def _on_lost(self, eid: str, reason: str, now: float) -> list[Action]:
         if eid not in self._watch_calls:
@@ -243,6 +285,8 @@ class SchedulerService:
                 self._abort(self._stubs[a.executor_id], a.executor_id, list(a.request_ids))
             elif isinstance(a, Notify):
                 notices.setdefault(a.gateway_id, []).append(a.delta)
+                if a.delta.error is not None:
+                    self.admissions.dropped(a.delta.request_id, "rejected", a.delta.error[1])
             elif isinstance(a, Ack):
                 acks.extend(a.entry_ids)
         pipe = self.redis.pipeline(transaction=False)
@@ -257,12 +301,16 @@ class SchedulerService:
 
     def _admit(self, a: Admit) -> None:
         stub = self._stubs.get(a.executor_id)
+        request = self.admissions.admitted(a.request, a.executor_id)
         try:
             if stub is None:
                 raise ConnectionError("no channel")
-            stub.Admit(pb.AdmitRequest(request=convert.engine_request_to_pb(a.request),
+            stub.Admit(pb.AdmitRequest(request=convert.engine_request_to_pb(request),
                                        admit_seq=a.admit_seq), timeout=5)
         except grpc.RpcError as exc:
+            if is_draining_error(exc):  # it admits nothing more: the request waits again
+                self._events.put(("refused", a.executor_id, a.request.request_id))
+                return
             if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
                 with self.lock:
                     actions = self.core.admit_failed(a.request.request_id,

@@ -1,13 +1,23 @@
-"""The tokenizer tier's gRPC shell: taxiway.v1.Tokenizer over TokenizerCore."""
+"""The tokenizer tier's gRPC shell: taxiway.v1.Tokenizer over TokenizerCore, with a span and a
+latency observation per call (per Detokenize message for the streams)."""
 
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from gpu_engine.errors import InvalidRequest
-from services.common import convert, hooks
+from services.common import convert
+from services.common.drain import Gate, GatedServicer
+from services.common.metrics import TokenizerMetrics
+from services.common.observe import TierObservability, model_label
 from services.common.proto import pb
-from services.common.server import GrpcServer, LazyServicer
+from services.common.server import GrpcServer
+from services.common.telemetry import extract_context
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.core import TokenizerCore, load_core
 
@@ -15,11 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class TokenizerServicer:
-    def __init__(self, core: TokenizerCore):
+    def __init__(self, core: TokenizerCore, tracer: trace.Tracer, metrics: TokenizerMetrics):
         self.core = core
+        self._tracer = tracer
+        self._metrics = metrics
 
     def Tokenize(self, request, context):
-        with hooks.span("tokenizer.tokenize", _traceparent(context)):
+        with self._span("Tokenize", context), self._timed("Tokenize"):
             ids, text = self.core.tokenize(**convert.tokenize_request_from_pb(request))
         return pb.TokenizeResponse(token_ids=ids, text=text)
 
@@ -28,26 +40,74 @@ class TokenizerServicer:
         if first is None or first.WhichOneof("kind") != "setup":
             raise InvalidRequest("the first Detokenize message must be a setup")
         detok = self.core.detokenizer(**convert.detokenize_setup_from_pb(first.setup))
-        with hooks.span("tokenizer.detokenize", _traceparent(context)):
+        # a stream: the span is not made current across yields, only ended at the stream's end
+        span = self._tracer.start_span("Detokenize", extract_context(context.invocation_metadata()),
+                                       kind=SpanKind.SERVER)
+        try:
             for msg in request_iterator:
-                text, stop = detok.add(msg.tokens.ids, flush=msg.flush)
+                with self._timed("Detokenize"):
+                    text, stop = detok.add(msg.tokens.ids, flush=msg.flush)
                 yield pb.DetokenizeResponse(new_text=text, stop=stop or "")
+        finally:
+            span.end()
 
     def GetModelInfo(self, request, context):
         return convert.model_info_to_pb(self.core.info)
 
+    def _span(self, name: str, context):
+        return self._tracer.start_as_current_span(
+            name, extract_context(context.invocation_metadata()), kind=SpanKind.SERVER)
 
-def _traceparent(context) -> str:
-    return hooks.traceparent_from_metadata(context.invocation_metadata())
+    @contextmanager
+    def _timed(self, method: str):
+        t0 = time.perf_counter()
+        yield
+        self._metrics.observe(method, time.perf_counter() - t0)
 
 
-def build(config: TokenizerConfig, core: TokenizerCore | None = None) -> GrpcServer:
-    """A started server, NOT_SERVING while the tokenizer loads, then SERVING."""
-    lazy = LazyServicer("tokenizer is still loading")
-    server = GrpcServer(config.host, config.port, {"Tokenizer": lazy},
-                        max_workers=config.max_workers).start()
-    core = core or load_core(config)
-    lazy.target = TokenizerServicer(core)
-    server.set_serving(True)
-    log.info("tokenizer tier serving %s on %s", core.info.name, server.address)
-    return server
+class TokenizerService:
+    """Listens at once (NOT_SERVING, calls UNAVAILABLE) while the tokenizer loads; then serves.
+    drain(): NOT_SERVING, new calls UNAVAILABLE, open Detokenize streams run to their end."""
+
+    def __init__(self, config: TokenizerConfig, core: TokenizerCore | None = None, *,
+                 tracer_provider: trace.TracerProvider | None = None):
+        self.config = config
+        self._core = core
+        self._provider = tracer_provider
+        self.gate = Gate("tokenizer")
+
+    def start(self) -> TokenizerService:
+        cfg = self.config
+        self.obs = TierObservability("tokenizer", host=cfg.host, metrics_port=cfg.metrics_port,
+                                     tracer_provider=self._provider)
+        gated = GatedServicer(self.gate)
+        self.server = GrpcServer(cfg.host, cfg.port, {"Tokenizer": gated},
+                                 max_workers=cfg.max_workers).start()
+        core = self._core or load_core(cfg)
+        metrics = TokenizerMetrics(model_label(core.info.name), registry=self.obs.registry)
+        gated.target = TokenizerServicer(core, self.obs.tracer, metrics)
+        self.gate.open()
+        self.server.set_serving(True)
+        log.info("tokenizer tier serving %s on %s", core.info.name, self.server.address)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def drain(self, timeout_s: float, interrupted=None) -> bool:
+        """True when every call in flight ended within timeout_s."""
+        self.gate.close("draining")  # first: nobody gets in once health says NOT_SERVING
+        self.server.set_serving(False)
+        return self.gate.wait_idle(timeout_s, interrupted)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.gate.close("stopped")
+        self.server.stop(grace)
+        self.obs.close()
+
+
+def build(config: TokenizerConfig, core: TokenizerCore | None = None, *,
+          tracer_provider: trace.TracerProvider | None = None) -> TokenizerService:
+    """A started tokenizer tier."""
+    return TokenizerService(config, core, tracer_provider=tracer_provider).start()

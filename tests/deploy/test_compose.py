@@ -47,6 +47,14 @@ def services() -> dict:
         return yaml.safe_load(f)["services"]
 
 
+def _seconds(duration: str) -> float:
+    """A compose duration ("130s", or "2m10s" as `config` prints it) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"([0-9.]+)(ms|h|m|s)", str(duration))
+    assert parts, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def check_services(services: dict) -> None:
     """The properties compose.yaml promises, on its own text or on what `config` printed."""
     assert set(services) == {"redis", *TIER_PORTS, "jaeger"}
@@ -67,7 +75,9 @@ def check_services(services: dict) -> None:
         assert svc["healthcheck"]["test"] == ["CMD", "python", "-m", "services.common.healthprobe",
                                               f"127.0.0.1:{port}"]
         assert any(v.split(":")[1].startswith("/var/cache/taxiway") for v in _volume_strings(svc))
-        assert svc["stop_grace_period"]
+        # the drain ends before Docker's SIGKILL, with 5 s left for the rest of the shutdown
+        drain = float(svc["environment"]["TAXIWAY_DRAIN_TIMEOUT_S"])
+        assert drain + 5 <= _seconds(svc["stop_grace_period"]), tier
     assert services["gateway"]["environment"]["TAXIWAY_TOKENIZER_ADDRESS"] == "dns:///tokenizer:50052"
     assert set(services["gateway"]["depends_on"]) == {"redis", "tokenizer", "scheduler"}
     assert services["executor"]["profiles"] == ["cpu"]

@@ -181,6 +181,9 @@ def test_probes_drain_and_scrape_annotations(overlay):
         assert {p["containerPort"] for p in c["ports"]} == {port, port - 50051 + 9091}
         sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
         assert pod_spec(d)["terminationGracePeriodSeconds"] >= sleep + 20
+        # SIGTERM comes after the preStop sleep; the drain must end before the SIGKILL
+        drain = float({e["name"]: e.get("value") for e in c["env"]}["TAXIWAY_DRAIN_TIMEOUT_S"])
+        assert sleep + drain + 5 <= pod_spec(d)["terminationGracePeriodSeconds"], tier
         annotations = d["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert int(annotations["prometheus.io/port"]) == port - 50051 + 9091

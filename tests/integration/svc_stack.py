@@ -40,8 +40,10 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval
 class Stack:
     def __init__(self, redis_url: str, *, executors: int = 1, fake_step_s: float = 0.005,
                  fake_num_blocks: int = 256, max_waiting: int = 1024, real_model: str | None = None,
-                 scheduler_id: str | None = None):
+                 scheduler_id: str | None = None, tracer_providers: dict | None = None):
         self.redis_url = redis_url
+        self.providers = tracer_providers or {}
+        """role -> TracerProvider (e.g. telemetry.in_memory_tracing's) for that tier."""
         self.num_executors = executors
         self.fake_step_s = fake_step_s
         self.fake_num_blocks = fake_num_blocks
@@ -57,14 +59,16 @@ class Stack:
     def start(self) -> Stack:
         redis.Redis.from_url(self.redis_url).flushdb()
         fake = self.real_model is None
-        self.tokenizer = build_tokenizer(TokenizerConfig(port=0, fake_engine=fake,
-                                                         model=self.real_model))
+        self.tokenizer = build_tokenizer(TokenizerConfig(port=0, metrics_port=0, fake_engine=fake,
+                                                         model=self.real_model),
+                                         tracer_provider=self.providers.get("tokenizer"))
         for _ in range(self.num_executors):
             self.add_executor()
         self.start_scheduler()
         self.gateway = GatewayService(GatewayConfig(
-            port=0, redis_url=self.redis_url,
-            tokenizer_address=f"127.0.0.1:{self.tokenizer.port}")).start()
+            port=0, metrics_port=0, redis_url=self.redis_url,
+            tokenizer_address=f"127.0.0.1:{self.tokenizer.port}"),
+            tracer_provider=self.providers.get("gateway")).start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.server.port}")
         self.stub = Stub(self.channel, "Gateway")
         self.wait_serving(self.channel)
@@ -73,8 +77,9 @@ class Stack:
 
     def start_scheduler(self) -> SchedulerService:
         self.scheduler = SchedulerService(SchedulerConfig(
-            port=0, redis_url=self.redis_url, scheduler_id=self.scheduler_id,
-            max_waiting=self.max_waiting, heartbeat_timeout_s=1.0, discovery_interval_s=0.1)).start()
+            port=0, metrics_port=0, redis_url=self.redis_url, scheduler_id=self.scheduler_id,
+            max_waiting=self.max_waiting, heartbeat_timeout_s=1.0, discovery_interval_s=0.1),
+            tracer_provider=self.providers.get("scheduler")).start()
         self.scheduler_channel = grpc.insecure_channel(f"127.0.0.1:{self.scheduler.server.port}")
         self.scheduler_stub = Stub(self.scheduler_channel, "Scheduler")
         return self.scheduler
@@ -84,20 +89,20 @@ class Stack:
         self.scheduler_channel.close()
 
     def add_executor(self, engine=None) -> ExecutorService:
-        cfg = ExecutorConfig(port=0, redis_url=self.redis_url,
+        cfg = ExecutorConfig(port=0, metrics_port=0, redis_url=self.redis_url,
                              executor_id=f"exec-{len(self.executors)}-{uuid.uuid4().hex[:6]}",
                              fake_engine=self.real_model is None and engine is None,
                              fake_step_s=self.fake_step_s, fake_num_blocks=self.fake_num_blocks,
                              model=self.real_model, device="cpu" if self.real_model else None,
                              dtype="float32" if self.real_model else None, **FAST)
-        ex = ExecutorService(cfg, engine=engine).start()
+        ex = ExecutorService(cfg, engine=engine, tracer_provider=self.providers.get("executor")).start()
         self.executors.append(ex)
         return ex
 
     def spawn_executor(self, executor_id: str, fake_step_s: float) -> subprocess.Popen:
         """An executor in a child process (to kill -9)."""
         args = [sys.executable, "-m", "services.serve", "--role", "executor",
-                "--fake-engine", "--fake-step-s", str(fake_step_s), "--port", "0",
+                "--fake-engine", "--fake-step-s", str(fake_step_s), "--port", "0", "--metrics-port", "0",
                 "--executor-id", executor_id, "--redis-url", self.redis_url,
                 "--heartbeat-interval-s", "0.2", "--registration-ttl-s", "1.0"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TAXIWAY_")}
