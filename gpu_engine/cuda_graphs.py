@@ -22,14 +22,8 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
     return sorted(set(ladder))
 
 
-SHORT_CONTEXT = 512
-"""Small decode batches whose contexts all fit this are replayed from a second graph whose
-attention runs unsplit: one kernel per layer instead of a split pass plus a combine pass."""
-SHORT_MAX_BATCH = 8
-
-
 class DecodeGraphs:
-    """Static input buffers and captured forwards per (batch size, short-context variant)."""
+    """Static input buffers and one captured forward per batch size."""
 
     def __init__(self, runner, max_num_seqs: int):
         self.runner = runner
@@ -43,7 +37,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def capture(self) -> float:
         """Capture every size, largest first, sharing one memory pool; returns seconds taken."""
@@ -51,27 +45,25 @@ class DecodeGraphs:
         self.seq_lens.fill_(1)
         pool = None
         r = self.runner
-        variants = [(size, False) for size in reversed(self.sizes)]
-        variants += [(size, True) for size in reversed(self.sizes) if size <= SHORT_MAX_BATCH]
-        for size, short in variants:
-            meta = self._meta(size, short)
+        for size in reversed(self.sizes):
+            meta = self._meta(size)
             r.model(self.input_ids[:size], self.positions[:size], r.kv_caches, meta, r.cos_sin, r.ops)
             torch.cuda.synchronize(r.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = r.model(self.input_ids[:size], self.positions[:size], r.kv_caches, meta, r.cos_sin, r.ops)
             pool = graph.pool()
-            self.graphs[(size, short)] = (graph, out)
+            self.graphs[size] = (graph, out)
         self.seq_lens.zero_()
         torch.cuda.synchronize(r.device)
         return time.perf_counter() - start
 
-    def _meta(self, size: int, short: bool = False) -> AttentionMetadata:
+    def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size], query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size], num_decodes=size,
             max_query_len=1, max_seq_len=self.runner.max_model_len,
-            query_start_loc_host=[], seq_lens_host=[], num_splits=1 if short else None,
+            query_start_loc_host=[], seq_lens_host=[],
         )
 
     def padded_size(self, batch: int) -> int | None:
@@ -103,8 +95,7 @@ class DecodeGraphs:
         if feed is not None:
             rows, tokens = feed
             self.input_ids[rows] = tokens
-        short = size <= SHORT_MAX_BATCH and int(host.seq_lens.max()) <= SHORT_CONTEXT
-        graph, out = self.graphs[(size, short)]
+        graph, out = self.graphs[size]
         graph.replay()
         return out[:b]
 

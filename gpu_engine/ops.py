@@ -27,7 +27,6 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
-    num_splits: int | None = None  # decode split-K factor; None lets the kernel choose
 
 
 class TorchOps:

@@ -34,5 +34,4 @@ class TritonOps:
         return triton_attention.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
             sliding_window=sliding_window, num_decodes=meta.num_decodes, max_query_len=meta.max_query_len,
-            num_splits=meta.num_splits,
         )

@@ -79,10 +79,3 @@ def test_sampled_decoding_runs_under_graphs(tiny_llama):
     a = run(llm, PROMPTS[:8], params)
     b = run(llm, PROMPTS[:8], params)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
-
-
-def test_small_batches_use_the_unsplit_short_context_graphs(tiny_llama, cpu_reference):
-    llm = LLM(tiny_llama, device="cuda", dtype="float32", num_kv_blocks=256, max_model_len=512, max_num_seqs=4)
-    assert any(short for _, short in llm.engine.runner.graphs.graphs)
-    got = run(llm, PROMPTS[:4])
-    assert [g.token_ids for g in got] == [w.token_ids for w in cpu_reference["llama"][:4]]
