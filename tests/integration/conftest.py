@@ -15,13 +15,16 @@ from services.common.redis_server import EmbeddedRedis
 def _docker_redis():
     try:
         import docker
-        from testcontainers.redis import RedisContainer
     except ImportError:
         return None
     try:
         docker.from_env().ping()
     except Exception:  # noqa: BLE001 - no engine answers
         return None
+    try:
+        from testcontainers.community.redis import RedisContainer
+    except ImportError:
+        from testcontainers.redis import RedisContainer
     container = RedisContainer("redis:7-alpine").start()
     host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
     return container, f"redis://{host}:{port}/0"
