@@ -24,7 +24,10 @@ def _docker_redis():
     try:
         from testcontainers.community.redis import RedisContainer
     except ImportError:
-        from testcontainers.redis import RedisContainer
+        try:
+            from testcontainers.redis import RedisContainer
+        except ImportError:
+            return None
     container = RedisContainer("redis:7-alpine").start()
     host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
     return container, f"redis://{host}:{port}/0"
