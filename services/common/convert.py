@@ -7,7 +7,8 @@ import dataclasses
 
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from services.common.proto import pb
-from services.common.types import Abort, Delta, EngineRequest, ExecutorState, KvEvent, ModelInfo
+from services.common.types import (Abort, Delta, Ended, EngineRequest, ExecutorState, KvEvent,
+                                    ModelInfo)
 
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs")
 _PLAIN_SAMPLING = ("min_tokens", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -142,6 +143,8 @@ def state_to_pb(s: ExecutorState):
     msg.running_request_ids.extend(s.running_request_ids)
     for e in s.kv_events:
         msg.kv_events.add(stored=e.stored, block_hash=e.block_hash)
+    for e in s.ended:
+        msg.ended.add(request_id=e.request_id, attempt=e.attempt)
     return msg
 
 
@@ -150,7 +153,8 @@ def state_from_pb(msg) -> ExecutorState:
         **{k: getattr(msg, k) for k in _STATE_SCALARS},
         finished_request_ids=tuple(msg.finished_request_ids),
         running_request_ids=tuple(msg.running_request_ids),
-        kv_events=tuple(KvEvent(e.stored, e.block_hash) for e in msg.kv_events))
+        kv_events=tuple(KvEvent(e.stored, e.block_hash) for e in msg.kv_events),
+        ended=tuple(Ended(e.request_id, e.attempt) for e in msg.ended))
 
 
 # -- model info ----------------------------------------------------------------------------------------

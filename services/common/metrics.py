@@ -159,6 +159,16 @@ class SchedulerMetrics:
             PREFIX + "num_executors", "Live executors registered in Redis.", m, registry=r).labels(model_name)
 
 
+def scheduler_is_leader_gauge(registry: CollectorRegistry) -> Gauge:
+    """`taxiway:scheduler_is_leader`: 1 while this scheduler holds the leader lock and admits, 0
+    while it stands by. Made at start-up, before the model is known (a standby never learns it),
+    so it has no model_name label; each scheduler pod is its own scrape target."""
+    _no_created_series()
+    return Gauge(PREFIX + "scheduler_is_leader",
+                 "1 while this scheduler holds the leader lock and admits, 0 on standby.",
+                 registry=registry)
+
+
 class ExecutorMetrics:
     """One executor's batch, KV cache and step loop."""
 

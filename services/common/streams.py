@@ -6,6 +6,8 @@
                                 XADDs notices (rejections, executor lost); the gateway XREADs it
     taxiway:executor:<id>       an executor's registration (JSON: id, address, model), with a TTL
                                 that its heartbeat refreshes
+    taxiway:scheduler:leader    the id of the scheduler that admits (services/scheduler/leader.py),
+                                with a TTL that the leader renews
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from __future__ import annotations
 import json
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 REQUESTS_STREAM = "taxiway:requests"
 SCHEDULER_GROUP = "taxiway-schedulers"
 EXECUTOR_PREFIX = "taxiway:executor:"
+SCHEDULER_LEADER_KEY = "taxiway:scheduler:leader"
 FIELD = b"m"
 OUT_STREAM_MAXLEN = 100_000
 """Approximate cap of each output stream (entries): a gateway that died leaves a bounded stream."""
@@ -28,8 +33,13 @@ def out_stream(gateway_id: str) -> str:
     return f"taxiway:out:{gateway_id}"
 
 
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+def connect(url: str, timeout_s: float | None = None, retries: int | None = None) -> redis.Redis:
+    """A client; timeout_s bounds each command's wait for its reply (None: no bound); retries:
+    how often a command is retried at once after a connection error (None: redis-py's default,
+    a few times with backoff)."""
+    extra = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=timeout_s,
+                                health_check_interval=30, **extra)
 
 
 def ensure_group(r: redis.Redis) -> None:
@@ -38,6 +48,41 @@ def ensure_group(r: redis.Redis) -> None:
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+_FORGET_CONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+def claim_pending(r: redis.Redis, consumer: str, min_idle_ms: int, *, forget: bool = False,
+                  batch: int = 1000) -> list[tuple[bytes, dict | None]]:
+    """Moves to `consumer` the request entries that every other consumer of the schedulers' group
+    read, did not acknowledge, and left idle at least min_idle_ms; returns them as XREADGROUP
+    does (id, fields), in id order. forget: then deletes those consumers from the group, each only if nothing
+    is pending for it any more (atomically, so a late read of theirs is never dropped)."""
+    claimed: list[tuple[bytes, dict | None]] = []
+    forget_script = r.register_script(_FORGET_CONSUMER) if forget else None
+    for info in r.xinfo_consumers(REQUESTS_STREAM, SCHEDULER_GROUP):
+        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+        if name == consumer:
+            continue
+        start = "-"
+        while info["pending"]:  # pages of its pending entries, in id order
+            pending = r.xpending_range(REQUESTS_STREAM, SCHEDULER_GROUP, start, "+", batch,
+                                       consumername=name, idle=min_idle_ms)
+            ids = [p["message_id"] for p in pending]
+            if ids:
+                claimed += r.xclaim(REQUESTS_STREAM, SCHEDULER_GROUP, consumer, min_idle_ms, ids)
+            if len(ids) < batch:
+                break
+            start = "(" + (ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1])
+        if forget_script is not None:
+            forget_script(keys=[REQUESTS_STREAM], args=[SCHEDULER_GROUP, name])
+    return sorted(claimed, key=lambda e: tuple(int(x) for x in e[0].split(b"-")))
 
 
 def register_executor(r: redis.Redis, executor_id: str, info: dict, ttl_s: float) -> None:

@@ -66,6 +66,14 @@ class KvEvent:
 
 
 @dataclass(frozen=True)
+class Ended:
+    """A request that ended on an executor on its own (finished, or failed there), not aborted."""
+
+    request_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class ExecutorState:
     """An executor's published state (see executor.proto ExecutorState)."""
 
@@ -85,6 +93,7 @@ class ExecutorState:
     finished_request_ids: tuple[str, ...] = ()
     running_request_ids: tuple[str, ...] = ()
     kv_events: tuple[KvEvent, ...] = ()
+    ended: tuple[Ended, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from services.common import errors
 from services.common.convert import engine_params
 from services.common.metrics import ExecutorMetrics
 from services.common.telemetry import PassThroughTracerProvider
-from services.common.types import Delta, EngineRequest, ExecutorState, KvEvent
+from services.common.types import Delta, Ended, EngineRequest, ExecutorState, KvEvent
 from services.executor.observe import RequestTrace, StepMetrics
 from services.executor.state import StateBoard
 
@@ -63,6 +63,8 @@ class ExecutorCore:
         self._tracked: dict[str, _Tracked] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._last_admit_seq = 0
+        self._ended: list[Ended] = []
+        """Requests that ended on their own this step (finished, or failed here)."""
         self._republish = False
         self._publish([], [])
 
@@ -123,6 +125,7 @@ class ExecutorCore:
         if busy or admits or aborts or finished or republish:
             self._publish(finished, [KvEvent(kind == "stored", h)
                                      for kind, h in self.engine.take_kv_events()])
+            self._ended = []
         return busy or bool(admits or aborts)
 
     def _add(self, req: EngineRequest, out: dict[str, list[Delta]], finished: list[str]) -> None:
@@ -137,6 +140,7 @@ class ExecutorCore:
         except TaxiwayError as exc:
             out[req.gateway_id].append(Delta(rid, req.attempt, error=errors.to_wire(exc)))
             finished.append(rid)
+            self._ended.append(Ended(rid, req.attempt))
             spans.dropped("refused", str(exc))
             return
         self._tracked[rid] = _Tracked(req.gateway_id, req.attempt, len(req.prior_output_token_ids),
@@ -165,6 +169,7 @@ class ExecutorCore:
             out[t.gateway_id].append(Delta(rid, t.attempt, t.next_index, finish_reason="abort",
                                            error=err))
             self._drop([rid], finished, "deadline", err[1])
+            self._ended.append(Ended(rid, t.attempt))
 
     def _collect(self, output, out: dict[str, list[Delta]], finished: list[str]) -> None:
         t = self._tracked.get(output.request_id)
@@ -188,6 +193,7 @@ class ExecutorCore:
         if output.finished:
             del self._tracked[output.request_id]
             finished.append(output.request_id)
+            self._ended.append(Ended(output.request_id, t.attempt))
             t.trace.finished(c.finish_reason or "stop", t.next_index)
 
     def _publish(self, finished: list[str], kv_events: list[KvEvent]) -> None:
@@ -200,7 +206,7 @@ class ExecutorCore:
             num_waiting=s.num_waiting, prefill_backlog_tokens=s.prefill_backlog_tokens,
             max_num_seqs=max_num_seqs(self.engine), last_admit_seq=self._last_admit_seq,
             max_model_len=engine_max_model_len(self.engine), draining=self.draining)
-        self.board.publish(state, finished, kv_events, frozenset(self._tracked))
+        self.board.publish(state, finished, kv_events, frozenset(self._tracked), self._ended)
 
 
 def engine_max_model_len(engine) -> int:

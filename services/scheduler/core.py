@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gpu_engine.errors import DeadlineExceeded, Overloaded
 from services.common import errors
-from services.common.types import Delta, EngineRequest, ExecutorState
+from services.common.types import Delta, Ended, EngineRequest, ExecutorState
 from services.scheduler.policy import CapacityPolicy, ExecutorView, PlacementPolicy, prompt_hashes
 
 
@@ -74,6 +74,9 @@ class SchedulerCore:
         self._waiting: set[str] = set()
         self._orphans: dict[str, tuple[str, float]] = {}
         """Request id -> (executor id, since): running on an executor we have no entry for yet."""
+        self._ended: dict[str, tuple[int, float]] = {}
+        """Request id -> (attempt, since): ended on an executor on its own while we had no entry
+        for it (after a restart or a takeover); its entry, once read, is acknowledged."""
         self._tiebreak = itertools.count()
 
     @property
@@ -102,6 +105,9 @@ class SchedulerCore:
             self._waiting.discard(rid)
         else:
             actions = []
+        ended = self._ended.pop(rid, None)
+        if ended is not None and rid not in self._orphans and ended[0] >= req.attempt:
+            return actions + [Ack((entry_id,))]  # it ran to its end while no scheduler followed it
         if req.deadline is not None and req.deadline <= now:
             return actions + self._reject(req, entry_id, DeadlineExceeded(
                 f"request {rid} passed its deadline while queued"))
@@ -165,6 +171,8 @@ class SchedulerCore:
                 del self._orphans[rid]
                 if eid in self.executors:
                     actions.append(self._abort_on(self.executors[eid], [rid]))
+        for rid in [r for r, (_, since) in self._ended.items() if now - since > self.orphan_grace_s]:
+            del self._ended[rid]
         for rid, record in list(self._requests.items()):
             if record.lost_at is not None and now - record.lost_at > self.lost_grace_s:
                 del self._requests[rid]  # its gateway never resubmitted: gone too
@@ -191,12 +199,17 @@ class SchedulerCore:
         for e in state.kv_events:
             (view.cached.add if e.stored else view.cached.discard)(e.block_hash)
         actions: list[Action] = []
+        followed = set()
         for rid in state.finished_request_ids:
             record = self._requests.get(rid)
             if record is not None and record.executor_id == view.executor_id:
                 del self._requests[rid]
                 view.requests.discard(rid)
                 actions.append(Ack((record.entry_id,)))
+                followed.add(rid)
+            elif self._orphans.get(rid, ("",))[0] == view.executor_id:
+                del self._orphans[rid]  # it no longer runs there
+        actions += self._settle_ended([e for e in state.ended if e.request_id not in followed], now)
         if state.full:
             actions += self._reconcile(view, set(state.running_request_ids), now)
         return actions + self.schedule()
@@ -290,6 +303,21 @@ class SchedulerCore:
                 stale.append(rid)
         if stale:
             actions.append(self._abort_on(view, sorted(stale)))
+        return actions
+
+    def _settle_ended(self, ended: list[Ended], now: float) -> list[Action]:
+        """Requests that ended on an executor on their own and that we did not follow there (we
+        restarted or took over): acknowledge a waiting one, remember one we have not read yet."""
+        actions: list[Action] = []
+        for e in ended:
+            record = self._requests.get(e.request_id)
+            if record is None:
+                self._ended[e.request_id] = (e.attempt, now)
+            elif (e.request_id in self._waiting and record.lost_at is None
+                  and e.attempt >= record.request.attempt):
+                del self._requests[e.request_id]
+                self._waiting.discard(e.request_id)
+                actions.append(Ack((record.entry_id,)))
         return actions
 
     def _reject(self, req: EngineRequest, entry_id: str, exc: Exception) -> list[Action]:

@@ -1,33 +1,32 @@
-"""The scheduler tier's shell: reads taxiway:requests through the consumer group, finds executors
-in Redis, watches their state streams, and runs SchedulerCore's actions (Admit / Abort over gRPC,
-notices to gateways, XACK). One thread owns the core; the others only feed it events."""
+"""The scheduler tier's shell: the leader lock, and the term of leadership it runs while it holds
+it (services/scheduler/term.py: executors, the request stream, admission).
+
+Every scheduler serves GetState and reports SERVING; only the one that holds the leader lock
+(`taxiway:scheduler:leader`) admits. The lease thread acquires the lock while standing by (every
+ttl/5), renews it while leading (every ttl/3), and ends the term when a renewal says the lock is
+lost or when none succeeded for ttl - ttl/4 (the term's fence has stopped it by then already).
+"""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
-
-import grpc
 
 from opentelemetry import trace
 
-from services.common import convert, errors, server, streams
-from services.common.drain import is_draining_error, wait_until
-from services.common.metrics import SchedulerMetrics
-from services.common.observe import TierObservability, model_label
-from services.common.proto import Stub, pb
+from services.common import streams
+from services.common.drain import wait_until
+from services.common.metrics import SchedulerMetrics, scheduler_is_leader_gauge
+from services.common.observe import TierObservability
+from services.common.proto import pb
 from services.common.server import GrpcServer
-from services.common.types import Abort, Delta
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.core import AbortOn, Ack, Action, Admit, Notify, SchedulerCore
-from services.scheduler.observe import Admissions
-from services.scheduler.policy import CapacityPolicy
+from services.scheduler.leader import LeaderLock
+from services.scheduler.term import READ_BLOCK_MS, Term
 
 log = logging.getLogger(__name__)
-READ_BLOCK_MS = 500
-TICK_S = 0.2
+REDIS_TIMEOUT_S = 5.0
+"""Longest wait for a Redis reply on the term's connections (the stream read adds its block)."""
 
 
 class SchedulerServicer:
@@ -35,296 +34,179 @@ class SchedulerServicer:
         self._service = service
 
     def GetState(self, request, context):
-        with self._service.lock:
-            core = self._service.core
-            views = [pb.ExecutorView(
+        svc = self._service
+        state = pb.SchedulerState(scheduler_id=svc.scheduler_id, leader_id=svc.leader_id or "")
+        term = svc.term
+        if term is None:
+            return state
+        state.is_leader = True
+        with term.lock:
+            core = term.core
+            state.num_waiting = core.num_waiting
+            state.executors.extend(pb.ExecutorView(
                 executor_id=v.executor_id, address=v.address, num_requests=len(v.requests),
                 num_admitted=v.num_admitted,
                 num_free_blocks=v.state.num_free_blocks if v.state else 0,
                 num_total_blocks=v.state.num_total_blocks if v.state else 0)
-                for v in core.executors.values()]
-            return pb.SchedulerState(num_waiting=core.num_waiting, executors=views)
+                for v in core.executors.values())
+        return state
 
 
 class SchedulerService:
-    """start(): reads the request stream and admits. drain(): NOT_SERVING, stops reading the
-    request stream (new entries stay there for another scheduler, or for this one's restart), and
-    keeps admitting what it had read and following it until every request is over."""
+    """start(): serves, and leads or stands by. drain(): NOT_SERVING, stops reading the request
+    stream (new entries stay there for the next leader), keeps admitting what it had read and
+    following it until every request is over, then hands the lock back. stop(): ends the term
+    and hands the lock back at once."""
 
     def __init__(self, config: SchedulerConfig, *,
                  tracer_provider: trace.TracerProvider | None = None):
         self.config = config
+        self.scheduler_id = config.resolved_id()
+        self.term: Term | None = None
+        """The current term while this scheduler leads; None on standby."""
+        self.leader_id: str | None = None
+        """Who held the lock when this scheduler last looked."""
         self._provider = tracer_provider
-        self.core = SchedulerCore(
-            max_waiting=config.max_waiting,
-            capacity=CapacityPolicy(config.kv_watermark, config.max_prefill_backlog_tokens))
-        self.lock = threading.Lock()
-        self._events: queue.Queue = queue.Queue()
+        self._term_mutex = threading.Lock()
         self._stopping = threading.Event()
         self._draining = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, Stub] = {}
-        self._watch_calls: dict[str, object] = {}
-        self._lost_at: dict[str, float] = {}
+        self._first_round = threading.Event()
+        self._metrics: SchedulerMetrics | None = None
+        ttl = config.leader_ttl_s
+        self._renew_s, self._poll_s = ttl / 3, ttl / 5
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> SchedulerService:
-        if not self.config.redis_url:
+        cfg = self.config
+        if not cfg.redis_url:
             raise ValueError("the scheduler needs --redis-url (or REDIS_URL)")
-        self.obs = TierObservability("scheduler", host=self.config.host,
-                                     metrics_port=self.config.metrics_port,
+        self.obs = TierObservability("scheduler", host=cfg.host, metrics_port=cfg.metrics_port,
                                      tracer_provider=self._provider)
-        self.admissions = Admissions(self.obs.tracer)
-        self.server = GrpcServer(self.config.host, self.config.port,
-                                 {"Scheduler": SchedulerServicer(self)},
-                                 max_workers=self.config.max_workers).start()
-        self.redis = streams.connect(self.config.redis_url)
-        self.reader_redis = streams.connect(self.config.redis_url)
+        self.is_leader_gauge = scheduler_is_leader_gauge(self.obs.registry)
+        self.server = GrpcServer(cfg.host, cfg.port, {"Scheduler": SchedulerServicer(self)},
+                                 max_workers=cfg.max_workers).start()
+        self.redis = streams.connect(cfg.redis_url, REDIS_TIMEOUT_S)
+        self.reader_redis = streams.connect(cfg.redis_url, READ_BLOCK_MS / 1000 + REDIS_TIMEOUT_S)
         streams.ensure_group(self.redis)
-        self._handle(("registry", streams.list_executors(self.redis)))
-        self._await_first_states(timeout=2 * self.config.heartbeat_timeout_s)
-        self._spawn(self._main_loop, "scheduler-main")
-        self._spawn(self._read_requests, "request-reader")
-        self._spawn(self._discovery_loop, "discovery")
+        # its own connection: a reply may take a quarter of the TTL, and one retry at most
+        self.lease_redis = streams.connect(cfg.redis_url, cfg.leader_ttl_s / 4, retries=1)
+        self.lease = LeaderLock(self.lease_redis, self.scheduler_id, ttl_s=cfg.leader_ttl_s)
+        self._lease_thread = threading.Thread(target=self._lease_loop, name="leader-lease",
+                                              daemon=True)
+        self._lease_thread.start()
+        self._first_round.wait(cfg.leader_ttl_s)
+        term = self.term
+        if term is not None:  # it leads: serve once it reads requests, as a lone scheduler did
+            wait_until(lambda: term.started.is_set() or term.failed.is_set(),
+                       2 * cfg.heartbeat_timeout_s + 1)
         self.server.set_serving(True)
-        log.info("scheduler %s serving on %s", self.config.scheduler_id, self.server.address)
+        log.info("scheduler %s serving on %s (%s)", self.scheduler_id, self.server.address,
+                 "leader" if term is not None else f"standby; {self.leader_id or 'nobody'} leads")
         return self
 
     def drain(self, timeout_s: float, interrupted: threading.Event | None = None) -> bool:
         """True when every request it had read was over within timeout_s."""
-        self._draining.set()
+        self._draining.set()  # the reader stops, and a standby never takes the lock
         self.server.set_serving(False)
-        return wait_until(lambda: self.core.num_requests == 0, timeout_s, interrupted)
+        done = wait_until(lambda: (t := self.term) is None or t.core.num_requests == 0,
+                          timeout_s, interrupted)
+        if done:
+            self._resign("drained", logging.INFO)
+        return done
 
     def stop(self) -> None:
         self._draining.set()
         self._stopping.set()
-        for call in list(self._watch_calls.values()):
-            call.cancel()
+        self._lease_thread.join(self.config.leader_ttl_s)
+        self._resign("stopping", logging.INFO)
         self.server.stop(1.0)
-        for t in self._threads:
-            t.join(5)
-        for ch in self._channels.values():
-            ch.close()
-        self.admissions.close()
         self.obs.close()
 
-    def _spawn(self, target, name: str, *args) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+    # -- leadership (the lease thread) ---------------------------------------------------------------
 
-    # -- event sources (their own threads) -----------------------------------------------------------
-
-    def _read_requests(self) -> None:
-        """Own unacknowledged entries first (a restart), then entries other schedulers left idle,
-        then new ones."""
-        r, cfg = self.reader_redis, self.config
-        pending = "0"  # cursor through our own unacknowledged entries; None once done
-        while not self._draining.is_set():
-            try:
-                if pending is not None:
-                    got = r.xreadgroup(streams.SCHEDULER_GROUP, cfg.scheduler_id,
-                                       {streams.REQUESTS_STREAM: pending}, count=256)
-                    entries = got[0][1] if got else []
-                    if entries:
-                        pending = entries[-1][0]
-                    else:
-                        pending = None
-                        _, entries, *_ = r.xautoclaim(
-                            streams.REQUESTS_STREAM, streams.SCHEDULER_GROUP, cfg.scheduler_id,
-                            min_idle_time=int(cfg.claim_idle_s * 1000), count=1024)
-                else:
-                    got = r.xreadgroup(streams.SCHEDULER_GROUP, cfg.scheduler_id,
-                                       {streams.REQUESTS_STREAM: ">"}, count=256, block=READ_BLOCK_MS)
-                    entries = got[0][1] if got else []
-                for entry_id, fields in entries:  # fields is empty for an entry trimmed away
-                    self._events.put(("entry", entry_id.decode(), (fields or {}).get(streams.FIELD, b"")))
-            except Exception:  # noqa: BLE001 - Redis hiccup: back off and read again
-                if self._draining.is_set():
-                    return
-                log.exception("reading %s failed", streams.REQUESTS_STREAM)
-                self._stopping.wait(1.0)
-
-    def _discovery_loop(self) -> None:
-        while not self._stopping.wait(self.config.discovery_interval_s):
-            try:
-                self._events.put(("registry", streams.list_executors(self.redis)))
-            except Exception:  # noqa: BLE001
-                log.exception("executor discovery failed")
-
-    def _on_registry(self, registered: dict[str, dict], now: float) -> list[Action]:
-        actions: list[Action] = []
-        for eid, info in registered.items():
-            recently_lost = now - self._lost_at.get(eid, -1e18) < self.config.heartbeat_timeout_s
-            if eid not in self._watch_calls and not recently_lost:
-                self.core.executor_found(eid, info["address"], now)
-                self._watch(eid, info["address"])
-            if self.admissions.metrics is None and info.get("model"):
-                self.admissions.metrics = SchedulerMetrics(model_label(info["model"]),
-                                                           registry=self.obs.registry)
-        for eid in list(self._watch_calls):
-            if eid not in registered:  # its registration expired: missed heartbeats
-                actions += self._on_lost(eid, "registration expired", now)
-        return actions
-
-    def _watch(self, eid: str, address: str) -> None:
-        channel = server.channel(address)
-        self._channels[eid] = channel
-        self._stubs[eid] = Stub(channel, "Executor")
-        call = self._stubs[eid].WatchState(pb.WatchStateRequest())
-        self._watch_calls[eid] = call
-        self._spawn(self._watch_loop, f"watch-{eid}", eid, call)
-
-    def _watch_loop(self, eid: str, call) -> None:
-        try:
-            for msg in call:
-                self._events.put(("state", eid, convert.state_from_pb(msg)))
-            reason = "state stream ended"
-        except grpc.RpcError as exc:
-            reason = f"state stream broke: {exc.code().name}"
-        if not self._stopping.is_set():
-            self._events.put(("lost", eid, reason))
-
-    def _await_first_states(self, timeout: float) -> None:
-        """Before reading requests: learn what each executor already runs (after a restart)."""
-        deadline = time.monotonic() + timeout
-        pending = set(self._watch_calls)
-        while pending and time.monotonic() < deadline:
-            try:
-                event = self._events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self._handle(event)
-            if event[0] in ("state", "lost"):
-                pending.discard(event[1])
-
-    # -- the core's thread ----------------------------------------------------------------------------
-
-    def _main_loop(self) -> None:
-        next_tick = time.monotonic()
+    def _lease_loop(self) -> None:
         while not self._stopping.is_set():
+            term = self.term
             try:
-                event = self._events.get(timeout=TICK_S)
-            except queue.Empty:
-                event = None
-            if event is not None:
-                self._handle(event)
-            if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + TICK_S
-                self._handle(("tick",))
+                wait = self._try_to_lead() if term is None else self._keep_leading(term)
+            except Exception:  # noqa: BLE001 - the lease thread must not die
+                log.exception("scheduler %s: leader election failed", self.scheduler_id)
+                wait = self._poll_s
+            self._first_round.set()
+            self._stopping.wait(wait)
 
-    def _handle(self, event: tuple) -> None:
-        now = time.time()
-        kind = event[0]
-        with self.lock:
-            if kind == "entry":
-                actions = self._on_entry(event[1], event[2], now)
-            elif kind == "state":
-                actions = self.core.executor_state(event[2], now)
-            elif kind == "registry":
-                actions = self._on_registry(event[1], now)
-            elif kind == "lost":
-                actions = self._on_lost(event[1], event[2], now)
-            elif kind == "refused":
-                actions = self.core.admit_refused(event[2], event[1])
-            else:
-                actions = self.core.tick(now)
-                for eid in self.core.silent_executors(now, self.config.heartbeat_timeout_s):
-                    actions += self._on_lost(eid, "missed heartbeats", now)
-        self._run(actions)
-        self._gauges()
-
-    def _gauges(self) -> None:
-        metrics = self.admissions.metrics
-        if metrics is not None:
-            metrics.num_requests_waiting.set(self.core.num_waiting)
-            metrics.num_executors.set(len(self.core.executors))
-
-    def _on_entry(self, entry_id: str, data: bytes, now: float) -> list[Action]:
+    def _try_to_lead(self) -> float:
+        if self._draining.is_set():
+            return self._poll_s
         try:
-            item = convert.queue_entry_from_bytes(data)
-        except Exception as exc:  # noqa: BLE001 - a malformed entry must not stop the queue
-            log.error("dropping malformed entry %s: %s", entry_id, exc)
-            return [Ack((entry_id,))]
-        if isinstance(item, Abort):
-            self.admissions.dropped(item.request_id, "aborted")
-            return self.core.abort(item.request_id, entry_id)
-        self.admissions.received(item, entry_id, now)
-        actions = self.core.submit(item, entry_id, now)
-        if self.core.placement_of(item.request_id) and not any(
-                isinstance(a, Admit) and a.request.request_id == item.request_id for a in actions):
-            self.admissions.dropped(item.request_id, "already running")  # re-read after a restart
-        return actions
+            won = self.lease.acquire()
+        except Exception as exc:  # noqa: BLE001 - Redis may come back
+            log.warning("scheduler %s cannot reach Redis for the leader lock: %s",
+                        self.scheduler_id, exc)
+            return self._poll_s
+        if won:
+            self._begin_term()
+            return self._renew_s
+        if self.lease.holder != self.leader_id:
+            log.info("scheduler %s stands by; %s leads", self.scheduler_id, self.lease.holder)
+        self.leader_id = self.lease.holder
+        return self._poll_s
 
-    def _on_lost(self, eid: str, reason: str, now: float) -> list[Action]:
-        if eid not in self._watch_calls:
-            return []
-        log.warning("executor %s lost (%s); its requests go back to their gateways", eid, reason)
-        self._lost_at[eid] = now
-        self._watch_calls.pop(eid).cancel()
-        stub = self._stubs.pop(eid, None)
-        channel = self._channels.pop(eid, None)
-        actions = self.core.executor_lost(eid, now)
-        lost = [a.delta.request_id for a in actions if isinstance(a, Notify)]
-        if stub is not None and lost:  # best effort: a partitioned executor may still run them
-            self._abort(stub, eid, lost)
-        if channel is not None:
-            channel.close()
-        return actions
-
-    def _run(self, actions: list[Action]) -> None:
-        notices: dict[str, list[Delta]] = {}
-        acks: list[str] = []
-        for a in actions:
-            if isinstance(a, Admit):
-                self._admit(a)
-            elif isinstance(a, AbortOn) and a.executor_id in self._stubs:
-                self._abort(self._stubs[a.executor_id], a.executor_id, list(a.request_ids))
-            elif isinstance(a, Notify):
-                notices.setdefault(a.gateway_id, []).append(a.delta)
-                if a.delta.error is not None:
-                    self.admissions.dropped(a.delta.request_id, "rejected", a.delta.error[1])
-            elif isinstance(a, Ack):
-                acks.extend(a.entry_ids)
-        pipe = self.redis.pipeline(transaction=False)
-        for gateway_id, deltas in notices.items():
-            pipe.xadd(streams.out_stream(gateway_id),
-                      {streams.FIELD: convert.output_batch_to_bytes("scheduler", deltas)},
-                      maxlen=streams.OUT_STREAM_MAXLEN, approximate=True)
-        if acks:
-            pipe.xack(streams.REQUESTS_STREAM, streams.SCHEDULER_GROUP, *acks)
-        if notices or acks:
-            pipe.execute()
-
-    def _admit(self, a: Admit) -> None:
-        stub = self._stubs.get(a.executor_id)
-        request = self.admissions.admitted(a.request, a.executor_id)
+    def _keep_leading(self, term: Term) -> float:
+        if not self.lease.valid:
+            self._resign(f"the leader lock went unrenewed for "
+                         f"{self.lease.ttl_s - self.lease.fence_margin_s:.1f}s (fenced)")
+            return self._poll_s
+        if term.failed.is_set():
+            self._resign("its term failed (logged above); it starts again from Redis")
+            return self._poll_s
         try:
-            if stub is None:
-                raise ConnectionError("no channel")
-            stub.Admit(pb.AdmitRequest(request=convert.engine_request_to_pb(request),
-                                       admit_seq=a.admit_seq), timeout=5)
-        except grpc.RpcError as exc:
-            if is_draining_error(exc):  # it admits nothing more: the request waits again
-                self._events.put(("refused", a.executor_id, a.request.request_id))
-                return
-            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
-                with self.lock:
-                    actions = self.core.admit_failed(a.request.request_id,
-                                                     errors.from_rpc_error(exc))
-                self._run(actions)
-                return
-            log.warning("admit of %s on %s failed: %s", a.request.request_id, a.executor_id, exc)
-            self._events.put(("lost", a.executor_id, "admit failed"))
-        except ConnectionError:
-            self._events.put(("lost", a.executor_id, "no channel"))
+            held = self.lease.renew()
+        except Exception as exc:  # noqa: BLE001 - the fence decides when to give up
+            log.warning("scheduler %s could not renew the leader lock (%s); it stops admitting in "
+                        "%.1fs unless a renewal succeeds", self.scheduler_id, exc,
+                        self.lease.remaining_s)
+            return min(self._poll_s, self.lease.remaining_s)
+        if not held:
+            self._end_term("another scheduler holds the leader lock")
+            return self._poll_s
+        return min(self._renew_s, self.lease.remaining_s)
 
-    @staticmethod
-    def _abort(stub: Stub, executor_id: str, request_ids: list[str]) -> None:
+    def _begin_term(self) -> None:
+        term = Term(self.config, self.scheduler_id, self.lease, redis_client=self.redis,
+                    reader_redis=self.reader_redis, tracer=self.obs.tracer,
+                    metrics_for=self._metrics_for, draining=self._draining)
+        with self._term_mutex:
+            self.term = term
+        self.leader_id = self.scheduler_id
+        self.is_leader_gauge.set(1)
+        log.info("scheduler %s leads: it holds %s (ttl %.1fs)", self.scheduler_id,
+                 self.lease.key, self.lease.ttl_s)
+        term.start()
+
+    def _end_term(self, reason: str, level: int = logging.WARNING) -> None:
+        with self._term_mutex:
+            term, self.term = self.term, None
+        if term is None:
+            return
+        self.is_leader_gauge.set(0)
+        log.log(level, "scheduler %s stops leading: %s", self.scheduler_id, reason)
+        term.stop()
+        if self._metrics is not None:  # a standby reports no queue
+            self._metrics.num_requests_waiting.set(0)
+            self._metrics.num_executors.set(0)
+
+    def _resign(self, reason: str, level: int = logging.WARNING) -> None:
+        """Ends the term, then deletes the lock if it still holds our id."""
+        self._end_term(reason, level)
         try:
-            stub.Abort(pb.AbortRequest(request_ids=request_ids), timeout=1)
-        except grpc.RpcError as exc:
-            log.info("abort on %s failed (%s); it is going away anyway", executor_id, exc.code())
+            self.lease.release()
+        except Exception as exc:  # noqa: BLE001 - then it expires on its own
+            log.info("scheduler %s could not release the leader lock: %s", self.scheduler_id, exc)
+
+    def _metrics_for(self, model: str) -> SchedulerMetrics:
+        """The model's metrics, made once per process (their series outlive a term)."""
+        if self._metrics is None:
+            self._metrics = SchedulerMetrics(model, registry=self.obs.registry)
+        return self._metrics

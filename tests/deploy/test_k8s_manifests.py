@@ -247,3 +247,14 @@ def test_devices(overlay):
     assert env["TAXIWAY_ADVERTISE_ADDRESS"] == "$(POD_IP):50054"
     names = [e["name"] for e in executor["env"]]
     assert names.index("POD_IP") < names.index("TAXIWAY_ADVERTISE_ADDRESS")  # $(...) needs order
+
+
+def test_schedulers_have_unique_ids_and_a_standby(overlay):
+    _, docs = overlay
+    scheduler = by_kind(docs, "Deployment")["taxiway-scheduler"]
+    assert scheduler["spec"]["replicas"] == 2  # the leader and a standby
+    env = {e["name"]: e for e in container(scheduler)["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["TAXIWAY_SCHEDULER_ID"]["value"] == "$(POD_NAME)"
+    names = list(env)
+    assert names.index("POD_NAME") < names.index("TAXIWAY_SCHEDULER_ID")

@@ -40,7 +40,8 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval
 class Stack:
     def __init__(self, redis_url: str, *, executors: int = 1, fake_step_s: float = 0.005,
                  fake_num_blocks: int = 256, max_waiting: int = 1024, real_model: str | None = None,
-                 scheduler_id: str | None = None, tracer_providers: dict | None = None):
+                 scheduler_id: str | None = None, tracer_providers: dict | None = None,
+                 scheduler: bool = True, leader_ttl_s: float | None = None):
         self.redis_url = redis_url
         self.providers = tracer_providers or {}
         """role -> TracerProvider (e.g. telemetry.in_memory_tracing's) for that tier."""
@@ -50,9 +51,15 @@ class Stack:
         self.max_waiting = max_waiting
         self.real_model = real_model
         self.scheduler_id = scheduler_id or f"sched-{uuid.uuid4().hex[:6]}"
+        self.with_scheduler = scheduler
+        """False: start() starts no scheduler (the test starts its own, e.g. add_scheduler)."""
+        self.leader_ttl_s = leader_ttl_s
+        """The schedulers' leader_ttl_s (None: the config's default)."""
         self.executors: list[ExecutorService] = []
         self.procs: list[subprocess.Popen] = []
         self.scheduler: SchedulerService | None = None
+        self.schedulers: list[SchedulerService] = []
+        """Schedulers from add_scheduler (stopped with the stack)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -64,7 +71,8 @@ class Stack:
                                          tracer_provider=self.providers.get("tokenizer"))
         for _ in range(self.num_executors):
             self.add_executor()
-        self.start_scheduler()
+        if self.with_scheduler:
+            self.start_scheduler()
         self.gateway = GatewayService(GatewayConfig(
             port=0, metrics_port=0, redis_url=self.redis_url,
             tokenizer_address=f"127.0.0.1:{self.tokenizer.port}"),
@@ -72,14 +80,22 @@ class Stack:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.server.port}")
         self.stub = Stub(self.channel, "Gateway")
         self.wait_serving(self.channel)
-        self.wait_executors(self.num_executors)
+        if self.with_scheduler:
+            self.wait_executors(self.num_executors)
         return self
 
+    def scheduler_config(self, scheduler_id: str, **overrides) -> SchedulerConfig:
+        settings = {"port": 0, "metrics_port": 0, "redis_url": self.redis_url,
+                    "scheduler_id": scheduler_id, "max_waiting": self.max_waiting,
+                    "heartbeat_timeout_s": 1.0, "discovery_interval_s": 0.1}
+        if self.leader_ttl_s is not None:
+            settings["leader_ttl_s"] = self.leader_ttl_s
+        return SchedulerConfig(**{**settings, **overrides})
+
     def start_scheduler(self) -> SchedulerService:
-        self.scheduler = SchedulerService(SchedulerConfig(
-            port=0, metrics_port=0, redis_url=self.redis_url, scheduler_id=self.scheduler_id,
-            max_waiting=self.max_waiting, heartbeat_timeout_s=1.0, discovery_interval_s=0.1),
-            tracer_provider=self.providers.get("scheduler")).start()
+        """(Re)starts the stack's own scheduler (`scheduler`, `scheduler_stub`, `state()`)."""
+        self.scheduler = SchedulerService(self.scheduler_config(self.scheduler_id),
+                                          tracer_provider=self.providers.get("scheduler")).start()
         self.scheduler_channel = grpc.insecure_channel(f"127.0.0.1:{self.scheduler.server.port}")
         self.scheduler_stub = Stub(self.scheduler_channel, "Scheduler")
         return self.scheduler
@@ -87,6 +103,21 @@ class Stack:
     def stop_scheduler(self) -> None:
         self.scheduler.stop()
         self.scheduler_channel.close()
+
+    def add_scheduler(self, scheduler_id: str, **overrides) -> SchedulerService:
+        """One more scheduler in this process (it leads or stands by)."""
+        s = SchedulerService(self.scheduler_config(scheduler_id, **overrides)).start()
+        self.schedulers.append(s)
+        return s
+
+    def spawn_scheduler(self, scheduler_id: str) -> subprocess.Popen:
+        """A scheduler in a child process (to kill -9)."""
+        args = [sys.executable, "-m", "services.serve", "--role", "scheduler", "--port", "0",
+                "--metrics-port", "0", "--scheduler-id", scheduler_id, "--redis-url", self.redis_url,
+                "--heartbeat-timeout-s", "1.0", "--discovery-interval-s", "0.1"]
+        if self.leader_ttl_s is not None:
+            args += ["--leader-ttl-s", str(self.leader_ttl_s)]
+        return self._spawn(args)
 
     def add_executor(self, engine=None) -> ExecutorService:
         cfg = ExecutorConfig(port=0, metrics_port=0, redis_url=self.redis_url,
@@ -105,6 +136,9 @@ class Stack:
                 "--fake-engine", "--fake-step-s", str(fake_step_s), "--port", "0", "--metrics-port", "0",
                 "--executor-id", executor_id, "--redis-url", self.redis_url,
                 "--heartbeat-interval-s", "0.2", "--registration-ttl-s", "1.0"]
+        return self._spawn(args)
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TAXIWAY_")}
         proc = subprocess.Popen(args, cwd=ROOT, env=env)
         self.procs.append(proc)
@@ -117,6 +151,8 @@ class Stack:
                 p.wait()
         self.gateway.stop()
         self.channel.close()
+        for s in self.schedulers:
+            s.stop()
         if self.scheduler:
             self.stop_scheduler()
         for ex in self.executors:

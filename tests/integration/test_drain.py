@@ -190,7 +190,8 @@ def test_scheduler_drain_finishes_its_requests_and_leaves_new_ones_in_redis(stac
     drain = threading.Thread(target=lambda: drained.append(old.drain(20)))
     drain.start()
     wait_for(lambda: health(stack.scheduler_channel) == NOT_SERVING, 5, "NOT_SERVING")
-    wait_for(lambda: not any(t.name == "request-reader" and t.is_alive() for t in old._threads),
+    term = old.term
+    wait_for(lambda: not any(t.name == "request-reader" and t.is_alive() for t in term.threads),
              5, "the request reader to stop")
     later = Background(stack.stub, "for the next scheduler", max_tokens=5)
     assert texts(running.result()) == echo("scheduled", 60)

@@ -155,3 +155,13 @@ def test_metrics_server_serves_text_format():
     finally:
         server.close()
     assert f'taxiway:num_requests_waiting{{model_name="{MODEL}"}} 7.0' in body
+
+
+def test_scheduler_is_leader_gauge_has_no_model_label():
+    registry = mx.new_registry(process_metrics=False)
+    gauge = mx.scheduler_is_leader_gauge(registry)
+    assert registry.get_sample_value("taxiway:scheduler_is_leader") == 0.0
+    gauge.set(1)
+    assert label_sets(families(registry)["taxiway:scheduler_is_leader"]) == {()}
+    assert registry.get_sample_value("taxiway:scheduler_is_leader") == 1.0
+    mx.SchedulerMetrics(MODEL, registry=registry)  # both live in the scheduler's one registry

@@ -107,3 +107,21 @@ def test_state_board_full_snapshot_then_increments():
     assert not inc.full and inc.finished_request_ids == ("a",) and inc.kv_events == ()
     beat, _ = core.board.read(inc.seq, 0.01)  # nothing new: a heartbeat repeating the state
     assert beat.seq == inc.seq and beat.finished_request_ids == ()
+
+
+def test_requests_that_end_on_their_own_are_remembered_aborted_ones_are_not():
+    from services.common.types import Ended
+
+    core, _ = make()
+    core.admit(req("done", max_tokens=2), 1)
+    core.admit(req("aborted", max_tokens=50), 2)
+    core.admit(req("bad", prompt=(10, 10_000), attempt=2), 3)
+    core.step()
+    _, seen = core.board.read(None, 0)
+    core.abort(["aborted"])
+    run(core)
+    inc, _ = core.board.read(seen, 0)
+    assert set(inc.finished_request_ids) >= {"done", "aborted"}
+    assert inc.ended == (Ended("done", 0),)  # "bad" ended at admission, before `seen`
+    full, _ = core.board.read(None, 0)  # what a scheduler that takes over learns
+    assert full.ended == (Ended("bad", 2), Ended("done", 0)) and full.running_request_ids == ()

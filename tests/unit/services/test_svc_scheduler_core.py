@@ -137,3 +137,39 @@ def test_a_request_the_executor_refuses_fails_without_retry():
     (notice,) = [a for a in actions if isinstance(a, Notify)]
     assert notice.delta.error == ("InvalidRequest", "prompt too long") and Ack(("1",)) in actions
     assert core.placement_of("a") is None and core.executors["e"].requests == set()
+
+
+def test_takeover_acknowledges_requests_that_ended_while_nobody_followed_them():
+    from services.common.types import Ended
+
+    core = SchedulerCore()
+    core.executor_found("e", "e:1", 0.0)
+    core.executor_state(state("e", full=True, ended=(Ended("done", 0), Ended("old", 0))), 0.0)
+    assert core.submit(req("done"), "1", 0.0) == [Ack(("1",))]  # not admitted again
+    actions = core.submit(req("old", attempt=1), "2", 0.0)  # a newer attempt than what ended
+    assert admits(actions) == [("e", "old")]
+    core.executor_state(state("e", ended=(Ended("gone", 0),)), 0.0)
+    core.tick(100.0)  # remembered for orphan_grace_s only
+    assert admits(core.submit(req("gone"), "4", 100.0)) == [("e", "gone")]
+
+
+def test_a_waiting_entry_is_acknowledged_when_an_executor_found_later_says_it_ended():
+    from services.common.types import Ended
+
+    core = core_with(("e", state("e", running=1, max_seqs=1)))  # full: "late" waits
+    assert core.submit(req("late"), "3", 0.0) == [] and core.num_waiting == 1
+    core.executor_found("f", "f:1", 0.0)
+    actions = core.executor_state(state("f", full=True, max_seqs=0, ended=(Ended("late", 0),)), 0.0)
+    assert actions == [Ack(("3",))] and core.num_waiting == 0 and core.num_requests == 0
+
+
+def test_an_orphan_that_finishes_before_its_entry_is_read_is_not_reattached():
+    from services.common.types import Ended
+
+    core = SchedulerCore()
+    core.executor_found("e", "e:1", 0.0)
+    core.executor_state(state("e", full=True, running_request_ids=("a", "b")), 0.0)
+    core.executor_state(state("e", finished_request_ids=("a", "b"), ended=(Ended("a", 0),)), 0.0)
+    assert core.submit(req("a"), "1", 0.0) == [Ack(("1",))]
+    assert admits(core.submit(req("b"), "2", 0.0)) == [("e", "b")]  # aborted there: run it again
+    assert core.num_requests == 1

@@ -9,7 +9,7 @@ from gpu_engine.errors import DeadlineExceeded, InvalidRequest, NotReady, Overlo
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from services.common import convert, errors
 from services.common.proto import pb, service_descriptor
-from services.common.types import Abort, Delta, EngineRequest, ExecutorState, KvEvent
+from services.common.types import Abort, Delta, Ended, EngineRequest, ExecutorState, KvEvent
 
 
 def test_every_proto_field_is_commented_and_enums_are_prefixed():
@@ -54,7 +54,8 @@ def test_queue_entries_and_output_batches_round_trip():
 def test_executor_state_round_trip():
     s = ExecutorState("e1", seq=4, full=True, num_total_blocks=10, num_free_blocks=3,
                       finished_request_ids=("a",), running_request_ids=("b",),
-                      kv_events=(KvEvent(True, b"h"),), max_model_len=2048)
+                      kv_events=(KvEvent(True, b"h"),), max_model_len=2048,
+                      ended=(Ended("a", 0), Ended("c", 2)))
     assert convert.state_from_pb(convert.state_to_pb(s)) == s
 
 
