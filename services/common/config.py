@@ -121,3 +121,16 @@ DRAIN_HELP = ("on SIGTERM, seconds to let running requests finish before exiting
 
 def check_drain(seconds: float) -> None:
     require(seconds >= 0, f"drain_timeout_s must be >= 0 seconds, got {seconds!r}")
+
+
+def metrics_port_option(default: int) -> Any:
+    """The `metrics_port` field every tier has (its /metrics endpoint)."""
+    return option(default, "HTTP port of the Prometheus /metrics endpoint, on the same host "
+                           "(0 picks a free one)")
+
+
+def check_serving(cfg: Any) -> None:
+    """The checks every tier's config shares: its gRPC and metrics ports and its drain time."""
+    check_port(cfg.port)
+    check_port(cfg.metrics_port, "metrics_port")
+    check_drain(cfg.drain_timeout_s)

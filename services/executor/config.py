@@ -6,8 +6,8 @@ import os
 import socket
 from dataclasses import dataclass
 
-from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_drain, check_port, option,
-                                     require)
+from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_serving, metrics_port_option,
+                                     option, require)
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,11 @@ class ExecutorConfig:
     heartbeat_interval_s: float = option(0.5, "seconds between state heartbeats and registration refreshes")
     registration_ttl_s: float = option(3.0, "seconds the Redis registration lives without a refresh")
     max_workers: int = option(16, "gRPC worker threads")
-    metrics_port: int = option(9094, "HTTP port of the Prometheus /metrics endpoint, on the same host "
-                                      "(0 picks a free one)")
+    metrics_port: int = metrics_port_option(9094)
     drain_timeout_s: float = option(DRAIN_TIMEOUT_S, DRAIN_HELP)
 
     def __post_init__(self) -> None:
-        check_port(self.port)
-        check_port(self.metrics_port, "metrics_port")
-        check_drain(self.drain_timeout_s)
+        check_serving(self)
         require(self.heartbeat_interval_s > 0,
                 f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         require(self.registration_ttl_s > 2 * self.heartbeat_interval_s,

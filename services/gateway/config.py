@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_drain, check_port, option,
-                                     require)
+from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_serving, metrics_port_option,
+                                     option, require)
 
 
 @dataclass(frozen=True)
@@ -18,13 +18,10 @@ class GatewayConfig:
     gateway_id: str | None = option(None, "unique id; names its output stream (default: random)")
     request_timeout_s: float = option(600.0, "deadline of a request whose client gave none")
     max_workers: int = option(256, "gRPC worker threads; each streaming request holds one")
-    metrics_port: int = option(9091, "HTTP port of the Prometheus /metrics endpoint, on the same host "
-                                      "(0 picks a free one)")
+    metrics_port: int = metrics_port_option(9091)
     drain_timeout_s: float = option(DRAIN_TIMEOUT_S, DRAIN_HELP)
 
     def __post_init__(self) -> None:
-        check_port(self.port)
-        check_port(self.metrics_port, "metrics_port")
-        check_drain(self.drain_timeout_s)
+        check_serving(self)
         require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         require(bool(self.tokenizer_address), "tokenizer_address must not be empty")

@@ -6,8 +6,8 @@ import os
 import socket
 from dataclasses import dataclass
 
-from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_drain, check_port, option,
-                                     require)
+from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_serving, metrics_port_option,
+                                     option, require)
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,11 @@ class SchedulerConfig:
                                        "scheduler read later than its lock and left unacknowledged "
                                        "this long")
     max_workers: int = option(8, "gRPC worker threads")
-    metrics_port: int = option(9093, "HTTP port of the Prometheus /metrics endpoint, on the same host "
-                                      "(0 picks a free one)")
+    metrics_port: int = metrics_port_option(9093)
     drain_timeout_s: float = option(DRAIN_TIMEOUT_S, DRAIN_HELP)
 
     def __post_init__(self) -> None:
-        check_port(self.port)
-        check_port(self.metrics_port, "metrics_port")
-        check_drain(self.drain_timeout_s)
+        check_serving(self)
         require(self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}")
         require(0.0 <= self.kv_watermark < 1.0, f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         require(self.heartbeat_timeout_s > 0, f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
