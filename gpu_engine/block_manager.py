@@ -59,10 +59,6 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._evictable)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
     def ref_count(self, block_id: int) -> int:
         self._check_id(block_id)
         return self._ref[block_id]

@@ -153,15 +153,6 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def num_params(self) -> int:
-        per_layer = (
-            self.hidden_size * (self.q_size + 2 * self.kv_size)
-            + self.q_size * self.hidden_size
-            + 3 * self.hidden_size * self.intermediate_size
-        )
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed
-
 
 def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     """(rope_theta, scaling) from either the transformers 4 keys or transformers 5 `rope_parameters`."""

@@ -14,7 +14,7 @@ import torch
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import PRESETS, EngineConfig, ModelConfig
 from gpu_engine.errors import InvalidRequest, ModelLoadError
-from gpu_engine.outputs import CompletionOutput, RequestOutput
+from gpu_engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from gpu_engine.runner import ModelRunner
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
@@ -24,25 +24,6 @@ from gpu_engine.weights import build_model, init_dummy_weights, load_checkpoint
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The executor's live capacity, published after its steps for admission."""
-
-    num_total_blocks: int
-    num_free_blocks: int
-    block_size: int
-    num_running: int
-    num_waiting: int
-    prefill_backlog_tokens: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_total_blocks
 
 
 class StepTimes:

@@ -1,4 +1,5 @@
-"""What the engine returns: one RequestOutput per request, one CompletionOutput per sample."""
+"""What the engine returns: one RequestOutput per request, one CompletionOutput per sample, and
+EngineStats for its capacity. No torch, so the services can use these types alone."""
 
 from __future__ import annotations
 
@@ -44,3 +45,22 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache."""
     metrics: dict = field(default_factory=dict)
     """Timestamps (time.monotonic): arrival, first_scheduled, first_token, finished."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The executor's live capacity, published after its steps for admission."""
+
+    num_total_blocks: int
+    num_free_blocks: int
+    block_size: int
+    num_running: int
+    num_waiting: int
+    prefill_backlog_tokens: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gpu_engine.errors import InvalidRequest
-from gpu_engine.outputs import CompletionOutput, RequestOutput
+from gpu_engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from gpu_engine.sampling_params import SamplingParams
 from services.common.prefix import hash_token_blocks
 from services.tokenizer.fake import OFFSET, ByteTokenizer
@@ -26,19 +26,6 @@ class FakeModelConfig:
     name: str = "fake-bytes"
     max_position_embeddings: int = 4096
     vocab_size: int = ByteTokenizer.vocab_size
-
-
-@dataclass
-class EngineStats:
-    num_total_blocks: int
-    num_free_blocks: int
-    block_size: int
-    num_running: int
-    num_waiting: int
-    prefill_backlog_tokens: int
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
 
 
 @dataclass

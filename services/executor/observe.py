@@ -69,7 +69,7 @@ class StepMetrics:
         """After a step: gauges set, counters advanced by what the engine counted since."""
         m = self.metrics
         m.num_requests_running.set(stats.num_running)
-        m.kv_cache_usage.set(1.0 - stats.num_free_blocks / max(1, stats.num_total_blocks))
+        m.kv_cache_usage.set(stats.kv_cache_usage)
         now = (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
         queries, hits, preemptions = (max(0, a - b) for a, b in zip(now, self._last))
         self._last = now
