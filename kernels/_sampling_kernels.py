@@ -226,6 +226,14 @@ def _chain(ws, rows, rmask, R, NC, a, b, k, pz, on_k, UPTO: tl.constexpr, NCP: t
 
 
 @triton.jit
+def _search_floor(flags, smin, t_m):
+    """Where the pivot rounds start: the min-p threshold, except under top-k with top-p, whose
+    band must reach the k-th token (top-p divides by the mass of all top-k survivors)."""
+    both = ((flags & TOP_K) != 0) & ((flags & TOP_P) != 0)
+    return tl.where(both, smin, tl.maximum(smin, t_m))
+
+
+@triton.jit
 def _filter_ctx(flags, filt, m, z):
     """(k, top_p x Z, top-k on, top-p on, min-p threshold or -inf) of rows [BR]."""
     top_k, top_p, lmp = filt
@@ -292,8 +300,8 @@ def pivot_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wsc, wsm, R, NC, ROUN
     if tl.max(act.to(tl.int32), 0) > 0:
         m, z, smin, _, _, _, _ = _combine_stats(wsf, wsi, rows, rmask, NC, NCP)
         k, pz, on_k, on_p, t_m = _filter_ctx(flags, filt, m, z)
-        a, b, _, _ = _chain((wsc, wsm), rows, rmask, R, NC, tl.maximum(smin, t_m), m, k, pz, on_k,
-                            ROUND, NCP, PP)
+        a, b, _, _ = _chain((wsc, wsm), rows, rmask, R, NC, _search_floor(flags, smin, t_m), m, k,
+                            pz, on_k, ROUND, NCP, PP)
         v = _pivots(a, b, PP)
         safe = tl.where(m == NEG, 0.0, m)
         cnt = tl.zeros([BR, PP], tl.int32)
@@ -317,8 +325,8 @@ def _band_bounds(ws, rows, rmask, R, NC, flags, filt, m, z, smin, ROUNDS: tl.con
     """The band [lo, hi) of rows [BR] and its per-chunk token counts [BR, NCP]."""
     k, pz, on_k, on_p, t_m = _filter_ctx(flags, filt, m, z)
     rounds_on = on_k | on_p
-    a, b, idx, cc = _chain(ws, rows, rmask, R, NC, tl.maximum(smin, t_m), m, k, pz, on_k, ROUNDS,
-                           NCP, PP)
+    a, b, idx, cc = _chain(ws, rows, rmask, R, NC, _search_floor(flags, smin, t_m), m, k, pz, on_k,
+                           ROUNDS, NCP, PP)
     hi_inf = (idx == PP - 1) | (on_k & on_p)
     lo = tl.where(rounds_on, a, t_m)
     hi = tl.where(rounds_on, tl.where(hi_inf, POS, b), t_m)
@@ -387,59 +395,62 @@ def gather_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wsc, wsm, wgf, wgi, 
 
 # -- finalize: the exact threshold ------------------------------------------------------------------
 @triton.jit
-def _scan(where_, rows, t, safe, STRICT: tl.constexpr, FROM_BAND: tl.constexpr, BLK: tl.constexpr,
-          MAX_STOP: tl.constexpr):
-    """Count and sum of exp(s - safe) of the scores > t (STRICT) or >= t, per row [BR]: over the
-    band buffer, where_ = (bufv, CAP, n, nmax), or the whole row, where_ = (src, slot, pen, rmask)."""
-    cnt = tl.zeros(t.shape, tl.int32)
-    mass = tl.zeros(t.shape, tl.float32)
+def _scan(where_, rows, qs, safe, MASS: tl.constexpr, STRICT: tl.constexpr, FROM_BAND: tl.constexpr,
+          BLK: tl.constexpr, MAX_STOP: tl.constexpr):
+    """For thresholds qs [BR, NQ]: the count (MASS False) or sum of exp(s - safe) (MASS True) of
+    the scores > q (STRICT) or >= q, [BR, NQ] float32 (counts are exact below 2^24). Over the band
+    buffer, where_ = (bufv, CAP, n, nmax), or the whole row, where_ = (src, slot, pen, rmask)."""
+    acc = tl.zeros(qs.shape, tl.float32)
     if FROM_BAND:
         bufv, CAP, n, nmax = where_
         for b0 in range(0, nmax, BLK):
             j = b0 + tl.arange(0, BLK)
             msk = j[None, :] < n[:, None]
             s = tl.load(bufv + rows.to(tl.int64)[:, None] * CAP + j[None, :], mask=msk, other=NEG)
-            hit = msk & ((s > t[:, None]) if STRICT else (s >= t[:, None]))
-            cnt += tl.sum(hit.to(tl.int32), 1)
-            mass += tl.sum(tl.where(hit, tl.exp(s - safe[:, None]), 0.0), 1)
+            acc += _tally(s, qs, safe, MASS, STRICT)
     else:
         src, slot, pen, rmask = where_
         for start in range(0, src[4], BLK):
             s = _scores(src, rows, start + tl.arange(0, BLK), rmask, slot, pen, MAX_STOP)
-            hit = (s > t[:, None]) if STRICT else (s >= t[:, None])
-            cnt += tl.sum(hit.to(tl.int32), 1)
-            mass += tl.sum(tl.where(hit, tl.exp(s - safe[:, None]), 0.0), 1)
-    return cnt, mass
+            acc += _tally(s, qs, safe, MASS, STRICT)
+    return acc
 
 
 @triton.jit
-def _kth_key(where_, rows, lo, hi, kk, need, safe, FROM_BAND: tl.constexpr, BLK: tl.constexpr,
-             MAX_STOP: tl.constexpr):
-    """Largest key t in [lo, hi] with count(s >= unkey(t)) >= kk (rows where need; others hi)."""
+def _tally(s, qs, safe, MASS: tl.constexpr, STRICT: tl.constexpr):
+    """s [BR, BLK] (-inf = absent) against qs [BR, NQ] -> [BR, NQ]."""
+    if STRICT:
+        hit = s[:, :, None] > qs[:, None, :]
+    else:
+        hit = s[:, :, None] >= qs[:, None, :]
+    if MASS:
+        return tl.sum(tl.where(hit, tl.exp(s - safe[:, None])[:, :, None], 0.0), 1)
+    return tl.sum(hit.to(tl.float32), 1)
+
+
+@triton.jit
+def _search(where_, rows, lo, hi, base, target, need, safe, MASS: tl.constexpr,
+            FROM_BAND: tl.constexpr, BLK: tl.constexpr, NQ: tl.constexpr, MAX_STOP: tl.constexpr):
+    """Largest key t in [lo, hi] where pred(t) holds, for a pred true at lo and monotone (rows
+    where need; the others return hi): pred(t) = base + count(s >= unkey(t)) >= target (MASS
+    False) or base + mass(s > unkey(t)) >= target (MASS True). NQ candidates per pass."""
     lo = tl.where(need, lo, hi)
+    j = tl.arange(0, NQ).to(tl.int64)
     while tl.max(hi - lo, 0) > 0:
+        width = (hi - lo)[:, None]
+        q = lo[:, None] + (width * (j[None, :] + 1) + NQ) // (NQ + 1)  # in (lo, hi], increasing
+        val = _scan(where_, rows, _unkey(q), safe, MASS, MASS, FROM_BAND, BLK, MAX_STOP)
+        ok = base[:, None] + val >= target[:, None]
         go = hi > lo
-        mid = (lo + hi + 1) >> 1
-        c, _ = _scan(where_, rows, _unkey(mid), safe, False, FROM_BAND, BLK, MAX_STOP)
-        ok = c >= kk
-        lo = tl.where(go & ok, mid, lo)
-        hi = tl.where(go & ~ok, mid - 1, hi)
+        lo = tl.where(go, tl.maximum(lo, tl.max(tl.where(ok, q, lo[:, None]), 1)), lo)
+        hi = tl.where(go, tl.minimum(hi, tl.min(tl.where(ok, hi[:, None], q - 1), 1)), hi)
     return lo
 
 
 @triton.jit
-def _nucleus_key(where_, rows, lo, hi, base, pz, need, safe, FROM_BAND: tl.constexpr,
-                 BLK: tl.constexpr, MAX_STOP: tl.constexpr):
-    """Smallest key t in (lo, hi] with base + mass(s > unkey(t)) < pz, given it holds at hi."""
-    lo = tl.where(need, lo, hi - 1)
-    while tl.max(hi - lo, 0) > 1:
-        go = (hi - lo) > 1
-        mid = (lo + hi) >> 1
-        _, ms = _scan(where_, rows, _unkey(mid), safe, True, FROM_BAND, BLK, MAX_STOP)
-        ok = base + ms < pz
-        hi = tl.where(go & ok, mid, hi)
-        lo = tl.where(go & ~ok, mid, lo)
-    return hi
+def _scan1(where_, rows, t, safe, FROM_BAND: tl.constexpr, BLK: tl.constexpr, MAX_STOP: tl.constexpr):
+    """Sum of exp(s - safe) of the scores >= t [BR]."""
+    return tl.sum(_scan(where_, rows, t[:, None], safe, True, False, FROM_BAND, BLK, MAX_STOP), 1)
 
 
 @triton.jit
@@ -496,7 +507,7 @@ def _band_summary(bufv, rows, CAP, n, nmax, safe, BB: tl.constexpr):
 
 @triton.jit
 def _band_threshold(band, rows, flags, filt, z, safe, t_m, n, c_hi, m_hi, bmin, bmax,
-                    BB: tl.constexpr):
+                    BB: tl.constexpr, NQ: tl.constexpr):
     """Threshold T of rows [BR] from the band (bisection over its scores) and the mass above it.
 
     band = (bufv, CAP, n, nmax). Returns (T, top_p x mass of the top-k survivors, k - c_hi)."""
@@ -505,13 +516,15 @@ def _band_threshold(band, rows, flags, filt, z, safe, t_m, n, c_hi, m_hi, bmin, 
     on_p = (flags & TOP_P) != 0
     kk = top_k - c_hi  # rank of the k-th largest inside the band
     need_k = on_k & (kk >= 1) & (kk <= n)
-    tk = _unkey(_kth_key(band, rows, _key(bmin), _key(bmax), kk, need_k, safe, True, BB, 1))
+    zero = tl.zeros(z.shape, tl.float32)
+    tk = _unkey(_search(band, rows, _key(bmin), _key(bmax), zero, kk.to(tl.float32), need_k, safe,
+                        False, True, BB, NQ, 1))
     t_k = tl.where(on_k, tl.where(kk <= 0, POS, tl.where(kk > n, NEG, tk)), NEG)
-    _, mk = _scan(band, rows, t_k, safe, False, True, BB, 1)
-    pz = top_p * tl.where(on_k, m_hi + mk, z)
+    pz = top_p * tl.where(on_k, m_hi + _scan1(band, rows, t_k, safe, True, BB, 1), z)
     top_kept = (m_hi < pz) & (n > 0)  # the band's best token survives top-p
-    tp = _unkey(_nucleus_key(band, rows, _key(bmin) - 1, _key(bmax), m_hi, pz, on_p & top_kept,
-                             safe, True, BB, 1))
+    # the last key whose tokens above already reach pz, + 1: the smallest key top-p keeps
+    tp = _unkey(_search(band, rows, _key(bmin) - 1, _key(bmax), m_hi, pz, on_p & top_kept, safe,
+                        True, True, BB, NQ, 1) + 1)
     t_p = tl.where(on_p, tl.where(top_kept, tp, POS), NEG)
     return tl.maximum(tl.maximum(t_k, t_p), t_m), pz, kk
 
@@ -535,19 +548,18 @@ def _band_exact(flags, filt, t_m, lo, hi, n, nfin, c_hi, m_hi, bmin, mb, t, pz, 
 
 @triton.jit
 def _slow_threshold(row, rows, flags, filt, m, z, safe, smin, t_m, need, BC: tl.constexpr,
-                    MAX_STOP: tl.constexpr):
-    """The threshold by bisection over the whole row (rows where the band did not hold it)."""
+                    NQ: tl.constexpr, MAX_STOP: tl.constexpr):
+    """The threshold by NQ-ary search over the whole row (rows where the band did not hold it)."""
     top_k, top_p, _ = filt
     on_k = (flags & TOP_K) != 0
     on_p = (flags & TOP_P) != 0
     lo = _key(smin)
     hi = _key(m)
-    t_k = tl.where(on_k, _unkey(_kth_key(row, rows, lo, hi, top_k, need & on_k, safe, False, BC,
-                                         MAX_STOP)), NEG)
-    _, mk = _scan(row, rows, t_k, safe, False, False, BC, MAX_STOP)
-    pz = top_p * tl.where(on_k, mk, z)
     zero = tl.zeros(z.shape, tl.float32)
-    tp = _nucleus_key(row, rows, lo - 1, hi, zero, pz, need & on_p, safe, False, BC, MAX_STOP)
+    t_k = tl.where(on_k, _unkey(_search(row, rows, lo, hi, zero, top_k.to(tl.float32), need & on_k,
+                                        safe, False, False, BC, NQ, MAX_STOP)), NEG)
+    pz = top_p * tl.where(on_k, _scan1(row, rows, t_k, safe, False, BC, MAX_STOP), z)
+    tp = _search(row, rows, lo - 1, hi, zero, pz, need & on_p, safe, True, False, BC, NQ, MAX_STOP) + 1
     t_p = tl.where(on_p, _unkey(tp), NEG)
     return tl.maximum(tl.maximum(t_k, t_p), t_m)
 
@@ -570,7 +582,7 @@ def _combine_gather(wgf, wgi, rows, rmask, NC, NCP: tl.constexpr):
 @triton.jit
 def finalize_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wgf, wgi, wrf, wri, bufv, bufi,
                     out_ptr, R, NC, CAP, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                    BB: tl.constexpr, NCP: tl.constexpr, MAX_STOP: tl.constexpr):
+                    BB: tl.constexpr, NCP: tl.constexpr, NQ: tl.constexpr, MAX_STOP: tl.constexpr):
     """Grid (cdiv(R, BR),): each row's token, threshold and kept mass; with RECORD, the slot's
     position advances and its penalty row counts the token."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -595,7 +607,8 @@ def finalize_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wgf, wgi, wrf, wri
         nmax = tl.max(n, 0)
         bmin, bmax, mb = _band_summary(bufv, rows, CAP, n, nmax, safe, BB)
         band = (bufv, CAP, n, nmax)
-        t, pz, kk = _band_threshold(band, rows, flags, filt, z, safe, t_m, n, c_hi, m_hi, bmin, bmax, BB)
+        t, pz, kk = _band_threshold(band, rows, flags, filt, z, safe, t_m, n, c_hi, m_hi, bmin, bmax,
+                                    BB, NQ)
         b_v, b_id, n_kept, m_kept, kmin = _kept_race((bufv, bufi, CAP, n, nmax), rows, key, pos, t,
                                                      safe, True, BB, 1)
         exact = fits & _band_exact(flags, filt, t_m, lo, hi, n, nfin, c_hi, m_hi, bmin, mb, t, pz,
@@ -608,7 +621,7 @@ def finalize_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wgf, wgi, wrf, wri
         slow = filtered & ~exact
         if tl.max(slow.to(tl.int32), 0) > 0:
             row = (src, slot, pen, rmask)
-            ts = _slow_threshold(row, rows, flags, filt, m, z, safe, smin, t_m, slow, BC, MAX_STOP)
+            ts = _slow_threshold(row, rows, flags, filt, m, z, safe, smin, t_m, slow, BC, NQ, MAX_STOP)
             s_v, s_id, _, s_mass, _ = _kept_race(row, rows, key, pos, ts, safe, False, BC, MAX_STOP)
             tok = tl.where(slow, s_id, tok)
             thr = tl.where(slow, ts, thr)

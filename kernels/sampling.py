@@ -39,12 +39,15 @@ class SamplingKernelConfig:
     band_cap: int = 4096
     """Most band tokens a row copies out; a wider band takes the slow path."""
     band_block: int = 1024
+    search_width: int = 16
+    """Candidate thresholds per pass of the exact search (a power of 2; 16: 8 passes for 32 bits)."""
     rows_per_program: int = 1
     """Rows per program (1 on a GPU; more in the CPU interpreter, where programs are slow)."""
     num_warps: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "block", "pivot_block", "pivots", "band_block", "rows_per_program"):
+        for name in ("chunk", "block", "pivot_block", "pivots", "band_block", "search_width",
+                     "rows_per_program"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of 2, got {v}")
@@ -151,7 +154,7 @@ def _run(logits, slots, t: L.SlotTables, ws: SamplingWorkspace, filters: bool, r
     K.finalize_kernel[(triton.cdiv(rows, br),)](
         src, *tab, ws.wsf, ws.wsi, ws.wgf, ws.wgi, ws.wrf, ws.wri, ws.bufv, ws.bufi, out, rows,
         chunks, cfg.band_cap, RECORD=record, BR=br, BC=cfg.block, BB=cfg.band_block, NCP=ncp,
-        MAX_STOP=ms, **opts)
+        NQ=cfg.search_width, MAX_STOP=ms, **opts)
     return src, tab, grid, chunks, ncp
 
 
