@@ -4,9 +4,9 @@ seeded Gumbel race and greedy rows in one pipeline, without sorting the vocabula
 Semantics: kernels/reference_sampling.py (the plain-torch reference the CPU runs). How: the kept
 set of a row is always {score >= T}; a stats pass gives max and softmax mass, two pivot rounds
 narrow T to a band of at most `band_cap` tokens, a gather pass counts what lies above the band and
-copies the band out, and a finalize pass finds T exactly inside the band (falling back to a
-bisection over the whole row when the band provably did not hold it), draws the token and records
-it in the slot (position + 1, output count + 1). Noise is hashed from (key, position, token id) in
+copies the band out, and a finalize pass finds T exactly inside the band by a 16-way search over
+its scores (or over the whole row, the slow path, when the checks show the band did not hold T),
+draws the token and records it in the slot (position + 1, output count + 1). Noise is hashed from (key, position, token id) in
 the kernels. Each pass reads the logits once (rows without top-k/top-p skip the pivot passes; rows
 without any filter or greedy finish after the stats pass).
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from kernels import _sampling_finalize as F
 from kernels import _sampling_kernels as K
 from kernels import _triton_compat as C
 from kernels import reference_sampling as L
@@ -151,7 +152,7 @@ def _run(logits, slots, t: L.SlotTables, ws: SamplingWorkspace, filters: bool, r
                               ws.wri, ws.bufv, ws.bufi, rows, chunks, cfg.band_cap,
                               ROUNDS=cfg.rounds, CHUNK=cfg.chunk, BR=br, BC=cfg.block, NCP=ncp,
                               PP=cfg.pivots, MAX_STOP=ms, **opts)
-    K.finalize_kernel[(triton.cdiv(rows, br),)](
+    F.finalize_kernel[(triton.cdiv(rows, br),)](
         src, *tab, ws.wsf, ws.wsi, ws.wgf, ws.wgi, ws.wrf, ws.wri, ws.bufv, ws.bufi, out, rows,
         chunks, cfg.band_cap, RECORD=record, BR=br, BC=cfg.block, BB=cfg.band_block, NCP=ncp,
         NQ=cfg.search_width, MAX_STOP=ms, **opts)
@@ -190,7 +191,7 @@ def probs_slots(
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     src, tab, grid, chunks, ncp = _run(logits, slots, tables, ws, filters, False, tokens)
     cfg = ws.cfg
-    K.probs_kernel[grid](src, *tab, ws.wsf, ws.wsi, ws.wrf, probs, probs.stride(0), rows, chunks,
+    F.probs_kernel[grid](src, *tab, ws.wsf, ws.wsi, ws.wrf, probs, probs.stride(0), rows, chunks,
                          CHUNK=cfg.chunk, BR=cfg.rows_per_program, BC=cfg.block, NCP=ncp,
                          MAX_STOP=tables.stop_ids.shape[1], num_warps=cfg.num_warps,
                          enable_fp_fusion=False)
