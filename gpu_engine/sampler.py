@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch
 from gpu_engine.sampling_params import SamplingParams
 from kernels import reference_sampling as L
 from kernels.reference_sampling import uniform_noise  # noqa: F401  (part of this module's API)
+
+if TYPE_CHECKING:
+    from kernels.sampling import SamplingKernelConfig
 
 _M32 = 0xFFFFFFFF
 _SAMPLING, _FILTERED, _SPECIAL = 1, 2, 4  # what an active slot needs (fast-path counters)
@@ -50,7 +54,8 @@ class Sampler:
     """
 
     def __init__(self, max_slots: int, vocab_size: int, device: torch.device | str, *,
-                 max_stop_ids: int = 16, backend: str | None = None, kernel_config=None):
+                 max_stop_ids: int = 16, backend: str | None = None,
+                 kernel_config: "SamplingKernelConfig | None" = None):
         if max_slots < 1 or vocab_size < 1 or max_stop_ids < 1:
             raise ValueError(f"max_slots, vocab_size and max_stop_ids must be >= 1, got "
                              f"{max_slots}, {vocab_size}, {max_stop_ids}")
@@ -92,13 +97,14 @@ class Sampler:
         key = self._check_key(key)
         prompt = self._token_array("prompt_token_ids", prompt_token_ids)
         output = self._token_array("output_token_ids", output_token_ids)
-        bans = np.unique(self._token_array("ban ids (stop_token_ids + EOS)", list(params.stop_token_ids) + (
-            [] if params.ignore_eos else list(eos_token_ids))))
+        bans = np.zeros(0, dtype=np.int64)
+        if params.min_tokens > output.size:  # stop and EOS ids are banned until then
+            bans = np.unique(self._token_array("ban ids (stop_token_ids + EOS)", list(params.stop_token_ids) + (
+                [] if params.ignore_eos else list(eos_token_ids))))
         sampling = params.temperature > 0
         flags = (L.TOP_K * (sampling and 0 < params.top_k < self.vocab_size)
                  | L.TOP_P * (sampling and params.top_p < 1.0) | L.MIN_P * (sampling and params.min_p > 0)
-                 | L.PENALTY * params.needs_penalties
-                 | L.BANS * (bans.size > 0 and params.min_tokens > output.size))
+                 | L.PENALTY * params.needs_penalties | L.BANS * (bans.size > 0))
         overflow = bool(flags & L.BANS) and bans.size > self.max_stop_ids
         pen_row = self._alloc_row() if flags & L.PENALTY or overflow else -1
         if pen_row >= 0:

@@ -181,7 +181,7 @@ def _band_exact(flags, filt, t_m, lo, hi, n, nfin, c_hi, m_hi, bmin, mb, t, pz, 
     below_dropped = ((below == 0) | ((n > 0) & (bmin < t)) | (on_m & (lo <= t_m))
                      | (on_k & (c_hi + n >= top_k)) | (on_p & (m_hi + mb >= pz)))
     above_kept = (n_kept > 0) | (c_hi == 0) | (
-        (~on_k | (c_hi <= top_k)) & (~on_p | (m_hi <= pz)) & (~on_m | (hi >= t_m)))
+        (~on_k | (c_hi <= top_k)) & (~on_p | (m_hi < pz)) & (~on_m | (hi >= t_m)))
     zk_known = ~(on_k & on_p) | ((kk >= 0) & (kk <= n)) | (below == 0)
     return below_dropped & above_kept & zk_known & (~on_k | (c_hi <= top_k))
 

@@ -304,6 +304,8 @@ def test_sampler_rejects_bad_input_with_clear_errors():
         s.set_slot(0, SP(), 1, [10])
     with pytest.raises(ValueError, match="ban ids .* token id 12"):
         s.set_slot(0, SP(min_tokens=2, stop_token_ids=(12,)), 1, [1])
+    s.set_slot(0, SP(stop_token_ids=(12,)), 1, [1])  # nothing to ban without min_tokens
+    s.clear_slot(0)
     with pytest.raises(ValueError, match="key must be a 32-bit"):
         s.set_slot(0, SP(), 2**32, [1])
     with pytest.raises(ValueError, match="fork_slot: source slot 1 is not set"):
