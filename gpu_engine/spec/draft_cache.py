@@ -24,6 +24,15 @@ from gpu_engine.ops import AttentionMetadata
 from gpu_engine.step_inputs import padded_tables
 
 
+def blocks_for_budget(budget_bytes: int, target_bytes_per_block: int, drafter_bytes_per_block: int) -> int:
+    """How many blocks the target's cache and a drafter's own cache each get from one memory budget,
+    so that both hold the same number of tokens (the drafter needs the target's context)."""
+    if target_bytes_per_block <= 0 or drafter_bytes_per_block < 0:
+        raise ValueError(f"bytes per block must be positive, got {target_bytes_per_block} and "
+                         f"{drafter_bytes_per_block}")
+    return max(0, int(budget_bytes) // (target_bytes_per_block + drafter_bytes_per_block))
+
+
 @dataclass
 class _SeqState:
     start: int

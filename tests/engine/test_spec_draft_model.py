@@ -109,3 +109,12 @@ def test_bytes_per_block_counts_every_layer(draft):
     model, _ = draft
     # 2 layers x (K + V) x 2 kv heads x 4 tokens x head_dim 16 x 4 bytes
     assert DraftModelProposer.bytes_per_block(model, 4) == 2 * 2 * 2 * 4 * 16 * 4
+
+
+def test_one_budget_gives_both_caches_the_same_blocks():
+    from gpu_engine.spec.draft_cache import blocks_for_budget
+
+    assert blocks_for_budget(10_000, 300, 100) == 25  # 25 * (300 + 100) <= 10_000
+    assert blocks_for_budget(10_000, 300, 0) == 33
+    with pytest.raises(ValueError, match="bytes per block must be positive"):
+        blocks_for_budget(10_000, 0, 100)
