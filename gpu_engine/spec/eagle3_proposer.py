@@ -102,12 +102,14 @@ class Eagle3Proposer:
         if valid < p0:  # the target's hidden states of p0's predecessors are gone (a prefix hit)
             self.cache.reset(req.seq_id, start=p0)
             valid = p0
-        if req.num_drafts > 0 and p1 == n:
-            valid = min(valid, n - 1)  # the last entry's output gives draft 1: (re)compute it
+        drafts = req.num_drafts if p1 == n else 0
+        if drafts and valid >= n:  # the last entry's output gives draft 1: recompute it
+            if p0 > n - 1:
+                return None  # no hidden state of position n - 1 was handed over
+            valid = n - 1
         first, num = valid, p1 - valid
         if num <= 0:
             return None
-        drafts = req.num_drafts if p1 == n else 0
         if not self.cache.reserve(req.seq_id, p1 + max(drafts - 1, 0)):
             self.cache.release(req.seq_id)  # out of draft blocks: no drafts for it this step
             return None

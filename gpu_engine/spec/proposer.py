@@ -10,7 +10,7 @@ EAGLE-3 head's own paged KV cache) bring it in step with the tokens they are giv
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -49,7 +49,6 @@ class Proposal:
     draft_probs: torch.Tensor | None = None
     """[sum of drafts, vocab] float32: the distribution each draft was drawn from, in order (rows
     of greedy requests are one-hot); None: every draft is a point mass (n-gram, greedy drafting)."""
-    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_drafts(self) -> list[int]:

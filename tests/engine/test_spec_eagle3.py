@@ -232,3 +232,17 @@ def test_out_of_blocks_proposes_nothing(head_dir, target):
     assert got.token_ids == [[]]
     p.cache.check_integrity()
     assert p.cache.blocks.num_free_blocks == 4
+
+
+def test_a_repeated_call_recomputes_the_last_entry_or_proposes_nothing(head_dir, target):
+    model, cfg = target
+    head = load_eagle3_head(head_dir, cfg, torch.float32, CPU)
+    tokens = [3, 77, 12, 250, 41, 9, 130]
+    (aux, _), = features(model, [tokens], head.cfg.aux_layers)
+    p = _proposer(head, model)
+    batch = DraftBatch([DraftRequest(1, tokens, 3, hidden_rows=(0, 0, 6))], aux[:6])
+    first = p.propose(batch).token_ids[0]
+    assert p.propose(batch).token_ids[0] == first  # same tokens again: the same drafts
+    nothing = DraftBatch([DraftRequest(1, tokens, 3, hidden_rows=(0, 6, 0))], aux[:0])
+    assert p.propose(nothing).token_ids == [[]]
+    p.cache.check_integrity()
