@@ -21,7 +21,15 @@ import torch
 
 from gpu_engine.block_manager import BlockManager, hash_token_blocks
 from gpu_engine.ops import AttentionMetadata
-from gpu_engine.step_inputs import padded_tables
+
+
+def padded_tables(tables: list[list[int]]) -> np.ndarray:
+    """[S, max blocks] int32 block tables, padded with block 0 (kept here, apart from the step
+    loop's input building, so the drafters do not depend on it)."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
 
 
 def blocks_for_budget(budget_bytes: int, target_bytes_per_block: int, drafter_bytes_per_block: int) -> int:
