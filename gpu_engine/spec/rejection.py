@@ -87,9 +87,10 @@ class VerifyResult:
 
 def exponential_race(probs: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One draw per row of probs [R, V] (rows need not be normalized) with the counter-based noise
-    of (keys [R], positions [R]): argmax(p / E), E ~ Exp(1), picks i with probability p_i / sum(p)."""
-    exp_noise = -torch.log(uniform_noise(keys, positions, probs.shape[-1]))
-    return (probs / exp_noise).argmax(dim=-1)
+    of (keys [R], positions [R]): argmax(log p + g), g = -log(-log u), picks i with probability
+    p_i / sum(p); the sampler's race in Gumbel form, so the same (key, position) draws its token."""
+    u = uniform_noise(keys, positions, probs.shape[-1])
+    return (probs.log() - (-u.log()).log()).argmax(dim=-1)
 
 
 def rejection_sample(
