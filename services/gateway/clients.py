@@ -95,7 +95,9 @@ REOPEN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED
                           grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 """A Detokenize stream that ends with one of these lost its replica (killed, connection reset):
 it is opened again, on another replica if the first is gone."""
-REOPEN_ATTEMPTS = 3
+REOPEN_BACKOFF_S = (0.0, 0.1, 0.3, 0.6, 1.2, 2.0)
+"""Waits before each try to reopen a lost Detokenize stream (about 4 s in all: a replica that
+went away is dropped from the channel's picks, another one may still be connecting)."""
 
 
 class _GrpcDetokenizer:
@@ -140,10 +142,11 @@ class _GrpcDetokenizer:
 
     def _reopen(self, token_ids: Sequence[int], flush: bool, exc: grpc.RpcError):
         tokens = [*self._tokens, *token_ids]
-        for attempt in range(1, REOPEN_ATTEMPTS + 1):
+        for attempt, wait_s in enumerate(REOPEN_BACKOFF_S, 1):
             log.warning("Detokenize stream lost (%s: %s); reopening with %d tokens (try %d)",
                         exc.code().name, exc.details(), len(tokens), attempt)
             self._call.cancel()
+            time.sleep(wait_s)
             self._open()
             try:
                 resp = self._exchange(tokens, flush)

@@ -74,6 +74,8 @@ class Term:
         self._stubs: dict[str, Stub] = {}
         self._watch_calls: dict[str, object] = {}
         self._lost_at: dict[str, float] = {}
+        self._missing: dict[str, float] = {}
+        """Executor id -> since when its registration is missing from Redis."""
         self._credential = config.internal_credential()
 
     @property
@@ -205,7 +207,14 @@ class Term:
             if self.admissions.metrics is None and info.get("model"):
                 self.admissions.metrics = self._metrics_for(model_label(info["model"]))
         for eid in list(self._watch_calls):
-            if eid not in registered:  # its registration expired: missed heartbeats
+            if eid in registered:
+                self._missing.pop(eid, None)
+                continue
+            # its registration expired (missed heartbeats), or Redis restarted empty and it has
+            # not registered again yet: lost only if it stays missing
+            since = self._missing.setdefault(eid, now)
+            if now - since >= self.config.heartbeat_timeout_s:
+                del self._missing[eid]
                 actions += self._on_lost(eid, "registration expired", now)
         return actions
 
@@ -315,6 +324,7 @@ class Term:
             return []
         log.warning("executor %s lost (%s); its requests go back to their gateways", eid, reason)
         self._lost_at[eid] = now
+        self._missing.pop(eid, None)
         self._watch_calls.pop(eid).cancel()
         stub = self._stubs.pop(eid, None)
         channel = self._channels.pop(eid, None)

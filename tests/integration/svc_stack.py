@@ -35,6 +35,14 @@ def internal_channel(address: str) -> grpc.Channel:
     return with_credential(grpc.insecure_channel(address), INTERNAL_TOKEN)
 
 
+def real_engine(model: str | None, **config):
+    """An LLMEngine on the CPU (float32) for `model` (None: the default model)."""
+    from gpu_engine.config import EngineConfig
+    from gpu_engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=model, device="cpu", dtype="float32", **config))
+
+
 def child_env() -> dict:
     """The environment of a tier run as a child process: no TAXIWAY_* of ours but the credential."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAXIWAY_") and k != "REDIS_URL"}
@@ -57,8 +65,11 @@ class Stack:
                  fake_num_blocks: int = 256, max_waiting: int = 1024, real_model: str | None = None,
                  scheduler_id: str | None = None, tracer_providers: dict | None = None,
                  scheduler: bool = True, leader_ttl_s: float | None = None,
-                 gateway_options: dict | None = None, redis_password: str | None = None):
+                 gateway_options: dict | None = None, redis_password: str | None = None,
+                 tokenizer_address: str | None = None):
         self.redis_url = redis_url
+        self.tokenizer_address = tokenizer_address
+        """The gateway's tokenizer target (default: the stack's own in-process tokenizer)."""
         self.gateway_options = gateway_options or {"allow_anonymous": True}
         """GatewayConfig settings (default: no API keys)."""
         self.redis_auth = {"redis_password": redis_password} if redis_password else {}
@@ -93,8 +104,13 @@ class Stack:
             self.add_executor()
         if self.with_scheduler:
             self.start_scheduler()
-        self.start_gateway(f"127.0.0.1:{self.tokenizer.port}")
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.server.port}")
+        self.start_gateway(self.tokenizer_address or f"127.0.0.1:{self.tokenizer.port}")
+        address, cert = f"127.0.0.1:{self.gateway.server.port}", self.gateway_options.get("tls_cert_file")
+        if cert:  # a self-signed certificate is its own root
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(cert).read_bytes())
+            self.channel = grpc.secure_channel(address, creds)
+        else:
+            self.channel = grpc.insecure_channel(address)
         self.stub = Stub(self.channel, "Gateway")
         self.wait_serving(self.channel)
         if self.with_scheduler:
