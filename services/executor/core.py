@@ -190,7 +190,12 @@ class ExecutorCore:
 
     def _add(self, req: EngineRequest, out: dict[str, list[Delta]], finished: list[str]) -> None:
         rid = req.request_id
-        if rid in self._tracked:  # a resubmission replaces the older attempt
+        held = self._tracked.get(rid)
+        if held is not None and held.attempt > req.attempt:  # a late Admit of an older attempt
+            log.warning("executor %s: ignoring attempt %d of %s, attempt %d runs", self.executor_id,
+                        req.attempt, rid, held.attempt)
+            return
+        if held is not None:  # a resubmission replaces the older attempt
             self._drop([rid], [], "replaced")
         spans = RequestTrace(self._tracer, req, self.executor_id)
         try:

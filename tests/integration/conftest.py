@@ -104,4 +104,15 @@ def fault_report(request):
     path = os.environ.get(REPORT_ENV)
     if path and rows:
         with open(path, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+            json.dump({"meta": _report_meta(), "rows": rows}, f, indent=1)
+
+
+def _report_meta() -> dict:
+    import platform
+    import subprocess
+    import time
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__)).stdout.strip()
+    return {"commit": commit or "unknown", "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}

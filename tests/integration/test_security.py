@@ -108,3 +108,32 @@ def test_reflection_can_be_turned_off(stack_factory):
         reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)))
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
     assert texts(stack.generate("still serves", max_tokens=4)) == echo("still serves", 4)
+
+
+def test_internal_tls_and_the_credential_between_gateway_and_tokenizer(tmp_path):
+    from gpu_engine.errors import NotReady
+    from services.gateway.clients import GrpcTokenizerClient
+    from services.tokenizer.config import TokenizerConfig
+    from services.tokenizer.service import build
+    from tests.integration.svc_stack import INTERNAL_TOKEN
+
+    cert, key = self_signed(tmp_path)
+    tok = build(TokenizerConfig(port=0, metrics_port=0, fake_engine=True, reflection=False,
+                                internal_token=INTERNAL_TOKEN, tls_cert_file=cert, tls_key_file=key))
+    address = f"127.0.0.1:{tok.port}"
+    good = GrpcTokenizerClient(address, credential=INTERNAL_TOKEN, ca_file=cert)
+    plain = GrpcTokenizerClient(address, credential=INTERNAL_TOKEN)
+    no_credential = GrpcTokenizerClient(address, ca_file=cert)
+    try:
+        assert good.tokenize("ab")[0] == [1, ord("a") + 3, ord("b") + 3]
+        detok = good.detokenizer([1], skip_special_tokens=True, stop=(), include_stop_str_in_output=False)
+        assert detok.add([ord("h") + 3, ord("i") + 3], flush=True) == ("hi", None)
+        detok.close()
+        with pytest.raises(NotReady):
+            plain.tokenize("ab")
+        with pytest.raises(Exception, match="refused this tier's internal credential"):
+            no_credential.tokenize("ab")
+    finally:
+        for client in (good, plain, no_credential):
+            client.close()
+        tok.stop()

@@ -195,3 +195,13 @@ def test_an_abort_then_an_admit_of_the_same_id_keeps_the_new_attempt():
     run(core)
     new = [d for d in sink.deltas("a") if d.attempt == 1]
     assert [t for d in new for t in d.token_ids] == [11, 12] and new[-1].finish_reason == "length"
+
+
+def test_a_late_admit_of_an_older_attempt_never_replaces_a_newer_one():
+    core, sink = make()
+    core.admit(req("a", max_tokens=4, attempt=2, prior_output_token_ids=(10,)), 1)
+    core.step()
+    core.admit(req("a", max_tokens=4, attempt=1), 2)
+    run(core)
+    assert {d.attempt for d in sink.deltas("a")} == {2}
+    assert [t for d in sink.deltas("a") for t in d.token_ids] == [11, 12, 10]
