@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 
-import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2
