@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import redis
 
+from gpu_engine.config import EngineConfig
 from services.common.auth import with_credential
 from services.common.proto import Stub, pb
 from services.executor.config import ExecutorConfig
@@ -165,8 +166,7 @@ class Stack:
                         executor_id=f"exec-{len(self.executors)}-{uuid.uuid4().hex[:6]}",
                         fake_engine=self.real_model is None and engine is None,
                         fake_step_s=self.fake_step_s, fake_num_blocks=self.fake_num_blocks,
-                        model=self.real_model, device="cpu" if self.real_model else None,
-                        dtype="float32" if self.real_model else None,
+                        engine=EngineConfig(model=self.real_model, device="cpu", dtype="float32"),
                         internal_token=INTERNAL_TOKEN, **self.redis_auth, **FAST)
         cfg = ExecutorConfig(**{**settings, **overrides})
         ex = ExecutorService(cfg, engine=engine, tracer_provider=self.providers.get("executor")).start()
