@@ -2,6 +2,7 @@
 is started with `fault_step_errors` (ExecutorConfig), e.g. `--fault-step-errors 3-5`.
 
     engine = StepFaults(engine, parse_steps("3-5"))   # its steps 3, 4 and 5 raise InjectedFault
+    engine.arm()                                       # (a test in the same process) and the next
 
 A real LLMEngine fails inside the step, after the plan took its KV blocks and was launched, where
 a sampler error would (its runner's collect raises); another engine (the fake) runs its step and
@@ -32,11 +33,15 @@ def parse_steps(spec: str) -> frozenset[int]:
 
 
 class StepFaults:
-    def __init__(self, engine, steps: frozenset[int]):
+    def __init__(self, engine, steps: frozenset[int] = frozenset()):
         self._engine = engine
-        self._steps = steps
+        self._steps = set(steps)
         self.count = 0
         """Steps run so far."""
+
+    def arm(self, steps: int = 1) -> None:
+        """The next `steps` steps raise (from another thread: the step loop picks it up)."""
+        self._steps.update(range(self.count + 1, self.count + 1 + steps))
 
     def __getattr__(self, name: str):
         return getattr(self._engine, name)

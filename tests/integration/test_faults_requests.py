@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from services.common.proto import Stub, pb
 from services.executor.fake import FakeEngine
+from services.executor.faults import StepFaults
 from services.tokenizer.fake import ByteTokenizer
 from tests.integration.faults import Stream, lost_and_duplicated, recovery_s
 from tests.integration.svc_stack import internal_channel, real_engine, wait_for
@@ -95,61 +96,76 @@ def test_a_5_mb_prompt_gets_a_clean_limit_error(stack_factory, fault_report):
                  note="RESOURCE_EXHAUSTED naming max_request_bytes (4 MiB)")
 
 
+def kv_pressure(stack, **executor_options):
+    """Three streams on an executor with too few KV blocks for all of them: one is preempted and
+    waits inside the engine while the other two run. Returns the executor, its fault injector
+    (armed by the caller) and the streams."""
+    faults = StepFaults(FakeEngine(num_blocks=20, block_size=4, step_delay_s=0.02))
+    executor = stack.add_executor(engine=faults, **executor_options)
+    stack.wait_executors(1)
+    prompts = [f"s{i} kv" for i in range(3)]  # 2 blocks each at first, 17 at the end
+    streams = [Stream.text(stack.stub, p, 60) for p in prompts]
+    wait_for(lambda: faults.stats().num_preemptions >= 1 and faults.stats().num_waiting == 1
+             and faults.stats().num_running == 2, 20, "one stream preempted, two running")
+    return executor, faults, streams, prompts
+
+
 def test_an_exception_in_a_step_fails_its_batch_and_the_executor_goes_on(stack_factory,
                                                                         fault_report):
-    """A step that raises (injected: the executor's 5th engine step) fails the requests of its
-    batch with INTERNAL, and only them; the request waiting in the engine runs after it, and so
-    do new ones. Before, the step-loop thread died and everything hung to its deadline."""
-    stack = stack_factory(executors=0, fake_step_s=0.02)
-    executor = stack.add_executor(engine=FakeEngine(max_num_seqs=1, step_delay_s=0.02),
-                                  fault_step_errors="5")
-    stack.wait_executors(1)
-    first = Stream.text(stack.stub, "in the failing batch", 40)
-    wait_for(lambda: first.chunks, 10, "the first stream to start")
-    second = Stream.text(stack.stub, "waits in the engine", 12)  # one sequence at a time
-    first.wait(20)
-    fault_at = first.times[-1] if first.times else time.monotonic()
-    assert first.error.code() == grpc.StatusCode.INTERNAL
-    assert "injected fault in engine step 5" in first.error.details()
-    assert texts(second.result()) == echo("waits in the engine", 12)
+    """A step that raises fails the requests of its batch with INTERNAL, and only them; the
+    request preempted and waiting in the engine runs on after it, and so do new ones. Before, the
+    step-loop thread died and everything hung to its deadline."""
+    stack = stack_factory(executors=0)
+    executor, faults, streams, prompts = kv_pressure(stack)
+    fault_at = time.monotonic()
+    faults.arm()
+    for s in streams:
+        s.wait(30)
+    failed = [s for s in streams if s.error is not None]
+    survived = [(s, p) for s, p in zip(streams, prompts) if s.error is None]
+    assert len(failed) == 2 and len(survived) == 1
+    for s in failed:
+        assert s.error.code() == grpc.StatusCode.INTERNAL
+        assert "the engine step failed (InjectedFault" in s.error.details()
+    (s, p), = survived
+    assert s.output == echo(p, 60)
     assert texts(stack.generate("and a new one", max_tokens=6)) == echo("and a new one", 6)
     assert executor.core.broken is None and health(stack.channel) == SERVING
     stack.wait_idle()
-    lost, dup = lost_and_duplicated(echo("waits in the engine", 12), second.output)
-    fault_report(fault="exception in one engine step", streams=2, lost=lost, duplicated=dup,
-                 recover_s=recovery_s([second], fault_at),
-                 note="its batch (1 stream) INTERNAL; the other stream exact")
+    lost, dup = lost_and_duplicated(echo(p, 60), s.output)
+    fault_report(fault="exception in one engine step", streams=3, lost=lost, duplicated=dup,
+                 recover_s=recovery_s([s], fault_at),
+                 note="its batch (2 streams) INTERNAL; the preempted stream exact, same executor")
 
 
 def test_an_executor_that_cannot_go_on_leaves_and_its_requests_move(stack_factory, fault_report):
-    """Steps that keep failing (max_step_failures of them): the executor turns NOT_SERVING and
-    leaves the pool; the request of the failing batch gets INTERNAL, the ones it held but had not
-    run yet resume on the other executor, exactly."""
-    stack = stack_factory(executors=0, fake_step_s=0.02)
-    broken = stack.add_executor(engine=FakeEngine(max_num_seqs=1, step_delay_s=0.02),
-                                fault_step_errors="6", max_step_failures=1)
-    stack.wait_executors(1)
-    batch = Stream.text(stack.stub, "runs when it breaks", 40)
-    wait_for(lambda: batch.chunks, 10, "the first stream to start")
-    held = [Stream.text(stack.stub, f"held number {i}", 10) for i in range(2)]
-    wait_for(lambda: stack.state().num_waiting == 0, 10, "both to be placed on it")
+    """A step fails and the engine cannot go on (max_step_failures=1 here; a CUDA error or a
+    broken block pool does it too): the executor turns NOT_SERVING and leaves the pool; the
+    requests of the failing batch get INTERNAL, the preempted one resumes on the other executor,
+    exactly."""
+    stack = stack_factory(executors=0)
+    broken, faults, streams, prompts = kv_pressure(stack, max_step_failures=1)
     stack.add_executor()  # the survivor
-    batch.wait(20)
-    fault_at = batch.times[-1]  # its last chunk came from the last step before the fault
-    assert batch.error.code() == grpc.StatusCode.INTERNAL
-    for i, s in enumerate(held):
-        assert texts(s.result()) == echo(f"held number {i}", 10)
+    stack.wait_executors(2)
+    fault_at = time.monotonic()
+    faults.arm()
+    for s in streams:
+        s.wait(30)
+    survived = [(s, p) for s, p in zip(streams, prompts) if s.error is None]
+    assert [s.error.code() for s in streams if s.error] == [grpc.StatusCode.INTERNAL] * 2
+    (s, p), = survived
+    assert s.output == echo(p, 60)
     assert broken.core.broken.startswith("1 engine steps failed in a row")
     with internal_channel(broken.server.address) as channel:
         assert health(channel) == NOT_SERVING
-    assert [e.executor_id for e in stack.state().executors] == [stack.executors[1].executor_id]
-    lost = dup = 0
-    for i, s in enumerate(held):
-        a, b = lost_and_duplicated(echo(f"held number {i}", 10), s.output)
-        lost, dup = lost + a, dup + b
-    fault_report(fault="engine steps keep failing (executor leaves)", streams=3, lost=lost,
-                 duplicated=dup, recover_s=recovery_s(held, fault_at),
-                 note="failing batch INTERNAL; 2 held streams resumed elsewhere, exact")
+    survivor = [stack.executors[1].executor_id]
+    wait_for(lambda: [e.executor_id for e in stack.state().executors] == survivor, 10,
+             "the broken executor to leave the scheduler's view")
+    assert stack.state().executors[0].num_admitted == 1  # the preempted one, resumed there
+    lost, dup = lost_and_duplicated(echo(p, 60), s.output)
+    fault_report(fault="an engine that cannot go on (executor leaves the pool)", streams=3,
+                 lost=lost, duplicated=dup, recover_s=recovery_s([s], fault_at),
+                 note="failing batch (2) INTERNAL; the preempted stream resumed elsewhere, exact")
 
 
 def test_reusing_a_request_id_after_a_stop_string(stack_factory, fault_report):

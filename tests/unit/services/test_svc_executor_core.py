@@ -205,3 +205,27 @@ def test_a_late_admit_of_an_older_attempt_never_replaces_a_newer_one():
     run(core)
     assert {d.attempt for d in sink.deltas("a")} == {2}
     assert [t for d in sink.deltas("a") for t in d.token_ids] == [11, 12, 10]
+
+
+def test_the_fault_injection_setting_wraps_the_engine():
+    import pytest
+
+    from services.executor.config import ExecutorConfig
+    from services.executor.faults import InjectedFault
+    from services.executor.service import with_faults
+
+    engine = FakeEngine()
+    assert with_faults(engine, ExecutorConfig()) is engine  # off by default
+    wrapped = with_faults(engine, ExecutorConfig(fault_step_errors="2,4-5"))
+    engine.add_request("a", [10, 11], req("a").params)
+    outcomes = []
+    for _ in range(6):
+        try:
+            wrapped.step()
+            outcomes.append("ok")
+        except InjectedFault as exc:
+            outcomes.append(str(exc))
+    assert outcomes == ["ok", "injected fault in engine step 2", "ok",
+                        "injected fault in engine step 4", "injected fault in engine step 5", "ok"]
+    with pytest.raises(ValueError, match="fault_step_errors: 'x' is not a step number"):
+        ExecutorConfig(fault_step_errors="x")
