@@ -14,7 +14,7 @@ import torch
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import PRESETS, EngineConfig, ModelConfig
 from gpu_engine.errors import InvalidRequest, ModelLoadError
-from gpu_engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gpu_engine.outputs import CompletionOutput, EngineStats, Recovery, RequestOutput
 from gpu_engine.runner import ModelRunner
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
@@ -24,6 +24,8 @@ from gpu_engine.weights import build_model, init_dummy_weights, load_checkpoint
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREFILL_CHUNK_DEFAULTS = {False: 128, True: 2048}
+"""EngineConfig.max_prefill_tokens_per_seq when None, by "is it a GPU"."""
 
 
 class StepTimes:
@@ -146,6 +148,8 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.admission_policy,
+                max_prefill_tokens_per_seq=config.max_prefill_tokens_per_seq
+                or PREFILL_CHUNK_DEFAULTS[self.device.type == "cuda"],
             ),
             self.block_manager,
         )
@@ -209,6 +213,25 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self._inflight is not None
+
+    def recover(self) -> Recovery:
+        """After step() raised: forgets the step in flight, aborts every request of the running
+        batch (the failed step's; their KV blocks return to the pool), then checks the pool against
+        the requests left (waiting ones stay queued). The engine may go on only if the returned
+        integrity_error is None."""
+        self._inflight = None
+        running = self.scheduler.running
+        batch = tuple(f"{s.request.request_id}[{s.index}]: {s.num_computed_tokens}/{s.num_tokens} "
+                      f"tokens computed, {s.num_pending} pending, {len(s.block_table)} blocks"
+                      for s in running)
+        aborted = tuple(dict.fromkeys(s.request.request_id for s in running))
+        try:
+            self.abort_request(aborted)
+            self.block_manager.check_integrity(
+                [b for r in self.requests.values() for s in r.seqs for b in s.block_table])
+        except Exception as exc:  # noqa: BLE001 - any inconsistency means the engine is unusable
+            return Recovery(aborted, batch, f"{type(exc).__name__}: {exc}")
+        return Recovery(aborted, batch)
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -361,6 +384,8 @@ class LLMEngine:
         return token
 
     def _validate(self, ids: list[int], prior: list[int], params: SamplingParams) -> None:
+        for t in params.stop_token_ids:
+            self._check_token(t, "stop_token_ids")
         total = len(ids) + len(prior)
         if total >= self.max_model_len:
             raise InvalidRequest(

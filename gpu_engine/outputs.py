@@ -64,3 +64,15 @@ class EngineStats:
     @property
     def kv_cache_usage(self) -> float:
         return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What `LLMEngine.recover()` did after a step raised."""
+
+    aborted: tuple[str, ...]
+    """The requests of the running batch (the failed step's): aborted, their KV blocks freed."""
+    batch: tuple[str, ...]
+    """The running batch when the step failed, one line per sequence (for the log)."""
+    integrity_error: str | None = None
+    """None when the block pool checks out afterwards; else what is broken (stop using the engine)."""

@@ -33,10 +33,14 @@ class SchedulerConfig:
     """Split prompts that do not fit the step's remaining budget across steps."""
     policy: str = "max_utilization"
     """Admission: "max_utilization" or "guaranteed_no_evict" (see EngineConfig)."""
+    max_prefill_tokens_per_seq: int | None = None
+    """Most prompt tokens one sequence prefills per step (chunked prefill only); None: no cap."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_prefill_tokens_per_seq is not None and self.max_prefill_tokens_per_seq < 1:
+            raise ValueError(f"max_prefill_tokens_per_seq must be >= 1, got {self.max_prefill_tokens_per_seq}")
         if self.policy not in ADMISSION_POLICIES:
             raise ValueError(f"unknown admission policy {self.policy!r}; one of {list(ADMISSION_POLICIES)}")
 
@@ -147,8 +151,9 @@ ADMISSION_POLICIES: dict[str, type] = {
 class DecodeFirstComposer:
     """Running decodes first, then prefill chunks (chunked prefill splits a prompt across steps)."""
 
-    def __init__(self, chunked_prefill: bool):
+    def __init__(self, chunked_prefill: bool, max_prefill_tokens_per_seq: int | None = None):
         self.chunked_prefill = chunked_prefill
+        self.prefill_cap = max_prefill_tokens_per_seq if chunked_prefill else None
 
     def order(self, running: list[Sequence]) -> list[Sequence]:
         decodes = [s for s in running if s.num_uncomputed_tokens == 1]
@@ -159,6 +164,8 @@ class DecodeFirstComposer:
         if seq.num_pending and seq.num_output_tokens >= seq.request.max_tokens:
             return 0  # its last token is being drawn: it finishes when that step is collected
         n = seq.num_uncomputed_tokens
+        if self.prefill_cap is not None:
+            n = min(n, self.prefill_cap)
         if n <= budget:
             return n
         return budget if self.chunked_prefill else 0
@@ -172,7 +179,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
         self.admission: AdmissionPolicy = ADMISSION_POLICIES[config.policy]()
-        self.composer = DecodeFirstComposer(config.enable_chunked_prefill)
+        self.composer = DecodeFirstComposer(config.enable_chunked_prefill,
+                                            config.max_prefill_tokens_per_seq)
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0

@@ -176,3 +176,74 @@ def check_serving(cfg: Any) -> None:
     check_port(cfg.port)
     check_port(cfg.metrics_port, "metrics_port")
     check_drain(cfg.drain_timeout_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityOptions:
+    """Settings every tier has: the credential between tiers, TLS on its port, reflection."""
+
+    internal_token: str | None = option(
+        None, "the credential the tiers present to each other (metadata `authorization: Bearer "
+              "<token>`); the same on every tier, from a Secret (TAXIWAY_INTERNAL_TOKEN), never on "
+              "a command line; internal RPCs without it get UNAUTHENTICATED")
+    internal_token_file: str | None = option(None, "a file holding internal_token (a mounted Secret)")
+    insecure_internal: bool = option(False, "run without internal_token: this tier's internal RPCs "
+                                            "obey any caller (a closed test rig only)")
+    tls_cert_file: str | None = option(None, "PEM certificate chain: serve this tier's gRPC port "
+                                             "over TLS (with tls_key_file)")
+    tls_key_file: str | None = option(None, "PEM private key of tls_cert_file")
+    internal_tls_ca_file: str | None = option(None, "PEM CA bundle of the other tiers' certificates: "
+                                                    "dial them over TLS (when they serve TLS)")
+    reflection: bool = option(True, "serve gRPC server reflection (grpcurl list/describe)")
+
+    def check_security(self) -> None:
+        require(bool(self.tls_cert_file) == bool(self.tls_key_file),
+                "tls_cert_file and tls_key_file go together: set both or neither")
+        require(not (self.internal_token and self.internal_token_file),
+                "set internal_token or internal_token_file, not both")
+
+    def internal_credential(self) -> str | None:
+        """The internal token (read from its file if given); raises ValueError when there is none
+        and insecure_internal is off."""
+        token = self.internal_token
+        if self.internal_token_file:
+            token = _read_secret(self.internal_token_file, "internal_token_file")
+        if not token and not self.insecure_internal:
+            raise ValueError("no internal credential: set internal_token (TAXIWAY_INTERNAL_TOKEN, "
+                             "the same on every tier) or internal_token_file, or insecure_internal "
+                             "to run without one")
+        return token or None
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisOptions:
+    """How a tier reaches Redis (the gateway, scheduler and executor)."""
+
+    redis_url: str | None = option(None, "Redis URL: redis://host:6379/0, or rediss:// for TLS "
+                                         "(also REDIS_URL)")
+    redis_username: str | None = option(None, "Redis ACL user (default: the URL's, else 'default')")
+    redis_password: str | None = option(None, "Redis password (AUTH), from a Secret "
+                                              "(TAXIWAY_REDIS_PASSWORD); the URL's wins if it has one")
+    redis_ca_file: str | None = option(None, "PEM CA bundle that verifies a rediss:// server")
+
+    def check_redis(self) -> None:
+        require(not self.redis_ca_file or (self.redis_url or "").startswith("rediss://"),
+                f"redis_ca_file needs a rediss:// URL (TLS), got {self.redis_url!r}")
+
+    def redis_options(self) -> dict:
+        """Keyword arguments for streams.connect."""
+        out = {}
+        if self.redis_username:
+            out["username"] = self.redis_username
+        if self.redis_password:
+            out["password"] = self.redis_password
+        if self.redis_ca_file:
+            out["ssl_ca_certs"] = self.redis_ca_file
+        return out
+
+
+def _read_secret(path: str, name: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path}: {exc}") from None

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from services.common import streams
-from tests.integration.svc_stack import ROOT
+from tests.integration.svc_stack import ROOT, child_env
 from tests.tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -28,7 +28,7 @@ def test_serve_engine_flags_reach_the_engine_and_are_reported(tmp_path, redis_ur
          "--model", str(model), "--device", "cpu", "--max-num-seqs", "3", "--max-model-len", "200",
          "--block-size", "8", "--num-kv-blocks", "77", "--no-enable-prefix-caching",
          "--gpu-memory-utilization", "0.5", "--admission-policy", "guaranteed_no_evict"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and "settings-test" not in streams.list_executors(r):
