@@ -204,10 +204,12 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     """Force the number of KV blocks (tests, tiny pools); overrides the two settings above."""
     enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 8192
-    """Token budget of one step (decodes + prefill chunks)."""
-    max_num_seqs: int = 256
-    """Most sequences running at once."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (decodes + prefill chunks). None: 8192 (batch_limits)."""
+    max_num_seqs: int | None = None
+    """Most sequences running at once (the persistent batch's slots; decode CUDA graphs are
+    captured up to min(this, 4096)). None: sized by the device (batch_limits): 1024 on a GPU with
+    at least 70 GiB (H100/H200 class), 256 on smaller GPUs and on the CPU."""
     enable_chunked_prefill: bool = True
     admission_policy: str = "max_utilization"
     """max_utilization: admit while blocks are free, preempt the newest on exhaustion (recompute);
@@ -234,11 +236,29 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (sized by the device), got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+BIG_GPU_BYTES = 70 * 2**30
+"""A GPU with this much memory (H100, H200 class) gets the larger default batch, as vLLM does."""
+
+
+def batch_limits(config: EngineConfig, device_memory_bytes: int | None) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens): the configured values, else defaults for the
+    device: 1024 sequences on a GPU with >= 70 GiB, 256 on smaller GPUs and on the CPU
+    (device_memory_bytes None); a budget of 8192 tokens everywhere."""
+    seqs = config.max_num_seqs
+    if seqs is None:
+        big = device_memory_bytes is not None and device_memory_bytes >= BIG_GPU_BYTES
+        seqs = 1024 if big else 256
+    tokens = config.max_num_batched_tokens if config.max_num_batched_tokens is not None else 8192
+    return seqs, tokens

@@ -4,23 +4,30 @@ A step is `plan = scheduler.schedule()`, `runner.launch(plan)`, `scheduler.commi
 later `scheduler.update(plan, runner.collect(...))`. commit() advances the scheduled sequences as
 if the step had run, with a placeholder for each token being sampled, so the next step can be
 planned while this one is still on the GPU; update() fills the placeholders in and applies stops.
-Two small policies decide: an admission policy ("may this waiting sequence join the running batch?")
-and a composer ("how many tokens does each running sequence get under the step's token budget?").
+Two small policies decide (scheduling_policies.py): admission and composition.
+
+Running sequences own rows of a BatchState (numpy). Plain decodes (the bulk of a large batch) are
+planned, committed and updated with array operations; only what is due for one of them gets Python
+work: a new block every block_size tokens, a full block to register, a stop, a report.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
+import numpy as np
+
+from gpu_engine.batch_state import BatchState
 from gpu_engine.block_manager import BlockManager, hash_token_blocks
 from gpu_engine.outputs import Logprobs
+from gpu_engine.sampling_params import OutputKind
+from gpu_engine.scheduling_policies import ADMISSION_POLICIES, AdmissionPolicy, DecodeFirstComposer
 from gpu_engine.sequence import Request, Sequence, SeqStatus
+from gpu_engine.step_plan import PENDING, SampledToken, ScheduledSeq, StepPlan, StepResult
 
-PENDING = -1
-"""Placeholder token id: drawn by a launched step, not read back yet."""
+__all__ = ["PENDING", "SampledToken", "ScheduledSeq", "Scheduler", "SchedulerConfig", "StepPlan", "StepResult"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     """Token budget of one step."""
     max_num_seqs: int = 256
-    """Most sequences in the running batch."""
+    """Most sequences in the running batch (the batch's slot count)."""
     enable_chunked_prefill: bool = True
     """Split prompts that do not fit the step's remaining budget across steps."""
     policy: str = "max_utilization"
@@ -41,127 +48,41 @@ class SchedulerConfig:
             raise ValueError(f"unknown admission policy {self.policy!r}; one of {list(ADMISSION_POLICIES)}")
 
 
-@dataclass
-class ScheduledSeq:
-    """One sequence's share of a step: tokens token_ids[start:start + num_tokens]."""
+class RunningSeqs:
+    """The running list in join order, with O(1) removal; joining takes a batch slot."""
 
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool
-    """The chunk reaches the sequence's last token: sample the next one."""
-    num_samples: int = 1
-    """More than 1 when the request forks into its n samples at this step."""
-    prompt_logprobs: bool = False
-    """Return logprobs for every position of the chunk (prompt logprobs were asked for)."""
+    def __init__(self, batch: BatchState):
+        self._seqs: dict[Sequence, None] = {}
+        self._batch = batch
 
+    def append(self, seq: Sequence) -> None:
+        self._batch.assign(seq)
+        self._seqs[seq] = None
 
-@dataclass
-class StepPlan:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    """Decodes first, then prefill chunks."""
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    """(src, dst) block copies to run before the forward (copy-on-write of shared blocks)."""
-    preempted: list[Sequence] = field(default_factory=list)
+    def remove(self, seq: Sequence) -> None:
+        if seq not in self._seqs:
+            raise ValueError(f"sequence {seq.seq_id} is not running")
+        del self._seqs[seq]
+        self._batch.release(seq)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.scheduled)
+    def __iter__(self):
+        return iter(self._seqs)
 
-    @property
-    def num_decodes(self) -> int:
-        """Leading entries that are single-token decodes."""
-        n = 0
-        for e in self.scheduled:
-            if e.num_tokens != 1:
-                break
-            n += 1
-        return n
+    def __len__(self) -> int:
+        return len(self._seqs)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+    def __contains__(self, seq) -> bool:
+        return seq in self._seqs
 
+    def __eq__(self, other) -> bool:  # compares like the list it replaces
+        if isinstance(other, RunningSeqs):
+            other = list(other)
+        return isinstance(other, list) and list(self._seqs) == other
 
-@dataclass
-class SampledToken:
-    token_id: int
-    logprobs: Logprobs | None = None
-    """The chosen token's raw logprob and the top-N (when asked for)."""
+    __hash__ = None
 
-
-@dataclass
-class StepResult:
-    samples: list[list[SampledToken]]
-    """Per plan entry: its sampled tokens (empty when the entry does not sample)."""
-    prompt_logprobs: dict[int, list[Logprobs]] = field(default_factory=dict)
-    """Per plan entry index (prompt_logprobs entries): logprobs of token p+1 for each position p."""
-
-
-class AdmissionPolicy(Protocol):
-    def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool: ...
-
-
-class MaxUtilization:
-    """Admit whenever blocks for the first chunk can be allocated; running out later preempts."""
-
-    def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool:
-        return True
-
-
-class GuaranteedNoEvict:
-    """Admit only if prompt + max_tokens of every sample fits beside what running ones reserve."""
-
-    def __init__(self):
-        self._epoch = -1
-        self._available = 0  # free blocks minus what running sequences still reserve
-
-    def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool:
-        if self._epoch != scheduler.epoch:  # once per schedule(), not once per candidate
-            self._epoch = scheduler.epoch
-            reserved = sum(self.blocks_to_finish(s, scheduler.block_size) for s in scheduler.running)
-            self._available = scheduler.block_manager.num_free_blocks - reserved
-        needed = self.blocks_to_finish(seq, scheduler.block_size)
-        if needed > self._available:
-            return False
-        self._available -= needed  # admitting it reserves what it needs to finish
-        return True
-
-    @staticmethod
-    def blocks_to_finish(seq: Sequence, block_size: int) -> int:
-        request = seq.request
-        final_len = seq.num_prompt_tokens + request.max_tokens
-        total_blocks = -(-final_len // block_size)
-        own = max(0, total_blocks - len(seq.block_table))
-        # Forked samples share the full prompt blocks and need the rest (plus one copied block).
-        forks = request.pending_forks if seq.index == 0 else 0
-        return own + forks * (total_blocks - seq.num_prompt_tokens // block_size)
-
-
-ADMISSION_POLICIES: dict[str, type] = {
-    "max_utilization": MaxUtilization,
-    "guaranteed_no_evict": GuaranteedNoEvict,
-}
-
-
-class DecodeFirstComposer:
-    """Running decodes first, then prefill chunks (chunked prefill splits a prompt across steps)."""
-
-    def __init__(self, chunked_prefill: bool):
-        self.chunked_prefill = chunked_prefill
-
-    def order(self, running: list[Sequence]) -> list[Sequence]:
-        decodes = [s for s in running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in running if s.num_uncomputed_tokens > 1]
-        return decodes + prefills
-
-    def num_tokens(self, seq: Sequence, budget: int) -> int:
-        if seq.num_pending and seq.num_output_tokens >= seq.request.max_tokens:
-            return 0  # its last token is being drawn: it finishes when that step is collected
-        n = seq.num_uncomputed_tokens
-        if n <= budget:
-            return n
-        return budget if self.chunked_prefill else 0
+    def __repr__(self) -> str:
+        return f"RunningSeqs({list(self._seqs)!r})"
 
 
 class Scheduler:
@@ -173,20 +94,23 @@ class Scheduler:
         self.block_size = block_manager.block_size
         self.admission: AdmissionPolicy = ADMISSION_POLICIES[config.policy]()
         self.composer = DecodeFirstComposer(config.enable_chunked_prefill)
+        self.batch = BatchState(config.max_num_seqs, self.block_size)
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
-        self.running: list[Sequence] = []
+        self.running = RunningSeqs(self.batch)
         self.num_preemptions = 0
         self.epoch = 0  # counts schedule() calls
+        self._stop_id_set: set[int] = set()
+        self._stop_ids = np.zeros(0, dtype=np.int64)  # every eos / stop token id of admitted requests
+
     # -- requests ---------------------------------------------------------------------------------
     def add(self, request: Request, prior_output_token_ids: list[int] | tuple[int, ...] = ()) -> Sequence:
-        seq = Sequence(
-            request=request,
-            index=0,
-            token_ids=list(request.prompt_token_ids) + list(prior_output_token_ids),
-            num_prompt_tokens=len(request.prompt_token_ids),
-        )
-        seq.num_reported_tokens = len(prior_output_token_ids)
+        seq = Sequence(request, 0, list(request.prompt_token_ids) + list(prior_output_token_ids),
+                       len(request.prompt_token_ids), num_reported_tokens=len(prior_output_token_ids))
         request.seqs.append(seq)
+        ids = set(request.eos_token_ids) | set(request.params.stop_token_ids)
+        if not ids <= self._stop_id_set:
+            self._stop_id_set |= ids
+            self._stop_ids = np.array(sorted(self._stop_id_set), dtype=np.int64)
         self._enqueue(seq)
         return seq
 
@@ -214,9 +138,7 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def prefill_backlog_tokens(self) -> int:
-        return sum(s.num_uncomputed_tokens for s in self.waiting) + sum(
-            s.num_uncomputed_tokens for s in self.running if s.num_uncomputed_tokens > 1
-        )
+        return sum(s.num_uncomputed_tokens for s in self.waiting) + self.batch.running_prefill_tokens()
 
     # -- planning ---------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -224,7 +146,50 @@ class Scheduler:
         plan = StepPlan()
         entries: dict[int, ScheduledSeq] = {}
         budget = self.config.max_num_batched_tokens
-        for seq in self.composer.order(self.running):
+        others = self._plan_plain_decodes(plan, budget)
+        if others is None:  # a tight budget or pool: every sequence one by one, preempting as needed
+            others = self.composer.order(self.running)
+        budget -= len(plan.decode_seqs)
+        budget = self._schedule_running(others, budget, plan, entries)
+        if not plan.preempted:
+            budget = self._admit_waiting(budget, plan, entries)
+        plan.entries = sorted(entries.values(), key=_decode_first)
+        plan.table_writes, plan.new_occupants = self.batch.take_changes()
+        return plan
+
+    def _plan_plain_decodes(self, plan: StepPlan, budget: int) -> list[Sequence] | None:
+        """Put every plain decode into the plan's arrays; return the running sequences left for the
+        one-by-one path, or None (nothing planned) when the budget or the free blocks might not
+        cover the decodes, where preemption order matters."""
+        b, bs = self.batch, self.block_size
+        if len(self.running) != b.num_occupied:
+            return None  # sequences placed by hand (tests): plan them one by one
+        slots = b.order()
+        if not len(slots):
+            return []
+        tokens, computed = b.num_tokens[slots], b.num_computed[slots]
+        skip = (b.num_pending[slots] > 0) & (tokens >= b.end_len[slots])  # last token being drawn
+        decode = (tokens - computed == 1) & ~skip
+        plain = decode & ~b.special[slots]
+        grow = plain & ((computed >= b.num_blocks[slots] * bs) | b.maybe_shared[slots])
+        if int(decode.sum()) > budget or int(grow.sum()) > self.block_manager.num_free_blocks:
+            return None
+        for slot in slots[grow].tolist():
+            if not self._grow(b.seqs[slot], 1, plan):
+                raise AssertionError("a decode could not grow although the pool had room")
+            b.maybe_shared[slot] = False  # the block it writes now is its own
+        chosen = slots[plain]
+        plan.decode_slots = chosen
+        plan.decode_positions = computed[plain]
+        plan.decode_gens = b.gen[chosen]
+        seqs = b.seqs
+        plan.decode_seqs = [seqs[s] for s in chosen.tolist()]
+        rest = slots[~plain & ~skip]
+        return self.composer.order([seqs[s] for s in rest.tolist()])
+
+    def _schedule_running(self, seqs: list[Sequence], budget: int, plan: StepPlan,
+                          entries: dict[int, ScheduledSeq]) -> int:
+        for seq in seqs:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = self.composer.num_tokens(seq, budget)
@@ -238,10 +203,7 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 entries[seq.seq_id] = self._entry(seq, n)
                 budget -= n
-        if not plan.preempted:
-            budget = self._admit_waiting(budget, plan, entries)
-        plan.scheduled = sorted(entries.values(), key=_decode_first)
-        return plan
+        return budget
 
     def _admit_waiting(self, budget: int, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
         while self.waiting and budget > 0:
@@ -294,19 +256,26 @@ class Scheduler:
         """Give `seq` the blocks to hold n more tokens (copying a shared block it would write
         into). False, with nothing changed, when the pool is short."""
         bs = self.block_size
-        first = seq.num_computed_tokens // bs
-        copy = first < len(seq.block_table) and self.block_manager.ref_count(seq.block_table[first]) > 1
-        needed = -(-(seq.num_computed_tokens + n) // bs) - len(seq.block_table)
+        computed = seq.num_computed_tokens
+        first = computed // bs
+        table = seq.block_table
+        copy = first < len(table) and self.block_manager.ref_count(table[first]) > 1
+        needed = -(-(computed + n) // bs) - len(table)
+        if needed <= 0 and not copy:
+            return True
         blocks = self.block_manager.allocate(max(needed, 0) + copy)
         if blocks is None:
             return False
+        first_new = len(table)
         if copy:
-            src, dst = seq.block_table[first], blocks.pop(0)
+            src, dst = table[first], blocks.pop(0)
             plan.blocks_to_copy.append((src, dst))
             self.block_manager.free([src])
-            seq.block_table[first] = dst
+            table[first] = dst
             seq.num_registered_blocks = min(seq.num_registered_blocks, first)
-        seq.block_table.extend(blocks)
+            first_new = first
+        table.extend(blocks)
+        self.batch.blocks_appended(seq, first_new)
         return True
 
     def _preempt(self, seq: Sequence, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
@@ -315,6 +284,8 @@ class Scheduler:
         entry = entries.pop(seq.seq_id, None)
         if entry is not None:
             refund = entry.num_tokens
+        elif plan.drop_decode(seq):
+            refund = 1
         owned = set(seq.block_table)
         plan.blocks_to_copy = [(s, d) for s, d in plan.blocks_to_copy if d not in owned]
         self.running.remove(seq)
@@ -330,57 +301,137 @@ class Scheduler:
 
     def _enqueue(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        keys = [s.sort_key for s in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, seq.sort_key), seq)
+        self.waiting.insert(bisect.bisect(self.waiting, seq.sort_key, key=_sort_key), seq)
 
     # -- after the step ---------------------------------------------------------------------------
     def commit(self, plan: StepPlan) -> None:
         """The plan was launched: its tokens count as computed, each draw as a pending token."""
-        for entry in plan.scheduled:
+        if plan.decode_seqs:
+            b, slots = self.batch, plan.decode_slots
+            b.num_computed[slots] += 1
+            b.num_tokens[slots] += 1
+            b.num_pending[slots] += 1
+            for seq in plan.decode_seqs:
+                seq.token_ids.append(PENDING)
+        for entry in plan.entries:
             seq = entry.seq
             seq.num_computed_tokens += entry.num_tokens
             if entry.sample:
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
+                self.batch.tokens_changed(seq)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
-        """Fill in the committed plan's sampled tokens and apply stops; returns the sequences that
-        got new tokens (finished ones included)."""
+        """Fill in the committed plan's sampled tokens and apply stops. Returns the sequences the
+        engine must look at: those that finished, and those reported every step (streamed
+        output, stop strings); a FINAL_ONLY sequence that merely grew is not among them."""
+        if result.token_ids is None:
+            pairs = zip(plan.scheduled, result.samples)
+            return self._update_entries(pairs, result.prompt_logprobs, 0)
+        touched = self._update_decodes(plan, result)
+        rows = result.token_ids.tolist()
+        r = len(plan.decode_seqs)
+        pairs = []
+        for entry in plan.entries:
+            k = entry.num_samples if entry.sample else 0
+            pairs.append((entry, [SampledToken(t, result.logprobs.get(r + j)) for j, t in enumerate(rows[r:r + k])]))
+            r += k
+        return touched + self._update_entries(pairs, result.prompt_logprobs, len(plan.decode_seqs))
+
+    def _update_decodes(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
+        """The plain decodes' tokens (rows [0, D) of the packed result), with array operations;
+        sequences that left their slot since planning (preempted, finished) go one by one."""
+        d = len(plan.decode_seqs)
+        if not d:
+            return []
+        b = self.batch
+        slots, toks = plan.decode_slots, result.token_ids[:d]
+        seqs = plan.decode_seqs
+        same = b.occupied[slots] & (b.gen[slots] == plan.decode_gens)
         touched: list[Sequence] = []
-        for i, entry in enumerate(plan.scheduled):
+        if not same.all():
+            for i in np.flatnonzero(~same).tolist():
+                touched += self._update_entries([(ScheduledSeq(seqs[i], 0, 1, True),
+                                                  [SampledToken(int(toks[i]), result.logprobs.get(i))])], {}, 0)
+            keep = np.flatnonzero(same)
+            slots, toks, seqs = slots[keep], toks[keep], [seqs[i] for i in keep.tolist()]
+            rows = keep
+        else:
+            rows = None
+        if self.block_manager.enable_prefix_caching:
+            known = np.minimum(b.num_computed[slots], b.num_tokens[slots] - b.num_pending[slots])
+            for i in np.flatnonzero(known // self.block_size > b.num_registered[slots]).tolist():
+                self._register_full_blocks(seqs[i])
+        pos = b.num_tokens[slots] - b.num_pending[slots]  # each one's oldest placeholder
+        for seq, p, t in zip(seqs, pos.tolist(), toks.tolist()):
+            seq.token_ids[p] = t
+        b.num_pending[slots] -= 1
+        if result.logprobs:
+            index = {r: i for i, r in enumerate(rows.tolist())} if rows is not None else None
+            for r, lp in result.logprobs.items():
+                i = r if index is None else index.get(r)
+                if i is not None and r < d:
+                    self._record_logprobs(seqs[i], int(toks[i]), lp)
+        first = b.awaiting_first[slots]
+        if first.any():
+            now = time.monotonic()
+            for i in np.flatnonzero(first).tolist():
+                seqs[i].request.metrics.setdefault("first_token", now)
+            b.awaiting_first[slots[first]] = False
+        report = b.watch[slots]
+        due = ((pos + 1 >= b.end_len[slots]) | (np.isin(toks, self._stop_ids) & (pos + 1 > b.min_len[slots])))
+        for i in np.flatnonzero(due).tolist():
+            self._apply_stops(seqs[i], int(toks[i]), int(pos[i]))
+        return touched + [seqs[i] for i in np.flatnonzero(report | due).tolist() if report[i] or seqs[i].is_finished]
+
+    def _update_entries(self, pairs, prompt_logprobs: dict[int, list[Logprobs]], offset: int) -> list[Sequence]:
+        """Entry by entry: the general path (forks, prompt logprobs, prefill chunks)."""
+        touched: list[Sequence] = []
+        for i, (entry, samples) in enumerate(pairs):
             seq = entry.seq
             if seq.is_finished:
                 continue  # aborted or stopped while the step ran
             self._register_full_blocks(seq)
             if entry.prompt_logprobs:
-                self._record_prompt_logprobs(entry, result.prompt_logprobs.get(i, []))
+                self._record_prompt_logprobs(entry, prompt_logprobs.get(offset + i, []))
             if entry.sample:
-                samples = result.samples[i]
                 seqs = [seq] + [self._fork(seq, k) for k in range(1, len(samples))]
                 for s, sampled in zip(seqs, samples):
                     self._append(s, sampled)
-                    touched.append(s)
+                    if self._due(s):
+                        touched.append(s)
         return touched
+
+    def _due(self, seq: Sequence) -> bool:
+        request = seq.request
+        if "first_token" not in request.metrics:
+            request.metrics["first_token"] = time.monotonic()
+            if seq.slot >= 0:
+                self.batch.awaiting_first[seq.slot] = False
+        if seq.is_finished:
+            return True
+        if seq.slot >= 0:
+            return bool(self.batch.watch[seq.slot])
+        return request.params.output_kind is not OutputKind.FINAL_ONLY or bool(request.params.stop)
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         """A new sample sharing the parent's blocks; it draws its first token in the same step
         (never with async scheduling: forking steps run synchronously)."""
         child = Sequence(
-            request=parent.request,
-            index=index,
-            token_ids=list(parent.token_ids),
-            num_prompt_tokens=parent.num_prompt_tokens,
-            status=SeqStatus.RUNNING,
-            num_computed_tokens=parent.num_computed_tokens,
-            block_table=list(parent.block_table),
-            block_hashes=list(parent.block_hashes),
+            parent.request, index, list(parent.token_ids), parent.num_prompt_tokens,
+            status=SeqStatus.RUNNING, num_computed_tokens=parent.num_computed_tokens,
+            block_table=list(parent.block_table), block_hashes=list(parent.block_hashes),
             num_registered_blocks=parent.num_registered_blocks,
-            num_reported_tokens=parent.num_reported_tokens,
-            num_pending=parent.num_pending,
+            num_reported_tokens=parent.num_reported_tokens, num_pending=parent.num_pending,
         )
         self.block_manager.share(child.block_table)
         parent.request.seqs.append(child)
         self.running.append(child)
+        for s in (parent, child):
+            if s.slot >= 0:
+                self.batch.maybe_shared[s.slot] = True
+        if parent.slot >= 0 and parent.request.pending_forks == 0:
+            self.batch.special[parent.slot] = parent.request.params.prompt_logprobs is not None
         return child
 
     def _append(self, seq: Sequence, sampled: SampledToken) -> None:
@@ -390,17 +441,25 @@ class Scheduler:
         seq.token_ids[slot] = token
         seq.num_pending -= 1
         if sampled.logprobs is not None:
-            seq.logprobs.append(sampled.logprobs)
-            seq.cumulative_logprob += sampled.logprobs.get(token, 0.0)
+            self._record_logprobs(seq, token, sampled.logprobs)
+        self._apply_stops(seq, token, slot)
+
+    @staticmethod
+    def _record_logprobs(seq: Sequence, token: int, logprobs: Logprobs) -> None:
+        seq.logprobs.append(logprobs)
+        seq.cumulative_logprob += logprobs.get(token, 0.0)
+
+    def _apply_stops(self, seq: Sequence, token: int, position: int) -> None:
+        """Stop rules for the token just placed at `position`."""
         request = seq.request
         params = request.params
-        n_out = slot + 1 - seq.num_prompt_tokens
+        n_out = position + 1 - seq.num_prompt_tokens
         if n_out > params.min_tokens:  # the sampler masks stop tokens until min_tokens
             if token in params.stop_token_ids:
                 return self._stop(seq, "stop", token)
             if not params.ignore_eos and token in request.eos_token_ids:
                 return self._stop(seq, "stop", None)
-        if n_out >= request.max_tokens or slot + 1 >= request.max_model_len:
+        if n_out >= request.max_tokens or position + 1 >= request.max_model_len:
             self._stop(seq, "length")
 
     def _stop(self, seq: Sequence, reason: str, stop_reason: int | None = None) -> None:
@@ -439,3 +498,7 @@ class Scheduler:
 
 def _decode_first(entry: ScheduledSeq) -> int:
     return 0 if entry.num_tokens == 1 else 1
+
+
+def _sort_key(seq: Sequence) -> tuple[int, int, int]:
+    return seq.sort_key
