@@ -26,7 +26,8 @@ class BatchState:
         self.capacity = capacity
         self.block_size = block_size
         n = capacity
-        self.seqs: list[Sequence | None] = [None] * n
+        self.seqs = np.full(n, None, dtype=object)  # [n] Sequence | None
+        self.token_lists = np.full(n, None, dtype=object)  # [n] each occupant's token_ids list
         self.num_computed = np.zeros(n, dtype=np.int64)
         self.num_pending = np.zeros(n, dtype=np.int64)
         self.num_registered = np.zeros(n, dtype=np.int64)
@@ -45,7 +46,8 @@ class BatchState:
         self._free = list(range(n))  # a heap: lowest slot first
         self._joined = 0
         self._order: np.ndarray | None = None
-        self._writes: list[tuple[int, int, list[int]]] = []
+        self._writes: list[tuple[int, int, list[int]]] = []  # (slot, first column, blocks)
+        self._bulk_writes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (slots, columns, blocks)
         self._new: list[tuple[int, Sequence]] = []
 
     @property
@@ -64,6 +66,7 @@ class BatchState:
         params = request.params
         computed, pending, registered = seq.num_computed_tokens, seq.num_pending, seq.num_registered_blocks
         self.seqs[slot] = seq
+        self.token_lists[slot] = seq.token_ids
         self.num_computed[slot] = computed
         self.num_pending[slot] = pending
         self.num_registered[slot] = registered
@@ -97,6 +100,7 @@ class BatchState:
         seq._num_registered = int(self.num_registered[slot])
         seq.slot, seq._batch = -1, None
         self.seqs[slot] = None
+        self.token_lists[slot] = None
         self.occupied[slot] = False
         heapq.heappush(self._free, slot)
         self._order = None
@@ -118,6 +122,14 @@ class BatchState:
         if first_new < len(seq.block_table):
             self._writes.append((slot, first_new, seq.block_table[first_new:]))
 
+    def blocks_appended_bulk(self, slots: np.ndarray, blocks: list[int]) -> None:
+        """One new block at the end of each of these slots' tables ([K] int64 slots, K blocks)."""
+        cols = self.num_blocks[slots].copy()
+        for seq, block in zip(self.seqs[slots].tolist(), blocks):
+            seq.block_table.append(block)
+        self.num_blocks[slots] = cols + 1
+        self._bulk_writes.append((slots, cols, np.array(blocks, dtype=np.int64)))
+
     def tokens_changed(self, seq: Sequence) -> None:
         if seq.slot >= 0:
             self.num_tokens[seq.slot] = len(seq.token_ids)
@@ -126,17 +138,22 @@ class BatchState:
         """Block-table writes ((slots, columns, blocks), each [K] int64) and new occupants since
         the last call, for the runner's device mirror."""
         writes, self._writes = self._writes, []
+        chunks, self._bulk_writes = self._bulk_writes, []
         new, self._new = self._new, []
-        if not writes:
+        if writes:
+            counts = [len(b) for _, _, b in writes]
+            slots = np.repeat(np.array([s for s, _, _ in writes], dtype=np.int64), counts)
+            firsts = np.repeat(np.array([c for _, c, _ in writes], dtype=np.int64), counts)
+            starts = np.repeat(np.cumsum([0] + counts[:-1]), counts)
+            cols = firsts + np.arange(len(slots), dtype=np.int64) - starts
+            blocks = np.fromiter((b for _, _, bl in writes for b in bl), dtype=np.int64, count=len(slots))
+            chunks.insert(0, (slots, cols, blocks))  # order matters: a later write wins
+        if not chunks:
             empty = np.zeros(0, dtype=np.int64)
             return (empty, empty, empty), new
-        counts = [len(b) for _, _, b in writes]
-        slots = np.repeat(np.array([s for s, _, _ in writes], dtype=np.int64), counts)
-        firsts = np.repeat(np.array([c for _, c, _ in writes], dtype=np.int64), counts)
-        starts = np.repeat(np.cumsum([0] + counts[:-1]), counts)
-        cols = firsts + np.arange(len(slots), dtype=np.int64) - starts
-        blocks = np.fromiter((b for _, _, bl in writes for b in bl), dtype=np.int64, count=len(slots))
-        return (slots, cols, blocks), new
+        if len(chunks) == 1:
+            return chunks[0], new
+        return tuple(np.concatenate(parts) for parts in zip(*chunks)), new
 
     # -- queries over the whole batch -------------------------------------------------------------
     def reserved_blocks(self) -> int:

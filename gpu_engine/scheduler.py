@@ -171,21 +171,23 @@ class Scheduler:
         skip = (b.num_pending[slots] > 0) & (tokens >= b.end_len[slots])  # last token being drawn
         decode = (tokens - computed == 1) & ~skip
         plain = decode & ~b.special[slots]
-        grow = plain & ((computed >= b.num_blocks[slots] * bs) | b.maybe_shared[slots])
-        if int(decode.sum()) > budget or int(grow.sum()) > self.block_manager.num_free_blocks:
+        new_block = plain & (computed >= b.num_blocks[slots] * bs)  # its next token starts a block
+        shared = plain & b.maybe_shared[slots]  # may write into a block a fork shares: copy on write
+        if int(decode.sum()) > budget or int((new_block | shared).sum()) > self.block_manager.num_free_blocks:
             return None
-        for slot in slots[grow].tolist():
+        for slot in slots[shared].tolist():
             if not self._grow(b.seqs[slot], 1, plan):
                 raise AssertionError("a decode could not grow although the pool had room")
             b.maybe_shared[slot] = False  # the block it writes now is its own
+        fresh = slots[new_block & ~shared]
+        if len(fresh):
+            b.blocks_appended_bulk(fresh, self.block_manager.allocate(len(fresh)))
         chosen = slots[plain]
         plan.decode_slots = chosen
         plan.decode_positions = computed[plain]
         plan.decode_gens = b.gen[chosen]
-        seqs = b.seqs
-        plan.decode_seqs = [seqs[s] for s in chosen.tolist()]
-        rest = slots[~plain & ~skip]
-        return self.composer.order([seqs[s] for s in rest.tolist()])
+        plan.decode_seqs = b.seqs[chosen].tolist()
+        return self.composer.order(b.seqs[slots[~plain & ~skip]].tolist())
 
     def _schedule_running(self, seqs: list[Sequence], budget: int, plan: StepPlan,
                           entries: dict[int, ScheduledSeq]) -> int:
@@ -311,8 +313,8 @@ class Scheduler:
             b.num_computed[slots] += 1
             b.num_tokens[slots] += 1
             b.num_pending[slots] += 1
-            for seq in plan.decode_seqs:
-                seq.token_ids.append(PENDING)
+            for tokens in b.token_lists[slots].tolist():
+                tokens.append(PENDING)
         for entry in plan.entries:
             seq = entry.seq
             seq.num_computed_tokens += entry.num_tokens
@@ -363,8 +365,8 @@ class Scheduler:
             for i in np.flatnonzero(known // self.block_size > b.num_registered[slots]).tolist():
                 self._register_full_blocks(seqs[i])
         pos = b.num_tokens[slots] - b.num_pending[slots]  # each one's oldest placeholder
-        for seq, p, t in zip(seqs, pos.tolist(), toks.tolist()):
-            seq.token_ids[p] = t
+        for tokens, p, t in zip(b.token_lists[slots].tolist(), pos.tolist(), toks.tolist()):
+            tokens[p] = t
         b.num_pending[slots] -= 1
         if result.logprobs:
             index = {r: i for i, r in enumerate(rows.tolist())} if rows is not None else None
