@@ -14,6 +14,7 @@ work: a new block every block_size tokens, a full block to register, a stop, a r
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -132,6 +133,13 @@ class Scheduler:
         request.aborted = True
         for seq in request.seqs:
             self.finish(seq, "abort")
+
+    def limit_running(self, max_num_seqs: int) -> None:
+        """Cap the running batch below its slot count (a sweep over batch sizes in one process)."""
+        if not 1 <= max_num_seqs <= self.batch.capacity:
+            raise ValueError(f"max_num_seqs must be in [1, {self.batch.capacity}] (the batch's slots), "
+                             f"got {max_num_seqs}")
+        self.config = dataclasses.replace(self.config, max_num_seqs=max_num_seqs)
 
     @property
     def num_unfinished(self) -> int:
