@@ -395,8 +395,7 @@ class LLMEngine:
         tokens = seq.output_token_ids[request.num_prior_output_tokens:]
         if tokens and seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
             tokens = tokens[:-1]  # the text of an eos or stop token is not part of the output
-        state.detok.add_tokens(tokens)
-        state.detok.flush()
+        state.detok.decode_whole(tokens)
         return state.detok.text
 
     def _attach_text(self, seq: Seq, context: list[int], keep: bool = True) -> _SeqText | None:

@@ -30,7 +30,8 @@ class BenchConfig:
     isl: int = 128
     osl: int = 128
     num_requests: int = 3000
-    max_num_seqs: int = 512
+    max_num_seqs: int = 1024
+    """The engine's default on an H100/H200-class GPU; `bench sweep` measures the others."""
     max_num_batched_tokens: int = 8192
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
