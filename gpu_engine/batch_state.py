@@ -182,3 +182,40 @@ class BatchState:
                     f"sequence has {len(seq.token_ids)} / {len(seq.block_table)}")
             if self.num_pending[s] != sum(1 for t in seq.token_ids[-max(1, int(self.num_pending[s])):] if t < 0):
                 raise AssertionError(f"slot {s}: {self.num_pending[s]} pending, placeholders disagree")
+
+
+class RunningSeqs:
+    """The running list in join order, with O(1) removal; joining takes a batch slot."""
+
+    def __init__(self, batch: BatchState):
+        self._seqs: dict[Sequence, None] = {}
+        self._batch = batch
+
+    def append(self, seq: Sequence) -> None:
+        self._batch.assign(seq)
+        self._seqs[seq] = None
+
+    def remove(self, seq: Sequence) -> None:
+        if seq not in self._seqs:
+            raise ValueError(f"sequence {seq.seq_id} is not running")
+        del self._seqs[seq]
+        self._batch.release(seq)
+
+    def __iter__(self):
+        return iter(self._seqs)
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __contains__(self, seq) -> bool:
+        return seq in self._seqs
+
+    def __eq__(self, other) -> bool:  # compares like the list it replaces
+        if isinstance(other, RunningSeqs):
+            other = list(other)
+        return isinstance(other, list) and list(self._seqs) == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"RunningSeqs({list(self._seqs)!r})"

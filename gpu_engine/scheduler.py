@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpu_engine.batch_state import BatchState
+from gpu_engine.batch_decodes import plan_plain_decodes, update_plain_decodes
+from gpu_engine.batch_state import BatchState, RunningSeqs
 from gpu_engine.block_manager import BlockManager, hash_token_blocks
 from gpu_engine.outputs import Logprobs
 from gpu_engine.sampling_params import OutputKind
@@ -47,43 +48,6 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.policy not in ADMISSION_POLICIES:
             raise ValueError(f"unknown admission policy {self.policy!r}; one of {list(ADMISSION_POLICIES)}")
-
-
-class RunningSeqs:
-    """The running list in join order, with O(1) removal; joining takes a batch slot."""
-
-    def __init__(self, batch: BatchState):
-        self._seqs: dict[Sequence, None] = {}
-        self._batch = batch
-
-    def append(self, seq: Sequence) -> None:
-        self._batch.assign(seq)
-        self._seqs[seq] = None
-
-    def remove(self, seq: Sequence) -> None:
-        if seq not in self._seqs:
-            raise ValueError(f"sequence {seq.seq_id} is not running")
-        del self._seqs[seq]
-        self._batch.release(seq)
-
-    def __iter__(self):
-        return iter(self._seqs)
-
-    def __len__(self) -> int:
-        return len(self._seqs)
-
-    def __contains__(self, seq) -> bool:
-        return seq in self._seqs
-
-    def __eq__(self, other) -> bool:  # compares like the list it replaces
-        if isinstance(other, RunningSeqs):
-            other = list(other)
-        return isinstance(other, list) and list(self._seqs) == other
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"RunningSeqs({list(self._seqs)!r})"
 
 
 class Scheduler:
@@ -154,7 +118,7 @@ class Scheduler:
         plan = StepPlan()
         entries: dict[int, ScheduledSeq] = {}
         budget = self.config.max_num_batched_tokens
-        others = self._plan_plain_decodes(plan, budget)
+        others = plan_plain_decodes(self, plan, budget)
         if others is None:  # a tight budget or pool: every sequence one by one, preempting as needed
             others = self.composer.order(self.running)
         budget -= len(plan.decode_seqs)
@@ -164,38 +128,6 @@ class Scheduler:
         plan.entries = sorted(entries.values(), key=_decode_first)
         plan.table_writes, plan.new_occupants = self.batch.take_changes()
         return plan
-
-    def _plan_plain_decodes(self, plan: StepPlan, budget: int) -> list[Sequence] | None:
-        """Put every plain decode into the plan's arrays; return the running sequences left for the
-        one-by-one path, or None (nothing planned) when the budget or the free blocks might not
-        cover the decodes, where preemption order matters."""
-        b, bs = self.batch, self.block_size
-        if len(self.running) != b.num_occupied:
-            return None  # sequences placed by hand (tests): plan them one by one
-        slots = b.order()
-        if not len(slots):
-            return []
-        tokens, computed = b.num_tokens[slots], b.num_computed[slots]
-        skip = (b.num_pending[slots] > 0) & (tokens >= b.end_len[slots])  # last token being drawn
-        decode = (tokens - computed == 1) & ~skip
-        plain = decode & ~b.special[slots]
-        new_block = plain & (computed >= b.num_blocks[slots] * bs)  # its next token starts a block
-        shared = plain & b.maybe_shared[slots]  # may write into a block a fork shares: copy on write
-        if int(decode.sum()) > budget or int((new_block | shared).sum()) > self.block_manager.num_free_blocks:
-            return None
-        for slot in slots[shared].tolist():
-            if not self._grow(b.seqs[slot], 1, plan):
-                raise AssertionError("a decode could not grow although the pool had room")
-            b.maybe_shared[slot] = False  # the block it writes now is its own
-        fresh = slots[new_block & ~shared]
-        if len(fresh):
-            b.blocks_appended_bulk(fresh, self.block_manager.allocate(len(fresh)))
-        chosen = slots[plain]
-        plan.decode_slots = chosen
-        plan.decode_positions = computed[plain]
-        plan.decode_gens = b.gen[chosen]
-        plan.decode_seqs = b.seqs[chosen].tolist()
-        return self.composer.order(b.seqs[slots[~plain & ~skip]].tolist())
 
     def _schedule_running(self, seqs: list[Sequence], budget: int, plan: StepPlan,
                           entries: dict[int, ScheduledSeq]) -> int:
@@ -338,7 +270,7 @@ class Scheduler:
         if result.token_ids is None:
             pairs = zip(plan.scheduled, result.samples)
             return self._update_entries(pairs, result.prompt_logprobs, 0)
-        touched = self._update_decodes(plan, result)
+        touched = update_plain_decodes(self, plan, result)
         rows = result.token_ids.tolist()
         r = len(plan.decode_seqs)
         pairs = []
@@ -347,52 +279,6 @@ class Scheduler:
             pairs.append((entry, [SampledToken(t, result.logprobs.get(r + j)) for j, t in enumerate(rows[r:r + k])]))
             r += k
         return touched + self._update_entries(pairs, result.prompt_logprobs, len(plan.decode_seqs))
-
-    def _update_decodes(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
-        """The plain decodes' tokens (rows [0, D) of the packed result), with array operations;
-        sequences that left their slot since planning (preempted, finished) go one by one."""
-        d = len(plan.decode_seqs)
-        if not d:
-            return []
-        b = self.batch
-        slots, toks = plan.decode_slots, result.token_ids[:d]
-        seqs = plan.decode_seqs
-        same = b.occupied[slots] & (b.gen[slots] == plan.decode_gens)
-        touched: list[Sequence] = []
-        if not same.all():
-            for i in np.flatnonzero(~same).tolist():
-                touched += self._update_entries([(ScheduledSeq(seqs[i], 0, 1, True),
-                                                  [SampledToken(int(toks[i]), result.logprobs.get(i))])], {}, 0)
-            keep = np.flatnonzero(same)
-            slots, toks, seqs = slots[keep], toks[keep], [seqs[i] for i in keep.tolist()]
-            rows = keep
-        else:
-            rows = None
-        if self.block_manager.enable_prefix_caching:
-            known = np.minimum(b.num_computed[slots], b.num_tokens[slots] - b.num_pending[slots])
-            for i in np.flatnonzero(known // self.block_size > b.num_registered[slots]).tolist():
-                self._register_full_blocks(seqs[i])
-        pos = b.num_tokens[slots] - b.num_pending[slots]  # each one's oldest placeholder
-        for tokens, p, t in zip(b.token_lists[slots].tolist(), pos.tolist(), toks.tolist()):
-            tokens[p] = t
-        b.num_pending[slots] -= 1
-        if result.logprobs:
-            index = {r: i for i, r in enumerate(rows.tolist())} if rows is not None else None
-            for r, lp in result.logprobs.items():
-                i = r if index is None else index.get(r)
-                if i is not None and r < d:
-                    self._record_logprobs(seqs[i], int(toks[i]), lp)
-        first = b.awaiting_first[slots]
-        if first.any():
-            now = time.monotonic()
-            for i in np.flatnonzero(first).tolist():
-                seqs[i].request.metrics.setdefault("first_token", now)
-            b.awaiting_first[slots[first]] = False
-        report = b.watch[slots]
-        due = ((pos + 1 >= b.end_len[slots]) | (np.isin(toks, self._stop_ids) & (pos + 1 > b.min_len[slots])))
-        for i in np.flatnonzero(due).tolist():
-            self._apply_stops(seqs[i], int(toks[i]), int(pos[i]))
-        return touched + [seqs[i] for i in np.flatnonzero(report | due).tolist() if report[i] or seqs[i].is_finished]
 
     def _update_entries(self, pairs, prompt_logprobs: dict[int, list[Logprobs]], offset: int) -> list[Sequence]:
         """Entry by entry: the general path (forks, prompt logprobs, prefill chunks)."""
