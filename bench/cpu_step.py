@@ -159,10 +159,11 @@ def main() -> None:
     result = {"benchmark": "cpu_step", "machine": machine_info(), "command": " ".join(sys.argv),
               "what": "host ms per decode step (median wall of LLMEngine.step() minus its mean device wait) "
                       "with a stand-in model (no math); parts are the engine's StepTimes (means)",
-              "async_scheduling": not args.sync}
+              "async_scheduling": not args.sync, "load_average_at_start": os.getloadavg()}
     if args.before:
         result["before"] = before_rows(args.before, args)
     result["after"] = {"commit": result["machine"]["commit"], "rows": run_rows(args)}
+    result["load_average_at_end"] = os.getloadavg()
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
