@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = 256
+VOCAB = 64
 HIDDEN = 8
 
 
