@@ -115,7 +115,25 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
         ("fused_add_rms_norm", lambda: norm.fused_add_rms_norm(
             x.clone(), x.clone(), torch.ones(4096, dtype=dtype), 1e-6)),
         ("silu_and_mul", lambda: activation.silu_and_mul(torch.randn(4, 2 * 14336, dtype=dtype))),
+        *(_sampling_calls() if dtype == torch.float32 else []),  # logits are float32
     ]
+
+
+def _sampling_calls() -> list[tuple[str, callable]]:
+    """Every sampling kernel, through a Sampler whose slots use every feature (128,256 vocabulary)."""
+    from gpu_engine.sampler import Sampler
+    from gpu_engine.sampling_params import SamplingParams
+
+    vocab = 128256
+    sampler = Sampler(8, vocab, "cpu", backend="triton")
+    for i, p in enumerate([SamplingParams(temperature=0.8, top_k=50, top_p=0.95, min_p=0.05,
+                                          repetition_penalty=1.1, min_tokens=2, stop_token_ids=(5,)),
+                           SamplingParams(temperature=0)]):
+        sampler.set_slot(i, p, key=7 + i, prompt_token_ids=[1, 2, 3], eos_token_ids=[0])
+    logits = torch.randn(2, vocab)
+    slots = torch.arange(2)
+    return [("sampling", lambda: sampler.sample(logits, slots)),
+            ("sampling probs", lambda: sampler.probs(logits, slots))]
 
 
 def main() -> None:

@@ -176,50 +176,56 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _POLICIES = ("max_utilization", "guaranteed_no_evict")
 
 
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    """A documented config field. `taxiway serve`, `taxiway bench` and `LLM(...)` are all built from
+    these fields (their flags, TAXIWAY_* variables and YAML keys), so a setting is declared once."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything `LLM(...)` / `LLMEngine` accept. Facts measured at start-up (the number of KV
-    blocks) are reported by the engine, never written back here."""
+    """Everything `LLM(...)` / `LLMEngine` accept: the single declaration of every engine setting.
+    Facts measured at start-up (the number of KV blocks) are reported by the engine, never written
+    back here."""
 
-    model: str | None = None
-    """An HF folder; a preset name (with load_format="dummy"); None for the default model."""
-    tokenizer: str | None = None
-    """Folder holding tokenizer.json; defaults to the model folder."""
-    dtype: str = "auto"
-    """auto: float32 on the CPU; the checkpoint's 16-bit dtype (else bfloat16) on a GPU."""
-    device: str = "auto"
-    """auto: cuda if available, else cpu."""
-    load_format: str = "auto"
-    """auto/safetensors: read the checkpoint; dummy: random weights made on the device."""
-    seed: int = 0
-    """Seeds dummy weights and the seeds given to requests that bring none."""
-    max_model_len: int | None = None
-    """Longest prompt + output; defaults to the model's max_position_embeddings."""
-    block_size: int = 16
-    """Tokens per KV-cache block."""
-    gpu_memory_utilization: float = 0.9
-    """Fraction of the GPU's memory the engine may use (weights, activations, KV cache)."""
-    cpu_kv_cache_gib: float = 1.0
-    """KV-cache size on the CPU, in GiB."""
-    num_kv_blocks: int | None = None
-    """Force the number of KV blocks (tests, tiny pools); overrides the two settings above."""
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int | None = None
-    """Token budget of one step (decodes + prefill chunks). None: 8192 (batch_limits)."""
-    max_num_seqs: int | None = None
-    """Most sequences running at once (the persistent batch's slots; decode CUDA graphs are
-    captured up to min(this, 4096)). None: sized by the device (batch_limits): 1024 on a GPU with
-    at least 70 GiB (H100/H200 class), 256 on smaller GPUs and on the CPU."""
-    enable_chunked_prefill: bool = True
-    admission_policy: str = "max_utilization"
-    """max_utilization: admit while blocks are free, preempt the newest on exhaustion (recompute);
-    guaranteed_no_evict: admit only when prompt + max_tokens is reserved for every running request."""
-    enforce_eager: bool = False
-    """GPU only: no CUDA graphs."""
-    async_scheduling: bool | None = None
-    """Plan and launch step N+1 while step N runs (outputs trail by one step). None: on with a
-    GPU, off on the CPU (where nothing would overlap)."""
-    extra: dict = field(default_factory=dict, compare=False)
+    model: str | None = setting(
+        None, "model: a Hugging Face folder (config.json, *.safetensors, tokenizer.json), or a "
+              "preset name with load_format=dummy; default: SmolLM2-135M-Instruct")
+    tokenizer: str | None = setting(None, "folder holding tokenizer.json (default: the model folder)")
+    dtype: str = setting(
+        "auto", "weights and activations dtype: auto, float32, bfloat16, float16 (auto: float32 on "
+                "the CPU, the checkpoint's 16-bit dtype, else bfloat16, on a GPU)")
+    device: str = setting("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    load_format: str = setting(
+        "auto", "auto/safetensors: read the checkpoint; dummy: random weights made on the device "
+                "(benchmarks)")
+    seed: int = setting(0, "seeds dummy weights and the seeds given to requests that bring none")
+    max_model_len: int | None = setting(
+        None, "longest prompt + output per request (default: the model's max_position_embeddings)")
+    block_size: int = setting(16, "tokens per KV-cache block (a power of two)")
+    gpu_memory_utilization: float = setting(
+        0.9, "fraction of the GPU's memory the engine may use (weights, activations, KV cache)")
+    cpu_kv_cache_gib: float = setting(1.0, "KV-cache size on the CPU, in GiB")
+    num_kv_blocks: int | None = setting(
+        None, "force the number of KV blocks (tests, tiny pools); overrides the two settings above")
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of identical prompt prefixes")
+    max_num_batched_tokens: int | None = setting(
+        None, "token budget of one step (decodes + prefill chunks); default 8192")
+    max_num_seqs: int | None = setting(
+        None, "most sequences running at once (the persistent batch's slots; decode CUDA graphs are "
+              "captured up to min(this, 4096)); default by the device: 1024 on a GPU with at least "
+              "70 GiB (H100/H200 class), 256 on smaller GPUs and on the CPU")
+    enable_chunked_prefill: bool = setting(
+        True, "split prompts that do not fit a step's remaining token budget across steps")
+    admission_policy: str = setting(
+        "max_utilization",
+        "max_utilization: admit while blocks are free, preempt the newest on exhaustion "
+        "(recompute); guaranteed_no_evict: admit only when prompt + max_tokens is reserved for "
+        "every running request")
+    enforce_eager: bool = setting(False, "GPU only: no CUDA graphs")
+    async_scheduling: bool | None = setting(
+        None, "plan and launch step N+1 while step N runs (outputs trail by one step); default: on "
+              "with a GPU, off on the CPU (where nothing would overlap)")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -246,6 +252,10 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    def settings_dict(self) -> dict[str, Any]:
+        """Every setting's value, as plain data (what an executor reports)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 BIG_GPU_BYTES = 70 * 2**30

@@ -16,7 +16,8 @@ import time
 
 import yaml
 
-from services.common.config import ENV_PREFIX, ROLES, field_help, field_type, load_yaml, resolve
+from services.common.config import (ENV_PREFIX, ROLES, field_help, field_type, flat_dict, leaf_fields,
+                                     load_yaml, parse_value, resolve)
 from services.executor.config import ExecutorConfig
 from services.gateway.config import GatewayConfig
 from services.scheduler.config import SchedulerConfig
@@ -30,13 +31,19 @@ DRAIN_REST_S = 10.0
 """`--role all` drain: how long the other tiers get once the gateway has drained."""
 
 
-def _fields() -> dict[str, dict[str, dataclasses.Field]]:
-    """field name -> {role: field}, over every role's config."""
-    out: dict[str, dict[str, dataclasses.Field]] = {}
+def _fields() -> dict[str, dict[str, tuple[type, dataclasses.Field]]]:
+    """setting name -> {role: (owner class, field)}, over every role's config (the executor's
+    engine settings included)."""
+    out: dict[str, dict[str, tuple[type, dataclasses.Field]]] = {}
     for role, cls in CONFIGS.items():
-        for f in dataclasses.fields(cls):
-            out.setdefault(f.name, {})[role] = f
+        for owner, f in leaf_fields(cls):
+            out.setdefault(f.name, {})[role] = (owner, f)
     return out
+
+
+def setting_names() -> set[str]:
+    """Every setting of every role (flags, TAXIWAY_* variables, YAML keys)."""
+    return set(_fields())
 
 
 DESCRIPTION = (
@@ -52,18 +59,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML settings: flat keys, and per-role sections (gateway: {port: ...})")
     for name, per_role in _fields().items():
-        f = next(iter(per_role.values()))
-        defaults = ", ".join(f"{r} {fl.default}" for r, fl in per_role.items())
-        if len({repr(fl.default) for fl in per_role.values()}) == 1:
+        owner, f = next(iter(per_role.values()))
+        defaults = ", ".join(f"{r} {fl.default}" for r, (_, fl) in per_role.items())
+        if len({repr(fl.default) for _, fl in per_role.values()}) == 1:
             defaults = str(f.default)
         kwargs = {"default": None, "help": f"{field_help(f)} (default: {defaults}; "
                                            f"roles: {', '.join(per_role)})"}
-        tp = field_type(CONFIGS[next(iter(per_role))], name)
+        tp = field_type(owner, name)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif tp in (dict, list):
+            kwargs["type"] = json_value(tp)
+            kwargs["metavar"] = "JSON"
         else:
             kwargs["type"] = tp
         p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def json_value(tp: type):
+    """argparse type: a JSON object (or array) given on the command line."""
+    def parse(text: str):
+        return parse_value(text, tp)
+
+    parse.__name__ = "JSON"
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +148,7 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
         for role in START_ORDER:
             path = os.path.join(tmp.name, f"{role}.yaml")
             with open(path, "w") as f:
-                yaml.safe_dump({role: dataclasses.asdict(configs[role])}, f)
+                yaml.safe_dump({role: flat_dict(configs[role])}, f)
             procs[role] = subprocess.Popen(
                 [sys.executable, "-m", "services.serve", "--role", role, "--config", path],
                 env=child_env, process_group=0)

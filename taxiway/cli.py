@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taxiway",
         description="Serve large language models: in-flight batching, paged KV cache, gRPC services.",
     )
+    from taxiway import __version__
+
+    parser.add_argument("--version", action="version", version=f"taxiway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"taxiway.commands.{name}").add_parser(sub)

@@ -2,8 +2,10 @@
 variables > a YAML file > the dataclass defaults.
 
 Every field is documented with `option(default, help)`; `taxiway serve` builds its flags from the
-fields, so defaults live in one place. The YAML file holds flat keys (for every role that has the
-field) and per-role sections that override them:
+fields, so defaults live in one place. A field whose type is itself a config dataclass (the
+executor's `engine: EngineConfig`) is nested: its fields are flags, variables and keys of their own,
+flat like the others. The YAML file holds flat keys (for every role that has the field) and per-role
+sections that override them:
 
     redis_url: redis://10.0.0.5:6379/0
     model: /models/llama
@@ -13,20 +15,18 @@ field) and per-role sections that override them:
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gpu_engine.config import setting as option  # noqa: F401 - one way to declare a documented field
+
 ENV_PREFIX = "TAXIWAY_"
 ROLES = ("gateway", "tokenizer", "scheduler", "executor")
-
-
-def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
-    """A documented dataclass field."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -38,9 +38,39 @@ def field_type(cls: type, name: str) -> type:
 
 
 def base_type(tp: Any) -> type:
-    """int for `int | None`."""
+    """int for `int | None`; dict for `dict | None` and `dict[str, Any]`."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
+    if typing.get_origin(tp) in (dict, list):
+        return typing.get_origin(tp)
+    return base_type(args[0]) if args else tp
+
+
+def nested_config(cls: type, name: str) -> type | None:
+    """The config dataclass a field holds, if it is a nested section."""
+    tp = field_type(cls, name)
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def leaf_fields(cls: type) -> Iterator[tuple[type, dataclasses.Field]]:
+    """(owner class, field) for every setting of `cls`, nested sections flattened."""
+    for f in dataclasses.fields(cls):
+        sub = nested_config(cls, f.name)
+        if sub is not None:
+            yield from leaf_fields(sub)
+        else:
+            yield cls, f
+
+
+def flat_dict(config: Any) -> dict[str, Any]:
+    """A config's settings as flat name -> value (nested sections flattened), for a YAML file."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_dict(value))
+        else:
+            out[f.name] = value
+    return out
 
 
 def parse_value(text: str, tp: Any) -> Any:
@@ -48,6 +78,14 @@ def parse_value(text: str, tp: Any) -> Any:
     base = base_type(tp)
     if text == "" and base is not str:
         return None
+    if base in (dict, list):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"expected JSON, got {text!r}: {exc}") from None
+        if not isinstance(value, base):
+            raise ValueError(f"expected a JSON {'object' if base is dict else 'array'}, got {text!r}")
+        return value
     if base is bool:
         low = text.strip().lower()
         if low in ("1", "true", "yes", "on"):
@@ -75,8 +113,12 @@ def resolve(cls: type, role: str, *, cli: Mapping[str, Any] | None = None,
     `known` is every field name of every role: YAML keys outside it are reported as typos.
     """
     cli, env, file = cli or {}, env or {}, dict(file or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
+    nested = {f.name: sub for f in dataclasses.fields(cls) if (sub := nested_config(cls, f.name))}
+    names = {f.name for f in dataclasses.fields(cls)} - set(nested)
+    values: dict[str, Any] = {
+        name: resolve(sub, role, cli=cli, env=env, file=file, known=known)
+        for name, sub in nested.items()
+    }
 
     section = file.pop(role, None) or {}
     for other in ROLES:

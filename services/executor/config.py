@@ -1,11 +1,14 @@
-"""The executor tier's settings."""
+"""The executor tier's settings: the service's own, and the engine's (EngineConfig, nested: every
+engine setting is a `taxiway serve` flag, a TAXIWAY_* variable and a YAML key of the executor)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
 
+from gpu_engine.config import EngineConfig
 from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_serving, metrics_port_option,
                                      option, require)
 
@@ -18,9 +21,8 @@ class ExecutorConfig:
                                                  "the bound port; this machine's name for 0.0.0.0)")
     redis_url: str | None = option(None, "Redis URL, e.g. redis://127.0.0.1:6379/0 (also REDIS_URL)")
     executor_id: str | None = option(None, "unique id in the pool (default: <hostname>-<pid>)")
-    model: str | None = option(None, "model folder (Hugging Face layout); default: SmolLM2-135M-Instruct")
-    device: str | None = option(None, "torch device: cuda, cuda:1, cpu (default: cuda if present)")
-    dtype: str | None = option(None, "weights and activations dtype: bfloat16, float16, float32")
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig,
+                                             metadata={"help": "the engine's settings"})
     fake_engine: bool = option(False, "run the deterministic fake engine instead of a model (tests)")
     fake_step_s: float = option(0.0, "fake engine: seconds each step takes")
     fake_num_blocks: int = option(256, "fake engine: KV blocks in its pool")

@@ -209,6 +209,17 @@ class ExecutorCore:
         self.board.publish(state, finished, kv_events, frozenset(self._tracked), self._ended)
 
 
+def engine_report(engine) -> dict:
+    """What the executor tells the pool about its engine: every setting it was started with, and
+    the facts measured at start-up (KV blocks, device, dtype)."""
+    config = getattr(engine, "config", None)
+    report = {"settings": config.settings_dict() if hasattr(config, "settings_dict") else {}}
+    stats = engine.stats()
+    report.update(num_kv_blocks=stats.num_total_blocks, block_size=stats.block_size,
+                  device=str(getattr(engine, "device", "")), dtype=str(getattr(engine, "dtype", "")))
+    return report
+
+
 def engine_max_model_len(engine) -> int:
     return int(getattr(engine, "max_model_len", 0) or engine.model_config.max_position_embeddings)
 

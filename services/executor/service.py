@@ -19,7 +19,7 @@ from services.common.proto import pb
 from services.common.server import GrpcServer
 from services.common.types import Delta
 from services.executor.config import ExecutorConfig
-from services.executor.core import ExecutorCore, engine_max_model_len
+from services.executor.core import ExecutorCore, engine_max_model_len, engine_report
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,9 @@ def make_engine(config: ExecutorConfig):
         from services.executor.fake import FakeEngine
 
         return FakeEngine(num_blocks=config.fake_num_blocks, step_delay_s=config.fake_step_s)
-    from gpu_engine.config import EngineConfig
     from gpu_engine.engine import LLMEngine
 
-    given = {k: getattr(config, k) for k in ("model", "device", "dtype") if getattr(config, k)}
-    return LLMEngine(EngineConfig(**given))
+    return LLMEngine(config.engine)
 
 
 class ExecutorService:
@@ -130,6 +128,7 @@ class ExecutorService:
             "address": self.config.dial_address(self.server.port),
             "model": engine.model_config.name,
             "max_model_len": engine_max_model_len(engine),
+            "engine": engine_report(engine),
         }
         streams.register_executor(self.redis, self.executor_id, self._registration,
                                   self.config.registration_ttl_s)

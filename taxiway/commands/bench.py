@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             k.add_argument("--sizes", type=int, nargs="+", default=SWEEP_SIZES, help="max_num_seqs values")
         k.add_argument("--out", default=None, help="write the JSON result here too")
         k.set_defaults(func=run)
+    from taxiway.commands import bench_serve
+
+    bench_serve.add_kind(kinds)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import redis
 
+from gpu_engine.config import EngineConfig
 from services.common.proto import Stub, pb
 from services.executor.config import ExecutorConfig
 from services.executor.service import ExecutorService
@@ -124,8 +125,8 @@ class Stack:
                              executor_id=f"exec-{len(self.executors)}-{uuid.uuid4().hex[:6]}",
                              fake_engine=self.real_model is None and engine is None,
                              fake_step_s=self.fake_step_s, fake_num_blocks=self.fake_num_blocks,
-                             model=self.real_model, device="cpu" if self.real_model else None,
-                             dtype="float32" if self.real_model else None, **FAST)
+                             engine=EngineConfig(model=self.real_model, device="cpu", dtype="float32"),
+                             **FAST)
         ex = ExecutorService(cfg, engine=engine, tracer_provider=self.providers.get("executor")).start()
         self.executors.append(ex)
         return ex

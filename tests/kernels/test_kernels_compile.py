@@ -28,6 +28,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert {"decode_split_kernel", "decode_combine_kernel", "prefill_kernel",
             "_rope_write_kv_kernel", "_rms_norm_kernel", "_fused_add_rms_norm_kernel",
             "_silu_and_mul_kernel"} <= kernels
+    assert {"stats_kernel", "pivot_kernel", "gather_kernel", "finalize_kernel", "probs_kernel"} <= kernels
     for r in rows:  # float32 attention (tests only) runs an exact FMA dot and may spill
         attention = r["case"].startswith(("decode", "prefill"))
         if not (attention and r["dtype"] == "float32"):
