@@ -48,7 +48,7 @@ class BatchState:
         self._order: np.ndarray | None = None
         self._writes: list[tuple[int, int, list[int]]] = []  # (slot, first column, blocks)
         self._bulk_writes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (slots, columns, blocks)
-        self._new: list[tuple[int, Sequence]] = []
+        self._events: list[tuple[int, Sequence | None]] = []  # (slot, new occupant or None: released)
 
     @property
     def num_occupied(self) -> int:
@@ -87,7 +87,7 @@ class BatchState:
         self._order = None
         if seq.block_table:
             self._writes.append((slot, 0, list(seq.block_table)))
-        self._new.append((slot, seq))
+        self._events.append((slot, seq))
         return slot
 
     def release(self, seq: Sequence) -> None:
@@ -104,6 +104,7 @@ class BatchState:
         self.occupied[slot] = False
         heapq.heappush(self._free, slot)
         self._order = None
+        self._events.append((slot, None))
 
     def order(self) -> np.ndarray:
         """[N] int64: occupied slots in the order their sequences joined the running list."""
@@ -134,12 +135,12 @@ class BatchState:
         if seq.slot >= 0:
             self.num_tokens[seq.slot] = len(seq.token_ids)
 
-    def take_changes(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], list[tuple[int, Sequence]]]:
-        """Block-table writes ((slots, columns, blocks), each [K] int64) and new occupants since
-        the last call, for the runner's device mirror."""
+    def take_changes(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], list[tuple[int, Sequence | None]]]:
+        """Block-table writes ((slots, columns, blocks), each [K] int64) and slot events (new
+        occupants, releases) since the last call, in order, for the runner's device mirror."""
         writes, self._writes = self._writes, []
         chunks, self._bulk_writes = self._bulk_writes, []
-        new, self._new = self._new, []
+        new, self._events = self._events, []
         if writes:
             counts = [len(b) for _, _, b in writes]
             slots = np.repeat(np.array([s for s, _, _ in writes], dtype=np.int64), counts)

@@ -127,7 +127,6 @@ class LLMEngine:
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._inflight = None  # the launched step not yet collected (async scheduling)
-        self._sync_requests: set[str] = set()  # requests that force synchronous steps
         self._rng = random.Random(config.seed)
         log.info("engine ready: %s on %s (%s), %d KV blocks, max_num_seqs %d, max_num_batched_tokens %d",
                  self.model_config.name, self.device, self.dtype, self.num_kv_blocks, self.max_num_seqs,
@@ -159,8 +158,6 @@ class LLMEngine:
             max_model_len=self.max_model_len, priority=priority, num_prior_output_tokens=len(prior),
         )
         request.metrics["arrival"] = request.arrival_time
-        if params.needs_penalties or params.n > 1 or params.prompt_logprobs is not None:
-            self._sync_requests.add(request_id)
         seq = self.scheduler.add(request, prior)
         if self._streams_text(request):
             self._attach_text(seq, seq.token_ids)
@@ -190,12 +187,13 @@ class LLMEngine:
 
         With async scheduling (GPU), this plans and launches step N+1 before reading step N's
         tokens, so the host's work overlaps the GPU's; outputs then trail launches by one step.
-        Requests that need every previous token on the host before the next draw (penalties,
-        n > 1 forks, prompt logprobs) make the engine run synchronously while they are present.
+        No request forces a synchronous step: penalties, bans and seeded draws live in the device
+        Sampler, n > 1 samples fork as their prompt is planned, prompt logprobs are copied back with
+        the step's tokens.
         """
         t0 = time.perf_counter()
         parts = dict.fromkeys(("wait", "collect", "update", "output"), 0.0)
-        overlap = self.async_scheduling and not self._sync_requests
+        overlap = self.async_scheduling
         outputs: list[RequestOutput] = []
         if not overlap and self._inflight is not None:
             outputs = self._finish(self._inflight, parts)
@@ -303,7 +301,6 @@ class LLMEngine:
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
-        self._sync_requests.discard(request.request_id)
         for seq in request.seqs:
             self._texts.pop(seq.seq_id, None)
 

@@ -1,10 +1,11 @@
 """The persistent batch, runner side: per-slot state on the device and the host, and a step's
 inputs built from it with a few array operations and one upload per dtype.
 
-On the device: each slot's block table (updated only where the scheduler wrote new blocks) and
-its last sampled token (written by the sampler, read as the next step's input, so a decode's token
-never round-trips through the host). On the host: each slot's sampling parameters, set when a
-sequence takes the slot. A step's token rows carry (slot, position, host token or -1); the device
+On the device: each slot's block table (updated only where the scheduler wrote new blocks), its
+last sampled token (read as the next step's input, so a decode's token never round-trips through
+the host), and its sampling state in a slot-based `Sampler` (parameters, output position, output
+counts for penalties), set once when a sequence takes the slot and advanced on the device by each
+draw. A step's token rows carry (slot, position, host token or -1); the device
 turns them into input ids, KV slots and block tables (gathers), so building a step costs numpy
 work over arrays, and Python work only for prefill chunks.
 """
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from gpu_engine.ops import AttentionMetadata
-from gpu_engine.sampler import row_key
+from gpu_engine.sampler import Sampler, row_key
 from gpu_engine.sequence import Sequence
 from gpu_engine.step_plan import PENDING, StepPlan
 
@@ -33,11 +34,8 @@ class StepLayout:
     query_start_loc: np.ndarray  # [S + 1] int32
     seq_lens: np.ndarray  # [S] int32: context length including this step's tokens
     num_decodes: int  # leading single-token sequences
-    sample_rows: np.ndarray  # [R] int64: token rows to sample from (repeated for forks)
-    sample_slot: np.ndarray  # [R] int64: slot of the sampled sequence (a fork's parent)
-    sample_write: np.ndarray  # [R] int64: slot whose device token the sample becomes (trash: forks)
-    sample_fork: np.ndarray  # [R] int64: fork index (0: the sequence itself)
-    sample_out_pos: np.ndarray  # [R] int64: output index of the token being drawn
+    sample_rows: np.ndarray  # [R] int64: token rows to sample from (a forking prompt's last row repeated)
+    sample_slot: np.ndarray  # [R] int64: the slot each sample is drawn for (each slot once)
     prompt_rows: dict[int, tuple[int, int]]  # index into plan.scheduled -> (first row, count)
     unsampled_slots: np.ndarray  # [U] int64: entries that drew nothing (their next input is on the host)
 
@@ -51,40 +49,34 @@ class StepLayout:
 
     @property
     def rows_are_samples(self) -> bool:
-        """Every token row is sampled once, in order (a plain decode step)."""
-        return len(self.sample_rows) == self.num_tokens and self.num_decodes == self.num_tokens and (
-            not len(self.sample_fork) or not self.sample_fork.any())
+        """Every token row is sampled once, in order, for its own slot (a decode-only step)."""
+        return len(self.sample_rows) == self.num_tokens == self.num_decodes
 
 
 class InputBatch:
-    """Per-slot device buffers and host sampling rows, mirrored from the scheduler's BatchState."""
+    """Per-slot device buffers and sampling state, mirrored from the scheduler's BatchState."""
 
     def __init__(self, capacity: int, max_blocks: int, block_size: int, vocab_size: int, device: torch.device):
         self.capacity = capacity
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.device = device
-        self.trash = capacity  # a spare row of last_token for samples nobody reads back on the device
         self.block_table = torch.zeros(capacity, max_blocks, dtype=torch.int32, device=device)
-        self.last_token = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
-        self.dev_token = np.zeros(capacity + 1, dtype=bool)  # last_token holds the slot's next input
+        self.last_token = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.dev_token = np.zeros(capacity, dtype=bool)  # last_token holds the slot's next input
+        self.sampler = Sampler(capacity, vocab_size, device)
         self.seqs: list[Sequence | None] = [None] * capacity
-        self.num_prompt = np.zeros(capacity, dtype=np.int64)
-        self.temperature = np.zeros(capacity, dtype=np.float32)
-        self.top_p = np.ones(capacity, dtype=np.float32)
-        self.min_p = np.zeros(capacity, dtype=np.float32)
-        self.top_k = np.zeros(capacity, dtype=np.int64)
-        self.key = np.zeros(capacity, dtype=np.int64)  # row_key(seed, sample index)
-        self.min_tokens = np.zeros(capacity, dtype=np.int64)
-        self.has_ban = np.zeros(capacity, dtype=bool)  # stop ids to mask until min_tokens
-        self.penalties = np.zeros(capacity, dtype=bool)
         self.logprobs = np.full(capacity, -1, dtype=np.int64)  # top-N asked for, -1: none
 
     # -- mirror the scheduler's changes -----------------------------------------------------------
     def apply(self, plan: StepPlan, upload) -> None:
-        """New occupants' sampling rows; new block-table entries (one upload, one scatter)."""
-        for slot, seq in plan.new_occupants:
-            self._occupy(slot, seq)
+        """Slot events (the sampler's slots set or cleared, in order); new block-table entries
+        (one upload, one scatter)."""
+        for slot, seq in plan.slot_events:
+            if seq is None:
+                self._release(slot)
+            else:
+                self._occupy(slot, seq)
         slots, cols, blocks = plan.table_writes
         if len(slots):
             if int(cols.max()) >= self.block_table.shape[1]:
@@ -94,20 +86,22 @@ class InputBatch:
             self.block_table[w[0], w[1]] = w[2].to(torch.int32)
 
     def _occupy(self, slot: int, seq: Sequence) -> None:
+        """A sequence takes the slot: its sampling state starts at its output so far (nothing, a
+        resumed request's prior tokens, or what it had before a preemption)."""
         request = seq.request
-        p = request.params
+        if seq.num_pending:
+            raise RuntimeError(f"sequence {seq.seq_id} took slot {slot} with {seq.num_pending} tokens not read back")
         self.seqs[slot] = seq
         self.dev_token[slot] = False
-        self.num_prompt[slot] = seq.num_prompt_tokens
-        self.temperature[slot] = p.temperature
-        self.top_p[slot] = p.top_p
-        self.min_p[slot] = p.min_p
-        self.top_k[slot] = p.top_k
-        self.key[slot] = row_key(request.seed, seq.index)
-        self.min_tokens[slot] = p.min_tokens
-        self.has_ban[slot] = p.min_tokens > 0 and bool(p.stop_token_ids or not p.ignore_eos)
-        self.penalties[slot] = p.needs_penalties
-        self.logprobs[slot] = -1 if p.logprobs is None else p.logprobs
+        self.logprobs[slot] = -1 if request.params.logprobs is None else request.params.logprobs
+        self.sampler.set_slot(slot, request.params, row_key(request.seed, seq.index), request.prompt_token_ids,
+                              seq.output_token_ids, request.eos_token_ids)
+
+    def _release(self, slot: int) -> None:
+        if self.seqs[slot] is not None:
+            self.seqs[slot] = None
+            self.dev_token[slot] = False
+            self.sampler.clear_slot(slot)
 
     # -- a step's rows ----------------------------------------------------------------------------
     def layout(self, plan: StepPlan) -> StepLayout:
@@ -132,7 +126,7 @@ class InputBatch:
                 prompt_rows[d + i] = (row, n)
             row += n
             if entry.sample:
-                samples.append((row - 1, seq.slot, entry.num_samples, start + n - seq.num_prompt_tokens))
+                samples.append((row - 1, [seq.slot] + [f.slot for f in entry.forks]))
         e_slot_a = np.array(e_slot, dtype=np.int64)
         e_n_a = np.array(e_n, dtype=np.int64)
         counts = np.concatenate([np.ones(d, dtype=np.int64), e_n_a])
@@ -150,22 +144,10 @@ class InputBatch:
             num_decodes=d + lead,
             prompt_rows=prompt_rows,
             unsampled_slots=np.array([e.seq.slot for e in plan.entries if not e.sample], dtype=np.int64),
-            **self._sample_rows(d_slot, d_pos, samples),
+            sample_rows=np.concatenate([np.arange(d, dtype=np.int64)]
+                                       + [np.full(len(slots), r, dtype=np.int64) for r, slots in samples]),
+            sample_slot=np.concatenate([d_slot] + [np.array(slots, dtype=np.int64) for _, slots in samples]),
         )
-
-    def _sample_rows(self, d_slot: np.ndarray, d_pos: np.ndarray, samples: list) -> dict[str, np.ndarray]:
-        d = len(d_slot)
-        rows, slot, write = [np.arange(d, dtype=np.int64)], [d_slot], [d_slot]
-        fork, out = [np.zeros(d, dtype=np.int64)], [d_pos + 1 - self.num_prompt[d_slot]]
-        for r, s, k, o in samples:
-            rows.append(np.full(k, r, dtype=np.int64))
-            slot.append(np.full(k, s, dtype=np.int64))
-            write.append(np.array([s] + [self.trash] * (k - 1), dtype=np.int64))
-            fork.append(np.arange(k, dtype=np.int64))
-            out.append(np.full(k, o, dtype=np.int64))
-        return {"sample_rows": np.concatenate(rows), "sample_slot": np.concatenate(slot),
-                "sample_write": np.concatenate(write), "sample_fork": np.concatenate(fork),
-                "sample_out_pos": np.concatenate(out)}
 
     def _host_token(self, seq: Sequence, position: int) -> int:
         token = seq.token_ids[position]
@@ -211,13 +193,15 @@ class InputBatch:
         mapped = self.block_table[slot, p // bs].to(torch.int64) * bs + p % bs
         return torch.where(pos >= 0, mapped, torch.full_like(mapped, -1))
 
-    def record(self, layout: StepLayout, tokens: torch.Tensor, write: torch.Tensor) -> None:
-        """Sampled tokens [R] become their slots' next inputs on the device (write: [R] int64)."""
-        self.last_token.index_copy_(0, write, tokens)
-        self.dev_token[layout.sample_write] = True
-        self.dev_token[self.trash] = False
+    def sample(self, layout: StepLayout, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Draw each row's token for its slot (logits [R, V] f32, slots [R] int64 on the device);
+        the tokens [R] int64 become the slots' next inputs, all on the device."""
+        tokens = self.sampler.sample(logits, slots)
+        self.last_token.index_copy_(0, slots, tokens)
+        self.dev_token[layout.sample_slot] = True
         if len(layout.unsampled_slots):
             self.dev_token[layout.unsampled_slots] = False
+        return tokens
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:

@@ -21,8 +21,8 @@ from gpu_engine.input_batch import InputBatch, StepLayout
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
-from gpu_engine.sampler import gather_logprobs, sample
-from gpu_engine.step_inputs import InputBuilder, padded_tables, sampling_batch
+from gpu_engine.sampler import gather_logprobs
+from gpu_engine.step_inputs import InputBuilder, padded_tables
 from gpu_engine.step_plan import StepPlan, StepResult
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class InFlight:
     chosen: torch.Tensor | None = None  # [L] f32 host: their chosen tokens' logprobs
     top_v: torch.Tensor | None = None  # [L, N] f32 host
     top_i: torch.Tensor | None = None  # [L, N] int64 host
-    prompt_logprobs: dict[int, list[Logprobs]] = field(default_factory=dict)
+    prompt_rows: list[tuple[int, list[int], int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=list)  # (index into plan.scheduled, next ids, top-N, chosen [C], top_v, top_i on the host)
     event: torch.cuda.Event | None = None  # after the step's last enqueued work
     start: torch.cuda.Event | None = None  # before its first
     prev_end: torch.cuda.Event | None = None  # the previous launch's `event`
@@ -171,7 +172,7 @@ class ModelRunner:
         if len(layout.sample_rows):
             tokens = self._sample(layout, hidden, tok_slot, flight)
             flight.tokens = self.builder.download(tokens)
-        flight.prompt_logprobs = self._prompt_logprobs(plan, layout, hidden)
+        self._launch_prompt_logprobs(plan, layout, hidden, flight)
         self.builder.end_step()
         if self.device.type == "cuda":
             flight.event = torch.cuda.Event(enable_timing=True)
@@ -182,16 +183,16 @@ class ModelRunner:
         return flight
 
     def _sample(self, layout: StepLayout, hidden: torch.Tensor, tok_slot: torch.Tensor, flight: InFlight):
-        """Sample every sample row; the tokens become their slots' next inputs on the device."""
+        """Sample every sample row for its slot (the Sampler: penalties, bans, seeded draws, all on
+        the device); the tokens become their slots' next inputs on the device."""
         up = self.builder.upload
         if layout.rows_are_samples:
-            logits = self.model.compute_logits(hidden)
-            write = tok_slot
+            logits = self.model.compute_logits(hidden)  # [R, V] f32
+            slots = tok_slot
         else:
             logits = self.model.compute_logits(hidden[up(layout.sample_rows)])
-            write = up(layout.sample_write)
-        tokens = sample(logits, sampling_batch(self.batch, layout, up))  # [R] int64
-        self.batch.record(layout, tokens, write)
+            slots = up(layout.sample_slot)
+        tokens = self.batch.sample(layout, logits, slots)  # [R] int64
         self._launch_logprobs(layout, logits, tokens, flight)
         return tokens
 
@@ -204,8 +205,11 @@ class ModelRunner:
             idle = None if flight.prev_end is None else flight.prev_end.elapsed_time(flight.start) / 1e3
             self.last_gpu = (flight.start.elapsed_time(flight.event) / 1e3, idle)
         t1 = time.perf_counter()
+        prompt_lps = {e: _logprob_dicts(ids, c.tolist(), None if v is None else v.tolist(),
+                                        None if i is None else i.tolist(), [n] * len(ids)) if ids else []
+                      for e, ids, n, c, v, i in flight.prompt_rows}
         if flight.tokens is None:
-            result = StepResult(token_ids=np.zeros(0, dtype=np.int64), prompt_logprobs=flight.prompt_logprobs)
+            result = StepResult(token_ids=np.zeros(0, dtype=np.int64), prompt_logprobs=prompt_lps)
         else:
             tokens = flight.tokens.numpy().copy()
             lps: dict[int, Logprobs] = {}
@@ -216,7 +220,7 @@ class ModelRunner:
                     None if flight.top_i is None else flight.top_i.tolist(), flight.logprob_wants,
                 )
                 lps = dict(zip(flight.logprob_rows, dicts))
-            result = StepResult(token_ids=tokens, logprobs=lps, prompt_logprobs=flight.prompt_logprobs)
+            result = StepResult(token_ids=tokens, logprobs=lps, prompt_logprobs=prompt_lps)
         self.last_collect_parts = {"wait": t1 - t0, "collect": time.perf_counter() - t1}
         return result
 
@@ -244,26 +248,23 @@ class ModelRunner:
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def _prompt_logprobs(self, plan: StepPlan, layout: StepLayout, hidden) -> dict[int, list[Logprobs]]:
-        """Logprobs of each prompt token given its prefix (synchronous: such steps never overlap)."""
-        out: dict[int, list[Logprobs]] = {}
+    def _launch_prompt_logprobs(self, plan: StepPlan, layout: StepLayout, hidden, flight: InFlight) -> None:
+        """Logprobs of each prompt token given its prefix, for the chunks that asked: computed and
+        copied back with the step's tokens (only these rows pay; nothing waits for the device)."""
+        scheduled = plan.scheduled if layout.prompt_rows else []
         for e, (first, count) in layout.prompt_rows.items():
-            entry = plan.scheduled[e]
+            entry = scheduled[e]
             seq = entry.seq
-            next_ids = seq.token_ids[entry.start + 1 : entry.start + 1 + count]
-            count = len(next_ids)
-            if count == 0:
-                out[e] = []
-                continue
-            lps = torch.log_softmax(self.model.compute_logits(hidden[first : first + count]), dim=-1)
-            ids = torch.tensor(next_ids, device=lps.device)
+            next_ids = seq.token_ids[entry.start + 1 : entry.start + 1 + min(count, seq.num_prompt_tokens - entry.start - 1)]
             n = seq.request.params.prompt_logprobs or 0
-            chosen, top_v, top_i = gather_logprobs(lps, ids, n)
-            out[e] = _logprob_dicts(
-                next_ids, chosen.tolist(), None if top_v is None else top_v.tolist(),
-                None if top_i is None else top_i.tolist(), [n] * count,
-            )
-        return out
+            if not next_ids:
+                flight.prompt_rows.append((e, [], n, None, None, None))
+                continue
+            lps = torch.log_softmax(self.model.compute_logits(hidden[first : first + len(next_ids)]), dim=-1)
+            chosen, top_v, top_i = gather_logprobs(lps, self.builder.upload(np.array(next_ids, dtype=np.int64)), n)
+            down = self.builder.download
+            flight.prompt_rows.append((e, next_ids, n, down(chosen), None if top_v is None else down(top_v),
+                                       None if top_i is None else down(top_i)))
 
 
 def _logprob_dicts(tokens, chosen, top_v, top_i, wants) -> list[Logprobs]:

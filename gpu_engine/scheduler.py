@@ -126,7 +126,10 @@ class Scheduler:
         if not plan.preempted:
             budget = self._admit_waiting(budget, plan, entries)
         plan.entries = sorted(entries.values(), key=_decode_first)
-        plan.table_writes, plan.new_occupants = self.batch.take_changes()
+        for entry in plan.entries:  # the other samples of a prompt fork as it finishes
+            if entry.num_samples > 1:
+                entry.forks = [self._fork(entry.seq, k) for k in range(1, entry.num_samples)]
+        plan.table_writes, plan.slot_events = self.batch.take_changes()
         return plan
 
     def _schedule_running(self, seqs: list[Sequence], budget: int, plan: StepPlan,
@@ -148,10 +151,11 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, budget: int, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
+        reserved = self._fork_seats()  # samples still to fork from running prompts
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            seats = 1 + (seq.request.pending_forks if seq.index == 0 else 0)
-            if len(self.running) + seats > self.config.max_num_seqs:
+            forks = seq.request.pending_forks if seq.index == 0 else 0
+            if len(self.running) + reserved + 1 + forks > self.config.max_num_seqs:
                 break
             if not self.admission.can_admit(seq, self):
                 break
@@ -169,7 +173,13 @@ class Scheduler:
             self.running.append(seq)
             entries[seq.seq_id] = self._entry(seq, n)
             budget -= n
+            reserved += forks
         return budget
+
+    def _fork_seats(self) -> int:
+        b = self.batch
+        order = b.order()
+        return sum(s.request.pending_forks for s in b.seqs[order[b.special[order]]].tolist() if s.index == 0)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
@@ -256,12 +266,12 @@ class Scheduler:
             for tokens in b.token_lists[slots].tolist():
                 tokens.append(PENDING)
         for entry in plan.entries:
-            seq = entry.seq
-            seq.num_computed_tokens += entry.num_tokens
-            if entry.sample:
-                seq.token_ids.append(PENDING)
-                seq.num_pending += 1
-                self.batch.tokens_changed(seq)
+            for seq in [entry.seq, *entry.forks]:
+                seq.num_computed_tokens += entry.num_tokens
+                if entry.sample:
+                    seq.token_ids.append(PENDING)
+                    seq.num_pending += 1
+                    self.batch.tokens_changed(seq)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
         """Fill in the committed plan's sampled tokens and apply stops. Returns the sequences the
@@ -291,8 +301,9 @@ class Scheduler:
             if entry.prompt_logprobs:
                 self._record_prompt_logprobs(entry, prompt_logprobs.get(offset + i, []))
             if entry.sample:
-                seqs = [seq] + [self._fork(seq, k) for k in range(1, len(samples))]
-                for s, sampled in zip(seqs, samples):
+                for s, sampled in zip([seq, *entry.forks], samples, strict=True):
+                    if s.is_finished:
+                        continue
                     self._append(s, sampled)
                     if self._due(s):
                         touched.append(s)
@@ -311,8 +322,9 @@ class Scheduler:
         return request.params.output_kind is not OutputKind.FINAL_ONLY or bool(request.params.stop)
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
-        """A new sample sharing the parent's blocks; it draws its first token in the same step
-        (never with async scheduling: forking steps run synchronously)."""
+        """A new sample sharing the parent's blocks, made as the parent's last prompt chunk is
+        planned: it draws its first token in that step, from the parent's last row, in its own
+        slot (so the step needs nothing from the host)."""
         child = Sequence(
             parent.request, index, list(parent.token_ids), parent.num_prompt_tokens,
             status=SeqStatus.RUNNING, num_computed_tokens=parent.num_computed_tokens,

@@ -45,7 +45,9 @@ class GuaranteedNoEvict:
         batch = scheduler.batch
         if batch.num_occupied != len(scheduler.running):  # sequences placed by hand (tests)
             return sum(self.blocks_to_finish(s, scheduler.block_size) for s in scheduler.running)
-        total = batch.reserved_blocks()
+        # A sample still writing into a block it shares with another (after a fork) needs a copy:
+        # counted for each of them, an upper bound.
+        total = batch.reserved_blocks() + int(batch.maybe_shared[batch.order()].sum())
         for slot in batch.order()[batch.special[batch.order()]].tolist():
             seq = batch.seqs[slot]
             total += self.blocks_to_finish(seq, scheduler.block_size) - self.own_blocks(seq, scheduler.block_size)

@@ -1,13 +1,10 @@
-"""Moving a step's host arrays to the device and its results back without blocking the host, and
-the step's sampling parameters gathered from the batch's per-slot rows."""
+"""Moving a step's host arrays to the device and its results back without blocking the host."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from gpu_engine.input_batch import InputBatch, StepLayout
-from gpu_engine.sampler import Penalties, SamplingBatch, row_key
 
 
 def padded_tables(tables: list[list[int]], width: int | None = None) -> np.ndarray:
@@ -94,57 +91,3 @@ class InputBuilder:
         staged = self._stage(t.dtype, t.numel())
         staged.copy_(t.reshape(-1))
         dst.copy_(staged.view(dst.shape), non_blocking=True)
-
-
-def sampling_batch(batch: InputBatch, layout: StepLayout, upload) -> SamplingBatch:
-    """Per-row parameters from the slots' rows (array gathers); greedy rows need no upload."""
-    s = layout.sample_slot
-    out_pos = layout.sample_out_pos
-    ban = batch.has_ban[s] & (out_pos < batch.min_tokens[s])
-    temps = batch.temperature[s]
-    pen = batch.penalties[s]
-    if not temps.any() and not pen.any() and not ban.any():
-        return SamplingBatch(None, None, None, None, None, None, all_greedy=True, any_top_k=False,
-                             any_top_p=False, any_min_p=False)
-    top_k, top_p, min_p = batch.top_k[s], batch.top_p[s], batch.min_p[s]
-    keys = batch.key[s].copy()
-    for r in np.flatnonzero(layout.sample_fork).tolist():  # forked samples draw from their own streams
-        seq = batch.seqs[int(s[r])]
-        keys[r] = row_key(seq.request.seed, seq.index + int(layout.sample_fork[r]))
-    all_greedy = not temps.any()
-    p_dev = None if all_greedy else upload(np.stack([temps, top_p, min_p]))
-    i_dev = None if all_greedy else upload(np.stack([top_k, keys, out_pos]))
-    return SamplingBatch(
-        temperature=None if all_greedy else p_dev[0], top_k=None if all_greedy else i_dev[0],
-        top_p=None if all_greedy else p_dev[1], min_p=None if all_greedy else p_dev[2],
-        keys=None if all_greedy else i_dev[1], positions=None if all_greedy else i_dev[2],
-        all_greedy=all_greedy, any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1.0).any()),
-        any_min_p=bool((min_p > 0).any()),
-        penalties=penalties(batch, s, np.flatnonzero(pen), upload) if pen.any() else None,
-        banned=[(r, _stop_ids(batch.seqs[int(s[r])])) for r in np.flatnonzero(ban).tolist()] or None,
-    )
-
-
-def _stop_ids(seq) -> list[int]:
-    p = seq.request.params
-    return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(seq.request.eos_token_ids))
-
-
-def penalties(batch: InputBatch, slots: np.ndarray, rows: np.ndarray, upload) -> Penalties:
-    """Prompt-occurrence masks and output counts for the rows with penalties (sync steps only:
-    every earlier token must be on the host)."""
-    vocab = batch.vocab_size
-    prompt_mask = np.zeros((len(rows), vocab), dtype=np.bool_)
-    counts = np.zeros((len(rows), vocab), dtype=np.float32)
-    factors = np.zeros((3, len(rows)), dtype=np.float32)
-    for i, r in enumerate(rows.tolist()):
-        seq = batch.seqs[int(slots[r])]
-        p = seq.request.params
-        prompt_mask[i, seq.request.prompt_token_ids] = True
-        np.add.at(counts[i], seq.output_token_ids, 1.0)
-        factors[:, i] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
-    f = upload(factors)
-    return Penalties(
-        rows=upload(rows.astype(np.int64)), prompt_mask=upload(prompt_mask),
-        output_counts=upload(counts), repetition=f[0], presence=f[1], frequency=f[2],
-    )

@@ -41,6 +41,9 @@ class ScheduledSeq:
     """More than 1 when the request forks into its n samples at this step."""
     prompt_logprobs: bool = False
     """Return logprobs for every position of the chunk (prompt logprobs were asked for)."""
+    forks: list[Sequence] = field(default_factory=list)
+    """The request's other samples, created when this entry was planned (num_samples - 1 of
+    them): each draws its first token from this entry's last row, in its own slot."""
 
 
 @dataclass
@@ -57,8 +60,9 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)
     table_writes: tuple[np.ndarray, np.ndarray, np.ndarray] = field(default_factory=_no_writes)
     """(slots, columns, block ids) written into the batch's block tables since the last plan."""
-    new_occupants: list[tuple[int, Sequence]] = field(default_factory=list)
-    """(slot, sequence) for every sequence given a slot since the last plan."""
+    slot_events: list[tuple[int, Sequence | None]] = field(default_factory=list)
+    """(slot, sequence) for every sequence given a slot since the last plan, (slot, None) for every
+    slot released, in order."""
     _scheduled: list[ScheduledSeq] | None = field(default=None, repr=False)
 
     @property

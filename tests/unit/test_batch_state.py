@@ -96,9 +96,10 @@ def test_slots_are_reused_lowest_first_and_counters_move_with_the_sequence():
     assert batch.order().tolist() == [0, 2]
     assert batch.assign(seqs[1]) == 1  # the lowest free slot again, joined last
     assert batch.order().tolist() == [0, 2, 1]
-    (slots, cols, blocks), new = batch.take_changes()
+    (slots, cols, blocks), events = batch.take_changes()
     assert (slots.tolist(), cols.tolist(), blocks.tolist()) == ([0, 1, 2, 1], [0, 0, 0, 0], [5, 5, 5, 5])
-    assert [s for s, _ in new] == [0, 1, 2, 1]
+    assert [(s, None if q is None else q.request.request_id) for s, q in events] == [
+        (0, "r0"), (1, "r1"), (2, "r2"), (1, None), (1, "r1")]  # in order: released, then taken again
 
 
 def test_a_full_batch_and_a_double_assign_are_errors():
@@ -129,8 +130,6 @@ def test_packed_results_give_the_same_outputs_and_blocks_as_per_entry_results(ov
     for runner in (FakeRunner(), PackedFakeRunner()):
         sched = make_scheduler(num_blocks=num_blocks, budget=budget, max_seqs=6)
         reqs = workload()
-        if overlap:
-            reqs = [r for r in reqs if r.params.n == 1]  # forks run synchronously
         for r in reqs:
             sched.add(r)
         drive(sched, runner, overlap=overlap)
@@ -214,7 +213,34 @@ def test_guaranteed_no_evict_reserves_from_the_rows():
     sched.commit(plan)
     sched.update(plan, runner.collect(plan))
     assert sched.admission.reserved(sched) == 4 - 2  # 2 blocks held, 2 still to come
-    sched.add(make_request("b", [2] * 6, max_tokens=10, n=2))  # 4 blocks + one fork of 3 = 7
+    sched.add(make_request("b", [2] * 6, max_tokens=10, n=2))  # 4 blocks, and a fork needing 3
     plan = sched.schedule()
     assert [e.seq.request.request_id for e in plan.entries] == ["b"]
-    assert sched.admission.reserved(sched) == 2 + (4 - 2) + 3
+    assert len(plan.entries[0].forks) == 1  # forked as its prompt is planned
+    # a: 2 to come; b and its fork: 2 each to come, and one copy each of the shared partial block
+    # (only one of them will copy it: an upper bound)
+    assert sched.admission.reserved(sched) == 2 + (2 + 1) + (2 + 1)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_samples_still_to_fork_keep_their_seats(overlap):
+    """A chunked prompt with n=3 holds seats for its two forks, so later admissions never take
+    the slots its samples need."""
+    sched = make_scheduler(num_blocks=64, budget=6, max_seqs=4)
+    forking = make_request("fork", list(range(1, 15)), max_tokens=3, n=3)
+    others = [make_request(f"o{i}", [i + 1, i + 2], max_tokens=3) for i in range(3)]
+    for r in [forking, *others]:
+        sched.add(r)
+    runner = PackedFakeRunner()
+    seen = []
+    original = sched.schedule
+
+    def schedule():
+        plan = original()
+        seen.append(len(sched.running))
+        return plan
+
+    sched.schedule = schedule
+    drive(sched, runner, overlap=overlap)
+    assert max(seen) <= 4 and [len(s.output_token_ids) for s in forking.seqs] == [3, 3, 3]
+    assert all(r.finished for r in others)

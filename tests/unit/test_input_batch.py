@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpu_engine.input_batch import InputBatch
-from gpu_engine.step_inputs import InputBuilder, sampling_batch
+from gpu_engine.step_inputs import InputBuilder
 from gpu_engine.step_plan import PENDING, StepResult
 from tests.fakes import make_request
 from tests.unit.test_batch_state import BS, make_scheduler
@@ -49,12 +49,13 @@ def step(sched, batch, builder, last_sampled):
     assert np.diff(meta.query_start_loc.tolist()).tolist() == want_q
     assert meta.num_decodes == plan.num_decodes
     rows = layout.sample_rows.tolist()
-    tokens = torch.tensor([(7 * want_ids[r] + 3 * k + 1) % VOCAB for r, k in zip(rows, layout.sample_fork.tolist())],
-                          dtype=torch.int64)
-    batch.record(layout, tokens, torch.from_numpy(layout.sample_write))
-    for r, (slot, k) in enumerate(zip(layout.sample_slot.tolist(), layout.sample_fork.tolist())):
-        if k == 0:  # the sequence's own sample: its next input, on the device
-            last_sampled[batch.seqs[slot].seq_id] = int(tokens[r])
+    want = [(7 * want_ids[r] + 3 * k + 1) % VOCAB for k, r in enumerate(rows)]
+    logits = torch.full((len(rows), VOCAB), float("-inf"))
+    logits[torch.arange(len(rows)), torch.tensor(want, dtype=torch.int64)] = 0.0  # one token possible
+    tokens = batch.sample(layout, logits, torch.from_numpy(layout.sample_slot))
+    assert tokens.tolist() == want
+    for r, slot in enumerate(layout.sample_slot.tolist()):  # each sample: its slot's next input, on the device
+        last_sampled[batch.seqs[slot].seq_id] = want[r]
     sched.commit(plan)
     return plan, StepResult(token_ids=tokens.numpy().copy())
 
@@ -85,28 +86,26 @@ def test_device_inputs_match_the_plan_through_chunking_preemption_and_slot_reuse
     assert all(len(s.output_token_ids) == r.max_tokens for r in reqs for s in r.seqs)
 
 
-def test_sampling_rows_come_from_the_slots_and_greedy_needs_no_upload():
+def test_slots_start_sampling_where_their_sequences_are_and_forks_draw_their_own_tokens():
     sched = make_scheduler(budget=100)
-    greedy = make_request("g", [1, 2, 3], max_tokens=4, temperature=0.0)
-    hot = make_request("h", [4, 5, 6], max_tokens=4, temperature=0.7, top_k=5, top_p=0.9)
-    banned = make_request("b", [7, 8, 9], max_tokens=4, temperature=0.0, min_tokens=2, stop_token_ids=[11])
+    resumed = make_request("resumed", [1, 2, 3], max_tokens=6, temperature=0.0, min_tokens=4, stop_token_ids=[11])
+    forked = make_request("forked", [4, 5, 6], max_tokens=4, temperature=1.0, n=3, seed=7)
     batch = InputBatch(8, 16, BS, VOCAB, torch.device("cpu"))
     builder = InputBuilder(torch.device("cpu"), VOCAB)
-    sched.add(greedy)
-    plan = sched.schedule()
-    batch.apply(plan, builder.upload)
-    first = batch.layout(plan)
-    assert sampling_batch(batch, first, builder.upload).all_greedy
-    batch.record(first, torch.tensor([5]), torch.from_numpy(first.sample_write))
-    for r in (hot, banned):
-        sched.add(r)
-    sched.commit(plan)
+    sched.add(resumed, prior_output_token_ids=[20, 21])
+    sched.add(forked)
     plan = sched.schedule()
     batch.apply(plan, builder.upload)
     layout = batch.layout(plan)
-    sb = sampling_batch(batch, layout, builder.upload)
-    assert not sb.all_greedy and sb.any_top_k and sb.any_top_p and not sb.any_min_p
-    order = [e.seq.request.request_id for e in plan.scheduled]
-    assert sb.temperature.tolist() == pytest.approx([{"g": 0.0, "h": 0.7, "b": 0.0}[r] for r in order])
-    assert sb.top_k.tolist() == [{"g": 0, "h": 5, "b": 0}[r] for r in order]
-    assert sb.banned == [(order.index("b"), [11])]  # make_request ignores eos
+    r_slot, f_slot = resumed.seqs[0].slot, forked.seqs[0].slot
+    assert batch.sampler.slot_state(r_slot)[0] == 2  # it draws its third output token next
+    assert [s.index for s in forked.seqs] == [0, 1, 2]  # forked as the prompt was planned
+    fork_slots = [s.slot for s in forked.seqs]
+    assert layout.sample_slot.tolist() == [r_slot] + fork_slots
+    assert layout.sample_rows.tolist() == [4, 7, 7, 7]  # the forking prompt's last row, three times
+    logits = torch.zeros(4, VOCAB)
+    logits[0, 11] = 5.0  # the stop token, banned until min_tokens
+    tokens = batch.sample(layout, logits, torch.from_numpy(layout.sample_slot)).tolist()
+    assert tokens[0] != 11
+    assert len(set(tokens[1:])) > 1  # three seeded streams over a uniform distribution
+    assert [batch.sampler.slot_state(s)[0] for s in [r_slot] + fork_slots] == [3, 1, 1, 1]
