@@ -50,3 +50,16 @@ def test_seeded_sampling_under_graphs_matches_the_cpu(tiny_llama):
     want = tokens(LLM(tiny_llama, device="cpu", num_kv_blocks=256, max_model_len=128), prompts, params)
     got = tokens(LLM(tiny_llama, device="cuda", dtype="float32", num_kv_blocks=256, max_model_len=128), prompts, params)
     assert sum(g == w for g, w in zip(got, want)) >= len(want) - 1  # float32 on both: at most a near-tie differs
+
+
+def test_sampler_features_in_the_overlapped_loop_match_the_synchronous_one(tiny_llama):
+    """Penalties, bans, n > 1, prompt and top-N logprobs through the device Sampler: no sync step."""
+    from tests.engine.test_async_features import PARAMS, PROMPTS, results
+
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_model_len=128)
+    sync = results(LLM(tiny_llama, async_scheduling=False, **kw))
+    overlapped = results(LLM(tiny_llama, async_scheduling=True, **kw))
+    assert [o[0] for o in overlapped] == [s[0] for s in sync]
+    cpu = results(LLM(tiny_llama, device="cpu", num_kv_blocks=256, max_model_len=128))
+    greedy = [i for i, p in enumerate(PARAMS) if p.temperature == 0]
+    assert sum(overlapped[i][0] == cpu[i][0] for i in greedy) >= len(greedy) - 1
