@@ -54,7 +54,7 @@ def test_seeded_sampling_under_graphs_matches_the_cpu(tiny_llama):
 
 def test_sampler_features_in_the_overlapped_loop_match_the_synchronous_one(tiny_llama):
     """Penalties, bans, n > 1, prompt and top-N logprobs through the device Sampler: no sync step."""
-    from tests.engine.test_async_features import PARAMS, PROMPTS, results
+    from tests.engine.test_async_features import PARAMS, results
 
     kw = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_model_len=128)
     sync = results(LLM(tiny_llama, async_scheduling=False, **kw))
