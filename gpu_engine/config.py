@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_engine.errors import ModelLoadError
+from gpu_engine.spec.config import SpeculativeConfig, parse_speculative_config
 
 # Architectures served by the one Llama-family implementation, and how each differs.
 _ARCH_TRAITS: dict[str, dict[str, Any]] = {
@@ -226,6 +227,11 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "plan and launch step N+1 while step N runs (outputs trail by one step); default: on "
               "with a GPU, off on the CPU (where nothing would overlap)")
+    speculative_config: dict | None = setting(
+        None, "speculative decoding, as vLLM spells it: {\"method\": \"ngram\" | \"draft_model\" | "
+              "\"eagle3\", \"num_speculative_tokens\": k, \"model\": folder (draft checkpoint or "
+              "EAGLE-3 head), \"prompt_lookup_min\"/\"prompt_lookup_max\" (ngram), "
+              "\"disable_above_batch_size\": n}")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -248,6 +254,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer or None (sized by the device), got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        parse_speculative_config(self.speculative_config)  # raises on unknown methods or keys
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """`speculative_config` as a validated SpeculativeConfig (None: no speculation)."""
+        return parse_speculative_config(self.speculative_config)
 
     @classmethod
     def field_names(cls) -> set[str]:

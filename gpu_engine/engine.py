@@ -79,6 +79,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = replace(config, **kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
+        if config.speculative is not None:
+            raise ValueError(
+                "speculative_config is accepted and validated, but speculative decoding is not wired "
+                "into the step loop yet (issue 10, phase B); leave it unset for now"
+            )
         self.device = resolve_device(config.device)
         folder, self.model_config = resolve_model(config)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)

@@ -108,12 +108,29 @@ class CausalLM(nn.Module):
         cos_sin: torch.Tensor,
         ops: TorchOps,
     ) -> torch.Tensor:  # [T, hidden]
+        return self.forward_aux(input_ids, positions, kv_caches, meta, cos_sin, ops, ())[0]
+
+    def forward_aux(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+        ops: TorchOps,
+        aux_layers: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward, also returning the residual stream entering each layer of `aux_layers`
+        (EAGLE-3 drafts from them), concatenated: [T, len(aux_layers) * hidden] (None if none)."""
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
+        seen: dict[int, torch.Tensor] = {}
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            if i in aux_layers:  # a copy: the fused norms work in place
+                seen[i] = hidden.clone() if residual is None else hidden + residual
             hidden, residual = layer(hidden, residual, positions, kv, meta, cos_sin, ops)
         hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
-        return hidden
+        return hidden, torch.cat([seen[i] for i in aux_layers], dim=-1) if aux_layers else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] -> [S, vocab] float32."""
