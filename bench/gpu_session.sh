@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: tests, micro-benchmarks and engine benchmarks, phases chosen by name.
 #   OUT=/tmp/out TAXIWAY_COMMIT=$(git rev-parse HEAD) bash bench/gpu_session.sh env kernel-tests engine-tests ...
-# The step loop (issue 14), two calls of under 10 minutes:
-#   bash bench/gpu_session.sh engine-tests sweep
+# The step loop (issue 14), three calls of under 10 minutes each:
+#   bash bench/gpu_session.sh sweep
+#   bash bench/gpu_session.sh engine-tests
 #   bash bench/gpu_session.sh t1-128 llm-128 t1-1000 cpu-step profile l1
 # Every phase writes its log (and JSON) under $OUT and gets its own time limit; a summary comes last.
 set -u
