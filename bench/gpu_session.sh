@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: tests, micro-benchmarks and engine benchmarks, phases chosen by name.
 #   OUT=/tmp/out TAXIWAY_COMMIT=$(git rev-parse HEAD) bash bench/gpu_session.sh env kernel-tests engine-tests ...
+# The step loop (issue 14), three calls of under 10 minutes each:
+#   bash bench/gpu_session.sh sweep
+#   bash bench/gpu_session.sh engine-tests
+#   bash bench/gpu_session.sh t1-128 llm-128 t1-1000 cpu-step profile l1
 # Every phase writes its log (and JSON) under $OUT and gets its own time limit; a summary comes last.
 set -u
 OUT=${OUT:-/tmp/taxiway-out}
@@ -32,7 +36,11 @@ for step in "$@"; do
     sampling-tests) phase sampling-tests 500 python -m pytest tests/kernels/test_kernels_sampling.py tests/unit/test_sampler.py -q -p no:cacheprovider ;;
     sampling-bench) phase sampling-bench 550 python bench/sampling_kernels.py --out "$OUT/sampling-kernels.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
-    cpu-step) phase cpu-step 120 python bench/cpu_step.py --seqs 64 256 512 --out "$OUT/cpu-step.json" ;;
+    cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
+    sweep) phase sweep 580 python -m taxiway.cli bench sweep --isl 128 --osl 128 --num-requests 4000 \
+      --sizes 256 512 1024 2048 4096 --out "$OUT/sweep-128-128.json" ;;
+    llm-128) phase llm-128 400 python -m taxiway.cli bench throughput --api llm --isl 128 --osl 128 \
+      --num-requests 3000 --out "$OUT/llm-128-128.json" ;;
     t1-quick) tp 128 128 1000 ;;
     t1-quick-sync) TAG=-sync tp 128 128 1000 --no-async-scheduling ;;
     t1-128) tp 128 128 3000 ;;

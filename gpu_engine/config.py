@@ -210,8 +210,12 @@ class EngineConfig:
     num_kv_blocks: int | None = setting(
         None, "force the number of KV blocks (tests, tiny pools); overrides the two settings above")
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of identical prompt prefixes")
-    max_num_batched_tokens: int = setting(8192, "token budget of one step (decodes + prefill chunks)")
-    max_num_seqs: int = setting(256, "most sequences running at once")
+    max_num_batched_tokens: int | None = setting(
+        None, "token budget of one step (decodes + prefill chunks); default 8192")
+    max_num_seqs: int | None = setting(
+        None, "most sequences running at once (the persistent batch's slots; decode CUDA graphs are "
+              "captured up to min(this, 4096)); default by the device: 1024 on a GPU with at least "
+              "70 GiB (H100/H200 class), 256 on smaller GPUs and on the CPU")
     max_prefill_tokens_per_seq: int | None = setting(
         None, "most prompt tokens one sequence prefills per step, so that running decodes keep "
               "flowing beside a long prompt and several prompts share a step's budget (default: "
@@ -249,11 +253,10 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
-        if self.max_prefill_tokens_per_seq is not None and self.max_prefill_tokens_per_seq < 1:
-            raise ValueError(f"max_prefill_tokens_per_seq must be >= 1 (or None for the device's "
-                             f"default), got {self.max_prefill_tokens_per_seq}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_per_seq"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (sized by the device), got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         parse_speculative_config(self.speculative_config)  # raises on unknown methods or keys
@@ -270,3 +273,19 @@ class EngineConfig:
     def settings_dict(self) -> dict[str, Any]:
         """Every setting's value, as plain data (what an executor reports)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+BIG_GPU_BYTES = 70 * 2**30
+"""A GPU with this much memory (H100, H200 class) gets the larger default batch, as vLLM does."""
+
+
+def batch_limits(config: EngineConfig, device_memory_bytes: int | None) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens): the configured values, else defaults for the
+    device: 1024 sequences on a GPU with >= 70 GiB, 256 on smaller GPUs and on the CPU
+    (device_memory_bytes None); a budget of 8192 tokens everywhere."""
+    seqs = config.max_num_seqs
+    if seqs is None:
+        big = device_memory_bytes is not None and device_memory_bytes >= BIG_GPU_BYTES
+        seqs = 1024 if big else 256
+    tokens = config.max_num_batched_tokens if config.max_num_batched_tokens is not None else 8192
+    return seqs, tokens
