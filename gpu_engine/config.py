@@ -174,6 +174,8 @@ def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _POLICIES = ("max_utilization", "guaranteed_no_evict")
+_QUANTIZATIONS = (None, "fp8", "awq")  # as vLLM names them; gpu_engine/quant serves them
+_KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,14 @@ class EngineConfig:
     async_scheduling: bool | None = None
     """Plan and launch step N+1 while step N runs (outputs trail by one step). None: on with a
     GPU, off on the CPU (where nothing would overlap)."""
+    quantization: str | None = None
+    """None: as the checkpoint is (a pre-quantized one is recognised from its config);
+    fp8: FP8 W8A8 (a 16/32-bit checkpoint, or dummy weights, is quantized at load: per-channel
+    weight scales, per-token activation scales); awq: an INT4 AWQ checkpoint. A value that
+    contradicts the checkpoint is an error."""
+    kv_cache_dtype: str = "auto"
+    """auto: the KV cache in the model's dtype; fp8: E4M3 with per-layer scales (the checkpoint's
+    k_scale/v_scale when it has them, else 1.0), about twice the blocks in the same memory."""
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -238,6 +248,10 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
     @classmethod
     def field_names(cls) -> set[str]:
