@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `taxiway --help` lists them.
-COMMANDS = ("generate", "bench", "serve", "client")
+COMMANDS = ("generate", "bench", "quantize", "serve", "client")
 
 
 def build_parser() -> argparse.ArgumentParser:
