@@ -113,12 +113,12 @@ class _Loader:
                 raise ModelLoadError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"but config.json implies {want}")
             param.data.copy_(tensor.to(param.dtype))
+        elif kv_scale_target(name) is not None:  # before linears: ModelOpt's k_proj.k_scale
+            self._kv_scale(name, tensor)
         elif name.rpartition(".")[0] in self.linears:
             prefix, _, kind = name.rpartition(".")
             module, part = self.linears[prefix]
             module.load(part, kind, tensor, name)
-        elif kv_scale_target(name) is not None:
-            self._kv_scale(name, tensor)
         else:
             raise ModelLoadError(f"{file}: tensor {name!r} does not belong to a {self.cfg.architecture} "
                                  f"with this config")
