@@ -34,6 +34,9 @@ class BenchConfig:
     admission_policy: str = "guaranteed_no_evict"
     """All requests arrive at once with fixed lengths: reserving prompt + OSL avoids preemption churn."""
     seed: int = 0
+    quantization: str = "none"
+    """none, fp8 or awq (EngineConfig.quantization; with dummy weights they are made quantized)."""
+    kv_cache_dtype: str = "auto"
 
     def engine_kwargs(self) -> dict:
         return dict(
@@ -42,6 +45,8 @@ class BenchConfig:
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
             async_scheduling=self.async_scheduling, admission_policy=self.admission_policy,
+            quantization=None if self.quantization == "none" else self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -142,6 +147,7 @@ def throughput(cfg: BenchConfig) -> dict:
     return {
         "benchmark": "throughput", "config": cfg.__dict__, "machine": machine_info(),
         "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
+        **_quant_info(engine),
         "elapsed_s": round(r["elapsed_s"], 3), "steps": r["steps"],
         "output_tokens_per_s": round(out_tps, 1),
         "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
@@ -164,19 +170,28 @@ def latency(cfg: BenchConfig) -> dict:
         runs.append({"ttft_s": ttft, "decode_tokens_per_s": 1.0 / tpot, "time_per_token_ms": tpot * 1e3})
     best = sorted(runs, key=lambda x: x["decode_tokens_per_s"])[len(runs) // 2]
     mc = engine.model_config
-    elem = torch.empty((), dtype=engine.dtype).element_size()
+    elem = torch.empty((), dtype=engine.runner.kv_dtype).element_size()
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
     kv_bytes_per_token = 2 * mc.num_layers * mc.kv_size * elem * (cfg.isl + cfg.osl / 2)
     bw = copy_bandwidth_gbs(engine.device)
     roofline_tps = bw * 1e9 / (weight_bytes + kv_bytes_per_token)
     return {
         "benchmark": "latency", "config": cfg.__dict__, "machine": machine_info(), "runs": runs,
+        **_quant_info(engine),
         "decode_tokens_per_s": round(best["decode_tokens_per_s"], 1),
         "time_per_token_ms": round(best["time_per_token_ms"], 3), "ttft_ms": round(best["ttft_s"] * 1e3, 2),
         "weight_bytes": weight_bytes, "copy_bandwidth_gbs": round(bw, 1),
         "roofline_tokens_per_s": round(roofline_tps, 1),
         "share_of_roofline": round(best["decode_tokens_per_s"] / roofline_tps, 3),
     }
+
+
+def _quant_info(engine: LLMEngine) -> dict:
+    """What the run quantized, and the KV pool in blocks of its dtype and of the model's."""
+    spec = engine.quant_spec
+    return {"quantization": spec.describe() if spec else "unquantized",
+            "kv_cache_dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
+            "num_kv_blocks_at_model_dtype": engine.num_kv_blocks_at_model_dtype}
 
 
 def write_result(result: dict, out: str | None) -> None:
