@@ -142,7 +142,8 @@ def rope_and_write_kv(
     h_pad = triton.next_power_of_2(num_heads)
     _rope_write_kv_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-        float(kv_scale[0]), float(kv_scale[1]), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        float(kv_scale[0]), float(kv_scale[1]),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, H_PAD=h_pad,
         KVH_PAD=triton.next_power_of_2(num_kv_heads), HALF=half,

@@ -11,8 +11,6 @@ scales (one input, several scales) are merged into the largest, which clips none
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -21,8 +19,7 @@ from gpu_engine.quant.activation import ActQuant, QuantizedActivation
 from gpu_engine.quant.linear import LinearMethod, QuantLinear
 from gpu_engine.quant.spec import QuantSpec
 from kernels import reference as R
-
-log = logging.getLogger(__name__)
+from kernels.fp8_gemm import fp8_linear
 
 FP8 = torch.float8_e4m3fn
 
@@ -140,8 +137,6 @@ class Fp8Linear(QuantLinear):
         if not isinstance(x, QuantizedActivation):
             x = QuantizedActivation(*R.quantize_fp8(x, self.input_scale))
         if x.data.is_cuda:
-            from kernels.fp8_gemm import fp8_linear
-
             return fp8_linear(x.data, x.scale, self.weight, self.weight_scale, self.bias, self.dtype)
         return R.fp8_linear(x.data, x.scale, self.weight, self.weight_scale, self.bias, self.dtype)
 
