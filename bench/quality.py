@@ -90,7 +90,7 @@ def agreement(got: list[list[int]], want: list[list[int]]) -> dict:
 
 
 def run_variant(name: str, kwargs: dict, args, ids_text: str) -> tuple[dict, list[list[int]]]:
-    base = {"model": args.model, "device": args.device, "dtype": args.dtype, "max_model_len": 2048}
+    base = {"model": args.model, "device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
     base.update(kwargs)
     t0 = time.perf_counter()
     llm = LLM(base.pop("model"), **base)
@@ -113,6 +113,7 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=None, help="NAME:KEY=VALUE,... (repeatable)")
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
