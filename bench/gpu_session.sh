@@ -22,8 +22,9 @@ phase() {  # phase NAME LIMIT_S COMMAND...
 
 tp() {  # tp ISL OSL N [extra args]: one throughput run
   local isl=$1 osl=$2 n=$3; shift 3
-  phase "t1-$isl-$osl${TAG:-}" 580 python -m taxiway.cli bench throughput --isl "$isl" --osl "$osl" \
-    --num-requests "$n" --out "$OUT/t1-$isl-$osl${TAG:-}.json" "$@"
+  local id=${ID:-t1}-$isl-$osl${TAG:-}
+  phase "$id" 580 python -m taxiway.cli bench throughput --isl "$isl" --osl "$osl" \
+    --num-requests "$n" --out "$OUT/$id.json" "$@"
 }
 
 for step in "$@"; do
@@ -47,6 +48,15 @@ for step in "$@"; do
     t1-1000) tp 1000 1000 1000 ;;
     t1-2048) tp 2048 2048 500 ;;
     l1) phase l1 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 --out "$OUT/l1.json" ;;
+    # FP8 W8A8 + FP8 KV (T2, L1 FP8): run each beside its BF16 phase in the same call.
+    fp8-tests) phase fp8-tests 400 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/gpu/test_gpu_fp8.py -m gpu ;;
+    fp8-gemm) phase fp8-gemm 300 python bench/fp8_gemm.py --out "$OUT/fp8-gemm.json" ;;
+    t2-128) ID=t2 tp 128 128 3000 --quantization fp8 --kv-cache-dtype fp8 ;;
+    t2-1000) ID=t2 tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 ;;
+    t2-2048) ID=t2 tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 ;;
+    l1-fp8) phase l1-fp8 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
+      --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/l1-fp8.json" ;;
+    quality) phase quality 400 python bench/quality.py --device cuda --dtype bfloat16 --out "$OUT/quality.json" ;;
     hf-128) phase hf-128 300 python bench/hf_baseline.py --isl 128 --osl 128 --num-requests 512 --out "$OUT/hf-128-128.json" ;;
     hf-1000) phase hf-1000 400 python bench/hf_baseline.py --isl 1000 --osl 1000 --num-requests 48 --out "$OUT/hf-1000-1000.json" ;;
     hf-2048) phase hf-2048 400 python bench/hf_baseline.py --isl 2048 --osl 2048 --num-requests 16 --out "$OUT/hf-2048-2048.json" ;;

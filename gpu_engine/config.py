@@ -175,6 +175,8 @@ def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _POLICIES = ("max_utilization", "guaranteed_no_evict")
+_QUANTIZATIONS = (None, "fp8", "awq")  # as vLLM names them; gpu_engine/quant serves them
+_KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
@@ -237,6 +239,15 @@ class EngineConfig:
               "\"eagle3\", \"num_speculative_tokens\": k, \"model\": folder (draft checkpoint or "
               "EAGLE-3 head), \"prompt_lookup_min\"/\"prompt_lookup_max\" (ngram), "
               "\"disable_above_batch_size\": n}")
+    quantization: str | None = setting(
+        None, "None: as the checkpoint is (a pre-quantized one is recognised from its config); fp8: "
+              "FP8 W8A8 (a 16/32-bit checkpoint, or dummy weights, is quantized at load: per-channel "
+              "weight scales, per-token activation scales); awq: an INT4 AWQ checkpoint. A value that "
+              "contradicts the checkpoint is an error")
+    kv_cache_dtype: str = setting(
+        "auto", "auto: the KV cache in the model's dtype; fp8: E4M3 with per-layer scales (the "
+                "checkpoint's k_scale/v_scale when it has them, else 1.0), about twice the blocks in "
+                "the same memory")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -259,6 +270,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer or None (sized by the device), got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         parse_speculative_config(self.speculative_config)  # raises on unknown methods or keys
 
     @property

@@ -15,6 +15,7 @@ from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import PRESETS, EngineConfig, ModelConfig, batch_limits
 from gpu_engine.errors import InvalidRequest, ModelLoadError
 from gpu_engine.outputs import CompletionOutput, EngineStats, Recovery, RequestOutput
+from gpu_engine.quant import linear_method, read_checkpoint_quant, resolve_quantization
 from gpu_engine.runner import ModelRunner
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
@@ -95,11 +96,15 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
-        model = build_model(self.model_config, self.dtype, self.device)
+        detected = read_checkpoint_quant(folder) if folder is not None else None
+        self.quant_spec = resolve_quantization(config.quantization, detected, config.load_format == "dummy")
+        method = linear_method(self.quant_spec, self.dtype)
+        method.check_device(self.device)
+        model = build_model(self.model_config, self.dtype, self.device, method)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
         else:
-            load_checkpoint(model, folder, self.model_config)
+            load_checkpoint(model, folder, self.model_config, kv_fp8=config.kv_cache_dtype == "fp8")
         self.tokenizer = _load_tokenizer(config.tokenizer or folder)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -117,6 +122,9 @@ class LLMEngine:
                 f"{self.max_model_len}: lower max_model_len or give the cache more memory"
             )
         self.runner.allocate_kv_cache(self.num_kv_blocks)
+        # What the same memory holds in the model's dtype (reported beside an FP8 cache's count).
+        self.num_kv_blocks_at_model_dtype = (
+            self.num_kv_blocks * self.runner.bytes_per_block() // self.runner.bytes_per_block(self.dtype))
         self.graph_capture_s = self.runner.capture_graphs()
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -137,8 +145,10 @@ class LLMEngine:
                                  else config.async_scheduling)
         self._inflight = None  # the launched step not yet collected (async scheduling)
         self._rng = random.Random(config.seed)
-        log.info("engine ready: %s on %s (%s), %d KV blocks, max_num_seqs %d, max_num_batched_tokens %d",
-                 self.model_config.name, self.device, self.dtype, self.num_kv_blocks, self.max_num_seqs,
+        log.info("engine ready: %s on %s (%s, %s), %d KV blocks in %s (%d in %s), max_num_seqs %d, "
+                 "max_num_batched_tokens %d", self.model_config.name, self.device, self.dtype,
+                 self.quant_spec.describe() if self.quant_spec else "unquantized", self.num_kv_blocks,
+                 self.runner.kv_dtype, self.num_kv_blocks_at_model_dtype, self.dtype, self.max_num_seqs,
                  self.max_num_batched_tokens)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -342,6 +352,8 @@ class LLMEngine:
             prefill_backlog_tokens=self.scheduler.prefill_backlog_tokens(),
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            kv_cache_dtype=str(self.runner.kv_dtype).removeprefix("torch."),
+            num_blocks_at_model_dtype=self.num_kv_blocks_at_model_dtype,
         )
 
     def take_kv_events(self) -> list[tuple[str, bytes]]:

@@ -60,6 +60,11 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    kv_cache_dtype: str = ""
+    """The KV cache's element type (bfloat16, float8_e4m3fn...)."""
+    num_blocks_at_model_dtype: int | None = None
+    """How many blocks the cache's memory would hold in the model's dtype: equal to
+    num_total_blocks unless the cache is FP8 (then about half of it)."""
 
     @property
     def kv_cache_usage(self) -> float:

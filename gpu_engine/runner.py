@@ -21,6 +21,7 @@ from gpu_engine.input_batch import InputBatch, StepLayout
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
+from gpu_engine.quant.kv import kv_cache_dtype
 from gpu_engine.sampler import gather_logprobs
 from gpu_engine.step_inputs import InputBuilder, padded_tables
 from gpu_engine.step_plan import StepPlan, StepResult
@@ -55,6 +56,7 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.dtype = model.norm.dtype
+        self.kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)  # the model's, or float8_e4m3fn
         self.ops = select_ops(device)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -72,9 +74,10 @@ class ModelRunner:
         self._last_end: torch.cuda.Event | None = None
 
     # -- KV cache memory --------------------------------------------------------------------------
-    def bytes_per_block(self) -> int:
+    def bytes_per_block(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of one KV block over all layers, in the cache's dtype (or `dtype`)."""
         c = self.model_cfg
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=dtype or self.kv_dtype).element_size()
         return 2 * c.num_layers * c.num_kv_heads * self.block_size * c.head_dim * elem
 
     def num_blocks_for_memory(self) -> int:
@@ -130,7 +133,7 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_cfg
         shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, self.block_size, c.head_dim)
-        cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)]
 
     # -- one step ---------------------------------------------------------------------------------
@@ -245,6 +248,8 @@ class ModelRunner:
         src = self.builder.upload([s for s, _ in pairs], torch.int64)
         dst = self.builder.upload([d for _, d in pairs], torch.int64)
         for k, v in self.kv_caches:
+            if k.dtype.itemsize == 1:  # FP8: copied as bytes (index_put has no float8 kernels everywhere)
+                k, v = k.view(torch.uint8), v.view(torch.uint8)
             k[dst] = k[src]
             v[dst] = v[src]
 

@@ -39,6 +39,10 @@ class BenchConfig:
     admission_policy: str = "guaranteed_no_evict"
     """All requests arrive at once with fixed lengths: reserving prompt + OSL avoids preemption churn."""
     seed: int = 0
+    quantization: str = "none"
+    """none, fp8 or awq (EngineConfig.quantization; with dummy weights they are made quantized)."""
+    kv_cache_dtype: str = "auto"
+    """auto: the model's dtype; fp8: the FP8 KV cache (EngineConfig.kv_cache_dtype)."""
     api: str = "engine"
     """engine: LLMEngine with the settings above, no detokenization (the bench driver).
     llm: what users run, `LLM(model, load_format, dtype, device, seed).generate(...)` with the
@@ -53,7 +57,9 @@ class BenchConfig:
                              f"{self.num_requests}")
 
     def llm_kwargs(self) -> dict:
-        return dict(load_format=self.load_format, dtype=self.dtype, device=self.device, seed=self.seed)
+        return dict(load_format=self.load_format, dtype=self.dtype, device=self.device, seed=self.seed,
+                    quantization=None if self.quantization == "none" else self.quantization,
+                    kv_cache_dtype=self.kv_cache_dtype)
 
     def engine_kwargs(self) -> dict:
         return dict(
@@ -62,6 +68,8 @@ class BenchConfig:
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
             async_scheduling=self.async_scheduling, admission_policy=self.admission_policy,
+            quantization=None if self.quantization == "none" else self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -174,7 +182,8 @@ def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
     if r["generated_tokens"] != cfg.num_requests * cfg.osl:
         raise RuntimeError(f"generated {r['generated_tokens']} tokens, expected {cfg.num_requests * cfg.osl}")
     return {
-        "max_num_seqs": engine.scheduler.config.max_num_seqs, "elapsed_s": round(r["elapsed_s"], 3),
+        "max_num_seqs": engine.scheduler.config.max_num_seqs, **_quant_info(engine),
+        "elapsed_s": round(r["elapsed_s"], 3),
         "steps": r["steps"], "output_tokens_per_s": round(r["generated_tokens"] / r["elapsed_s"], 1),
         "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
         "preemptions": engine.scheduler.num_preemptions - preempted,
@@ -253,13 +262,14 @@ def latency(cfg: BenchConfig) -> dict:
         runs.append({"ttft_s": ttft, "decode_tokens_per_s": 1.0 / tpot, "time_per_token_ms": tpot * 1e3})
     best = sorted(runs, key=lambda x: x["decode_tokens_per_s"])[len(runs) // 2]
     mc = engine.model_config
-    kv_elem = engine.runner.kv_caches[0][0].element_size()
+    kv_elem = torch.empty((), dtype=engine.runner.kv_dtype).element_size()
     read = decode_step_bytes(engine.runner.model, 1, kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_elem),
                              cfg.isl + cfg.osl / 2)  # the mean context of the decode steps
     bw = copy_bandwidth_gbs(engine.device)
     roofline_tps = bw * 1e9 / read.total
     return {
         "benchmark": "latency", "config": cfg.__dict__, "machine": machine_info(), "runs": runs,
+        **_quant_info(engine),
         "decode_tokens_per_s": round(best["decode_tokens_per_s"], 1),
         "time_per_token_ms": round(best["time_per_token_ms"], 3), "ttft_ms": round(best["ttft_s"] * 1e3, 2),
         "bytes_per_token": {"weights": read.weights, "embedding_row": read.embedding_rows, "kv": read.kv,
@@ -267,6 +277,14 @@ def latency(cfg: BenchConfig) -> dict:
         "copy_bandwidth_gbs": round(bw, 1), "roofline_tokens_per_s": round(roofline_tps, 1),
         "share_of_roofline": round(best["decode_tokens_per_s"] / roofline_tps, 3),
     }
+
+
+def _quant_info(engine: LLMEngine) -> dict:
+    """What the run quantized, and the KV pool in blocks of its dtype and of the model's."""
+    spec = engine.quant_spec
+    return {"quantization": spec.describe() if spec else "unquantized",
+            "kv_cache_dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
+            "num_kv_blocks_at_model_dtype": engine.num_kv_blocks_at_model_dtype}
 
 
 def write_result(result: dict, out: str | None) -> None:

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `taxiway --help` lists them.
-COMMANDS = ("generate", "bench", "serve", "client", "train_draft")
+COMMANDS = ("generate", "bench", "quantize", "serve", "client", "train_draft")
 
 
 def build_parser() -> argparse.ArgumentParser:
