@@ -35,6 +35,7 @@ for step in "$@"; do
     engine-tests) phase engine-tests 500 python -m pytest tests/gpu -q -x -p no:cacheprovider ;;
     kernel-bench) phase kernel-bench 300 python bench/kernels.py --out "$OUT/kernels.json" ;;
     sampling-tests) phase sampling-tests 500 python -m pytest tests/kernels/test_kernels_sampling.py tests/unit/test_sampler.py -q -p no:cacheprovider ;;
+    sampling-table) phase sampling-table 450 python bench/sampling_throughput.py --out "$OUT/sampling-throughput.json" ;;
     sampling-bench) phase sampling-bench 550 python bench/sampling_kernels.py --out "$OUT/sampling-kernels.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
     cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
