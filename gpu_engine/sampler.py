@@ -60,6 +60,8 @@ class Sampler:
             raise ValueError(f"max_slots, vocab_size and max_stop_ids must be >= 1, got "
                              f"{max_slots}, {vocab_size}, {max_stop_ids}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_slots, self.vocab_size, self.max_stop_ids = max_slots, vocab_size, max_stop_ids
         self.backend = backend or ("triton" if self.device.type == "cuda" else "torch")
         if self.backend not in ("triton", "torch"):
