@@ -51,7 +51,14 @@ def fp8_linear(
 ) -> torch.Tensor:  # [M, N] out_dtype
     """y = (xq * x_scale) @ (weight * weight_scale[:, None]).T + bias, accumulated in f32."""
     check_gemm(xq, x_scale, weight, weight_scale)
-    # Rowwise scaling outputs bfloat16 only; other dtypes are cast from it (one small pass).
+    if out_dtype == torch.float32:
+        # Rowwise scaling outputs bfloat16 only. A float32 model (correctness runs, not speed) gets
+        # the exact products instead: unit tensorwise scales, a float32 output, then the scales.
+        one = torch.ones((), dtype=torch.float32, device=xq.device)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        y = y * x_scale * weight_scale[None, :]
+        return y if bias is None else y + bias
+    # Rowwise scaling outputs bfloat16 only; float16 is cast from it (one small pass).
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
                          out_dtype=torch.bfloat16)
     if y.dtype != out_dtype:
