@@ -1,0 +1,1 @@
+"""Quantization: checkpoint formats, quantized linear methods and calibration (issue 9)."""
