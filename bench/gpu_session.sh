@@ -29,6 +29,9 @@ for step in "$@"; do
     kernel-tests-all) phase kernel-tests-all 500 python -m pytest tests/kernels -q -x -p no:cacheprovider ;;
     engine-tests) phase engine-tests 500 python -m pytest tests/gpu -q -x -p no:cacheprovider ;;
     kernel-bench) phase kernel-bench 300 python bench/kernels.py --out "$OUT/kernels.json" ;;
+    w4a16-tests) phase w4a16-tests 300 python -m pytest tests/kernels/test_kernels_w4a16.py -q -p no:cacheprovider ;;
+    w4a16-bench) phase w4a16-bench 300 python bench/w4a16.py --out "$OUT/w4a16.json" ;;
+    w4a16-sweep) phase w4a16-sweep 400 python bench/w4a16.py --sweep --out "$OUT/w4a16-sweep.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
     cpu-step) phase cpu-step 120 python bench/cpu_step.py --seqs 64 256 512 --out "$OUT/cpu-step.json" ;;
     t1-quick) tp 128 128 1000 ;;
