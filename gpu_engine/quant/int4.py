@@ -88,12 +88,8 @@ class Int4Weight:
         return (q * self.scales.float().unsqueeze(-1)).view(n, k).to(dtype)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool = True) -> Int4Weight:
-    """Round-to-nearest group-wise INT4 of w [N, K] (AutoAWQ's formulas).
-
-    zero_point: scale = (max - min) / 15, zero = round(-min / scale) in 0..15;
-    symmetric: scale = max|w| / 7, codes = clamp(round(w / scale), -8, 7) + 8.
-    """
+def _round_int4(w: torch.Tensor, group_size: int, zero_point: bool):
+    """(codes, scales, zeros) of w [N, K] as float [N, K/g, g], [N, K/g, 1], [N, K/g, 1] | None."""
     n, k = w.shape
     if k % group_size:
         raise Int4FormatError(f"group_size {group_size} does not divide in_features {k}")
@@ -102,18 +98,27 @@ def quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool = True) -> 
         wmax, wmin = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
         scales = (wmax - wmin).clamp(min=1e-5) / 15
         zeros = (-torch.round(wmin / scales)).clamp(0, 15)
-        codes = (torch.round(wg / scales) + zeros).clamp(0, 15)
-        zeros_out = zeros.squeeze(-1).to(torch.uint8)
-    else:
-        scales = wg.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 7
-        codes = torch.round(wg / scales).clamp(-8, 7) + SYMMETRIC_ZERO
-        zeros_out = None
-    return Int4Weight(codes.reshape(n, k).to(torch.uint8), scales.squeeze(-1), zeros_out, group_size)
+        return (torch.round(wg / scales) + zeros).clamp(0, 15), scales, zeros
+    scales = wg.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 7
+    return torch.round(wg / scales).clamp(-8, 7) + SYMMETRIC_ZERO, scales, None
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool = True) -> Int4Weight:
+    """Round-to-nearest group-wise INT4 of w [N, K] (AutoAWQ's formulas).
+
+    zero_point: scale = (max - min) / 15, zero = round(-min / scale) in 0..15;
+    symmetric: scale = max|w| / 7, codes = clamp(round(w / scale), -8, 7) + 8.
+    """
+    codes, scales, zeros = _round_int4(w, group_size, zero_point)
+    z = None if zeros is None else zeros.squeeze(-1).to(torch.uint8)
+    return Int4Weight(codes.reshape(w.shape).to(torch.uint8), scales.squeeze(-1), z, group_size)
 
 
 def fake_quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool = True) -> torch.Tensor:
-    """quantize_int4 then dequantize, in w's dtype and shape."""
-    return quantize_int4(w, group_size, zero_point).dequantize(w.dtype)
+    """quantize_int4 then dequantize, in w's dtype and shape (without building the codes)."""
+    codes, scales, zeros = _round_int4(w, group_size, zero_point)
+    zeros = torch.full_like(scales, SYMMETRIC_ZERO) if zeros is None else zeros
+    return ((codes - zeros) * scales).reshape(w.shape).to(w.dtype)
 
 
 # ---------------------------------------------------------------- the kernel's layout
