@@ -7,7 +7,7 @@ transformers 5, so this runs in a separate venv, once, on the CPU (a few seconds
     /work/venvs/awq/bin/python tests/data/make_autoawq_fixture.py
 
 Writes the checkpoint (config.json with AutoAWQ's quantization_config, model.safetensors with
-qweight / qzeros / scales) and reference.safetensors: AutoAWQ's own dequantized weight of every
+qweight / qzeros / scales) and tiny-llama-autoawq.reference.safetensors beside it: AutoAWQ's own dequantized weight of every
 linear (awq.utils.packing_utils.dequantize_gemm) and the logits of AutoAWQ's quantized model on
 fixed token ids. tests/unit/test_int4_formats.py reads them; nothing here runs in the suite.
 """
@@ -55,7 +55,7 @@ def main() -> None:
             ids = torch.tensor(INPUT_IDS)
             ref["input_ids"] = ids
             ref["logits"] = model.model(ids).logits.float().contiguous()
-        save_file(ref, str(OUT / "reference.safetensors"))
+        save_file(ref, str(OUT.parent / "tiny-llama-autoawq.reference.safetensors"))
     for p in sorted(OUT.iterdir()):
         print(p.name, p.stat().st_size)
 

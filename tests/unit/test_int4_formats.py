@@ -93,7 +93,7 @@ def test_autoawq_checkpoint_unpacks_to_autoawqs_own_dequantized_weights():
     cfg = json.loads((FIXTURE / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert (qc["quant_method"], qc["version"], qc["bits"], qc["zero_point"]) == ("awq", "gemm", 4, True)
-    ref = load_file(str(FIXTURE / "reference.safetensors"))
+    ref = load_file(str(FIXTURE.parent / "tiny-llama-autoawq.reference.safetensors"))
     linears = _fixture_linears()
     assert len(linears) == 2 * 7
     for prefix, t in linears.items():
@@ -122,7 +122,7 @@ def test_autoawq_checkpoint_logits_match_autoawq_with_our_dequantized_weights():
         state[f"{prefix}.weight"] = wt.dequantize(torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    ref = load_file(str(FIXTURE / "reference.safetensors"))
+    ref = load_file(str(FIXTURE.parent / "tiny-llama-autoawq.reference.safetensors"))
     with torch.no_grad():
         logits = model(ref["input_ids"]).logits
     # AutoAWQ ran in float16, we in float32: agreement to float16 rounding
