@@ -152,3 +152,14 @@ def test_w4a16_every_path_gpu_real_k(cfg):
     x = _x(m, k, dtype, "cuda", seed=10)
     ref = (x.float() @ w4a16.dequantize(w, torch.float32).t()).to(dtype)
     _close(w4a16.w4a16_linear(x, w, config=cfg), ref, dtype)
+
+
+@pytest.mark.gpu
+def test_int4_linear_module_runs_the_kernel_on_cuda():
+    from gpu_engine.quant.int4_linear import Int4Linear
+
+    lin = Int4Linear(4096, [4096, 1024, 1024], bias=True, group_size=128, symmetric=False,
+                     dtype=torch.bfloat16, device="cuda")
+    lin.init_dummy(torch.Generator(device="cuda").manual_seed(0))
+    x = _x(7, 4096, torch.bfloat16, "cuda")
+    _close(lin(x), reference(x, lin.weight4(), lin.bias), torch.bfloat16)
