@@ -8,5 +8,7 @@ callers import when they run on the GPU:
     kernels.rotary            rope_and_write_kv
     kernels.norm              rms_norm, fused_add_rms_norm
     kernels.activation        silu_and_mul
+    kernels.w4a16             w4a16_linear (INT4 weights x 16-bit activations), dequantize
+    kernels.w4a16_reference   the W4A16 weight layout and its plain-torch reference (no triton)
     kernels.testing           random paged batches for tests and benchmarks (no triton)
 """

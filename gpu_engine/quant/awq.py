@@ -224,27 +224,44 @@ def _clip_layer(layer: DecoderLayer, a: AF.LayerInputs, st: AwqSettings) -> None
 
 
 def _clip(w: torch.Tensor, x: torch.Tensor, st: AwqSettings, max_shrink: float = 0.5) -> torch.Tensor:
-    """w [N, K] clamped to the per-(row, group) range in [(1 - max_shrink), 1] x max|w| whose
-    quantized group outputs on x [T, K] are closest to the float ones."""
+    """w [N, K] clamped per (row, group) to the range whose quantized weights give the group's
+    outputs on x [T, K] closest to the float ones. AutoAWQ's candidates first (max|w| shrunk by
+    0, 1/n_grid, ... max_shrink, clamped symmetrically); with zero points, each end is then
+    shrunk on its own from there. The output error of a group is d.T H d, d = q - w, with
+    H = x_g.T x_g / T the group's input Gram matrix, so a candidate costs N K g, not N K T."""
     g = st.group_size
     n, k = w.shape
     x = x[:: max(1, x.shape[0] // st.clip_tokens)][: st.clip_tokens].float()
     xg = x.view(-1, k // g, g).transpose(0, 1)  # [G, T, g]
+    gram = torch.bmm(xg.transpose(1, 2), xg) / x.shape[0]  # [G, g, g]
+    shrinks = [1 - i / st.n_grid for i in range(int(max_shrink * st.n_grid))]
     out = torch.empty_like(w)
     for r0 in range(0, n, 256):
-        wb = w[r0:r0 + 256].float()
-        wg = wb.view(-1, k // g, g)  # [R, G, g]
-        org_max = wg.abs().amax(-1, keepdim=True)  # [R, G, 1]
-        ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [G, T, R]
-        best_err = torch.full(org_max.shape, float("inf"), device=w.device)
-        best_max = org_max.clone()
-        for i in range(int(max_shrink * st.n_grid)):
-            cur_max = org_max * (1 - i / st.n_grid)
-            q = fake_quantize_int4(torch.clamp(wg, -cur_max, cur_max).view(-1, k), g, st.zero_point)
-            err = (torch.bmm(xg, q.view(-1, k // g, g).permute(1, 2, 0)) - ref).pow(2).mean(1)  # [G, R]
-            err = err.t().unsqueeze(-1)
+        wg = w[r0:r0 + 256].float().view(-1, k // g, g)  # [R, G, g]
+        top = wg.abs().amax(-1, keepdim=True)  # [R, G, 1]
+        lo, hi = -top, top
+        best_err = torch.full(top.shape, float("inf"), device=w.device)
+        best_lo, best_hi = lo.clone(), hi.clone()
+
+        def consider(c_lo: torch.Tensor, c_hi: torch.Tensor) -> None:
+            nonlocal best_err, best_lo, best_hi
+            q = fake_quantize_int4(torch.maximum(torch.minimum(wg, c_hi), c_lo).view(-1, k), g, st.zero_point)
+            d = (q.view_as(wg) - wg).transpose(0, 1)  # [G, R, g]
+            err = (torch.bmm(d, gram) * d).sum(-1).t().unsqueeze(-1)  # [R, G, 1]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better, cur_max, best_max)
-        out[r0:r0 + 256] = torch.clamp(wg, -best_max, best_max).view(-1, k).to(w.dtype)
+            best_lo = torch.where(better, c_lo, best_lo)
+            best_hi = torch.where(better, c_hi, best_hi)
+
+        for f in shrinks:
+            consider(lo * f, hi * f)
+        if st.zero_point:
+            wmin, wmax = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+            base_lo, base_hi = best_lo.clone(), best_hi.clone()
+            for f in shrinks[1:]:
+                consider(torch.maximum(base_lo, wmin) * f, base_hi)
+            base_lo = best_lo.clone()
+            for f in shrinks[1:]:
+                consider(base_lo, torch.minimum(base_hi, wmax) * f)
+        out[r0:r0 + 256] = torch.maximum(torch.minimum(wg, best_hi), best_lo).view(-1, k).to(w.dtype)
     return out
