@@ -150,10 +150,16 @@ def load_dequantized(folder: str | Path, dtype: torch.dtype = torch.float32,
         for hf, ours in (("input_layernorm", "input_layernorm"), ("post_attention_layernorm", "post_attention_layernorm"),
                          ("self_attn.q_norm", "q_norm"), ("self_attn.k_norm", "k_norm")):
             names[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{ours}"
+    seen = set()
     for name, t in dense.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if name not in names or names[name] not in params:
             raise ModelLoadError(f"{folder}: tensor {name!r} does not belong to this model")
         params[names[name]].data.copy_(t.to(dtype))
+        seen.add(name)
+    needed = {hf for hf, ours in names.items() if ours in params}
+    needed -= {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    if needed - seen:
+        raise ModelLoadError(f"{folder}: the checkpoint lacks {sorted(needed - seen)[:5]}")
     return model, cfg

@@ -198,3 +198,48 @@ def test_quantize_int4_round_to_nearest(zero_point):
     half_step = wt.scales.unsqueeze(-1) / 2
     # round to nearest: every weight inside the group's range is within half a step
     assert bool((err <= half_step * (1 + 1e-5) + 1e-7).all())
+
+
+def test_int4_checkpoint_reader_names_missing_and_unexpected_tensors(tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from gpu_engine.errors import ModelLoadError
+    from gpu_engine.quant.int4_checkpoint import load_dequantized, read_scheme
+
+    scheme = read_scheme(FIXTURE)
+    assert (scheme.fmt, scheme.group_size, scheme.symmetric) == ("autoawq", 64, False)
+    model, cfg = load_dequantized(FIXTURE)
+    assert cfg.num_layers == 2
+    tensors = load_file(str(FIXTURE / "model.safetensors"))
+    for drop, match in (("model.layers.1.mlp.up_proj.qzeros", r"up_proj\.qzeros is missing"),
+                        ("model.layers.0.post_attention_layernorm.weight", "lacks .*post_attention_layernorm"),
+                        ("model.layers.1.self_attn.k_proj.qweight", r"k_proj\.qweight is missing")):
+        bad = tmp_path / drop
+        bad.mkdir()
+        shutil.copy(FIXTURE / "config.json", bad / "config.json")
+        save_file({k: v for k, v in tensors.items() if k != drop}, str(bad / "model.safetensors"))
+        with pytest.raises((Int4FormatError, ModelLoadError), match=match):
+            load_dequantized(bad)
+
+
+def test_int4_scheme_errors_name_the_setting():
+    from gpu_engine.quant.int4_checkpoint import Int4Scheme
+
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+    assert Int4Scheme.from_quantization_config(awq) == Int4Scheme("autoawq", 128, False)
+    with pytest.raises(Int4FormatError, match="AWQ bits 8 are not supported; expected 4"):
+        Int4Scheme.from_quantization_config({**awq, "bits": 8})
+    with pytest.raises(Int4FormatError, match="AWQ version 'gemv' is not supported"):
+        Int4Scheme.from_quantization_config({**awq, "version": "gemv"})
+    ct = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                           "strategy": "group", "group_size": 128}}}}
+    assert Int4Scheme.from_quantization_config(ct) == Int4Scheme("compressed-tensors", 128, True)
+    bad = json.loads(json.dumps(ct))
+    bad["config_groups"]["g"]["weights"]["num_bits"] = 8
+    with pytest.raises(Int4FormatError, match="num_bits=8 type='int'; expected 4, int"):
+        Int4Scheme.from_quantization_config(bad)
+    with pytest.raises(Int4FormatError, match="quant_method 'fp8' is not an INT4 format"):
+        Int4Scheme.from_quantization_config({"quant_method": "fp8"})
