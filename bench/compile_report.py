@@ -116,6 +116,7 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
             x.clone(), x.clone(), torch.ones(4096, dtype=dtype), 1e-6)),
         ("silu_and_mul", lambda: activation.silu_and_mul(torch.randn(4, 2 * 14336, dtype=dtype))),
         *_w4a16_calls(dtype),
+        *(_sampling_calls() if dtype == torch.float32 else []),  # logits are float32
     ]
 
 
@@ -138,6 +139,23 @@ def _w4a16_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
     return [("w4a16 gemv m=1", run(1)), ("w4a16 gemv split-k", run(1, split)),
             ("w4a16 mm m=16", run(16)), ("w4a16 mm m=256", run(256)),
             ("w4a16 dequant", run(2048, w4a16.W4A16Config("dequant")))]
+
+
+def _sampling_calls() -> list[tuple[str, callable]]:
+    """Every sampling kernel, through a Sampler whose slots use every feature (128,256 vocabulary)."""
+    from gpu_engine.sampler import Sampler
+    from gpu_engine.sampling_params import SamplingParams
+
+    vocab = 128256
+    sampler = Sampler(8, vocab, "cpu", backend="triton")
+    for i, p in enumerate([SamplingParams(temperature=0.8, top_k=50, top_p=0.95, min_p=0.05,
+                                          repetition_penalty=1.1, min_tokens=2, stop_token_ids=(5,)),
+                           SamplingParams(temperature=0)]):
+        sampler.set_slot(i, p, key=7 + i, prompt_token_ids=[1, 2, 3], eos_token_ids=[0])
+    logits = torch.randn(2, vocab)
+    slots = torch.arange(2)
+    return [("sampling", lambda: sampler.sample(logits, slots)),
+            ("sampling probs", lambda: sampler.probs(logits, slots))]
 
 
 def main() -> None:

@@ -1,86 +1,174 @@
-"""Host (CPU) time per decode step with N running sequences, without a GPU: the scheduler's plan,
-the step's host arrays and sampling parameters, the commit and the update, with a stand-in for the
-model. This is the work the overlapped loop must hide under the GPU's step time.
+"""Host time per decode step with N running sequences: everything `LLMEngine.step()` does on the
+CPU (planning, input update and upload, launch bookkeeping, collection, update, output assembly),
+through the engine's own code, with a stand-in model that does no math (one tiny embedding gather
+and a [hidden, 64] matmul). This is the work the overlapped loop must hide under the GPU's step.
 
-    python bench/cpu_step.py --seqs 256 --context 1024 --out bench/results/cpu-step.json
+    python bench/cpu_step.py --seqs 256 1024 2048 4096 --before e76b2f2 --out bench/results/X.json
+
+`--before REV` runs the same measurement on the code of git revision REV (exported to a temporary
+folder) in a subprocess, and writes both figures into one JSON. On a CUDA machine the stand-in runs
+on the GPU (real pinned uploads, CUDA-graph replays of the input preparation); `host_ms` is the
+step's wall time minus its wait for the device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gpu_engine.block_manager import BlockManager  # noqa: E402
-from gpu_engine.sampling_params import SamplingParams  # noqa: E402
-from gpu_engine.scheduler import SampledToken, Scheduler, SchedulerConfig, StepResult  # noqa: E402
-from gpu_engine.sequence import Request  # noqa: E402
-from gpu_engine.step_inputs import InputBuilder, build_host_batch, padded_tables  # noqa: E402
-from taxiway.benchmarks import machine_info  # noqa: E402
-
-PARTS = ("schedule", "host_batch", "sampling", "commit_update")
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 64
+HIDDEN = 8
 
 
-def measure(num_seqs: int, context: int, steps: int) -> dict:
-    bm = BlockManager(num_seqs * (context // 16 + 200), 16)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=num_seqs, max_num_batched_tokens=1 << 20), bm)
+def _import_root(root: str) -> None:
+    sys.path.insert(0, root)
+
+
+def tiny_config(folder: Path) -> None:
+    """A one-layer Llama config: the KV cache and the runner's buffers stay small."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64,
+           "vocab_size": VOCAB, "max_position_embeddings": 1 << 16, "rms_norm_eps": 1e-5,
+           "eos_token_id": VOCAB - 1, "bos_token_id": 0, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def stand_in_model(device):
+    """The CausalLM interface without the math: hidden = a tiny embedding, logits = one matmul."""
+    import torch
+    from torch import nn
+
+    class StandIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.Parameter(torch.ones(HIDDEN, device=device))  # the runner reads its dtype
+            self.embed = nn.Parameter(torch.randn(VOCAB, HIDDEN, device=device))
+            self.head = nn.Parameter(torch.randn(HIDDEN, VOCAB, device=device))
+
+        def forward(self, input_ids, positions, kv_caches, meta, cos_sin, ops):
+            return self.embed[input_ids]  # [T, HIDDEN]
+
+        def compute_logits(self, hidden):
+            return hidden @ self.head  # [S, VOCAB] f32
+
+    return StandIn()
+
+
+def measure(num_seqs: int, context: int, steps: int, device_name: str, overlap: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from gpu_engine.engine import LLMEngine
+    from gpu_engine.sampling_params import OutputKind, SamplingParams
+
+    torch.set_num_threads(1)  # tiny ops: threads only add contention on a shared machine
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_config(Path(tmp))
+        max_len = context + steps + 64
+        blocks = num_seqs * (-(-max_len // 16) + 1)
+        engine = LLMEngine(model=tmp, load_format="dummy", device=device_name, num_kv_blocks=blocks,
+                           max_num_seqs=num_seqs, max_num_batched_tokens=max(8192, num_seqs * context),
+                           max_model_len=max_len, enable_prefix_caching=False, async_scheduling=overlap)
+    device = engine.device
+    engine.runner.model = stand_in_model(device)
+    if device.type == "cuda" and engine.runner.graphs is not None:
+        engine.runner.graphs = None
+        engine.runner.capture_graphs()
     rng = np.random.default_rng(0)
-    params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True, detokenize=False)
-    for i in range(num_seqs):
-        prompt = rng.integers(0, 100_000, context).tolist()
-        sched.add(Request(f"r{i}", None, prompt, params, seed=i, eos_token_ids=frozenset({1}),
-                          max_model_len=context + 100_000))
-    builder = InputBuilder(torch.device("cpu"), 128_256)
-    totals = dict.fromkeys(PARTS, 0.0)
-
-    def step(record: bool) -> None:
-        t0 = time.perf_counter()
-        plan = sched.schedule()
-        t1 = time.perf_counter()
-        host = build_host_batch(plan, 16)
-        padded_tables(host.block_tables)
-        t2 = time.perf_counter()
-        builder.sampling_batch(plan, host.sample_owner)
-        t3 = time.perf_counter()
-        sched.commit(plan)
-        sched.update(plan, StepResult([[SampledToken(7)] if e.sample else [] for e in plan.scheduled]))
-        t4 = time.perf_counter()
-        if record:
-            for name, dt in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                totals[name] += dt
-
-    step(False)  # the prefill step
-    for _ in range(5):
-        step(False)
+    params = SamplingParams(max_tokens=steps + 32, temperature=0.0, ignore_eos=True, detokenize=False,
+                            output_kind=OutputKind.FINAL_ONLY)
+    for i in range(num_seqs):  # lengths staggered over a block, as arrivals stagger them in a real run
+        engine.add_request(f"r{i}", rng.integers(0, VOCAB - 1, context + i % 16).tolist(), params)
+    for _ in range(8):  # the prefill, then a few decode steps
+        engine.step()
+    engine.step_times.reset()
+    walls = []
     for _ in range(steps):
-        step(True)
-    per = {k + "_ms": round(v / steps * 1e3, 3) for k, v in totals.items()}
-    per["total_ms"] = round(sum(totals.values()) / steps * 1e3, 3)
-    return {"seqs": num_seqs, "context": context, "steps": steps, **per}
+        t0 = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    parts = engine.step_times.summary().get("decode", {})
+    wall_ms = sorted(walls)[len(walls) // 2] * 1e3  # median: the machine may be shared
+    row = {"seqs": num_seqs, "context": context, "steps": steps, "running": len(engine.scheduler.running),
+           "mean_wall_ms": round(sum(walls) / len(walls) * 1e3, 3),
+           "wall_ms": round(wall_ms, 3), "host_ms": round(wall_ms - parts.get("wait_ms", 0.0), 3),
+           "us_per_seq": round((wall_ms - parts.get("wait_ms", 0.0)) * 1e3 / num_seqs, 2),
+           "parts": {k: v for k, v in parts.items() if k.endswith("_ms")}}
+    engine.abort_request(list(engine.requests))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return row
+
+
+def run_rows(args) -> list[dict]:
+    rows = []
+    for n in args.seqs:
+        row = measure(n, args.context, args.steps, args.device, not args.sync)
+        rows.append(row)
+        print(f"{n:5d} seqs: {row['host_ms']:8.2f} ms host/step  {row['us_per_seq']:6.2f} us/seq  "
+              + "  ".join(f"{k}={v:.2f}" for k, v in row["parts"].items()), file=sys.stderr)
+    return rows
+
+
+def before_rows(rev: str, args) -> dict:
+    """Run this script on the code of `rev` (git archive into a temporary folder)."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--code-root", tmp, "--rows-only",
+               "--context", str(args.context), "--steps", str(args.steps), "--device", args.device,
+               "--seqs", *map(str, args.seqs)] + (["--sync"] if args.sync else [])
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+        if out.returncode != 0:
+            raise RuntimeError(f"the run at {commit} failed:\n{out.stderr[-4000:]}")
+        sys.stderr.write(out.stderr)
+    return {"commit": commit, "rows": json.loads(out.stdout)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seqs", type=int, nargs="+", default=[64, 256, 512])
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=50)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", type=int, nargs="+", default=[256, 1024, 2048, 4096])
+    ap.add_argument("--context", type=int, default=128, help="prompt tokens per sequence")
+    ap.add_argument("--steps", type=int, default=30, help="decode steps timed per size")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--sync", action="store_true", help="no async scheduling (the CPU engine's default); "
+                    "by default the loop overlaps as on a GPU, feeding decodes from the device")
+    ap.add_argument("--before", default=None, metavar="REV", help="also measure git revision REV")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--code-root", default=str(REPO), help=argparse.SUPPRESS)
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    rows = [measure(n, args.context, args.steps) for n in args.seqs]
-    result = {"benchmark": "cpu_step", "machine": machine_info(), "command": " ".join(sys.argv), "rows": rows}
+    _import_root(args.code_root)
+    if args.rows_only:
+        print(json.dumps(run_rows(args)))
+        return
+    from taxiway.benchmarks import machine_info
+
+    result = {"benchmark": "cpu_step", "machine": machine_info(), "command": " ".join(sys.argv),
+              "what": "host ms per decode step (median wall of LLMEngine.step() minus its mean device wait) "
+                      "with a stand-in model (no math); parts are the engine's StepTimes (means)",
+              "async_scheduling": not args.sync, "load_average_at_start": os.getloadavg()}
+    if args.before:
+        result["before"] = before_rows(args.before, args)
+    result["after"] = {"commit": result["machine"]["commit"], "rows": run_rows(args)}
+    result["load_average_at_end"] = os.getloadavg()
     text = json.dumps(result, indent=1)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    for r in rows:
-        print(f"{r['seqs']:5d} seqs  ctx {r['context']}: {r['total_ms']:.2f} ms/step  "
-              + "  ".join(f"{k}={r[k + '_ms']:.2f}" for k in PARTS))
+    print(text)
 
 
 if __name__ == "__main__":

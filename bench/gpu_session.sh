@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: tests, micro-benchmarks and engine benchmarks, phases chosen by name.
 #   OUT=/tmp/out TAXIWAY_COMMIT=$(git rev-parse HEAD) bash bench/gpu_session.sh env kernel-tests engine-tests ...
+# The step loop (issue 14), three calls of under 10 minutes each:
+#   bash bench/gpu_session.sh sweep
+#   bash bench/gpu_session.sh engine-tests
+#   bash bench/gpu_session.sh t1-128 llm-128 t1-1000 cpu-step profile l1
 # Every phase writes its log (and JSON) under $OUT and gets its own time limit; a summary comes last.
 set -u
 OUT=${OUT:-/tmp/taxiway-out}
@@ -18,8 +22,9 @@ phase() {  # phase NAME LIMIT_S COMMAND...
 
 tp() {  # tp ISL OSL N [extra args]: one throughput run
   local isl=$1 osl=$2 n=$3; shift 3
-  phase "t1-$isl-$osl${TAG:-}" 580 python -m taxiway.cli bench throughput --isl "$isl" --osl "$osl" \
-    --num-requests "$n" --out "$OUT/t1-$isl-$osl${TAG:-}.json" "$@"
+  local id=${ID:-t1}-$isl-$osl${TAG:-}
+  phase "$id" 580 python -m taxiway.cli bench throughput --isl "$isl" --osl "$osl" \
+    --num-requests "$n" --out "$OUT/$id.json" "$@"
 }
 
 for step in "$@"; do
@@ -32,17 +37,35 @@ for step in "$@"; do
     w4a16-tests) phase w4a16-tests 300 python -m pytest tests/kernels/test_kernels_w4a16.py -q -p no:cacheprovider ;;
     w4a16-bench) phase w4a16-bench 300 python bench/w4a16.py --out "$OUT/w4a16.json" ;;
     w4a16-sweep) phase w4a16-sweep 400 python bench/w4a16.py --sweep --out "$OUT/w4a16-sweep.json" ;;
+    sampling-tests) phase sampling-tests 500 python -m pytest tests/kernels/test_kernels_sampling.py tests/unit/test_sampler.py -q -p no:cacheprovider ;;
+    sampling-table) phase sampling-table 450 python bench/sampling_throughput.py --out "$OUT/sampling-throughput.json" ;;
+    sampling-bench) phase sampling-bench 550 python bench/sampling_kernels.py --out "$OUT/sampling-kernels.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
-    cpu-step) phase cpu-step 120 python bench/cpu_step.py --seqs 64 256 512 --out "$OUT/cpu-step.json" ;;
+    cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
+    sweep) phase sweep 580 python -m taxiway.cli bench sweep --isl 128 --osl 128 --num-requests 4000 \
+      --sizes 256 512 1024 2048 4096 --out "$OUT/sweep-128-128.json" ;;
+    llm-128) phase llm-128 400 python -m taxiway.cli bench throughput --api llm --isl 128 --osl 128 \
+      --num-requests 3000 --out "$OUT/llm-128-128.json" ;;
     t1-quick) tp 128 128 1000 ;;
     t1-quick-sync) TAG=-sync tp 128 128 1000 --no-async-scheduling ;;
     t1-128) tp 128 128 3000 ;;
     t1-1000) tp 1000 1000 1000 ;;
     t1-2048) tp 2048 2048 500 ;;
     l1) phase l1 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 --out "$OUT/l1.json" ;;
+    # FP8 W8A8 + FP8 KV (T2, L1 FP8): run each beside its BF16 phase in the same call.
+    fp8-tests) phase fp8-tests 400 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/gpu/test_gpu_fp8.py -m gpu ;;
+    fp8-gemm) phase fp8-gemm 300 python bench/fp8_gemm.py --out "$OUT/fp8-gemm.json" ;;
+    t2-128) ID=t2 tp 128 128 3000 --quantization fp8 --kv-cache-dtype fp8 ;;
+    t2-1000) ID=t2 tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 ;;
+    t2-2048) ID=t2 tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 ;;
+    l1-fp8) phase l1-fp8 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
+      --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/l1-fp8.json" ;;
+    quality) phase quality 400 python bench/quality.py --device cuda --dtype bfloat16 --out "$OUT/quality.json" ;;
     hf-128) phase hf-128 300 python bench/hf_baseline.py --isl 128 --osl 128 --num-requests 512 --out "$OUT/hf-128-128.json" ;;
     hf-1000) phase hf-1000 400 python bench/hf_baseline.py --isl 1000 --osl 1000 --num-requests 48 --out "$OUT/hf-1000-1000.json" ;;
     hf-2048) phase hf-2048 400 python bench/hf_baseline.py --isl 2048 --osl 2048 --num-requests 16 --out "$OUT/hf-2048-2048.json" ;;
+    spec-tests) phase spec-tests 400 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_spec_gpu.py tests/kernels/test_spec_proposers_triton.py ;;
+    train-draft) phase train-draft 480 python -m taxiway.cli train-draft --out "$OUT/eagle3-smollm2" --no-progress ;;
     *) echo "unknown phase $step" ;;
   esac
 done

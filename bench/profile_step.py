@@ -1,5 +1,8 @@
-"""Where a step's GPU time goes: torch.profiler over one prefill step (8192 tokens) and one decode
-step (256 sequences, graph replay and eager), Llama-3.1-8B dummy weights.
+"""Where a step's time goes: torch.profiler over one prefill step (8192 tokens) and one decode
+step (256 sequences, graph replay and eager), Llama-3.1-8B dummy weights; then mixed steps
+(1024 decodes + prefill chunks up to 8192 tokens) launched on an idle GPU, so that the launch's
+host time is measured alone (no back-pressure from a queue full of the previous step's kernels),
+beside the step's GPU time and its count of kernel launches.
 
     python bench/profile_step.py --out profile.json
 """
@@ -51,12 +54,63 @@ def profiled(engine: LLMEngine, label: str, results: dict) -> None:
         print(f"{k['total_ms']:9.3f} ms {k['calls']:6d}x  {k['kernel']}")
 
 
+def launch_counts(prof) -> dict:
+    """Host-side launch calls in a profile: count and total CPU ms per API."""
+    out = {}
+    for e in prof.key_averages():
+        if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel", "cudaMemcpyAsync",
+                     "cudaLaunchKernelExC", "cudaGraphLaunch"):
+            out[e.key] = {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 3)}
+    return out
+
+
+def idle_launch(engine: LLMEngine) -> dict:
+    """One synchronous step taken apart: launch on an idle GPU (host time alone), then its GPU time."""
+    sched, runner = engine.scheduler, engine.runner
+    plan = sched.schedule()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        flight = runner.launch(plan)
+        launch_ms = (time.perf_counter() - t0) * 1e3
+    sched.commit(plan)
+    result = runner.collect(flight)
+    gpu_s = runner.last_gpu[0] if runner.last_gpu else float("nan")  # None off a GPU
+    sched.update(plan, result)
+    return {"seqs": plan.num_plain_decodes + len(plan.entries), "tokens": plan.num_tokens,
+            "launch_ms_gpu_idle": round(launch_ms, 3), "parts_ms": {k: round(v * 1e3, 3) for k, v in runner.last_parts.items()},
+            "gpu_ms": round(gpu_s * 1e3, 3), "launches": launch_counts(prof)}
+
+
+def mixed_steps(engine: LLMEngine, vocab: int, results: dict) -> None:
+    """1024 running decodes, then prompts arriving so that steps carry prefill chunks."""
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(random_prompts(1024, 128, vocab, 6)):
+        engine.add_request(f"m{i}", p, params)
+    while engine.scheduler.prefill_backlog_tokens() > 0:
+        engine.step()
+    overlap, engine.async_scheduling = engine.async_scheduling, False
+    engine.step()  # collects the step in flight: the scheduler is now in step with the device
+    rows = [idle_launch(engine) for _ in range(3)]  # decode-only, graphs
+    for i, p in enumerate(random_prompts(64, 1024, vocab, 7)):
+        engine.add_request(f"n{i}", p, params)
+    rows += [idle_launch(engine) for _ in range(4)]  # mixed: decodes + 7168-token prefill chunks
+    results["idle_launches"] = rows
+    for r in rows:
+        print(f"{r['seqs']:5d} seqs {r['tokens']:5d} tokens: launch {r['launch_ms_gpu_idle']:.2f} ms host "
+              f"(GPU idle), GPU {r['gpu_ms']:.2f} ms, {r['launches']}")
+    engine.async_scheduling = overlap
+    engine.abort_request(list(engine.requests))
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    engine = LLMEngine(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=256,
+    engine = LLMEngine(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1088,
                        enable_prefix_caching=False)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -91,6 +145,9 @@ def main() -> None:
     times = [timed_step(engine)[0] for _ in range(20)]
     results["decode_1_step_ms"] = sorted(times)[10]
     engine.abort_request(list(engine.requests))
+    while engine.has_unfinished_requests():
+        engine.step()
+    mixed_steps(engine, vocab, results)
     text = json.dumps(results, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 
@@ -156,8 +156,10 @@ class BlockManager:
             self._free.append(block)
 
     # -- checks -----------------------------------------------------------------------------------
-    def check_integrity(self) -> None:
-        """free + cached + in use == total, each block in one place, hashes consistent."""
+    def check_integrity(self, held: Iterable[int] | None = None) -> None:
+        """free + cached + in use == total, each block in one place, hashes consistent; with
+        `held` (every block id in every live block table), each block's reference count equals
+        the number of tables that hold it."""
         free = list(self._free)
         cached = list(self._evictable)
         used = [b for b in range(self.num_blocks) if self._ref[b] > 0]
@@ -175,6 +177,14 @@ class BlockManager:
             raise AssertionError("a free block still has a hash")
         if any(self._block_of[h] != b for b, h in self._hash_of.items()):
             raise AssertionError("hash maps disagree")
+        if held is not None:
+            counts = Counter(held)
+            wrong = [b for b in range(self.num_blocks) if self._ref[b] != counts.get(b, 0)]
+            if wrong:
+                b = wrong[0]
+                raise AssertionError(f"{len(wrong)} blocks have reference counts that no block "
+                                     f"table accounts for (block {b}: {self._ref[b]} references, "
+                                     f"{counts.get(b, 0)} tables)")
 
     def _forget_hash(self, block: int) -> None:
         h = self._hash_of.pop(block, None)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_engine.errors import ModelLoadError
+from gpu_engine.spec.config import SpeculativeConfig, parse_speculative_config
 
 # Architectures served by the one Llama-family implementation, and how each differs.
 _ARCH_TRAITS: dict[str, dict[str, Any]] = {
@@ -174,50 +175,79 @@ def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _POLICIES = ("max_utilization", "guaranteed_no_evict")
+_QUANTIZATIONS = (None, "fp8", "awq")  # as vLLM names them; gpu_engine/quant serves them
+_KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    """A documented config field. `taxiway serve`, `taxiway bench` and `LLM(...)` are all built from
+    these fields (their flags, TAXIWAY_* variables and YAML keys), so a setting is declared once."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything `LLM(...)` / `LLMEngine` accept. Facts measured at start-up (the number of KV
-    blocks) are reported by the engine, never written back here."""
+    """Everything `LLM(...)` / `LLMEngine` accept: the single declaration of every engine setting.
+    Facts measured at start-up (the number of KV blocks) are reported by the engine, never written
+    back here."""
 
-    model: str | None = None
-    """An HF folder; a preset name (with load_format="dummy"); None for the default model."""
-    tokenizer: str | None = None
-    """Folder holding tokenizer.json; defaults to the model folder."""
-    dtype: str = "auto"
-    """auto: float32 on the CPU; the checkpoint's 16-bit dtype (else bfloat16) on a GPU."""
-    device: str = "auto"
-    """auto: cuda if available, else cpu."""
-    load_format: str = "auto"
-    """auto/safetensors: read the checkpoint; dummy: random weights made on the device."""
-    seed: int = 0
-    """Seeds dummy weights and the seeds given to requests that bring none."""
-    max_model_len: int | None = None
-    """Longest prompt + output; defaults to the model's max_position_embeddings."""
-    block_size: int = 16
-    """Tokens per KV-cache block."""
-    gpu_memory_utilization: float = 0.9
-    """Fraction of the GPU's memory the engine may use (weights, activations, KV cache)."""
-    cpu_kv_cache_gib: float = 1.0
-    """KV-cache size on the CPU, in GiB."""
-    num_kv_blocks: int | None = None
-    """Force the number of KV blocks (tests, tiny pools); overrides the two settings above."""
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 8192
-    """Token budget of one step (decodes + prefill chunks)."""
-    max_num_seqs: int = 256
-    """Most sequences running at once."""
-    enable_chunked_prefill: bool = True
-    admission_policy: str = "max_utilization"
-    """max_utilization: admit while blocks are free, preempt the newest on exhaustion (recompute);
-    guaranteed_no_evict: admit only when prompt + max_tokens is reserved for every running request."""
-    enforce_eager: bool = False
-    """GPU only: no CUDA graphs."""
-    async_scheduling: bool | None = None
-    """Plan and launch step N+1 while step N runs (outputs trail by one step). None: on with a
-    GPU, off on the CPU (where nothing would overlap)."""
-    extra: dict = field(default_factory=dict, compare=False)
+    model: str | None = setting(
+        None, "model: a Hugging Face folder (config.json, *.safetensors, tokenizer.json), or a "
+              "preset name with load_format=dummy; default: SmolLM2-135M-Instruct")
+    tokenizer: str | None = setting(None, "folder holding tokenizer.json (default: the model folder)")
+    dtype: str = setting(
+        "auto", "weights and activations dtype: auto, float32, bfloat16, float16 (auto: float32 on "
+                "the CPU, the checkpoint's 16-bit dtype, else bfloat16, on a GPU)")
+    device: str = setting("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    load_format: str = setting(
+        "auto", "auto/safetensors: read the checkpoint; dummy: random weights made on the device "
+                "(benchmarks)")
+    seed: int = setting(0, "seeds dummy weights and the seeds given to requests that bring none")
+    max_model_len: int | None = setting(
+        None, "longest prompt + output per request (default: the model's max_position_embeddings)")
+    block_size: int = setting(16, "tokens per KV-cache block (a power of two)")
+    gpu_memory_utilization: float = setting(
+        0.9, "fraction of the GPU's memory the engine may use (weights, activations, KV cache)")
+    cpu_kv_cache_gib: float = setting(1.0, "KV-cache size on the CPU, in GiB")
+    num_kv_blocks: int | None = setting(
+        None, "force the number of KV blocks (tests, tiny pools); overrides the two settings above")
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of identical prompt prefixes")
+    max_num_batched_tokens: int | None = setting(
+        None, "token budget of one step (decodes + prefill chunks); default 8192")
+    max_num_seqs: int | None = setting(
+        None, "most sequences running at once (the persistent batch's slots; decode CUDA graphs are "
+              "captured up to min(this, 4096)); default by the device: 1024 on a GPU with at least "
+              "70 GiB (H100/H200 class), 256 on smaller GPUs and on the CPU")
+    max_prefill_tokens_per_seq: int | None = setting(
+        None, "most prompt tokens one sequence prefills per step, so that running decodes keep "
+              "flowing beside a long prompt and several prompts share a step's budget (default: "
+              "128 on the CPU, where such a step of the default model stays near a quarter of a "
+              "second on 2 cores; 2048 on a GPU, where a chunk that size still fills the GPU)")
+    enable_chunked_prefill: bool = setting(
+        True, "split prompts that do not fit a step's remaining token budget across steps")
+    admission_policy: str = setting(
+        "max_utilization",
+        "max_utilization: admit while blocks are free, preempt the newest on exhaustion "
+        "(recompute); guaranteed_no_evict: admit only when prompt + max_tokens is reserved for "
+        "every running request")
+    enforce_eager: bool = setting(False, "GPU only: no CUDA graphs")
+    async_scheduling: bool | None = setting(
+        None, "plan and launch step N+1 while step N runs (outputs trail by one step); default: on "
+              "with a GPU, off on the CPU (where nothing would overlap)")
+    speculative_config: dict | None = setting(
+        None, "speculative decoding, as vLLM spells it: {\"method\": \"ngram\" | \"draft_model\" | "
+              "\"eagle3\", \"num_speculative_tokens\": k, \"model\": folder (draft checkpoint or "
+              "EAGLE-3 head), \"prompt_lookup_min\"/\"prompt_lookup_max\" (ngram), "
+              "\"disable_above_batch_size\": n}")
+    quantization: str | None = setting(
+        None, "None: as the checkpoint is (a pre-quantized one is recognised from its config); fp8: "
+              "FP8 W8A8 (a 16/32-bit checkpoint, or dummy weights, is quantized at load: per-channel "
+              "weight scales, per-token activation scales); awq: an INT4 AWQ checkpoint. A value that "
+              "contradicts the checkpoint is an error")
+    kv_cache_dtype: str = setting(
+        "auto", "auto: the KV cache in the model's dtype; fp8: E4M3 with per-layer scales (the "
+                "checkpoint's k_scale/v_scale when it has them, else 1.0), about twice the blocks in "
+                "the same memory")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -234,11 +264,43 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_per_seq"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (sized by the device), got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        parse_speculative_config(self.speculative_config)  # raises on unknown methods or keys
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """`speculative_config` as a validated SpeculativeConfig (None: no speculation)."""
+        return parse_speculative_config(self.speculative_config)
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    def settings_dict(self) -> dict[str, Any]:
+        """Every setting's value, as plain data (what an executor reports)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+BIG_GPU_BYTES = 70 * 2**30
+"""A GPU with this much memory (H100, H200 class) gets the larger default batch, as vLLM does."""
+
+
+def batch_limits(config: EngineConfig, device_memory_bytes: int | None) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens): the configured values, else defaults for the
+    device: 1024 sequences on a GPU with >= 70 GiB, 256 on smaller GPUs and on the CPU
+    (device_memory_bytes None); a budget of 8192 tokens everywhere."""
+    seqs = config.max_num_seqs
+    if seqs is None:
+        big = device_memory_bytes is not None and device_memory_bytes >= BIG_GPU_BYTES
+        seqs = 1024 if big else 256
+    tokens = config.max_num_batched_tokens if config.max_num_batched_tokens is not None else 8192
+    return seqs, tokens

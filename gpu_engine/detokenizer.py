@@ -104,6 +104,17 @@ class IncrementalDetokenizer:
         decoded = "".join(self._step(int(t)) for t in token_ids)
         return DetokenizerDelta(self._take(decoded, final=False), self._stop)
 
+    def decode_whole(self, token_ids: Iterable[int]) -> str:
+        """The text of a whole output given at once, with one decode rather than one per token
+        (a finished output nobody streamed); equals add_tokens(token_ids) + flush() without stop
+        strings, which need the token-by-token form."""
+        if self._stops:
+            raise RuntimeError("stop strings are matched token by token: use add_tokens")
+        if self._done or len(self._ids) != self._read:
+            raise RuntimeError("decode_whole needs a fresh detokenizer")
+        self._ids.extend(int(t) for t in token_ids)
+        return self.flush()
+
     def flush(self) -> str:
         """At finish: release held-back text and the text of tokens that never formed a whole character."""
         if self._done:

@@ -6,51 +6,28 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from gpu_engine.block_manager import BlockManager
-from gpu_engine.config import PRESETS, EngineConfig, ModelConfig
+from gpu_engine.config import PRESETS, EngineConfig, ModelConfig, batch_limits
 from gpu_engine.errors import InvalidRequest, ModelLoadError
-from gpu_engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gpu_engine.outputs import CompletionOutput, EngineStats, Recovery, RequestOutput
+from gpu_engine.quant import linear_method, read_checkpoint_quant, resolve_quantization
 from gpu_engine.runner import ModelRunner
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
 from gpu_engine.sequence import Request, Sequence as Seq
+from gpu_engine.step_times import StepTimes, step_kind
 from gpu_engine.weights import build_model, init_dummy_weights, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class StepTimes:
-    """Where the steps' wall time went (seconds, summed), split by decode-only and other steps."""
-
-    def __init__(self):
-        self.totals: dict[str, dict[str, float]] = {}
-
-    def add(self, plan, **parts: float) -> None:
-        kind = "decode" if plan.num_decodes == len(plan.scheduled) else "mixed"
-        acc = self.totals.setdefault(kind, {"steps": 0, "seqs": 0})
-        acc["steps"] += 1
-        acc["seqs"] += len(plan.scheduled)
-        for name, value in parts.items():
-            acc[name] = acc.get(name, 0.0) + value
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per kind: steps, mean sequences per step, and mean milliseconds per step of each part."""
-        out = {}
-        for kind, acc in self.totals.items():
-            n = max(acc["steps"], 1)
-            out[kind] = {"steps": acc["steps"], "mean_seqs": round(acc["seqs"] / n, 1)}
-            out[kind].update({k + "_ms": round(v / n * 1e3, 3) for k, v in acc.items() if k not in ("steps", "seqs")})
-        return out
-
-    def reset(self) -> None:
-        self.totals.clear()
+PREFILL_CHUNK_DEFAULTS = {False: 128, True: 2048}
+"""EngineConfig.max_prefill_tokens_per_seq when None, by "is it a GPU"."""
 
 
 class _SeqText:
@@ -105,6 +82,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = replace(config, **kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
+        if config.speculative is not None:
+            raise ValueError(
+                "speculative_config is accepted and validated, but speculative decoding is not wired "
+                "into the step loop yet (issue 10, phase B); leave it unset for now"
+            )
         self.device = resolve_device(config.device)
         folder, self.model_config = resolve_model(config)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
@@ -114,17 +96,24 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
-        model = build_model(self.model_config, self.dtype, self.device)
+        detected = read_checkpoint_quant(folder) if folder is not None else None
+        self.quant_spec = resolve_quantization(config.quantization, detected, config.load_format == "dummy")
+        method = linear_method(self.quant_spec, self.dtype)
+        method.check_device(self.device)
+        model = build_model(self.model_config, self.dtype, self.device, method)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
         else:
-            load_checkpoint(model, folder, self.model_config)
+            load_checkpoint(model, folder, self.model_config, kv_fp8=config.kv_cache_dtype == "fp8")
         self.tokenizer = _load_tokenizer(config.tokenizer or folder)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
-        self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len)
+        memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        self.max_num_seqs, self.max_num_batched_tokens = batch_limits(config, memory)
+        self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len,
+                                  self.max_num_seqs, self.max_num_batched_tokens)
         self.num_kv_blocks = self.runner.num_blocks_for_memory()
         if self.num_kv_blocks * config.block_size < self.max_model_len:
             raise ValueError(
@@ -133,14 +122,19 @@ class LLMEngine:
                 f"{self.max_model_len}: lower max_model_len or give the cache more memory"
             )
         self.runner.allocate_kv_cache(self.num_kv_blocks)
+        # What the same memory holds in the model's dtype (reported beside an FP8 cache's count).
+        self.num_kv_blocks_at_model_dtype = (
+            self.num_kv_blocks * self.runner.bytes_per_block() // self.runner.bytes_per_block(self.dtype))
         self.graph_capture_s = self.runner.capture_graphs()
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_num_seqs=self.max_num_seqs,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.admission_policy,
+                max_prefill_tokens_per_seq=config.max_prefill_tokens_per_seq
+                or PREFILL_CHUNK_DEFAULTS[self.device.type == "cuda"],
             ),
             self.block_manager,
         )
@@ -150,10 +144,12 @@ class LLMEngine:
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._inflight = None  # the launched step not yet collected (async scheduling)
-        self._sync_requests: set[str] = set()  # requests that force synchronous steps
         self._rng = random.Random(config.seed)
-        log.info("engine ready: %s on %s (%s), %d KV blocks", self.model_config.name, self.device,
-                 self.dtype, self.num_kv_blocks)
+        log.info("engine ready: %s on %s (%s, %s), %d KV blocks in %s (%d in %s), max_num_seqs %d, "
+                 "max_num_batched_tokens %d", self.model_config.name, self.device, self.dtype,
+                 self.quant_spec.describe() if self.quant_spec else "unquantized", self.num_kv_blocks,
+                 self.runner.kv_dtype, self.num_kv_blocks_at_model_dtype, self.dtype, self.max_num_seqs,
+                 self.max_num_batched_tokens)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(
@@ -181,10 +177,9 @@ class LLMEngine:
             max_model_len=self.max_model_len, priority=priority, num_prior_output_tokens=len(prior),
         )
         request.metrics["arrival"] = request.arrival_time
-        if params.needs_penalties or params.n > 1 or params.prompt_logprobs is not None:
-            self._sync_requests.add(request_id)
         seq = self.scheduler.add(request, prior)
-        self._attach_text(seq, seq.token_ids)
+        if self._streams_text(request):
+            self._attach_text(seq, seq.token_ids)
         self.requests[request_id] = request
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
@@ -205,51 +200,84 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self._inflight is not None
 
+    def recover(self) -> Recovery:
+        """After step() raised: forgets the step in flight, aborts every request of the running
+        batch (the failed step's; their KV blocks return to the pool), then checks the pool against
+        the requests left (waiting ones stay queued). The engine may go on only if the returned
+        integrity_error is None."""
+        self._inflight = None
+        running = self.scheduler.running
+        batch = tuple(f"{s.request.request_id}[{s.index}]: {s.num_computed_tokens}/{s.num_tokens} "
+                      f"tokens computed, {s.num_pending} pending, {len(s.block_table)} blocks"
+                      for s in running)
+        aborted = tuple(dict.fromkeys(s.request.request_id for s in running))
+        try:
+            self.abort_request(aborted)
+            self.block_manager.check_integrity(
+                [b for r in self.requests.values() for s in r.seqs for b in s.block_table])
+        except Exception as exc:  # noqa: BLE001 - any inconsistency means the engine is unusable
+            return Recovery(aborted, batch, f"{type(exc).__name__}: {exc}")
+        return Recovery(aborted, batch)
+
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs it produced.
 
         With async scheduling (GPU), this plans and launches step N+1 before reading step N's
         tokens, so the host's work overlaps the GPU's; outputs then trail launches by one step.
-        Requests that need every previous token on the host before the next draw (penalties,
-        n > 1 forks, prompt logprobs) make the engine run synchronously while they are present.
+        No request forces a synchronous step: penalties, bans and seeded draws live in the device
+        Sampler, n > 1 samples fork as their prompt is planned, prompt logprobs are copied back with
+        the step's tokens.
         """
         t0 = time.perf_counter()
-        overlap = self.async_scheduling and not self._sync_requests
+        parts = dict.fromkeys(("wait", "collect", "update", "output"), 0.0)
+        overlap = self.async_scheduling
         outputs: list[RequestOutput] = []
         if not overlap and self._inflight is not None:
-            outputs = self._finish(self._inflight)
+            outputs = self._finish(self._inflight, parts)
             self._inflight = None
-        plan = self.scheduler.schedule()
         t1 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        t2 = time.perf_counter()
         launched = None
         if not plan.is_empty:
             launched = self.runner.launch(plan)
+            t3 = time.perf_counter()
             self.scheduler.commit(plan)
-        t2 = time.perf_counter()
+            t2 += time.perf_counter() - t3  # commit counts as planning
         if overlap:
             if self._inflight is not None:
-                outputs = self._finish(self._inflight)
+                outputs = self._finish(self._inflight, parts)
             self._inflight = launched
         elif launched is not None:
-            outputs = self._finish(launched)
+            outputs = self._finish(launched, parts)
         if launched is not None:
-            self.step_times.add(plan, schedule=t1 - t0, launch=t2 - t1, collect=time.perf_counter() - t2,
-                                **self.runner.last_parts)
+            launch = self.runner.last_parts
+            self.step_times.add(step_kind(plan), plan.num_plain_decodes + len(plan.entries), plan.num_tokens,
+                                time.perf_counter() - t0, schedule=t2 - t1, **launch, **parts)
         return outputs
 
-    def _finish(self, flight) -> list[RequestOutput]:
+    def _finish(self, flight, parts: dict[str, float]) -> list[RequestOutput]:
         result = self.runner.collect(flight)
-        return self._process(self.scheduler.update(flight.plan, result))
+        parts.update(self.runner.last_collect_parts)
+        if self.runner.last_gpu is not None:
+            self.step_times.add_gpu(step_kind(flight.plan), *self.runner.last_gpu)
+        t0 = time.perf_counter()
+        touched = self.scheduler.update(flight.plan, result)
+        t1 = time.perf_counter()
+        outputs = self._process(touched)
+        parts["update"] += t1 - t0
+        parts["output"] += time.perf_counter() - t1
+        return outputs
 
     def _process(self, touched: list[Seq]) -> list[RequestOutput]:
+        """Outputs for the sequences update() says are due: finished ones, and streamed ones."""
         now = time.monotonic()
         changed: dict[str, Request] = {}
         for seq in touched:
             request = seq.request
-            request.metrics.setdefault("first_token", now)
             state = self._texts.get(seq.seq_id)
-            if state is None and self.tokenizer is not None and request.params.detokenize:
+            if state is None and self._streams_text(request):  # a fork's first token
                 state = self._attach_text(seq, seq.token_ids[: len(seq.token_ids) - seq.num_pending - 1])
             if state is not None:
                 self._detokenize(seq, state)
@@ -293,6 +321,8 @@ class LLMEngine:
                 full = state.detok.text
                 text = full[state.reported:] if delta else full
                 state.reported = len(full)
+            elif self.tokenizer is not None and request.params.detokenize:
+                text = self._final_text(seq)  # FINAL_ONLY without stop strings: decoded once, here
             outs.append(CompletionOutput(
                 index=seq.index, token_ids=token_ids, text=text, finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
@@ -309,7 +339,6 @@ class LLMEngine:
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
-        self._sync_requests.discard(request.request_id)
         for seq in request.seqs:
             self._texts.pop(seq.seq_id, None)
 
@@ -323,6 +352,8 @@ class LLMEngine:
             prefill_backlog_tokens=self.scheduler.prefill_backlog_tokens(),
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            kv_cache_dtype=str(self.runner.kv_dtype).removeprefix("torch."),
+            num_blocks_at_model_dtype=self.num_kv_blocks_at_model_dtype,
         )
 
     def take_kv_events(self) -> list[tuple[str, bytes]]:
@@ -356,6 +387,8 @@ class LLMEngine:
         return token
 
     def _validate(self, ids: list[int], prior: list[int], params: SamplingParams) -> None:
+        for t in params.stop_token_ids:
+            self._check_token(t, "stop_token_ids")
         total = len(ids) + len(prior)
         if total >= self.max_model_len:
             raise InvalidRequest(
@@ -371,10 +404,10 @@ class LLMEngine:
             raise InvalidRequest("prior_output_token_ids needs n == 1")
         if params.stop and (self.tokenizer is None or not params.detokenize):
             raise InvalidRequest("stop strings need detokenization (a tokenizer and detokenize=True)")
-        if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
+        if not self.config.enable_chunked_prefill and total > self.max_num_batched_tokens:
             raise InvalidRequest(
                 f"prompt has {total} tokens, more than max_num_batched_tokens "
-                f"{self.config.max_num_batched_tokens}, and chunked prefill is off"
+                f"{self.max_num_batched_tokens}, and chunked prefill is off"
             )
         if self.config.admission_policy == "guaranteed_no_evict":
             room = self.max_model_len - len(ids)
@@ -387,7 +420,24 @@ class LLMEngine:
                     f"the request needs {need} KV blocks to finish, the cache has {self.num_kv_blocks}"
                 )
 
-    def _attach_text(self, seq: Seq, context: list[int]) -> _SeqText | None:
+    def _streams_text(self, request: Request) -> bool:
+        """Text is built token by token for streamed outputs and stop strings; a FINAL_ONLY request
+        without stop strings is decoded once when it finishes."""
+        params = request.params
+        return (self.tokenizer is not None and params.detokenize
+                and (params.output_kind is not OutputKind.FINAL_ONLY or bool(params.stop)))
+
+    def _final_text(self, seq: Seq) -> str:
+        request = seq.request
+        context = seq.num_prompt_tokens + request.num_prior_output_tokens
+        state = self._attach_text(seq, seq.token_ids[:context], keep=False)
+        tokens = seq.output_token_ids[request.num_prior_output_tokens:]
+        if tokens and seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
+            tokens = tokens[:-1]  # the text of an eos or stop token is not part of the output
+        state.detok.decode_whole(tokens)
+        return state.detok.text
+
+    def _attach_text(self, seq: Seq, context: list[int], keep: bool = True) -> _SeqText | None:
         """Text state for a sequence whose tokens so far are `context` (prompt + prior output)."""
         params = seq.request.params
         if self.tokenizer is None or not params.detokenize:
@@ -402,7 +452,9 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output,
             stream_hold_back=params.output_kind is OutputKind.DELTA,
         )
-        state = self._texts[seq.seq_id] = _SeqText(detok)
+        state = _SeqText(detok)
+        if keep:
+            self._texts[seq.seq_id] = state
         return state
 
 

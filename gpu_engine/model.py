@@ -1,4 +1,9 @@
-"""One Llama-family model (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM2); differences are config flags."""
+"""One Llama-family model (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM2); differences are config flags.
+
+Its linears come from a LinearMethod (gpu_engine/quant): unquantized, or quantized (FP8...). A
+quantized linear says what input it wants (`input_quant`); the op before it (RMSNorm, SiLU-and-mul,
+or a quantize op after attention) produces that directly. The KV cache may be FP8 with per-layer
+scales (`kv_scale`, set by the loader)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from torch import nn
 
 from gpu_engine.config import ModelConfig
 from gpu_engine.ops import AttentionMetadata, TorchOps
+from gpu_engine.quant.linear import DenseLinear, LinearMethod
 
 
 def rope_cos_sin_cache(cfg: ModelConfig, max_len: int, device: torch.device) -> torch.Tensor:
@@ -36,21 +42,30 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _norm_weight(n: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.ones(n, dtype=dtype), requires_grad=False)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int, method: LinearMethod):
         super().__init__()
         self.cfg = cfg
-        h, inter = cfg.hidden_size, cfg.intermediate_size
-        self.input_layernorm = nn.Parameter(torch.ones(h))
-        self.post_attention_layernorm = nn.Parameter(torch.ones(h))
-        self.qkv_proj = nn.Linear(h, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, h, bias=cfg.o_bias)
-        self.gate_up_proj = nn.Linear(h, 2 * inter, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(inter, h, bias=cfg.mlp_bias)
+        h, inter, q, kv, dt = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, method.dtype
+        hf = f"model.layers.{index}."
+        attn, mlp = hf + "self_attn.", hf + "mlp."
+        self.input_layernorm = _norm_weight(h, dt)
+        self.post_attention_layernorm = _norm_weight(h, dt)
+        self.qkv_proj = method.create_linear(h, [q, kv, kv], cfg.qkv_bias,
+                                             [attn + "q_proj", attn + "k_proj", attn + "v_proj"])
+        self.o_proj = method.create_linear(q, [h], cfg.o_bias, [attn + "o_proj"])
+        self.gate_up_proj = method.create_linear(h, [inter, inter], cfg.mlp_bias,
+                                                 [mlp + "gate_proj", mlp + "up_proj"])
+        self.down_proj = method.create_linear(inter, [h], cfg.mlp_bias, [mlp + "down_proj"])
         if cfg.qk_norm:
-            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
-            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+            self.q_norm = _norm_weight(cfg.head_dim, dt)
+            self.k_norm = _norm_weight(cfg.head_dim, dt)
         self.scale = cfg.head_dim**-0.5
+        self.kv_scale: tuple[float, float] = (1.0, 1.0)  # (k_scale, v_scale) of an FP8 KV cache
 
     def forward(
         self,
@@ -64,11 +79,12 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
+        want = self.qkv_proj.input_quant
         if residual is None:
             residual = hidden
-            hidden = ops.rms_norm(hidden, self.input_layernorm, eps)
+            hidden = ops.rms_norm(hidden, self.input_layernorm, eps, quant=want)
         else:
-            hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.input_layernorm, eps)
+            hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.input_layernorm, eps, quant=want)
         t = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(t, cfg.num_heads, cfg.head_dim)
@@ -78,24 +94,26 @@ class DecoderLayer(nn.Module):
             q = ops.rms_norm(q, self.q_norm, eps)
             k = ops.rms_norm(k, self.k_norm, eps)
         k_cache, v_cache = kv_cache
-        q = ops.rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta)
-        attn = ops.attention(q, k_cache, v_cache, meta, self.scale, cfg.sliding_window)
-        hidden = self.o_proj(attn.reshape(t, cfg.q_size))
-        hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)
-        hidden = self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
-        return hidden, residual
+        q = ops.rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta, self.kv_scale)
+        attn = ops.attention(q, k_cache, v_cache, meta, self.scale, cfg.sliding_window, self.kv_scale)
+        hidden = self.o_proj(ops.quantize(attn.reshape(t, cfg.q_size), self.o_proj.input_quant))
+        hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps,
+                                                  quant=self.gate_up_proj.input_quant)
+        act = ops.silu_and_mul(self.gate_up_proj(hidden), quant=self.down_proj.input_quant)
+        return self.down_proj(act), residual
 
 
 class CausalLM(nn.Module):
     """Embedding, decoder layers over the paged KV cache, final norm, LM head."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, method: LinearMethod):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        dt = method.dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dt)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, method) for i in range(cfg.num_layers))
+        self.norm = _norm_weight(cfg.hidden_size, dt)
+        self.lm_head = DenseLinear(cfg.hidden_size, [cfg.vocab_size], False, dt)  # never quantized
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -108,12 +126,29 @@ class CausalLM(nn.Module):
         cos_sin: torch.Tensor,
         ops: TorchOps,
     ) -> torch.Tensor:  # [T, hidden]
+        return self.forward_aux(input_ids, positions, kv_caches, meta, cos_sin, ops, ())[0]
+
+    def forward_aux(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+        ops: TorchOps,
+        aux_layers: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward, also returning the residual stream entering each layer of `aux_layers`
+        (EAGLE-3 drafts from them), concatenated: [T, len(aux_layers) * hidden] (None if none)."""
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
+        seen: dict[int, torch.Tensor] = {}
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            if i in aux_layers:  # a copy: the fused norms work in place
+                seen[i] = hidden.clone() if residual is None else hidden + residual
             hidden, residual = layer(hidden, residual, positions, kv, meta, cos_sin, ops)
         hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
-        return hidden
+        return hidden, torch.cat([seen[i] for i in aux_layers], dim=-1) if aux_layers else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] -> [S, vocab] float32."""

@@ -3,6 +3,10 @@
 `TorchOps` runs the plain-torch references (the CPU engine, and the reference for the kernels);
 `TritonOps` (gpu_engine/triton_ops.py) runs the kernels/ package on a GPU. The model only sees
 this interface, so the two are interchangeable.
+
+Ops that feed a quantized linear take its `quant` (gpu_engine.quant.ActQuant) and then return a
+QuantizedActivation (FP8 + per-row scales) instead of a tensor; with quant=None nothing changes.
+Attention ops take the layer's kv_scale, used when the KV cache is FP8.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_engine.quant.activation import ActQuant, QuantizedActivation
 from kernels import reference
+
+KVScale = tuple[float, float]  # (k_scale, v_scale): an FP8 cache holds k / k_scale and v / v_scale
 
 
 @dataclass
@@ -34,16 +41,33 @@ class TorchOps:
 
     name = "torch"
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, quant: ActQuant | None = None
+    ) -> torch.Tensor | QuantizedActivation:
+        if quant is not None:
+            return QuantizedActivation(*reference.rms_norm_quant_fp8(x, weight, eps, quant.static_scale))
         return reference.rms_norm(x, weight, eps)
 
     def fused_add_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        quant: ActQuant | None = None,
+    ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
+        if quant is not None:
+            q, scale, residual = reference.fused_add_rms_norm_quant_fp8(x, residual, weight, eps,
+                                                                        quant.static_scale)
+            return QuantizedActivation(q, scale), residual
         return reference.fused_add_rms_norm(x, residual, weight, eps)
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def silu_and_mul(self, x: torch.Tensor, quant: ActQuant | None = None) -> torch.Tensor | QuantizedActivation:
+        if quant is not None:
+            return QuantizedActivation(*reference.silu_and_mul_quant_fp8(x, quant.static_scale))
         return reference.silu_and_mul(x)
+
+    def quantize(self, x: torch.Tensor, quant: ActQuant | None) -> torch.Tensor | QuantizedActivation:
+        """x [T, K] in FP8 for a quantized linear; unchanged when quant is None."""
+        if quant is None:
+            return x
+        return QuantizedActivation(*reference.quantize_fp8(x, quant.static_scale))
 
     def rope_and_write_kv(
         self,
@@ -55,10 +79,11 @@ class TorchOps:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_scale: KVScale = (1.0, 1.0),
     ) -> torch.Tensor:
         """Rotates q and k, stores k and v in the cache; returns the rotated q."""
         q, k = reference.apply_rope(q, k, positions, cos_sin_cache)
-        reference.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        reference.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scale)
         return q
 
     def attention(
@@ -69,10 +94,11 @@ class TorchOps:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scale: KVScale = (1.0, 1.0),
     ) -> torch.Tensor:  # [T, H, D]
         return reference.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc_host,
-            meta.seq_lens_host, scale, sliding_window,
+            meta.seq_lens_host, scale, sliding_window, kv_scale,
         )
 
 

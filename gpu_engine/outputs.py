@@ -60,7 +60,24 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    kv_cache_dtype: str = ""
+    """The KV cache's element type (bfloat16, float8_e4m3fn...)."""
+    num_blocks_at_model_dtype: int | None = None
+    """How many blocks the cache's memory would hold in the model's dtype: equal to
+    num_total_blocks unless the cache is FP8 (then about half of it)."""
 
     @property
     def kv_cache_usage(self) -> float:
         return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What `LLMEngine.recover()` did after a step raised."""
+
+    aborted: tuple[str, ...]
+    """The requests of the running batch (the failed step's): aborted, their KV blocks freed."""
+    batch: tuple[str, ...]
+    """The running batch when the step failed, one line per sequence (for the log)."""
+    integrity_error: str | None = None
+    """None when the block pool checks out afterwards; else what is broken (stop using the engine)."""

@@ -16,13 +16,15 @@ import numpy as np
 import torch
 
 from gpu_engine.config import EngineConfig, ModelConfig
-from gpu_engine.cuda_graphs import DecodeGraphs, decode_only
+from gpu_engine.cuda_graphs import DecodeGraphs
+from gpu_engine.input_batch import InputBatch, StepLayout
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
-from gpu_engine.sampler import gather_logprobs, sample
-from gpu_engine.scheduler import SampledToken, StepPlan, StepResult
-from gpu_engine.step_inputs import HostBatch, InputBuilder, build_host_batch, padded_tables
+from gpu_engine.quant.kv import kv_cache_dtype
+from gpu_engine.sampler import gather_logprobs
+from gpu_engine.step_inputs import InputBuilder, padded_tables
+from gpu_engine.step_plan import StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -32,38 +34,50 @@ class InFlight:
     """A launched step: what collect() needs to turn it into a StepResult."""
 
     plan: StepPlan
-    host: HostBatch
+    layout: StepLayout | None
     tokens: torch.Tensor | None  # [R] int64, on the host (pinned) once `event` fired
     logprob_rows: list[int] = field(default_factory=list)  # sample rows that asked for logprobs
+    logprob_wants: list[int] = field(default_factory=list)  # their top-N
     chosen: torch.Tensor | None = None  # [L] f32 host: their chosen tokens' logprobs
     top_v: torch.Tensor | None = None  # [L, N] f32 host
     top_i: torch.Tensor | None = None  # [L, N] int64 host
-    prompt_logprobs: dict[int, list[Logprobs]] = field(default_factory=dict)
-    event: torch.cuda.Event | None = None
+    prompt_rows: list[tuple[int, list[int], int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=list)  # (index into plan.scheduled, next ids, top-N, chosen [C], top_v, top_i on the host)
+    event: torch.cuda.Event | None = None  # after the step's last enqueued work
+    start: torch.cuda.Event | None = None  # before its first
+    prev_end: torch.cuda.Event | None = None  # the previous launch's `event`
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, model, device: torch.device, max_model_len: int):
+    def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, model, device: torch.device, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int):
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.model = model
         self.device = device
         self.dtype = model.norm.dtype
+        self.kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)  # the model's, or float8_e4m3fn
         self.ops = select_ops(device)
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.cos_sin = rope_cos_sin_cache(model_cfg, max_model_len, device)  # [max_len, head_dim] f32
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cfg.block_size
         self.graphs: DecodeGraphs | None = None
         self.builder = InputBuilder(device, model_cfg.vocab_size)
-        self._prev_tokens: torch.Tensor | None = None  # [R] int64: the last launch's samples
-        self._prev_rows: dict[int, int] = {}  # seq_id -> its row in _prev_tokens
-        self.last_parts: dict[str, float] = {}
+        self.batch = InputBatch(max_num_seqs, -(-max_model_len // cfg.block_size), cfg.block_size,
+                                model_cfg.vocab_size, device)
+        self.last_parts: dict[str, float] = {}  # prepare / forward / sample of the last launch
+        self.last_collect_parts: dict[str, float] = {}  # wait / collect of the last collect
+        self.last_gpu: tuple[float, float | None] | None = None  # (device s, idle s before) of the last collect
+        self._last_end: torch.cuda.Event | None = None
 
     # -- KV cache memory --------------------------------------------------------------------------
-    def bytes_per_block(self) -> int:
+    def bytes_per_block(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of one KV block over all layers, in the cache's dtype (or `dtype`)."""
         c = self.model_cfg
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=dtype or self.kv_dtype).element_size()
         return 2 * c.num_layers * c.num_kv_heads * self.block_size * c.head_dim * elem
 
     def num_blocks_for_memory(self) -> int:
@@ -81,7 +95,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         free_before, total = torch.cuda.mem_get_info(self.device)
         used_before = torch.cuda.memory_allocated(self.device)
-        self._warmup_forward(self.cfg.max_num_batched_tokens)
+        self._warmup_forward(self.max_num_batched_tokens)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         self.kv_caches = []
@@ -114,12 +128,12 @@ class ModelRunner:
         )
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, up(positions), self.kv_caches, meta, self.cos_sin, self.ops)
-        self.model.compute_logits(hidden[-min(num_seqs * 4, self.cfg.max_num_seqs):])
+        self.model.compute_logits(hidden[-min(num_seqs * 4, self.max_num_seqs):])
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_cfg
         shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, self.block_size, c.head_dim)
-        cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)]
 
     # -- one step ---------------------------------------------------------------------------------
@@ -128,7 +142,7 @@ class ModelRunner:
         """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager); returns seconds."""
         if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
             return 0.0
-        self.graphs = DecodeGraphs(self, self.cfg.max_num_seqs)
+        self.graphs = DecodeGraphs(self, self.max_num_seqs)
         return self.graphs.capture()
 
     @torch.inference_mode()
@@ -138,80 +152,92 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> InFlight:
+        """Upload the step's inputs, enqueue forward and sampling; the tokens come back later."""
         t0 = time.perf_counter()
+        up = self.builder.upload
         self.builder.begin_step()
-        host = build_host_batch(plan, self.block_size)
-        graphed = self.graphs is not None and decode_only(plan) and self.graphs.padded_size(len(plan.scheduled))
-        inputs = self.builder.inputs(plan, host, with_forward=not graphed)
-        self.last_parts = {"prepare": time.perf_counter() - t0, "wait": 0.0}
+        start = None
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        self.batch.apply(plan, up)
+        layout = self.batch.layout(plan)
+        graphed = self.graphs is not None and layout.decode_only and self.graphs.padded_size(layout.num_tokens)
+        t1 = time.perf_counter()
         self.copy_blocks(plan.blocks_to_copy)
         if graphed:
-            hidden = self.graphs.run(host, self._feed(host))
+            hidden, tok_slot = self.graphs.run(layout)
         else:
-            if host.pending_rows:
-                rows, src = self._feed(host)
-                inputs.input_ids[rows] = src
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.cos_sin,
-                                self.ops)
-        flight = InFlight(plan=plan, host=host, tokens=None)
-        if inputs.sampling is not None:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
-            tokens = sample(logits, inputs.sampling)
-            self._prev_tokens = tokens
-            self._prev_rows = {}
-            for r, e in enumerate(host.sample_owner):
-                self._prev_rows.setdefault(plan.scheduled[e].seq.seq_id, r)
-            self._launch_logprobs(plan, host, logits, tokens, flight)
+            ids, positions, meta, tok_slot = self.batch.device_inputs(layout, up, self.ops.name == "torch")
+            hidden = self.model(ids, positions, self.kv_caches, meta, self.cos_sin, self.ops)
+        t2 = time.perf_counter()
+        flight = InFlight(plan=plan, layout=layout, tokens=None, start=start, prev_end=self._last_end)
+        if len(layout.sample_rows):
+            tokens = self._sample(layout, hidden, tok_slot, flight)
             flight.tokens = self.builder.download(tokens)
-        flight.prompt_logprobs = self._prompt_logprobs(plan, host, hidden)
+        self._launch_prompt_logprobs(plan, layout, hidden, flight)
         self.builder.end_step()
         if self.device.type == "cuda":
-            flight.event = torch.cuda.Event()
+            flight.event = torch.cuda.Event(enable_timing=True)
             flight.event.record()
+            self._last_end = flight.event
+        t3 = time.perf_counter()
+        self.last_parts = {"prepare": t1 - t0, "forward": t2 - t1, "sample": t3 - t2}
         return flight
+
+    def _sample(self, layout: StepLayout, hidden: torch.Tensor, tok_slot: torch.Tensor, flight: InFlight):
+        """Sample every sample row for its slot (the Sampler: penalties, bans, seeded draws, all on
+        the device); the tokens become their slots' next inputs on the device."""
+        up = self.builder.upload
+        if layout.rows_are_samples:
+            logits = self.model.compute_logits(hidden)  # [R, V] f32
+            slots = tok_slot
+        else:
+            logits = self.model.compute_logits(hidden[up(layout.sample_rows)])
+            slots = up(layout.sample_slot)
+        tokens = self.batch.sample(layout, logits, slots)  # [R] int64
+        self._launch_logprobs(layout, logits, tokens, flight)
+        return tokens
 
     def collect(self, flight: InFlight) -> StepResult:
         """Wait for a launched step's tokens (the one host sync of a step) and return them."""
         t0 = time.perf_counter()
+        self.last_gpu = None
         if flight.event is not None:
             flight.event.synchronize()
-        self.last_parts["wait"] = time.perf_counter() - t0
-        samples: list[list[SampledToken]] = [[] for _ in flight.plan.scheduled]
+            idle = None if flight.prev_end is None else flight.prev_end.elapsed_time(flight.start) / 1e3
+            self.last_gpu = (flight.start.elapsed_time(flight.event) / 1e3, idle)
+        t1 = time.perf_counter()
+        prompt_lps = {e: _logprob_dicts(ids, c.tolist(), None if v is None else v.tolist(),
+                                        None if i is None else i.tolist(), [n] * len(ids)) if ids else []
+                      for e, ids, n, c, v, i in flight.prompt_rows}
         if flight.tokens is None:
-            return StepResult(samples, flight.prompt_logprobs)
-        token_list = flight.tokens.tolist()
-        lps: dict[int, Logprobs] = {}
-        if flight.logprob_rows:
-            wants = [flight.plan.scheduled[flight.host.sample_owner[r]].seq.request.params.logprobs
-                     for r in flight.logprob_rows]
-            dicts = _logprob_dicts(
-                [token_list[r] for r in flight.logprob_rows], flight.chosen.tolist(),
-                None if flight.top_v is None else flight.top_v.tolist(),
-                None if flight.top_i is None else flight.top_i.tolist(), wants,
-            )
-            lps = dict(zip(flight.logprob_rows, dicts))
-        for r, (owner, tok) in enumerate(zip(flight.host.sample_owner, token_list)):
-            samples[owner].append(SampledToken(tok, lps.get(r)))
-        return StepResult(samples, flight.prompt_logprobs)
+            result = StepResult(token_ids=np.zeros(0, dtype=np.int64), prompt_logprobs=prompt_lps)
+        else:
+            tokens = flight.tokens.numpy().copy()
+            lps: dict[int, Logprobs] = {}
+            if flight.logprob_rows:
+                dicts = _logprob_dicts(
+                    tokens[flight.logprob_rows].tolist(), flight.chosen.tolist(),
+                    None if flight.top_v is None else flight.top_v.tolist(),
+                    None if flight.top_i is None else flight.top_i.tolist(), flight.logprob_wants,
+                )
+                lps = dict(zip(flight.logprob_rows, dicts))
+            result = StepResult(token_ids=tokens, logprobs=lps, prompt_logprobs=prompt_lps)
+        self.last_collect_parts = {"wait": t1 - t0, "collect": time.perf_counter() - t1}
+        return result
 
-    def _feed(self, host: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, tokens) on the device: the inputs sampled by the previous launch (PENDING ones)."""
-        if not host.pending_rows:
-            return None
-        src = [self._prev_rows[s] for s in host.pending_seqs]
-        rows = self.builder.upload(host.pending_rows, torch.int64)
-        return rows, self._prev_tokens[self.builder.upload(src, torch.int64)]
-
-    def _launch_logprobs(self, plan: StepPlan, host: HostBatch, logits, tokens, flight: InFlight) -> None:
-        want = [plan.scheduled[e].seq.request.params.logprobs for e in host.sample_owner]
-        rows = [r for r, w in enumerate(want) if w is not None]
-        if not rows:
+    def _launch_logprobs(self, layout: StepLayout, logits, tokens, flight: InFlight) -> None:
+        want = self.batch.logprobs[layout.sample_slot]
+        rows = np.flatnonzero(want >= 0)
+        if not len(rows):
             return
-        top_n = max(want[r] for r in rows)
-        idx = self.builder.upload(rows, torch.int64)
+        top_n = int(want[rows].max())
+        idx = self.builder.upload(rows.astype(np.int64))
         lps = torch.log_softmax(logits[idx], dim=-1)
         chosen, top_v, top_i = gather_logprobs(lps, tokens[idx], top_n)
-        flight.logprob_rows = rows
+        flight.logprob_rows = rows.tolist()
+        flight.logprob_wants = want[rows].tolist()
         flight.chosen = self.builder.download(chosen)
         flight.top_v = None if top_v is None else self.builder.download(top_v)
         flight.top_i = None if top_i is None else self.builder.download(top_i)
@@ -222,29 +248,28 @@ class ModelRunner:
         src = self.builder.upload([s for s, _ in pairs], torch.int64)
         dst = self.builder.upload([d for _, d in pairs], torch.int64)
         for k, v in self.kv_caches:
+            if k.dtype.itemsize == 1:  # FP8: copied as bytes (index_put has no float8 kernels everywhere)
+                k, v = k.view(torch.uint8), v.view(torch.uint8)
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def _prompt_logprobs(self, plan: StepPlan, host: HostBatch, hidden) -> dict[int, list[Logprobs]]:
-        """Logprobs of each prompt token given its prefix (synchronous: such steps never overlap)."""
-        out: dict[int, list[Logprobs]] = {}
-        for e, (first, count) in host.prompt_rows.items():
-            entry = plan.scheduled[e]
+    def _launch_prompt_logprobs(self, plan: StepPlan, layout: StepLayout, hidden, flight: InFlight) -> None:
+        """Logprobs of each prompt token given its prefix, for the chunks that asked: computed and
+        copied back with the step's tokens (only these rows pay; nothing waits for the device)."""
+        scheduled = plan.scheduled if layout.prompt_rows else []
+        for e, (first, count) in layout.prompt_rows.items():
+            entry = scheduled[e]
             seq = entry.seq
-            next_ids = seq.token_ids[entry.start + 1 : entry.start + 1 + count]
-            count = len(next_ids)
-            if count == 0:
-                out[e] = []
-                continue
-            lps = torch.log_softmax(self.model.compute_logits(hidden[first : first + count]), dim=-1)
-            ids = torch.tensor(next_ids, device=lps.device)
+            next_ids = seq.token_ids[entry.start + 1 : entry.start + 1 + min(count, seq.num_prompt_tokens - entry.start - 1)]
             n = seq.request.params.prompt_logprobs or 0
-            chosen, top_v, top_i = gather_logprobs(lps, ids, n)
-            out[e] = _logprob_dicts(
-                next_ids, chosen.tolist(), None if top_v is None else top_v.tolist(),
-                None if top_i is None else top_i.tolist(), [n] * count,
-            )
-        return out
+            if not next_ids:
+                flight.prompt_rows.append((e, [], n, None, None, None))
+                continue
+            lps = torch.log_softmax(self.model.compute_logits(hidden[first : first + len(next_ids)]), dim=-1)
+            chosen, top_v, top_i = gather_logprobs(lps, self.builder.upload(np.array(next_ids, dtype=np.int64)), n)
+            down = self.builder.download
+            flight.prompt_rows.append((e, next_ids, n, down(chosen), None if top_v is None else down(top_v),
+                                       None if top_i is None else down(top_i)))
 
 
 def _logprob_dicts(tokens, chosen, top_v, top_i, wants) -> list[Logprobs]:

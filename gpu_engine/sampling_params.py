@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 
+from gpu_engine import limits
 from gpu_engine.errors import InvalidRequest
 
 
@@ -68,17 +71,31 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        ids = tuple(self.stop_token_ids or ())
+        if not all(_is_int(t) for t in ids):
+            raise InvalidRequest(f"stop_token_ids must be integer token ids, got {list(ids)[:5]}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._validate()
 
     def _validate(self) -> None:
+        """Everything that needs no model; token ids against the vocabulary and lengths against
+        the context are the engine's checks (LLMEngine.add_request). Limits: gpu_engine/limits.py."""
         def bad(msg: str) -> None:
             raise InvalidRequest(msg)
 
-        if self.n < 1:
-            bad(f"n must be at least 1, got {self.n}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                bad(f"{name} must be a finite number, got {value!r}")
+        for name in ("n", "min_tokens", "top_k", "max_tokens", "logprobs", "prompt_logprobs", "seed"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                bad(f"{name} must be an integer, got {value!r}")
+        if not 1 <= self.n <= limits.MAX_N:
+            bad(f"n must be at least 1 and at most {limits.MAX_N}, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
             bad(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
@@ -99,18 +116,30 @@ class SamplingParams:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if any(not s for s in self.stop):
-            bad("stop strings must not be empty")
-        if any(t < 0 for t in self.stop_token_ids):
-            bad(f"stop_token_ids must be non-negative, got {list(self.stop_token_ids)}")
+        self._validate_stops(bad)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= 20:
-                bad(f"{name} must be between 0 and 20, got {value}")
+            if value is not None and not 0 <= value <= limits.MAX_LOGPROBS:
+                bad(f"{name} must be between 0 and {limits.MAX_LOGPROBS}, got {value}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad(f"seed must fit in 64 bits, got {self.seed}")
         if not isinstance(self.output_kind, OutputKind):
             bad(f"output_kind must be an OutputKind, got {self.output_kind!r}")
+
+    def _validate_stops(self, bad) -> None:
+        if len(self.stop) > limits.MAX_STOP_STRINGS:
+            bad(f"at most {limits.MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                bad(f"stop strings must not be empty (and must be strings), got {s!r}")
+            if len(s) > limits.MAX_STOP_STRING_CHARS:
+                bad(f"a stop string may have at most {limits.MAX_STOP_STRING_CHARS} characters, "
+                    f"got one of {len(s)}")
+        if len(self.stop_token_ids) > limits.MAX_STOP_TOKEN_IDS:
+            bad(f"at most {limits.MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got "
+                f"{len(self.stop_token_ids)}")
+        if any(t < 0 for t in self.stop_token_ids):
+            bad(f"stop_token_ids must be non-negative, got {[t for t in self.stop_token_ids if t < 0][:5]}")
 
     @property
     def greedy(self) -> bool:
@@ -121,3 +150,7 @@ class SamplingParams:
         return (
             self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -4,23 +4,32 @@ A step is `plan = scheduler.schedule()`, `runner.launch(plan)`, `scheduler.commi
 later `scheduler.update(plan, runner.collect(...))`. commit() advances the scheduled sequences as
 if the step had run, with a placeholder for each token being sampled, so the next step can be
 planned while this one is still on the GPU; update() fills the placeholders in and applies stops.
-Two small policies decide: an admission policy ("may this waiting sequence join the running batch?")
-and a composer ("how many tokens does each running sequence get under the step's token budget?").
+Two small policies decide (scheduling_policies.py): admission and composition.
+
+Running sequences own rows of a BatchState (numpy). Plain decodes (the bulk of a large batch) are
+planned, committed and updated with array operations; only what is due for one of them gets Python
+work: a new block every block_size tokens, a full block to register, a stop, a report.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
+import numpy as np
+
+from gpu_engine.batch_decodes import plan_plain_decodes, update_plain_decodes
+from gpu_engine.batch_state import BatchState, RunningSeqs
 from gpu_engine.block_manager import BlockManager, hash_token_blocks
 from gpu_engine.outputs import Logprobs
+from gpu_engine.sampling_params import OutputKind
+from gpu_engine.scheduling_policies import ADMISSION_POLICIES, AdmissionPolicy, DecodeFirstComposer
 from gpu_engine.sequence import Request, Sequence, SeqStatus
+from gpu_engine.step_plan import PENDING, SampledToken, ScheduledSeq, StepPlan, StepResult
 
-PENDING = -1
-"""Placeholder token id: drawn by a launched step, not read back yet."""
+__all__ = ["PENDING", "SampledToken", "ScheduledSeq", "Scheduler", "SchedulerConfig", "StepPlan", "StepResult"]
 
 
 @dataclass(frozen=True)
@@ -28,140 +37,21 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     """Token budget of one step."""
     max_num_seqs: int = 256
-    """Most sequences in the running batch."""
+    """Most sequences in the running batch (the batch's slot count)."""
     enable_chunked_prefill: bool = True
     """Split prompts that do not fit the step's remaining budget across steps."""
     policy: str = "max_utilization"
     """Admission: "max_utilization" or "guaranteed_no_evict" (see EngineConfig)."""
+    max_prefill_tokens_per_seq: int | None = None
+    """Most prompt tokens one sequence prefills per step (chunked prefill only); None: no cap."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_prefill_tokens_per_seq is not None and self.max_prefill_tokens_per_seq < 1:
+            raise ValueError(f"max_prefill_tokens_per_seq must be >= 1, got {self.max_prefill_tokens_per_seq}")
         if self.policy not in ADMISSION_POLICIES:
             raise ValueError(f"unknown admission policy {self.policy!r}; one of {list(ADMISSION_POLICIES)}")
-
-
-@dataclass
-class ScheduledSeq:
-    """One sequence's share of a step: tokens token_ids[start:start + num_tokens]."""
-
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool
-    """The chunk reaches the sequence's last token: sample the next one."""
-    num_samples: int = 1
-    """More than 1 when the request forks into its n samples at this step."""
-    prompt_logprobs: bool = False
-    """Return logprobs for every position of the chunk (prompt logprobs were asked for)."""
-
-
-@dataclass
-class StepPlan:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    """Decodes first, then prefill chunks."""
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    """(src, dst) block copies to run before the forward (copy-on-write of shared blocks)."""
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.scheduled)
-
-    @property
-    def num_decodes(self) -> int:
-        """Leading entries that are single-token decodes."""
-        n = 0
-        for e in self.scheduled:
-            if e.num_tokens != 1:
-                break
-            n += 1
-        return n
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprobs: Logprobs | None = None
-    """The chosen token's raw logprob and the top-N (when asked for)."""
-
-
-@dataclass
-class StepResult:
-    samples: list[list[SampledToken]]
-    """Per plan entry: its sampled tokens (empty when the entry does not sample)."""
-    prompt_logprobs: dict[int, list[Logprobs]] = field(default_factory=dict)
-    """Per plan entry index (prompt_logprobs entries): logprobs of token p+1 for each position p."""
-
-
-class AdmissionPolicy(Protocol):
-    def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool: ...
-
-
-class MaxUtilization:
-    """Admit whenever blocks for the first chunk can be allocated; running out later preempts."""
-
-    def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool:
-        return True
-
-
-class GuaranteedNoEvict:
-    """Admit only if prompt + max_tokens of every sample fits beside what running ones reserve."""
-
-    def __init__(self):
-        self._epoch = -1
-        self._available = 0  # free blocks minus what running sequences still reserve
-
-    def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool:
-        if self._epoch != scheduler.epoch:  # once per schedule(), not once per candidate
-            self._epoch = scheduler.epoch
-            reserved = sum(self.blocks_to_finish(s, scheduler.block_size) for s in scheduler.running)
-            self._available = scheduler.block_manager.num_free_blocks - reserved
-        needed = self.blocks_to_finish(seq, scheduler.block_size)
-        if needed > self._available:
-            return False
-        self._available -= needed  # admitting it reserves what it needs to finish
-        return True
-
-    @staticmethod
-    def blocks_to_finish(seq: Sequence, block_size: int) -> int:
-        request = seq.request
-        final_len = seq.num_prompt_tokens + request.max_tokens
-        total_blocks = -(-final_len // block_size)
-        own = max(0, total_blocks - len(seq.block_table))
-        # Forked samples share the full prompt blocks and need the rest (plus one copied block).
-        forks = request.pending_forks if seq.index == 0 else 0
-        return own + forks * (total_blocks - seq.num_prompt_tokens // block_size)
-
-
-ADMISSION_POLICIES: dict[str, type] = {
-    "max_utilization": MaxUtilization,
-    "guaranteed_no_evict": GuaranteedNoEvict,
-}
-
-
-class DecodeFirstComposer:
-    """Running decodes first, then prefill chunks (chunked prefill splits a prompt across steps)."""
-
-    def __init__(self, chunked_prefill: bool):
-        self.chunked_prefill = chunked_prefill
-
-    def order(self, running: list[Sequence]) -> list[Sequence]:
-        decodes = [s for s in running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in running if s.num_uncomputed_tokens > 1]
-        return decodes + prefills
-
-    def num_tokens(self, seq: Sequence, budget: int) -> int:
-        if seq.num_pending and seq.num_output_tokens >= seq.request.max_tokens:
-            return 0  # its last token is being drawn: it finishes when that step is collected
-        n = seq.num_uncomputed_tokens
-        if n <= budget:
-            return n
-        return budget if self.chunked_prefill else 0
 
 
 class Scheduler:
@@ -172,21 +62,25 @@ class Scheduler:
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
         self.admission: AdmissionPolicy = ADMISSION_POLICIES[config.policy]()
-        self.composer = DecodeFirstComposer(config.enable_chunked_prefill)
+        self.composer = DecodeFirstComposer(config.enable_chunked_prefill,
+                                            config.max_prefill_tokens_per_seq)
+        self.batch = BatchState(config.max_num_seqs, self.block_size)
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
-        self.running: list[Sequence] = []
+        self.running = RunningSeqs(self.batch)
         self.num_preemptions = 0
         self.epoch = 0  # counts schedule() calls
+        self._stop_id_set: set[int] = set()
+        self._stop_ids = np.zeros(0, dtype=np.int64)  # every eos / stop token id of admitted requests
+
     # -- requests ---------------------------------------------------------------------------------
     def add(self, request: Request, prior_output_token_ids: list[int] | tuple[int, ...] = ()) -> Sequence:
-        seq = Sequence(
-            request=request,
-            index=0,
-            token_ids=list(request.prompt_token_ids) + list(prior_output_token_ids),
-            num_prompt_tokens=len(request.prompt_token_ids),
-        )
-        seq.num_reported_tokens = len(prior_output_token_ids)
+        seq = Sequence(request, 0, list(request.prompt_token_ids) + list(prior_output_token_ids),
+                       len(request.prompt_token_ids), num_reported_tokens=len(prior_output_token_ids))
         request.seqs.append(seq)
+        ids = set(request.eos_token_ids) | set(request.params.stop_token_ids)
+        if not ids <= self._stop_id_set:
+            self._stop_id_set |= ids
+            self._stop_ids = np.array(sorted(self._stop_id_set), dtype=np.int64)
         self._enqueue(seq)
         return seq
 
@@ -209,14 +103,19 @@ class Scheduler:
         for seq in request.seqs:
             self.finish(seq, "abort")
 
+    def limit_running(self, max_num_seqs: int) -> None:
+        """Cap the running batch below its slot count (a sweep over batch sizes in one process)."""
+        if not 1 <= max_num_seqs <= self.batch.capacity:
+            raise ValueError(f"max_num_seqs must be in [1, {self.batch.capacity}] (the batch's slots), "
+                             f"got {max_num_seqs}")
+        self.config = dataclasses.replace(self.config, max_num_seqs=max_num_seqs)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
     def prefill_backlog_tokens(self) -> int:
-        return sum(s.num_uncomputed_tokens for s in self.waiting) + sum(
-            s.num_uncomputed_tokens for s in self.running if s.num_uncomputed_tokens > 1
-        )
+        return sum(s.num_uncomputed_tokens for s in self.waiting) + self.batch.running_prefill_tokens()
 
     # -- planning ---------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -224,7 +123,23 @@ class Scheduler:
         plan = StepPlan()
         entries: dict[int, ScheduledSeq] = {}
         budget = self.config.max_num_batched_tokens
-        for seq in self.composer.order(self.running):
+        others = plan_plain_decodes(self, plan, budget)
+        if others is None:  # a tight budget or pool: every sequence one by one, preempting as needed
+            others = self.composer.order(self.running)
+        budget -= len(plan.decode_seqs)
+        budget = self._schedule_running(others, budget, plan, entries)
+        if not plan.preempted:
+            budget = self._admit_waiting(budget, plan, entries)
+        plan.entries = sorted(entries.values(), key=_decode_first)
+        for entry in plan.entries:  # the other samples of a prompt fork as it finishes
+            if entry.num_samples > 1:
+                entry.forks = [self._fork(entry.seq, k) for k in range(1, entry.num_samples)]
+        plan.table_writes, plan.slot_events = self.batch.take_changes()
+        return plan
+
+    def _schedule_running(self, seqs: list[Sequence], budget: int, plan: StepPlan,
+                          entries: dict[int, ScheduledSeq]) -> int:
+        for seq in seqs:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = self.composer.num_tokens(seq, budget)
@@ -238,16 +153,14 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 entries[seq.seq_id] = self._entry(seq, n)
                 budget -= n
-        if not plan.preempted:
-            budget = self._admit_waiting(budget, plan, entries)
-        plan.scheduled = sorted(entries.values(), key=_decode_first)
-        return plan
+        return budget
 
     def _admit_waiting(self, budget: int, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
+        reserved = self._fork_seats()  # samples still to fork from running prompts
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            seats = 1 + (seq.request.pending_forks if seq.index == 0 else 0)
-            if len(self.running) + seats > self.config.max_num_seqs:
+            forks = seq.request.pending_forks if seq.index == 0 else 0
+            if len(self.running) + reserved + 1 + forks > self.config.max_num_seqs:
                 break
             if not self.admission.can_admit(seq, self):
                 break
@@ -265,7 +178,13 @@ class Scheduler:
             self.running.append(seq)
             entries[seq.seq_id] = self._entry(seq, n)
             budget -= n
+            reserved += forks
         return budget
+
+    def _fork_seats(self) -> int:
+        b = self.batch
+        order = b.order()
+        return sum(s.request.pending_forks for s in b.seqs[order[b.special[order]]].tolist() if s.index == 0)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
@@ -294,19 +213,26 @@ class Scheduler:
         """Give `seq` the blocks to hold n more tokens (copying a shared block it would write
         into). False, with nothing changed, when the pool is short."""
         bs = self.block_size
-        first = seq.num_computed_tokens // bs
-        copy = first < len(seq.block_table) and self.block_manager.ref_count(seq.block_table[first]) > 1
-        needed = -(-(seq.num_computed_tokens + n) // bs) - len(seq.block_table)
+        computed = seq.num_computed_tokens
+        first = computed // bs
+        table = seq.block_table
+        copy = first < len(table) and self.block_manager.ref_count(table[first]) > 1
+        needed = -(-(computed + n) // bs) - len(table)
+        if needed <= 0 and not copy:
+            return True
         blocks = self.block_manager.allocate(max(needed, 0) + copy)
         if blocks is None:
             return False
+        first_new = len(table)
         if copy:
-            src, dst = seq.block_table[first], blocks.pop(0)
+            src, dst = table[first], blocks.pop(0)
             plan.blocks_to_copy.append((src, dst))
             self.block_manager.free([src])
-            seq.block_table[first] = dst
+            table[first] = dst
             seq.num_registered_blocks = min(seq.num_registered_blocks, first)
-        seq.block_table.extend(blocks)
+            first_new = first
+        table.extend(blocks)
+        self.batch.blocks_appended(seq, first_new)
         return True
 
     def _preempt(self, seq: Sequence, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
@@ -315,6 +241,8 @@ class Scheduler:
         entry = entries.pop(seq.seq_id, None)
         if entry is not None:
             refund = entry.num_tokens
+        elif plan.drop_decode(seq):
+            refund = 1
         owned = set(seq.block_table)
         plan.blocks_to_copy = [(s, d) for s, d in plan.blocks_to_copy if d not in owned]
         self.running.remove(seq)
@@ -330,57 +258,93 @@ class Scheduler:
 
     def _enqueue(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        keys = [s.sort_key for s in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, seq.sort_key), seq)
+        self.waiting.insert(bisect.bisect(self.waiting, seq.sort_key, key=_sort_key), seq)
 
     # -- after the step ---------------------------------------------------------------------------
     def commit(self, plan: StepPlan) -> None:
         """The plan was launched: its tokens count as computed, each draw as a pending token."""
-        for entry in plan.scheduled:
-            seq = entry.seq
-            seq.num_computed_tokens += entry.num_tokens
-            if entry.sample:
-                seq.token_ids.append(PENDING)
-                seq.num_pending += 1
+        if plan.decode_seqs:
+            b, slots = self.batch, plan.decode_slots
+            b.num_computed[slots] += 1
+            b.num_tokens[slots] += 1
+            b.num_pending[slots] += 1
+            for tokens in b.token_lists[slots].tolist():
+                tokens.append(PENDING)
+        for entry in plan.entries:
+            for seq in [entry.seq, *entry.forks]:
+                seq.num_computed_tokens += entry.num_tokens
+                if entry.sample:
+                    seq.token_ids.append(PENDING)
+                    seq.num_pending += 1
+                    self.batch.tokens_changed(seq)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
-        """Fill in the committed plan's sampled tokens and apply stops; returns the sequences that
-        got new tokens (finished ones included)."""
+        """Fill in the committed plan's sampled tokens and apply stops. Returns the sequences the
+        engine must look at: those that finished, and those reported every step (streamed
+        output, stop strings); a FINAL_ONLY sequence that merely grew is not among them."""
+        if result.token_ids is None:
+            pairs = zip(plan.scheduled, result.samples)
+            return self._update_entries(pairs, result.prompt_logprobs, 0)
+        touched = update_plain_decodes(self, plan, result)
+        rows = result.token_ids.tolist()
+        r = len(plan.decode_seqs)
+        pairs = []
+        for entry in plan.entries:
+            k = entry.num_samples if entry.sample else 0
+            pairs.append((entry, [SampledToken(t, result.logprobs.get(r + j)) for j, t in enumerate(rows[r:r + k])]))
+            r += k
+        return touched + self._update_entries(pairs, result.prompt_logprobs, len(plan.decode_seqs))
+
+    def _update_entries(self, pairs, prompt_logprobs: dict[int, list[Logprobs]], offset: int) -> list[Sequence]:
+        """Entry by entry: the general path (forks, prompt logprobs, prefill chunks)."""
         touched: list[Sequence] = []
-        for i, entry in enumerate(plan.scheduled):
+        for i, (entry, samples) in enumerate(pairs):
             seq = entry.seq
             if seq.is_finished:
                 continue  # aborted or stopped while the step ran
             self._register_full_blocks(seq)
             if entry.prompt_logprobs:
-                self._record_prompt_logprobs(entry, result.prompt_logprobs.get(i, []))
+                self._record_prompt_logprobs(entry, prompt_logprobs.get(offset + i, []))
             if entry.sample:
-                samples = result.samples[i]
-                seqs = [seq] + [self._fork(seq, k) for k in range(1, len(samples))]
-                for s, sampled in zip(seqs, samples):
+                for s, sampled in zip([seq, *entry.forks], samples, strict=True):
+                    if s.is_finished:
+                        continue
                     self._append(s, sampled)
-                    touched.append(s)
+                    if self._due(s):
+                        touched.append(s)
         return touched
 
+    def _due(self, seq: Sequence) -> bool:
+        request = seq.request
+        if "first_token" not in request.metrics:
+            request.metrics["first_token"] = time.monotonic()
+            if seq.slot >= 0:
+                self.batch.awaiting_first[seq.slot] = False
+        if seq.is_finished:
+            return True
+        if seq.slot >= 0:
+            return bool(self.batch.watch[seq.slot])
+        return request.params.output_kind is not OutputKind.FINAL_ONLY or bool(request.params.stop)
+
     def _fork(self, parent: Sequence, index: int) -> Sequence:
-        """A new sample sharing the parent's blocks; it draws its first token in the same step
-        (never with async scheduling: forking steps run synchronously)."""
+        """A new sample sharing the parent's blocks, made as the parent's last prompt chunk is
+        planned: it draws its first token in that step, from the parent's last row, in its own
+        slot (so the step needs nothing from the host)."""
         child = Sequence(
-            request=parent.request,
-            index=index,
-            token_ids=list(parent.token_ids),
-            num_prompt_tokens=parent.num_prompt_tokens,
-            status=SeqStatus.RUNNING,
-            num_computed_tokens=parent.num_computed_tokens,
-            block_table=list(parent.block_table),
-            block_hashes=list(parent.block_hashes),
+            parent.request, index, list(parent.token_ids), parent.num_prompt_tokens,
+            status=SeqStatus.RUNNING, num_computed_tokens=parent.num_computed_tokens,
+            block_table=list(parent.block_table), block_hashes=list(parent.block_hashes),
             num_registered_blocks=parent.num_registered_blocks,
-            num_reported_tokens=parent.num_reported_tokens,
-            num_pending=parent.num_pending,
+            num_reported_tokens=parent.num_reported_tokens, num_pending=parent.num_pending,
         )
         self.block_manager.share(child.block_table)
         parent.request.seqs.append(child)
         self.running.append(child)
+        for s in (parent, child):
+            if s.slot >= 0:
+                self.batch.maybe_shared[s.slot] = True
+        if parent.slot >= 0 and parent.request.pending_forks == 0:
+            self.batch.special[parent.slot] = parent.request.params.prompt_logprobs is not None
         return child
 
     def _append(self, seq: Sequence, sampled: SampledToken) -> None:
@@ -390,17 +354,25 @@ class Scheduler:
         seq.token_ids[slot] = token
         seq.num_pending -= 1
         if sampled.logprobs is not None:
-            seq.logprobs.append(sampled.logprobs)
-            seq.cumulative_logprob += sampled.logprobs.get(token, 0.0)
+            self._record_logprobs(seq, token, sampled.logprobs)
+        self._apply_stops(seq, token, slot)
+
+    @staticmethod
+    def _record_logprobs(seq: Sequence, token: int, logprobs: Logprobs) -> None:
+        seq.logprobs.append(logprobs)
+        seq.cumulative_logprob += logprobs.get(token, 0.0)
+
+    def _apply_stops(self, seq: Sequence, token: int, position: int) -> None:
+        """Stop rules for the token just placed at `position`."""
         request = seq.request
         params = request.params
-        n_out = slot + 1 - seq.num_prompt_tokens
+        n_out = position + 1 - seq.num_prompt_tokens
         if n_out > params.min_tokens:  # the sampler masks stop tokens until min_tokens
             if token in params.stop_token_ids:
                 return self._stop(seq, "stop", token)
             if not params.ignore_eos and token in request.eos_token_ids:
                 return self._stop(seq, "stop", None)
-        if n_out >= request.max_tokens or slot + 1 >= request.max_model_len:
+        if n_out >= request.max_tokens or position + 1 >= request.max_model_len:
             self._stop(seq, "length")
 
     def _stop(self, seq: Sequence, reason: str, stop_reason: int | None = None) -> None:
@@ -439,3 +411,7 @@ class Scheduler:
 
 def _decode_first(entry: ScheduledSeq) -> int:
     return 0 if entry.num_tokens == 1 else 1
+
+
+def _sort_key(seq: Sequence) -> tuple[int, int, int]:
+    return seq.sort_key

@@ -21,35 +21,85 @@ _seq_ids = itertools.count()
 _arrivals = itertools.count()
 
 
-@dataclass(eq=False)
 class Sequence:
-    """One sample of a request: its tokens, how many of them are in the KV cache, its blocks."""
+    """One sample of a request: its tokens, how many of them are in the KV cache, its blocks.
 
-    request: Request
-    index: int
-    """Which of the request's n samples this is."""
-    token_ids: list[int]
-    """Prompt followed by the generated tokens."""
-    num_prompt_tokens: int
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
-    status: SeqStatus = SeqStatus.WAITING
-    num_computed_tokens: int = 0
-    """Leading tokens whose K/V are in the cache."""
-    block_table: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)
-    """Hashes of the leading full blocks of token_ids, computed as they fill."""
-    num_registered_blocks: int = 0
-    """Leading blocks already offered to the prefix cache."""
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    logprobs: list[Logprobs] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    num_reported_tokens: int = 0
-    """Generated tokens already reported (OutputKind.DELTA)."""
-    num_preemptions: int = 0
-    num_pending: int = 0
-    """Trailing placeholder tokens: sampled by a launched step whose result is not read yet."""
+    While the sequence runs it owns a slot (row) of the scheduler's BatchState, and its counters
+    (num_computed_tokens, num_pending, num_registered_blocks) live in that row's numpy arrays, so
+    that a step updates them for the whole batch at once; otherwise they live here.
+    """
 
+    __slots__ = ("request", "index", "token_ids", "num_prompt_tokens", "seq_id", "status", "block_table",
+                 "block_hashes", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob",
+                 "num_reported_tokens", "num_preemptions", "slot", "_batch", "_num_computed", "_num_pending",
+                 "_num_registered")
+
+    def __init__(self, request: Request, index: int, token_ids: list[int], num_prompt_tokens: int, *,
+                 status: SeqStatus = SeqStatus.WAITING, num_computed_tokens: int = 0,
+                 block_table: list[int] | None = None, block_hashes: list[bytes] | None = None,
+                 num_registered_blocks: int = 0, num_reported_tokens: int = 0, num_pending: int = 0):
+        self.request = request
+        self.index = index  # which of the request's n samples this is
+        self.token_ids = token_ids  # prompt, then generated tokens (PENDING: drawn, not read back)
+        self.num_prompt_tokens = num_prompt_tokens
+        self.seq_id = next(_seq_ids)
+        self.status = status
+        self.block_table: list[int] = [] if block_table is None else block_table
+        # Hashes of the leading full blocks of token_ids, computed as they fill.
+        self.block_hashes: list[bytes] = [] if block_hashes is None else block_hashes
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[Logprobs] = []
+        self.cumulative_logprob = 0.0
+        self.num_reported_tokens = num_reported_tokens  # generated tokens already reported (DELTA)
+        self.num_preemptions = 0
+        self.slot = -1  # its row in the scheduler's BatchState while running, else -1
+        self._batch = None
+        self._num_computed = num_computed_tokens
+        self._num_pending = num_pending
+        self._num_registered = num_registered_blocks
+
+    # -- counters: in the batch row while running, here otherwise ---------------------------------
+    @property
+    def num_computed_tokens(self) -> int:
+        """Leading tokens whose K/V are in the cache."""
+        b = self._batch
+        return self._num_computed if b is None else int(b.num_computed[self.slot])
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, value: int) -> None:
+        if self._batch is None:
+            self._num_computed = value
+        else:
+            self._batch.num_computed[self.slot] = value
+
+    @property
+    def num_pending(self) -> int:
+        """Trailing placeholder tokens: sampled by a launched step whose result is not read yet."""
+        b = self._batch
+        return self._num_pending if b is None else int(b.num_pending[self.slot])
+
+    @num_pending.setter
+    def num_pending(self, value: int) -> None:
+        if self._batch is None:
+            self._num_pending = value
+        else:
+            self._batch.num_pending[self.slot] = value
+
+    @property
+    def num_registered_blocks(self) -> int:
+        """Leading blocks already offered to the prefix cache."""
+        b = self._batch
+        return self._num_registered if b is None else int(b.num_registered[self.slot])
+
+    @num_registered_blocks.setter
+    def num_registered_blocks(self, value: int) -> None:
+        if self._batch is None:
+            self._num_registered = value
+        else:
+            self._batch.num_registered[self.slot] = value
+
+    # -- derived ----------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
@@ -76,6 +126,10 @@ class Sequence:
     def sort_key(self) -> tuple[int, int, int]:
         """Queue order: priority (lower first), then arrival, then sample index."""
         return (self.request.priority, self.request.arrival_order, self.index)
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, request={self.request.request_id!r}, index={self.index}, "
+                f"tokens={len(self.token_ids)}, computed={self.num_computed_tokens}, {self.status.value})")
 
 
 @dataclass(eq=False)

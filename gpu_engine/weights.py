@@ -1,8 +1,10 @@
-"""Building the model on its device and filling it: from safetensors checkpoints, or random (dummy)."""
+"""Building the model on its device and filling it: from safetensors checkpoints (16/32-bit or
+pre-quantized), or random (dummy)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -12,50 +14,56 @@ from tqdm.auto import tqdm
 from gpu_engine.config import ModelConfig
 from gpu_engine.errors import ModelLoadError
 from gpu_engine.model import CausalLM
+from gpu_engine.quant.kv import kv_scale_target, scale_value
+from gpu_engine.quant.linear import DenseLinear, LinearMethod, QuantLinear, quant_linears
+
+log = logging.getLogger(__name__)
 
 # HF tensor names that carry no weights of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """The model with uninitialised parameters, allocated directly on `device` in `dtype`."""
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                method: LinearMethod | None = None) -> CausalLM:
+    """The model with uninitialised parameters, allocated directly on `device`: `dtype` for 16/32-bit
+    tensors, the method's own dtypes (FP8...) for quantized linears."""
+    method = method or LinearMethod(None, dtype)
+    if method.dtype != dtype:
+        raise ValueError(f"the linear method makes {method.dtype} linears, the model is {dtype}")
     with torch.device("meta"):
-        model = CausalLM(cfg)
-    model = model.to(dtype).to_empty(device=device)
+        model = CausalLM(cfg, method)
+    model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)
 
 
-def _targets(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
-    """HF name -> (our parameter name, row offset, rows) for every tensor a checkpoint must hold."""
-    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    out: dict[str, tuple[str, int, int]] = {
-        "model.embed_tokens.weight": ("embed_tokens.weight", 0, cfg.vocab_size),
-        "model.norm.weight": ("norm", 0, cfg.hidden_size),
-    }
+def _plain_targets(cfg: ModelConfig) -> dict[str, str]:
+    """HF name -> our parameter name, for the tensors outside the decoder layers' linears."""
+    out = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm"}
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = ("lm_head.weight", 0, cfg.vocab_size)
+        out["lm_head.weight"] = "lm_head.weight"
     for i in range(cfg.num_layers):
         hf, me = f"model.layers.{i}.", f"layers.{i}."
-        parts = {
-            "self_attn.q_proj": ("qkv_proj", 0, q, cfg.qkv_bias),
-            "self_attn.k_proj": ("qkv_proj", q, kv, cfg.qkv_bias),
-            "self_attn.v_proj": ("qkv_proj", q + kv, kv, cfg.qkv_bias),
-            "self_attn.o_proj": ("o_proj", 0, cfg.hidden_size, cfg.o_bias),
-            "mlp.gate_proj": ("gate_up_proj", 0, inter, cfg.mlp_bias),
-            "mlp.up_proj": ("gate_up_proj", inter, inter, cfg.mlp_bias),
-            "mlp.down_proj": ("down_proj", 0, cfg.hidden_size, cfg.mlp_bias),
-        }
-        for src, (dst, off, rows, bias) in parts.items():
-            out[f"{hf}{src}.weight"] = (f"{me}{dst}.weight", off, rows)
-            if bias:
-                out[f"{hf}{src}.bias"] = (f"{me}{dst}.bias", off, rows)
-        out[f"{hf}input_layernorm.weight"] = (f"{me}input_layernorm", 0, cfg.hidden_size)
-        out[f"{hf}post_attention_layernorm.weight"] = (f"{me}post_attention_layernorm", 0, cfg.hidden_size)
+        out[f"{hf}input_layernorm.weight"] = f"{me}input_layernorm"
+        out[f"{hf}post_attention_layernorm.weight"] = f"{me}post_attention_layernorm"
         if cfg.qk_norm:
-            out[f"{hf}self_attn.q_norm.weight"] = (f"{me}q_norm", 0, cfg.head_dim)
-            out[f"{hf}self_attn.k_norm.weight"] = (f"{me}k_norm", 0, cfg.head_dim)
+            out[f"{hf}self_attn.q_norm.weight"] = f"{me}q_norm"
+            out[f"{hf}self_attn.k_norm.weight"] = f"{me}k_norm"
+    return out
+
+
+def _linear_parts(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+    """HF module name -> (our linear's name, part index): q/k/v and gate/up are fused at load."""
+    out: dict[str, tuple[str, int]] = {}
+    for i in range(cfg.num_layers):
+        hf, me = f"model.layers.{i}.", f"layers.{i}."
+        parts = {"self_attn.q_proj": ("qkv_proj", 0), "self_attn.k_proj": ("qkv_proj", 1),
+                 "self_attn.v_proj": ("qkv_proj", 2), "self_attn.o_proj": ("o_proj", 0),
+                 "mlp.gate_proj": ("gate_up_proj", 0), "mlp.up_proj": ("gate_up_proj", 1),
+                 "mlp.down_proj": ("down_proj", 0)}
+        for src, (dst, part) in parts.items():
+            out[hf + src] = (me + dst, part)
     return out
 
 
@@ -80,44 +88,97 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig, progress: bool = True) -> None:
-    """Copy every tensor of the checkpoint into the model, checking names and shapes against the config."""
-    targets = _targets(cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
+class _Loader:
+    """Routes each checkpoint tensor: plain tensors by name, linears' tensors to module.load, KV
+    scales to their layer; knows which names the config (and the quantization) expects."""
+
+    def __init__(self, model: CausalLM, cfg: ModelConfig, kv_fp8: bool):
+        self.model, self.cfg, self.kv_fp8 = model, cfg, kv_fp8
+        self.plain = _plain_targets(cfg)
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        modules = dict(model.named_modules())
+        self.linears = {hf: (modules[me], part) for hf, (me, part) in _linear_parts(cfg).items()}
+        self.expected = dict.fromkeys(self.plain, "")
+        for hf, (mod, _) in self.linears.items():
+            for kind, what in mod.expected().items():
+                self.expected[f"{hf}.{kind}"] = what
+        self.seen: set[str] = set()
+        self.unused_kv_scales: list[str] = []
+
+    def load(self, name: str, tensor: torch.Tensor, file: str) -> None:
+        if name in self.plain:
+            param = self.params[self.plain[name]]
+            want = tuple(param.shape)
+            if tuple(tensor.shape) != want:
+                raise ModelLoadError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"but config.json implies {want}")
+            param.data.copy_(tensor.to(param.dtype))
+        elif kv_scale_target(name) is not None:  # before linears: ModelOpt's k_proj.k_scale
+            self._kv_scale(name, tensor)
+        elif name.rpartition(".")[0] in self.linears:
+            prefix, _, kind = name.rpartition(".")
+            module, part = self.linears[prefix]
+            module.load(part, kind, tensor, name)
+        else:
+            raise ModelLoadError(f"{file}: tensor {name!r} does not belong to a {self.cfg.architecture} "
+                                 f"with this config")
+        self.seen.add(name)
+
+    def _kv_scale(self, name: str, tensor: torch.Tensor) -> None:
+        layer, which = kv_scale_target(name)
+        if layer >= self.cfg.num_layers:
+            raise ModelLoadError(f"tensor {name!r}: layer {layer} of a {self.cfg.num_layers}-layer model")
+        value = scale_value(tensor, name)
+        if not self.kv_fp8:
+            self.unused_kv_scales.append(name)
+            return
+        scales = list(self.model.layers[layer].kv_scale)
+        scales[which] = value
+        self.model.layers[layer].kv_scale = (scales[0], scales[1])
+
+    def finish(self, folder: Path) -> None:
+        missing = sorted(set(self.expected) - self.seen)
+        if missing:
+            shown = ", ".join(n + (f" ({self.expected[n]})" if self.expected[n] else "") for n in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ModelLoadError(f"checkpoint in {folder} lacks tensors the config needs: {shown}{more}")
+        for module in quant_linears(self.model):
+            module.process_after_loading()
+        if self.unused_kv_scales:
+            log.warning("the checkpoint carries FP8 KV-cache scales (%s, ...) but kv_cache_dtype is 'auto': "
+                        "the cache stays in the model's dtype and they are unused; pass kv_cache_dtype='fp8'",
+                        self.unused_kv_scales[0])
+
+
+def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig, progress: bool = True,
+                    kv_fp8: bool = False) -> None:
+    """Copy every tensor of the checkpoint into the model, checking names and shapes against the
+    config (and the quantization its linears were made with). kv_fp8: take the checkpoint's
+    KV-cache scales (else they are reported unused)."""
+    loader = _Loader(model, cfg, kv_fp8)
     files = checkpoint_files(folder)
-    seen: set[str] = set()
-    with tqdm(total=len(targets), desc="Loading weights", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(loader.expected), desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for path in files:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                         continue
-                    if name not in targets:
-                        raise ModelLoadError(
-                            f"{path.name}: tensor {name!r} does not belong to a {cfg.architecture} with this config"
-                        )
-                    dst, off, rows = targets[name]
-                    param = params[dst]
-                    tensor = f.get_tensor(name)
-                    want = (rows, *param.shape[1:])
-                    if tuple(tensor.shape) != want:
-                        raise ModelLoadError(
-                            f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                            f"but config.json implies {want}"
-                        )
-                    param.data[off : off + rows].copy_(tensor.to(param.dtype))
-                    seen.add(name)
+                    loader.load(name, f.get_tensor(name), path.name)
                     bar.update(1)
-    missing = sorted(set(targets) - seen)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelLoadError(f"checkpoint in {folder} lacks tensors the config needs: {shown}")
+    loader.finish(folder)
 
 
 def init_dummy_weights(model: CausalLM, seed: int) -> None:
-    """Random weights made on the model's device: N(0, 0.02) matrices, unit norms, zero biases."""
+    """Random weights made on the model's device: N(0, 0.02) matrices, unit norms, zero biases;
+    quantized linears make theirs directly in their own format (no 16-bit copy of the model)."""
     gen = torch.Generator(device=model.norm.device).manual_seed(seed)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and not isinstance(m, DenseLinear)}
+    for name, module in model.named_modules():
+        if name in quantized:
+            module.init_dummy(gen)
     for name, param in model.named_parameters():
+        if name.rpartition(".")[0] in quantized:
+            continue
         if param.dim() == 1:
             if name.endswith("bias"):
                 param.data.zero_()

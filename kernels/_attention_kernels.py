@@ -3,6 +3,8 @@
 Scores are computed in base 2: the wrapper passes scale * log2(e), so softmax uses exp2.
 A sliding window w arrives as `window` (a huge number when there is none): a query at position p
 sees keys at positions in (p - w, p].
+An FP8 cache is read in FP8 and converted to q's dtype in registers; its k_scale is folded into
+scale_log2 by the wrapper and v_scale multiplies the output (both are per-layer scalars).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _split_range(seq_len, window, split, num_splits, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, pout_ptr, plse_ptr,
-    scale_log2, window, num_splits,
+    scale_log2, v_scale, window, num_splits,
     s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_ot, s_oh,
     NUM_HEADS: tl.constexpr, DIRECT_OUT: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -83,9 +85,9 @@ def decode_split_kernel(
         v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, valid[None, :], scale_log2,
-                                      True, DOT_PREC)
-    o = acc / l_i[:, None]
+        acc, l_i, m_i = _softmax_step(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i,
+                                      valid[None, :], scale_log2, True, DOT_PREC)
+    o = acc / l_i[:, None] * v_scale
     gm = g < GROUP
     if DIRECT_OUT:
         tl.store(out_ptr + row * s_ot + heads[:, None] * s_oh + d[None, :],
@@ -142,7 +144,7 @@ def _find_tile_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit(do_not_specialize=["window", "num_seqs"])
 def prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
-    scale_log2, window, num_seqs,
+    scale_log2, v_scale, window, num_seqs,
     s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_ot, s_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
@@ -184,8 +186,8 @@ def prefill_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         k_off = _kv_offsets(bt_row, n, n < full_end, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
         v_off = _kv_offsets(bt_row, n, n < full_end, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
-        k = tl.load(k_ptr + k_off[:, None] + d[None, :])
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :])
+        k = tl.load(k_ptr + k_off[:, None] + d[None, :]).to(q.dtype)
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :]).to(q.dtype)
         acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, None, scale_log2, False, DOT_PREC)
     for n0 in range(full_end, p_last + 1, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -195,7 +197,8 @@ def prefill_kernel(
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         keep = (n[None, :] <= qpos[:, None]) & (n[None, :] > qpos[:, None] - window)
-        acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2, True, DOT_PREC)
-    o = acc / l_i[:, None]
+        acc, l_i, m_i = _softmax_step(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i, keep,
+                                      scale_log2, True, DOT_PREC)
+    o = acc / l_i[:, None] * v_scale
     tl.store(out_ptr + rows[:, None] * s_ot + heads[:, None] * s_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

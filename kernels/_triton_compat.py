@@ -66,6 +66,8 @@ def patch_interpreter() -> None:
     2. float32 -> bf16 casts truncate; the GPU rounds to nearest even.
     3. A scalar loaded from memory is a 1-element array, and int() of it (range bounds) fails
        with numpy >= 2.3.
+    4. Casts to and from float8e4nv (E4M3) flush subnormals to zero; the GPU (and torch) keep
+       them. Such casts go through torch's float8_e4m3fn conversion instead (round to nearest even).
     """
     import numpy as np
     import triton.language as tl
@@ -96,6 +98,15 @@ def patch_interpreter() -> None:
 
     interp.InterpreterBuilder.cast_impl = cast_impl
 
+    fp_to_fp = interp.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if tl.float8e4nv in (src.dtype.scalar, dst_type.scalar):
+            return _fp8_cast(src, dst_type)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interp.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
+
     patch_tensor = interp._patch_lang_tensor
 
     def _patch_lang_tensor(tensor, scope):
@@ -103,3 +114,26 @@ def patch_interpreter() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
     interp._patch_lang_tensor = _patch_lang_tensor
+
+
+def _fp8_cast(src, dst_type):
+    """An interpreter cast from or to float8e4nv through torch (exact, subnormals kept)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    data = np.ascontiguousarray(src.data)
+    if src.dtype.scalar == tl.float8e4nv:
+        x = torch.from_numpy(data.view(np.uint8)).view(torch.float8_e4m3fn).float()
+    elif src.dtype.scalar == tl.bfloat16:
+        x = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).float()
+    else:
+        x = torch.from_numpy(data.astype(np.float32))
+    dst = dst_type.scalar
+    if dst == tl.float8e4nv:
+        out = x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    elif dst == tl.bfloat16:
+        out = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    else:
+        out = x.numpy().astype(interp._get_np_dtype(dst))
+    return interp.TensorHandle(out, dst)

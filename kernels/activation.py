@@ -1,4 +1,5 @@
-"""SiLU-and-mul: out = silu(gate) * up for x = [gate | up] (reference: kernels.reference)."""
+"""SiLU-and-mul: out = silu(gate) * up for x = [gate | up] (reference: kernels.reference), and its
+variant that outputs FP8 with per-token scales for the down projection (kernels/fp8.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import triton
 import triton.language as tl
 
 from kernels import _triton_compat as C
+from kernels import fp8 as F8
 
 
 @triton.jit
@@ -48,3 +50,60 @@ def silu_and_mul(
         x, out, inter, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _silu_mul_chunk(x_ptr, t, s_x, c, mask, n_cols, dtype: tl.constexpr):
+    """[BLOCK] f32 of silu(gate) * up at columns c, rounded to `dtype` as silu_and_mul rounds."""
+    gate = tl.load(x_ptr + t * s_x + c, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + t * s_x + n_cols + c, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return (act * up).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, static_ptr, n_cols, s_x, s_q,
+                             STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (T,). Per-token scales need the row's amax: a first pass over the row finds it (the
+    product is recomputed in the second pass rather than stored); a static scale needs one pass."""
+    t = tl.program_id(0).to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, n_cols, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            y = _silu_mul_chunk(x_ptr, t, s_x, c, c < n_cols, n_cols, dtype)
+            amax = tl.maximum(amax, tl.abs(y))
+        scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+    for c0 in range(0, n_cols, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        mask = c < n_cols
+        y = _silu_mul_chunk(x_ptr, t, s_x, c, mask, n_cols, dtype)
+        q = tl.clamp(y / scale, -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(q_ptr + t * s_q + c, q, mask=mask)
+    tl.store(s_ptr + t, scale)
+
+
+def silu_and_mul_quant_fp8(
+    x: torch.Tensor,  # [T, 2 * I] = [gate | up]; last dim contiguous
+    static_scale: torch.Tensor | None = None,  # [1] f32; None = per-token scales
+) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, I] float8_e4m3fn, scale [T, 1] f32)
+    """silu(gate) * up quantized to FP8 (reference: kernels.reference.silu_and_mul_quant_fp8)."""
+    C.check_device("x", x, x.device)
+    C.check_dtype("x", x, C.FLOAT_DTYPES)
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"x must be [T, 2 * intermediate], got {tuple(x.shape)}")
+    C.check_last_dim_contiguous("x", x)
+    F8.check_static_scale(static_scale, x.device)
+    num_tokens, inter = x.shape[0], x.shape[1] // 2
+    q, scale = F8.new_outputs(num_tokens, inter, x.device)
+    if num_tokens == 0:
+        return q, scale
+    block = min(2048, triton.next_power_of_2(inter))
+    _silu_and_mul_fp8_kernel[(num_tokens,)](
+        x, q, scale, scale if static_scale is None else static_scale, inter, x.stride(0),
+        q.stride(0), STATIC=static_scale is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )
+    return q, scale

@@ -1,5 +1,8 @@
 """RMSNorm and fused residual-add + RMSNorm (HF Llama semantics; see kernels/reference.py).
 
+The *_quant_fp8 variants output the normalized rows in FP8 with their scales (kernels/fp8.py),
+so the next GEMM needs no separate quantization pass.
+
 rms_norm also takes [T, H, D] views (per-head q/k norm, as Qwen3 does) with any token and head
 strides; each row of D elements is normalized on its own.
 """
@@ -11,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels import _triton_compat as C
+from kernels import fp8 as F8
 
 
 @triton.jit
@@ -141,3 +145,80 @@ def fused_add_rms_norm(
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
     )
     return x, residual
+
+
+# ---- FP8 outputs: the normalized rows quantized for the next FP8 GEMM (kernels/fp8.py) ----
+
+@triton.jit
+def _rms_norm_fp8_kernel(
+    x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, static_ptr, n_rows, n_cols, eps, s_x, s_r, s_q,
+    ADD: tl.constexpr, STATIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(n_rows, BLOCK_R),). ADD: residual += x first and normalize the residual (stored
+    back in place); x itself is never written. The row is rounded to x's dtype, then quantized."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.arange(0, BLOCK_N)
+    mask = (r < n_rows)[:, None] & (c < n_cols)[None, :]
+    x = tl.load(x_ptr + r[:, None] * s_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        rp = res_ptr + r[:, None] * s_r + c[None, :]
+        res = (x + tl.load(rp, mask=mask, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(rp, res, mask=mask)
+        x = res.to(tl.float32)
+    w = tl.load(w_ptr + c, mask=c < n_cols, other=0.0).to(tl.float32)
+    y = _normalize(x, w, n_cols, eps, x_ptr.dtype.element_ty).to(tl.float32)
+    q, scale = F8._fp8_rows(y, static_ptr, STATIC)
+    tl.store(q_ptr + r[:, None] * s_q + c[None, :], q, mask=mask)
+    tl.store(s_ptr + r, scale, mask=r < n_rows)
+
+
+def _norm_fp8(x, residual, weight, eps, static_scale):
+    C.check_device("x", x, x.device)
+    C.check_dtype("x", x, C.FLOAT_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, hidden], got {tuple(x.shape)}")
+    _check_weight(x, weight)
+    C.check_last_dim_contiguous("x", x)
+    if residual is not None:
+        C.check_device("residual", residual, x.device)
+        C.check_shape("residual", residual, tuple(x.shape))
+        if residual.dtype != x.dtype:
+            raise ValueError(f"residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
+        C.check_last_dim_contiguous("residual", residual)
+    F8.check_static_scale(static_scale, x.device)
+    n_rows, n_cols = x.shape
+    q, scale = F8.new_outputs(n_rows, n_cols, x.device)
+    if n_rows == 0:
+        return q, scale
+    block_r, block_n, num_warps = _config(n_rows, n_cols)
+    res = x if residual is None else residual
+    _rms_norm_fp8_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, res, weight, q, scale, scale if static_scale is None else static_scale, n_rows, n_cols,
+        eps, x.stride(0), res.stride(0), q.stride(0), ADD=residual is not None,
+        STATIC=static_scale is not None, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return q, scale
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T, N], last dim contiguous
+    weight: torch.Tensor,  # [N], x's dtype
+    eps: float,
+    static_scale: torch.Tensor | None = None,  # [1] f32; None = per-token scales
+) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, N] float8_e4m3fn, scale [T, 1] f32)
+    """rms_norm(x) quantized to FP8 in the same pass (reference: kernels.reference.rms_norm_quant_fp8)."""
+    return _norm_fp8(x, None, weight, eps, static_scale)
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T, N], read only
+    residual: torch.Tensor,  # [T, N], x's dtype; overwritten with x + residual
+    weight: torch.Tensor,  # [N], x's dtype
+    eps: float,
+    static_scale: torch.Tensor | None = None,  # [1] f32; None = per-token scales
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (q [T, N] fp8, scale [T, 1] f32, residual)
+    """residual += x; (q, scale) = FP8 of rms_norm(residual). One pass."""
+    if residual is None:
+        raise ValueError("residual is required (use rms_norm_quant_fp8 without one)")
+    q, scale = _norm_fp8(x, residual, weight, eps, static_scale)
+    return q, scale, residual

@@ -8,12 +8,78 @@ A step's batch is flattened: sequence i owns query rows query_start_loc[i]:query
 new tokens are the last `q_len` of its `seq_lens[i]` context tokens, so query row j of sequence i sits
 at position seq_lens[i] - q_len + j and attends (causally) to context positions 0..that position.
 The new tokens' K/V are written into the cache before attention runs, so attention reads only the cache.
+
+FP8 (E4M3): an activation is quantized to q = clamp(x / scale, ±448) with one scale per row
+(amax / 448) or one static scale; a GEMM computes (q * x_scale) @ (w * w_scale).T in float32. An FP8
+KV cache stores k / k_scale and v / v_scale (per-layer scales); readers multiply them back.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def to_fp8(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """x / scale in E4M3, saturated at ±448 (round to nearest even). x: any shape."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_fp8(
+    x: torch.Tensor, static_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, K] -> (q [T, K] float8_e4m3fn, scale [T, 1] f32): per token, or one static scale ([1] f32)."""
+    xf = x.float()
+    if static_scale is None:
+        scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    else:
+        scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    return to_fp8(xf, scale), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q * scale in `dtype`; scale broadcasts against q ([T, 1] rows, [N, 1] channels or [1])."""
+    return (q.float() * scale).to(dtype)
+
+
+def fp8_linear(
+    xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """(xq * x_scale) @ (weight * weight_scale[:, None]).T + bias, in float32, returned in out_dtype.
+
+    xq: [M, K] fp8, x_scale: [M, 1] f32, weight: [N, K] fp8, weight_scale: [N] f32, bias: [N]."""
+    y = (xq.float() @ weight.float().t()) * x_scale * weight_scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, static_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8(rms_norm(x)): the normalized row is rounded to x's dtype first."""
+    return quantize_fp8(rms_norm(x, weight, eps), static_scale)
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    static_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, residual') with residual' = x + residual and (q, scale) = quantize_fp8(rms_norm(residual'))."""
+    normed, new_residual = fused_add_rms_norm(x, residual, weight, eps)
+    q, scale = quantize_fp8(normed, static_scale)
+    return q, scale, new_residual
+
+
+def silu_and_mul_quant_fp8(
+    x: torch.Tensor, static_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8(silu_and_mul(x)): the product is rounded to x's dtype first."""
+    return quantize_fp8(silu_and_mul(x), static_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,13 +135,23 @@ def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> None:
-    """Store new tokens' K/V in the paged cache. k, v: [T, KVH, D]; slot_mapping: [T] int64."""
+    """Store new tokens' K/V in the paged cache. k, v: [T, KVH, D]; slot_mapping: [T] int64.
+    An FP8 cache stores k / k_scale and v / v_scale."""
     block_size = k_cache.shape[2]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
-    k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+    k_cache[blocks, :, offsets] = _to_cache(k, k_cache.dtype, kv_scale[0])
+    v_cache[blocks, :, offsets] = _to_cache(v, v_cache.dtype, kv_scale[1])
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    return to_fp8(x, scale) if dtype == FP8 else x.to(dtype)
+
+
+def _from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    return (x.float() * scale).to(dtype) if x.dtype == FP8 else x.to(dtype)
 
 
 def gather_kv(
@@ -97,12 +173,14 @@ def paged_attention(
     seq_lens: list[int] | torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Causal attention of a mixed prefill + decode batch over the paged cache.
 
     q: [T, H, D]; block_tables: [num_seqs, max_blocks] int32; query_start_loc: [num_seqs + 1];
     seq_lens: [num_seqs] context length including this step's tokens. Returns [T, H, D] in q's dtype.
     With sliding_window w, a query at position p sees keys at positions > p - w (HF semantics).
+    An FP8 cache is read as k * k_scale, v * v_scale (kv_scale), in q's dtype.
     """
     qsl = [int(x) for x in query_start_loc]
     lens = [int(x) for x in seq_lens]
@@ -114,8 +192,8 @@ def paged_attention(
         q_len = end - start
         if q_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[i], seq_len).to(q.dtype)
-        v = gather_kv(v_cache, block_tables[i], seq_len).to(q.dtype)
+        k = _from_cache(gather_kv(k_cache, block_tables[i], seq_len), q.dtype, kv_scale[0])
+        v = _from_cache(gather_kv(v_cache, block_tables[i], seq_len), q.dtype, kv_scale[1])
         if group > 1:
             k = k.repeat_interleave(group, dim=0)
             v = v.repeat_interleave(group, dim=0)
@@ -141,6 +219,7 @@ def rope_and_write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     """Rotate q in place and store rotated k and v in the cache; k itself is left unchanged.
 
@@ -149,4 +228,4 @@ def rope_and_write_kv(
     q_rot, k_rot = apply_rope(q, k, positions, cos_sin_cache)
     q.copy_(q_rot)
     keep = slot_mapping >= 0
-    write_kv(k_rot[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
+    write_kv(k_rot[keep], v[keep], k_cache, v_cache, slot_mapping[keep], kv_scale)

@@ -1,6 +1,7 @@
 """Rotary embedding of q and k fused with writing k and v into the paged KV cache.
 
 Reference: kernels.reference.rope_and_write_kv (apply_rope + write_kv, slot -1 skipped).
+An FP8 (E4M3) cache receives k / k_scale and v / v_scale, saturated at ±448.
 """
 
 from __future__ import annotations
@@ -22,13 +23,22 @@ def _rotate(ptr, rows, row_mask, i, cos, sin, HALF: tl.constexpr, HALF_PAD: tl.c
 
 
 @triton.jit
+def _to_cache(x, src_dtype: tl.constexpr, cache_dtype: tl.constexpr, scale, KV_FP8: tl.constexpr):
+    """Round through the source dtype first, as the reference does, then to the cache's."""
+    x = x.to(src_dtype)
+    if KV_FP8:
+        return tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+@triton.jit
 def _rope_write_kv_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, k_scale, v_scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cs,
     s_kcb, s_kch, s_kct, s_vcb, s_vch, s_vct,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr,
     KVH_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid (T,): one token's q heads rotated in place, its k rotated and v copied into the cache."""
     t = tl.program_id(0).to(tl.int64)
@@ -50,14 +60,16 @@ def _rope_write_kv_kernel(
         k1, k2, kmask = _rotate(k_ptr, t * s_kt + kh * s_kh, kh < NUM_KV_HEADS, i, cos, sin,
                                 HALF, HALF_PAD)
         kc = kc_ptr + (blk * s_kcb + off * s_kct + kh * s_kch)[:, None] + i[None, :]
-        # Round through k's dtype first, as the reference does, then to the cache's.
-        tl.store(kc, k1.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty), mask=kmask)
-        tl.store(kc + HALF, k2.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty), mask=kmask)
+        kdt = k_ptr.dtype.element_ty
+        tl.store(kc, _to_cache(k1, kdt, kc_ptr.dtype.element_ty, k_scale, KV_FP8), mask=kmask)
+        tl.store(kc + HALF, _to_cache(k2, kdt, kc_ptr.dtype.element_ty, k_scale, KV_FP8),
+                 mask=kmask)
         d = tl.arange(0, 2 * HALF_PAD)
         vmask = (kh < NUM_KV_HEADS)[:, None] & (d < 2 * HALF)[None, :]
         v = tl.load(v_ptr + (t * s_vt + kh * s_vh)[:, None] + d[None, :], mask=vmask)
         vc = vc_ptr + (blk * s_vcb + off * s_vct + kh * s_vch)[:, None] + d[None, :]
-        tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=vmask)
+        tl.store(vc, _to_cache(v, v_ptr.dtype.element_ty, vc_ptr.dtype.element_ty, v_scale, KV_FP8),
+                 mask=vmask)
 
 
 def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) -> None:
@@ -95,7 +107,9 @@ def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) ->
         if tensors[name].dtype != q.dtype:
             raise ValueError(f"{name} has dtype {tensors[name].dtype}, expected q's dtype {q.dtype}")
     for name in ("k_cache", "v_cache"):
-        C.check_dtype(name, tensors[name], C.FLOAT_DTYPES)
+        C.check_dtype(name, tensors[name], C.FLOAT_DTYPES + (torch.float8_e4m3fn,))
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache has dtype {v_cache.dtype}, expected k_cache's {k_cache.dtype}")
     for name, t in tensors.items():
         C.check_last_dim_contiguous(name, t)
 
@@ -109,11 +123,17 @@ def rope_and_write_kv(
     k_cache: torch.Tensor,  # [num_blocks, KVH, block_size, D]
     v_cache: torch.Tensor,  # [num_blocks, KVH, block_size, D]
     slot_mapping: torch.Tensor,  # [T] int64, -1 = padding token, not written
+    kv_scale: tuple[float, float] = (1.0, 1.0),  # (k_scale, v_scale) of an FP8 cache
 ) -> None:
     """Rotate q in place ("rotate half" over the whole head_dim) and store rotated k and v in
     the paged cache at slot_mapping. One program per token; any token/head strides.
     Not checked (device values): positions < max_position, slots < num_blocks * block_size."""
     _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if not kv_fp8 and tuple(kv_scale) != (1.0, 1.0):
+        raise ValueError(f"kv_scale {tuple(kv_scale)} given for a {k_cache.dtype} cache (only FP8 caches scale)")
+    if min(kv_scale) <= 0:
+        raise ValueError(f"kv_scale must be positive, got {tuple(kv_scale)}")
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return
@@ -122,10 +142,11 @@ def rope_and_write_kv(
     h_pad = triton.next_power_of_2(num_heads)
     _rope_write_kv_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+        float(kv_scale[0]), float(kv_scale[1]),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, H_PAD=h_pad,
         KVH_PAD=triton.next_power_of_2(num_kv_heads), HALF=half,
-        HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[2],
+        HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[2], KV_FP8=kv_fp8,
         num_warps=4 if h_pad * half <= 2048 else 8,
     )

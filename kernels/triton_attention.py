@@ -7,6 +7,9 @@
 Launches depend only on tensor shapes and on `num_splits` (a host int), never on tensor values,
 so the decode path can be captured in a CUDA graph. Layouts are those of kernels/reference.py.
 
+An FP8 (float8_e4m3fn) cache takes kv_scale = (k_scale, v_scale): K/V are read in FP8 and
+converted to q's dtype in registers (half the bytes of a 16-bit cache).
+
 Not checked, since that would read the device: block_tables rows cover cdiv(seq_len, block_size)
 blocks; 1 <= q_len <= seq_len; the first num_decodes sequences have q_len exactly 1.
 """
@@ -57,9 +60,13 @@ def _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     C.check_shape("v_cache", v_cache, tuple(k_cache.shape))
     C.check_dtype("q", q, C.FLOAT_DTYPES)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+    if out.dtype != q.dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected q's dtype {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype not in (q.dtype, torch.float8_e4m3fn):
+            raise ValueError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype} or float8_e4m3fn")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache has dtype {v_cache.dtype}, expected k_cache's {k_cache.dtype}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
         C.check_last_dim_contiguous(name, t)
     C.check_shape("out", out, tuple(q.shape))
@@ -75,6 +82,15 @@ def _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {window!r}")
     return num_seqs, num_heads // num_kv_heads
+
+
+def _kv_scales(k_cache: torch.Tensor, kv_scale: tuple[float, float]) -> tuple[float, float]:
+    k_scale, v_scale = (float(x) for x in kv_scale)
+    if k_cache.dtype != torch.float8_e4m3fn and (k_scale, v_scale) != (1.0, 1.0):
+        raise ValueError(f"kv_scale {(k_scale, v_scale)} given for a {k_cache.dtype} cache (only FP8 caches scale)")
+    if not (k_scale > 0 and v_scale > 0):
+        raise ValueError(f"kv_scale must be positive, got {(k_scale, v_scale)}")
+    return k_scale, v_scale
 
 
 def _check_block(name: str, value: int) -> None:
@@ -103,6 +119,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Attention of one query token per sequence (q_len 1 for every sequence given).
 
@@ -113,6 +130,7 @@ def paged_decode_attention(
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                                     out, sliding_window)
+    k_scale, v_scale = _kv_scales(k_cache, kv_scale)
     if num_seqs == 0:
         return out
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -128,10 +146,10 @@ def paged_decode_attention(
     # [num_seqs, H, num_splits, D] f32 and [num_seqs, H, num_splits] f32: per-split results.
     pout = q.new_empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32)
     plse = q.new_empty((num_seqs, num_heads, num_splits), dtype=torch.float32)
-    scale_log2 = scale * math.log2(math.e)
+    scale_log2 = scale * k_scale * math.log2(math.e)
     K.decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, pout, plse,
-        scale_log2, window, num_splits, *strides,
+        scale_log2, v_scale, window, num_splits, *strides,
         NUM_HEADS=num_heads, DIRECT_OUT=num_splits == 1, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, num_warps=num_warps,
@@ -175,6 +193,7 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Causal attention of every sequence's new tokens to its cached prefix and to themselves.
 
@@ -186,6 +205,7 @@ def paged_prefill_attention(
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                                     out, sliding_window)
+    k_scale, v_scale = _kv_scales(k_cache, kv_scale)
     if num_seqs == 0:
         return out
     head_dim, num_kv_heads = q.shape[2], k_cache.shape[1]
@@ -201,7 +221,8 @@ def paged_prefill_attention(
     grid = (tokens // block_q + num_seqs, num_kv_heads)
     K.prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
-        scale * math.log2(math.e), sliding_window or _NO_WINDOW, num_seqs, *strides,
+        scale * k_scale * math.log2(math.e), v_scale, sliding_window or _NO_WINDOW, num_seqs,
+        *strides,
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[2], BLOCK_N=block_n, SLIDING=sliding_window is not None,
         DOT_PREC=prec, num_warps=num_warps, num_stages=num_stages,
@@ -223,6 +244,7 @@ def paged_attention(
     num_decodes: int = 0,
     max_query_len: int | None = None,
     num_splits: int | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Mixed batch, same meaning as kernels.reference.paged_attention.
 
@@ -240,10 +262,10 @@ def paged_attention(
         paged_decode_attention(
             q, k_cache, v_cache, block_tables[:num_decodes], query_start_loc[: num_decodes + 1],
             seq_lens[:num_decodes], scale, out=out, sliding_window=sliding_window,
-            num_splits=num_splits)
+            num_splits=num_splits, kv_scale=kv_scale)
     if num_decodes < num_seqs:
         paged_prefill_attention(
             q, k_cache, v_cache, block_tables[num_decodes:], query_start_loc[num_decodes:],
             seq_lens[num_decodes:], scale, out=out, sliding_window=sliding_window,
-            num_query_tokens=q.shape[0] - num_decodes)
+            num_query_tokens=q.shape[0] - num_decodes, kv_scale=kv_scale)
     return out

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,8 @@ import time
 
 import yaml
 
-from services.common.config import ENV_PREFIX, ROLES, field_help, field_type, load_yaml, resolve
+from services.common.config import (ENV_PREFIX, ROLES, field_help, field_type, flat_dict, leaf_fields,
+                                     load_yaml, parse_value, resolve)
 from services.executor.config import ExecutorConfig
 from services.gateway.config import GatewayConfig
 from services.scheduler.config import SchedulerConfig
@@ -30,13 +32,19 @@ DRAIN_REST_S = 10.0
 """`--role all` drain: how long the other tiers get once the gateway has drained."""
 
 
-def _fields() -> dict[str, dict[str, dataclasses.Field]]:
-    """field name -> {role: field}, over every role's config."""
-    out: dict[str, dict[str, dataclasses.Field]] = {}
+def _fields() -> dict[str, dict[str, tuple[type, dataclasses.Field]]]:
+    """setting name -> {role: (owner class, field)}, over every role's config (the executor's
+    engine settings included)."""
+    out: dict[str, dict[str, tuple[type, dataclasses.Field]]] = {}
     for role, cls in CONFIGS.items():
-        for f in dataclasses.fields(cls):
-            out.setdefault(f.name, {})[role] = f
+        for owner, f in leaf_fields(cls):
+            out.setdefault(f.name, {})[role] = (owner, f)
     return out
+
+
+def setting_names() -> set[str]:
+    """Every setting of every role (flags, TAXIWAY_* variables, YAML keys)."""
+    return set(_fields())
 
 
 DESCRIPTION = (
@@ -52,18 +60,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML settings: flat keys, and per-role sections (gateway: {port: ...})")
     for name, per_role in _fields().items():
-        f = next(iter(per_role.values()))
-        defaults = ", ".join(f"{r} {fl.default}" for r, fl in per_role.items())
-        if len({repr(fl.default) for fl in per_role.values()}) == 1:
+        owner, f = next(iter(per_role.values()))
+        defaults = ", ".join(f"{r} {fl.default}" for r, (_, fl) in per_role.items())
+        if len({repr(fl.default) for _, fl in per_role.values()}) == 1:
             defaults = str(f.default)
         kwargs = {"default": None, "help": f"{field_help(f)} (default: {defaults}; "
                                            f"roles: {', '.join(per_role)})"}
-        tp = field_type(CONFIGS[next(iter(per_role))], name)
+        tp = field_type(owner, name)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif tp in (dict, list):
+            kwargs["type"] = json_value(tp)
+            kwargs["metavar"] = "JSON"
         else:
             kwargs["type"] = tp
         p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def json_value(tp: type):
+    """argparse type: a JSON object (or array) given on the command line."""
+    def parse(text: str):
+        return parse_value(text, tp)
+
+    parse.__name__ = "JSON"
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,17 +127,31 @@ def role_configs(cli: dict, env: dict, file: dict, known: set[str]) -> dict:
     return configs
 
 
+def embedded_security(configs: dict) -> dict:
+    """`--role all`: the tiers share a fresh internal credential unless one is given, and the
+    gateway serves without API keys unless keys are given (the one place that is the default)."""
+    tiers = list(configs.values())
+    if not any(c.internal_token or c.internal_token_file or c.insecure_internal for c in tiers):
+        token = secrets.token_urlsafe(32)
+        configs = {r: dataclasses.replace(c, internal_token=token) for r, c in configs.items()}
+    gw = configs["gateway"]
+    if not (gw.api_keys or gw.api_keys_file or gw.allow_anonymous):
+        configs["gateway"] = dataclasses.replace(gw, allow_anonymous=True)
+    return configs
+
+
 def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
     from services.common.redis_server import EmbeddedRedis
     from services.run import PARENT_ENV, Signals
 
-    configs = role_configs(cli, env, file, known)
+    configs = embedded_security(role_configs(cli, env, file, known))
     redis = None
     if not configs["gateway"].redis_url:
-        redis = EmbeddedRedis()
-        configs = {r: dataclasses.replace(c, redis_url=redis.url) if hasattr(c, "redis_url") else c
-                   for r, c in configs.items()}
-        print(f"taxiway: embedded Redis at {redis.url}", file=sys.stderr)
+        redis = EmbeddedRedis(password=secrets.token_urlsafe(24))
+        configs = {r: dataclasses.replace(c, redis_url=redis.url, redis_password=redis.password)
+                   if hasattr(c, "redis_url") else c for r, c in configs.items()}
+        print(f"taxiway: embedded Redis at {redis.url} (with a password of its own)",
+              file=sys.stderr)
     settings = {ENV_PREFIX + n.upper() for n in [*known, "role", "config"]} | {"REDIS_URL"}
     child_env = {k: v for k, v in env.items() if k not in settings}  # the files say it all
     child_env[PARENT_ENV] = str(os.getpid())
@@ -129,13 +163,13 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
         for role in START_ORDER:
             path = os.path.join(tmp.name, f"{role}.yaml")
             with open(path, "w") as f:
-                yaml.safe_dump({role: dataclasses.asdict(configs[role])}, f)
+                yaml.safe_dump({role: flat_dict(configs[role])}, f)
             procs[role] = subprocess.Popen(
                 [sys.executable, "-m", "services.serve", "--role", role, "--config", path],
                 env=child_env, process_group=0)
         gw = configs["gateway"]
         address = f"{'127.0.0.1' if gw.host in ('0.0.0.0', '::') else gw.host}:{gw.port}"
-        if not _wait_ready(address, configs["gateway"].redis_url, procs, stop):
+        if not _wait_ready(address, configs["gateway"], procs, stop):
             return 1 if not stop.is_set() else 0
         print(f"taxiway is serving at {address}  (try: taxiway client --address {address} "
               f"\"What is the capital of France?\"; Ctrl-C stops)", flush=True)
@@ -155,7 +189,7 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
         print("taxiway: stopped", file=sys.stderr)
 
 
-def _wait_ready(address: str, redis_url: str, procs: dict, stop) -> bool:
+def _wait_ready(address: str, gateway, procs: dict, stop) -> bool:
     """True once the gateway is SERVING and an executor has joined (its model is loaded)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -163,9 +197,10 @@ def _wait_ready(address: str, redis_url: str, procs: dict, stop) -> bool:
     from services.common import streams
     from services.common.server import channel as make_channel
 
-    redis = streams.connect(redis_url)
+    redis = streams.connect(gateway.redis_url, **gateway.redis_options())
     deadline = time.monotonic() + READY_TIMEOUT_S
-    with make_channel(address) as channel:
+    # with TLS, its own certificate is the root: right for the self-signed ones a machine uses
+    with make_channel(address, ca_file=gateway.tls_cert_file) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and not stop.is_set():
             dead = [r for r, p in procs.items() if p.poll() is not None]

@@ -1,5 +1,6 @@
 """Offline benchmarks with the trtllm-bench protocol: fixed ISL/OSL, random token ids, EOS ignored,
-every request submitted at once (throughput), or one request alone (latency)."""
+every request submitted at once (throughput, and a sweep over max_num_seqs in one process), or one
+request alone (latency, with its roofline from the bytes a decode step reads)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from gpu_engine.engine import LLMEngine
+from gpu_engine.roofline import decode_step_bytes, kv_bytes_per_token
 from gpu_engine.sampling_params import OutputKind, SamplingParams
+
+APIS = ("engine", "llm")
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,8 @@ class BenchConfig:
     isl: int = 128
     osl: int = 128
     num_requests: int = 3000
-    max_num_seqs: int = 512
+    max_num_seqs: int = 1024
+    """The engine's default on an H100/H200-class GPU; `bench sweep` measures the others."""
     max_num_batched_tokens: int = 8192
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
@@ -34,6 +39,27 @@ class BenchConfig:
     admission_policy: str = "guaranteed_no_evict"
     """All requests arrive at once with fixed lengths: reserving prompt + OSL avoids preemption churn."""
     seed: int = 0
+    quantization: str = "none"
+    """none, fp8 or awq (EngineConfig.quantization; with dummy weights they are made quantized)."""
+    kv_cache_dtype: str = "auto"
+    """auto: the model's dtype; fp8: the FP8 KV cache (EngineConfig.kv_cache_dtype)."""
+    api: str = "engine"
+    """engine: LLMEngine with the settings above, no detokenization (the bench driver).
+    llm: what users run, `LLM(model, load_format, dtype, device, seed).generate(...)` with the
+    engine's defaults for every other setting and default SamplingParams but greedy, max_tokens
+    OSL and EOS ignored (so text is detokenized)."""
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, got {self.api!r}")
+        if self.isl < 1 or self.osl < 1 or self.num_requests < 1:
+            raise ValueError(f"isl, osl and num_requests must be positive, got {self.isl}, {self.osl}, "
+                             f"{self.num_requests}")
+
+    def llm_kwargs(self) -> dict:
+        return dict(load_format=self.load_format, dtype=self.dtype, device=self.device, seed=self.seed,
+                    quantization=None if self.quantization == "none" else self.quantization,
+                    kv_cache_dtype=self.kv_cache_dtype)
 
     def engine_kwargs(self) -> dict:
         return dict(
@@ -42,6 +68,8 @@ class BenchConfig:
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
             async_scheduling=self.async_scheduling, admission_policy=self.admission_policy,
+            quantization=None if self.quantization == "none" else self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -128,33 +156,103 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 * 2**30) -> float:
 
 
 def throughput(cfg: BenchConfig) -> dict:
+    if cfg.api == "llm":
+        return throughput_llm(cfg)
     t0 = time.perf_counter()
     engine = LLMEngine(**cfg.engine_kwargs())
     startup = time.perf_counter() - t0
+    warm_up(engine, cfg)
+    result = timed_run(engine, cfg)
+    return {"benchmark": "throughput", "config": cfg.__dict__, "machine": machine_info(),
+            "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
+            "graph_capture_s": round(engine.graph_capture_s, 2), **result}
+
+
+def warm_up(engine: LLMEngine, cfg: BenchConfig) -> None:
     vocab = engine.model_config.vocab_size
-    warm = random_prompts(min(cfg.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1)
-    run_requests(engine, warm, min(cfg.osl, 16))
-    prompts = random_prompts(cfg.num_requests, cfg.isl, vocab, cfg.seed)
+    run_requests(engine, random_prompts(min(engine.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1), min(cfg.osl, 16))
+
+
+def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
+    """All of cfg's requests at once through the engine; figures and the engine's step timings."""
+    prompts = random_prompts(cfg.num_requests, cfg.isl, engine.model_config.vocab_size, cfg.seed)
     engine.step_times.reset()
+    preempted = engine.scheduler.num_preemptions
     r = run_requests(engine, prompts, cfg.osl)
-    assert r["generated_tokens"] == cfg.num_requests * cfg.osl, r["generated_tokens"]
-    out_tps = r["generated_tokens"] / r["elapsed_s"]
+    if r["generated_tokens"] != cfg.num_requests * cfg.osl:
+        raise RuntimeError(f"generated {r['generated_tokens']} tokens, expected {cfg.num_requests * cfg.osl}")
     return {
-        "benchmark": "throughput", "config": cfg.__dict__, "machine": machine_info(),
-        "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
-        "elapsed_s": round(r["elapsed_s"], 3), "steps": r["steps"],
-        "output_tokens_per_s": round(out_tps, 1),
+        "max_num_seqs": engine.scheduler.config.max_num_seqs, **_quant_info(engine),
+        "elapsed_s": round(r["elapsed_s"], 3),
+        "steps": r["steps"], "output_tokens_per_s": round(r["generated_tokens"] / r["elapsed_s"], 1),
         "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
-        "preemptions": engine.scheduler.num_preemptions,
-        "graph_capture_s": round(engine.graph_capture_s, 2),
+        "preemptions": engine.scheduler.num_preemptions - preempted,
         "step_times": engine.step_times.summary(),
     }
+
+
+def throughput_llm(cfg: BenchConfig) -> dict:
+    """The same protocol through the public API, `LLM(...).generate`, on the engine's defaults."""
+    from gpu_engine.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(cfg.model, **cfg.llm_kwargs())
+    startup = time.perf_counter() - t0
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=cfg.osl, temperature=0.0, ignore_eos=True)
+    llm.generate(random_prompts(min(engine.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1),
+                 replace(params, max_tokens=min(cfg.osl, 16)))
+    prompts = random_prompts(cfg.num_requests, cfg.isl, vocab, cfg.seed)
+    engine.step_times.reset()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    if generated != cfg.num_requests * cfg.osl:
+        raise RuntimeError(f"generated {generated} tokens, expected {cfg.num_requests * cfg.osl}")
+    ec = engine.config
+    return {
+        "benchmark": "throughput", "api": "llm", "config": cfg.__dict__, "machine": machine_info(),
+        "engine_settings": {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
+                            "admission_policy": ec.admission_policy, "enable_prefix_caching": ec.enable_prefix_caching,
+                            "max_model_len": engine.max_model_len, "async_scheduling": engine.async_scheduling,
+                            "detokenize": params.detokenize},
+        "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks, "elapsed_s": round(elapsed, 3),
+        "output_tokens_per_s": round(generated / elapsed, 1),
+        "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / elapsed, 1),
+        "preemptions": engine.scheduler.num_preemptions, "step_times": engine.step_times.summary(),
+    }
+
+
+def sweep(cfg: BenchConfig, sizes: list[int]) -> dict:
+    """The throughput run at each max_num_seqs in `sizes`, in one process: the model is loaded and
+    the graphs captured once (for the largest size); each run caps the running batch."""
+    if not sizes or any(n < 1 for n in sizes):
+        raise ValueError(f"sizes must be positive batch sizes, got {sizes}")
+    t0 = time.perf_counter()
+    engine = LLMEngine(**replace(cfg, max_num_seqs=max(sizes)).engine_kwargs())
+    startup = time.perf_counter() - t0
+    warm_up(engine, cfg)
+    runs = []
+    for n in sizes:
+        engine.scheduler.limit_running(n)
+        run = timed_run(engine, cfg)
+        decode = run["step_times"].get("decode", {})
+        runs.append({"max_num_seqs": n, "output_tokens_per_s": run["output_tokens_per_s"],
+                     "decode_host_ms": decode.get("host_ms"), "decode_gpu_ms": decode.get("gpu_ms"),
+                     "decode_mean_seqs": decode.get("mean_seqs"), **run})
+        print(f"max_num_seqs {n}: {run['output_tokens_per_s']} output tok/s; decode step host "
+              f"{decode.get('host_ms')} ms, GPU {decode.get('gpu_ms')} ms", file=sys.stderr)
+    return {"benchmark": "sweep", "config": cfg.__dict__, "sizes": sizes, "machine": machine_info(),
+            "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
+            "graph_capture_s": round(engine.graph_capture_s, 2), "runs": runs}
 
 
 def latency(cfg: BenchConfig) -> dict:
     engine = LLMEngine(**cfg.engine_kwargs())
     vocab = engine.model_config.vocab_size
-    run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + 1), 16, stream=True)
+    run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + 1), min(cfg.osl, 16), stream=True)
     runs = []
     for i in range(3):
         r = run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + i), cfg.osl, stream=True)
@@ -164,19 +262,29 @@ def latency(cfg: BenchConfig) -> dict:
         runs.append({"ttft_s": ttft, "decode_tokens_per_s": 1.0 / tpot, "time_per_token_ms": tpot * 1e3})
     best = sorted(runs, key=lambda x: x["decode_tokens_per_s"])[len(runs) // 2]
     mc = engine.model_config
-    elem = torch.empty((), dtype=engine.dtype).element_size()
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-    kv_bytes_per_token = 2 * mc.num_layers * mc.kv_size * elem * (cfg.isl + cfg.osl / 2)
+    kv_elem = torch.empty((), dtype=engine.runner.kv_dtype).element_size()
+    read = decode_step_bytes(engine.runner.model, 1, kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_elem),
+                             cfg.isl + cfg.osl / 2)  # the mean context of the decode steps
     bw = copy_bandwidth_gbs(engine.device)
-    roofline_tps = bw * 1e9 / (weight_bytes + kv_bytes_per_token)
+    roofline_tps = bw * 1e9 / read.total
     return {
         "benchmark": "latency", "config": cfg.__dict__, "machine": machine_info(), "runs": runs,
+        **_quant_info(engine),
         "decode_tokens_per_s": round(best["decode_tokens_per_s"], 1),
         "time_per_token_ms": round(best["time_per_token_ms"], 3), "ttft_ms": round(best["ttft_s"] * 1e3, 2),
-        "weight_bytes": weight_bytes, "copy_bandwidth_gbs": round(bw, 1),
-        "roofline_tokens_per_s": round(roofline_tps, 1),
+        "bytes_per_token": {"weights": read.weights, "embedding_row": read.embedding_rows, "kv": read.kv,
+                            "total": read.total},
+        "copy_bandwidth_gbs": round(bw, 1), "roofline_tokens_per_s": round(roofline_tps, 1),
         "share_of_roofline": round(best["decode_tokens_per_s"] / roofline_tps, 3),
     }
+
+
+def _quant_info(engine: LLMEngine) -> dict:
+    """What the run quantized, and the KV pool in blocks of its dtype and of the model's."""
+    spec = engine.quant_spec
+    return {"quantization": spec.describe() if spec else "unquantized",
+            "kv_cache_dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
+            "num_kv_blocks_at_model_dtype": engine.num_kv_blocks_at_model_dtype}
 
 
 def write_result(result: dict, out: str | None) -> None:

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `taxiway --help` lists them.
-COMMANDS = ("generate", "bench", "serve", "client")
+COMMANDS = ("generate", "bench", "quantize", "serve", "client", "train_draft")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taxiway",
         description="Serve large language models: in-flight batching, paged KV cache, gRPC services.",
     )
+    from taxiway import __version__
+
+    parser.add_argument("--version", action="version", version=f"taxiway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"taxiway.commands.{name}").add_parser(sub)

@@ -202,14 +202,14 @@ def _search_scale(
     return best_s
 
 
-def _fold(prev: nn.Parameter | nn.Linear, rows: slice | None, s: torch.Tensor, linear: nn.Linear) -> None:
+def _fold(prev: nn.Parameter | nn.Module, rows: slice | None, s: torch.Tensor, linear: nn.Module) -> None:
     """prev's output channels (a norm weight, or `rows` of a linear) /= s; linear's inputs *= s."""
-    if isinstance(prev, nn.Linear):
+    if isinstance(prev, torch.Tensor):
+        prev.data /= s
+    else:
         prev.weight.data[rows] /= s[:, None]
         if prev.bias is not None:
             prev.bias.data[rows] /= s
-    else:
-        prev.data /= s
     linear.weight.data *= s[None, :]
 
 

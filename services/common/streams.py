@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 REQUESTS_STREAM = "taxiway:requests"
@@ -33,21 +33,37 @@ def out_stream(gateway_id: str) -> str:
     return f"taxiway:out:{gateway_id}"
 
 
-def connect(url: str, timeout_s: float | None = None, retries: int | None = None) -> redis.Redis:
-    """A client; timeout_s bounds each command's wait for its reply (None: no bound); retries:
-    how often a command is retried at once after a connection error (None: redis-py's default,
-    a few times with backoff)."""
-    extra = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
+def connect(url: str, timeout_s: float | None = None, retries: int | None = None,
+            **auth) -> redis.Redis:
+    """A client. timeout_s bounds each command's wait for its reply (None: no bound). A command
+    that meets a dropped connection (a Redis restart, a failover) is retried on a new connection,
+    with exponential backoff from 50 ms to 1 s, `retries` times (None: 6, about 3 s in all; 0 or 1
+    for connections that must fail fast, the leader lock's). auth: username, password,
+    ssl_ca_certs (RedisOptions.redis_options())."""
+    backoff = NoBackoff() if retries is not None and retries <= 1 else ExponentialBackoff(1.0, 0.05)
+    retry = Retry(backoff, 6 if retries is None else retries)
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=timeout_s,
-                                health_check_interval=30, **extra)
+                                health_check_interval=30, retry=retry, **auth)
+
+
+def server_id(r: redis.Redis) -> str:
+    """The Redis server's run id: it changes when the server restarts (or a replica takes over)."""
+    return str(r.info("server")["run_id"])
 
 
 def ensure_group(r: redis.Redis) -> None:
+    """Creates the schedulers' consumer group (and the stream) unless it exists: at start, and
+    again when Redis answers NOGROUP (it restarted empty). From id 0: entries that gateways added
+    before the group existed are read too."""
     try:
         r.xgroup_create(REQUESTS_STREAM, SCHEDULER_GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)
 
 
 _FORGET_CONSUMER = """

@@ -28,6 +28,8 @@ class EngineRequest:
     """W3C trace context of the span that sent it (the gateway's enqueue, the scheduler's admit)."""
     queue_time_s: float = 0.0
     """Set by the scheduler when it admits the request: seconds this attempt waited."""
+    client_request_id: str = ""
+    """The caller's own request_id: a label for logs and traces, never a key."""
 
 
 @dataclass(frozen=True)

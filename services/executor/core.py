@@ -1,9 +1,15 @@
 """The executor's step loop around the engine, without gRPC or Redis.
 
 RPC threads call `admit` / `abort`, which only queue a command; the loop thread applies the
-commands between steps, runs `engine.step()`, turns its outputs into one batch of deltas per
-gateway for `sink`, and publishes the state on `board`. The engine is only ever touched by the
-loop thread.
+commands between steps in the order they came, runs `engine.step()`, turns its outputs into one
+batch of deltas per gateway for `sink`, and publishes the state on `board`. The engine is only
+ever touched by the loop thread.
+
+A step that raises never ends the loop: the requests of that step's batch fail (INTERNAL, each
+gateway told), `engine.recover()` frees their blocks and checks the pool, and the loop goes on.
+When the engine cannot go on (max_step_failures failures in a row, a broken pool, a device
+error, an error outside the engine), `broken` says why and `run()` returns: the service then
+leaves the pool and the scheduler moves the remaining requests elsewhere.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class _Tracked:
 
 class ExecutorCore:
     def __init__(self, engine, executor_id: str, sink: Sink, *, clock: Callable[[], float] = time.time,
-                 tracer: trace.Tracer | None = None, metrics: ExecutorMetrics | None = None):
+                 tracer: trace.Tracer | None = None, metrics: ExecutorMetrics | None = None,
+                 max_step_failures: int = 3):
         self.engine = engine
         self.executor_id = executor_id
         self.board = StateBoard(executor_id)
@@ -56,10 +63,15 @@ class ExecutorCore:
         self._metrics = StepMetrics(metrics) if metrics is not None else None
         self.draining = False
         """Set by the service on SIGTERM: published, so that the scheduler admits nothing more."""
+        self.max_step_failures = max_step_failures
+        self.broken: str | None = None
+        """Why the engine cannot go on (set once; run() then returns)."""
+        self._failures = 0
+        """Failed steps in a row."""
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._admits: list[tuple[EngineRequest, int]] = []
-        self._aborts: list[str] = []
+        self._commands: list[tuple[EngineRequest, int] | str] = []
+        """Admissions (request, admit_seq) and aborts (request id), in arrival order."""
         self._tracked: dict[str, _Tracked] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._last_admit_seq = 0
@@ -72,12 +84,14 @@ class ExecutorCore:
 
     def admit(self, request: EngineRequest, admit_seq: int = 0) -> None:
         with self._lock:
-            self._admits.append((request, admit_seq))
+            self._commands.append((request, admit_seq))
         self._wake.set()
 
     def abort(self, request_ids: Iterable[str]) -> None:
+        """Applied in order with admissions: an abort sent before an Admit of the same id (the
+        scheduler replacing an attempt) never touches the new attempt."""
         with self._lock:
-            self._aborts.extend(request_ids)
+            self._commands.extend(request_ids)
         self._wake.set()
 
     def drain(self) -> None:
@@ -89,48 +103,99 @@ class ExecutorCore:
     @property
     def idle(self) -> bool:
         """No request held, none queued for admission."""
-        return not self._tracked and not self._admits
+        return not self._tracked and not any(isinstance(c, tuple) for c in self._commands)
 
     # -- the loop thread -----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
-        while not stop.is_set():
-            if not self.step():
+        """Steps until `stop` is set or the engine is broken (`broken` says why)."""
+        while not stop.is_set() and self.broken is None:
+            try:
+                busy = self.step()
+            except Exception as exc:  # noqa: BLE001 - outside the engine's step: state unknown
+                log.exception("executor %s: the step loop failed", self.executor_id)
+                self.broken = f"the step loop failed: {type(exc).__name__}: {exc}"
+                return
+            if not busy:
                 self._wake.wait(idle_wait_s)
                 self._wake.clear()
 
     def step(self) -> bool:
         """Applies queued commands, runs one engine step; False when there was nothing to do."""
         with self._lock:
-            admits, self._admits = self._admits, []
-            aborts, self._aborts = self._aborts, []
+            commands, self._commands = self._commands, []
             republish, self._republish = self._republish, False
         out: dict[str, list[Delta]] = defaultdict(list)
         finished: list[str] = []
-        for request, seq in admits:
+        for command in commands:
+            if isinstance(command, str):
+                self._drop([command] if command in self._tracked else [], finished)
+                continue
+            request, seq = command
             self._add(request, out, finished)
             self._last_admit_seq = max(self._last_admit_seq, seq)
-        self._drop([r for r in aborts if r in self._tracked], finished)
         self._expire(out, finished)
         busy = self.engine.has_unfinished_requests()
         if busy:
-            t0 = time.perf_counter()
-            outputs = self.engine.step()
-            if self._metrics is not None:
-                self._metrics.step(time.perf_counter() - t0)
-            for output in outputs:
+            for output in self._engine_step(out, finished):
                 self._collect(output, out, finished)
         for gateway_id, deltas in out.items():
             self._sink(gateway_id, deltas)
-        if busy or admits or aborts or finished or republish:
+        if busy or commands or finished or republish:
             self._publish(finished, [KvEvent(kind == "stored", h)
                                      for kind, h in self.engine.take_kv_events()])
             self._ended = []
-        return busy or bool(admits or aborts)
+        return busy or bool(commands)
+
+    def _engine_step(self, out: dict[str, list[Delta]], finished: list[str]) -> list:
+        t0 = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - one failed step must not end the loop
+            self._step_failed(exc, out, finished)
+            return []
+        self._failures = 0
+        if self._metrics is not None:
+            self._metrics.step(time.perf_counter() - t0)
+        return outputs
+
+    def _step_failed(self, exc: Exception, out: dict[str, list[Delta]], finished: list[str]) -> None:
+        """Fails the step's batch (INTERNAL to each gateway), repairs the engine, and decides
+        whether it can go on."""
+        self._failures += 1
+        rec = self.engine.recover()
+        log.error("executor %s: engine step failed (%d in a row): %s: %s; its batch, now aborted: "
+                  "%s; block pool: %s", self.executor_id, self._failures, type(exc).__name__, exc,
+                  "; ".join(rec.batch) or "empty", rec.integrity_error or "sound",
+                  exc_info=exc)
+        message = (f"executor {self.executor_id}: the engine step failed ({type(exc).__name__}: "
+                   f"{exc}); the request was aborted")
+        for rid in rec.aborted:
+            t = self._tracked.pop(rid, None)
+            if t is None:
+                continue
+            out[t.gateway_id].append(Delta(rid, t.attempt, t.next_index, finish_reason="abort",
+                                           error=("TaxiwayError", message)))
+            finished.append(rid)
+            self._ended.append(Ended(rid, t.attempt))
+            t.trace.dropped("failed", message)
+        if rec.integrity_error is not None:
+            self.broken = f"the KV block pool is inconsistent after a failed step: {rec.integrity_error}"
+        elif is_device_error(exc):
+            self.broken = f"device error: {type(exc).__name__}: {exc}"
+        elif self._failures >= self.max_step_failures:
+            self.broken = (f"{self._failures} engine steps failed in a row "
+                           f"(max_step_failures={self.max_step_failures}); last: "
+                           f"{type(exc).__name__}: {exc}")
 
     def _add(self, req: EngineRequest, out: dict[str, list[Delta]], finished: list[str]) -> None:
         rid = req.request_id
-        if rid in self._tracked:  # a resubmission replaces the older attempt
+        held = self._tracked.get(rid)
+        if held is not None and held.attempt > req.attempt:  # a late Admit of an older attempt
+            log.warning("executor %s: ignoring attempt %d of %s, attempt %d runs", self.executor_id,
+                        req.attempt, rid, held.attempt)
+            return
+        if held is not None:  # a resubmission replaces the older attempt
             self._drop([rid], [], "replaced")
         spans = RequestTrace(self._tracer, req, self.executor_id)
         try:
@@ -207,6 +272,25 @@ class ExecutorCore:
             max_num_seqs=max_num_seqs(self.engine), last_admit_seq=self._last_admit_seq,
             max_model_len=engine_max_model_len(self.engine), draining=self.draining)
         self.board.publish(state, finished, kv_events, frozenset(self._tracked), self._ended)
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """A CUDA / accelerator error: the device (and so the engine) is unusable."""
+    text = f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__ == "AcceleratorError" or any(
+        marker in text for marker in ("CUDA error", "device-side assert", "illegal memory access",
+                                      "CUBLAS_STATUS", "cudaError"))
+
+
+def engine_report(engine) -> dict:
+    """What the executor tells the pool about its engine: every setting it was started with, and
+    the facts measured at start-up (KV blocks, device, dtype)."""
+    config = getattr(engine, "config", None)
+    report = {"settings": config.settings_dict() if hasattr(config, "settings_dict") else {}}
+    stats = engine.stats()
+    report.update(num_kv_blocks=stats.num_total_blocks, block_size=stats.block_size,
+                  device=str(getattr(engine, "device", "")), dtype=str(getattr(engine, "dtype", "")))
+    return report
 
 
 def engine_max_model_len(engine) -> int:

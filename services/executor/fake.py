@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gpu_engine.errors import InvalidRequest
-from gpu_engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gpu_engine.outputs import CompletionOutput, EngineStats, Recovery, RequestOutput
 from gpu_engine.sampling_params import SamplingParams
 from services.common.prefix import hash_token_blocks
 from services.tokenizer.fake import OFFSET, ByteTokenizer
@@ -77,8 +77,13 @@ class FakeEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequest("the prompt is empty")
-        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        vocab = self.model_config.vocab_size
+        for what, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids),
+                             ("prior_output_token_ids", prior_output_token_ids)):
+            bad = [t for t in tokens if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"{what} holds token id {bad[0]}, outside the vocabulary "
+                                     f"[0, {vocab})")
         budget = len(ids) + (params.max_tokens or 1)
         if budget > self.max_model_len:
             raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
@@ -112,6 +117,16 @@ class FakeEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def recover(self) -> Recovery:
+        """As LLMEngine.recover: aborts the running batch, keeps the waiting requests."""
+        aborted = tuple(r.request_id for r in self._running)
+        batch = tuple(f"{r.request_id}: {r.num_tokens} tokens, {r.blocks} blocks" for r in self._running)
+        self.abort_request(aborted)
+        held = sum(r.blocks for r in self._waiting)
+        broken = None if self._free + held == self.num_blocks else (
+            f"{self.num_blocks - self._free - held} blocks are held by no request")
+        return Recovery(aborted, batch, broken)
 
     def stats(self) -> EngineStats:
         backlog = sum(len(r.prompt) for r in self._waiting)

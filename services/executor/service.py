@@ -16,10 +16,11 @@ from services.common.drain import Gate, GatedServicer, wait_until
 from services.common.metrics import ExecutorMetrics
 from services.common.observe import TierObservability, model_label
 from services.common.proto import pb
-from services.common.server import GrpcServer
+from services.common.server import GrpcServer, ServerSecurity
 from services.common.types import Delta
 from services.executor.config import ExecutorConfig
-from services.executor.core import ExecutorCore, engine_max_model_len
+from services.executor.core import ExecutorCore, engine_max_model_len, engine_report
+from services.executor.faults import StepFaults, parse_steps
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,14 @@ class ExecutorServicer:
         return pb.AbortResponse()
 
     def WatchState(self, request, context) -> Iterator:
+        """Ends when the executor stops or breaks (after the last state): the scheduler then
+        counts it lost and moves its requests elsewhere."""
         seen = None
         while context.is_active() and not self._stopping.is_set():
+            if self.core.broken is not None:
+                if seen != self.core.board.version:
+                    yield convert.state_to_pb(self.core.board.read(seen, 0)[0])
+                return
             state, seen = self.core.board.read(seen, self._heartbeat_s)
             yield convert.state_to_pb(state)
 
@@ -90,11 +97,18 @@ def make_engine(config: ExecutorConfig):
         from services.executor.fake import FakeEngine
 
         return FakeEngine(num_blocks=config.fake_num_blocks, step_delay_s=config.fake_step_s)
-    from gpu_engine.config import EngineConfig
     from gpu_engine.engine import LLMEngine
 
-    given = {k: getattr(config, k) for k in ("model", "device", "dtype") if getattr(config, k)}
-    return LLMEngine(EngineConfig(**given))
+    return LLMEngine(config.engine)
+
+
+def with_faults(engine, config: ExecutorConfig):
+    """The engine, wrapped by the fault injection the config asks for (none by default)."""
+    steps = parse_steps(config.fault_step_errors)
+    if not steps:
+        return engine
+    log.warning("fault injection: engine steps %s will raise", sorted(steps))
+    return StepFaults(engine, steps)
 
 
 class ExecutorService:
@@ -110,6 +124,8 @@ class ExecutorService:
         self._provider = tracer_provider
         self.gate = Gate("executor")
         self._stopping = threading.Event()
+        self._broken = threading.Event()
+        self._registering = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.server: GrpcServer | None = None
         self.core: ExecutorCore | None = None
@@ -120,16 +136,18 @@ class ExecutorService:
         self.obs = TierObservability("executor", host=self.config.host,
                                      metrics_port=self.config.metrics_port,
                                      tracer_provider=self._provider)
-        self.redis = streams.connect(self.config.redis_url)
+        security = ServerSecurity.internal(self.config)
+        self.redis = streams.connect(self.config.redis_url, **self.config.redis_options())
         self._gated = GatedServicer(self.gate, always=("Abort", "WatchState"))
         self.server = GrpcServer(self.config.host, self.config.port, {"Executor": self._gated},
-                                 max_workers=self.config.max_workers).start()
+                                 max_workers=self.config.max_workers, security=security).start()
         engine = self._start_loop()
         self._registration = {
             "executor_id": self.executor_id,
             "address": self.config.dial_address(self.server.port),
             "model": engine.model_config.name,
             "max_model_len": engine_max_model_len(engine),
+            "engine": engine_report(engine),
         }
         streams.register_executor(self.redis, self.executor_id, self._registration,
                                   self.config.registration_ttl_s)
@@ -149,12 +167,13 @@ class ExecutorService:
 
         def loop() -> None:
             try:
-                engine = self._engine or make_engine(self.config)
+                engine = with_faults(self._engine or make_engine(self.config), self.config)
                 self.publisher = OutputPublisher(self.redis, self.executor_id)
                 metrics = ExecutorMetrics(model_label(engine.model_config.name),
                                           registry=self.obs.registry)
                 self.core = ExecutorCore(engine, self.executor_id, self.publisher,
-                                         tracer=self.obs.tracer, metrics=metrics)
+                                         tracer=self.obs.tracer, metrics=metrics,
+                                         max_step_failures=self.config.max_step_failures)
             except BaseException as exc:  # noqa: BLE001 - re-raised in start()
                 box["error"] = exc
                 built.set()
@@ -162,6 +181,8 @@ class ExecutorService:
             box["engine"] = engine
             built.set()
             self.core.run(self._stopping)
+            if self.core.broken is not None:
+                self._leave_pool(self.core.broken)
 
         self._spawn(loop, name="step-loop")
         built.wait()
@@ -171,6 +192,20 @@ class ExecutorService:
                                               self._stopping)
         return box["engine"]
 
+    def _leave_pool(self, reason: str) -> None:
+        """The engine cannot go on: NOT_SERVING (so a liveness probe restarts the process), no
+        Admit, no registration; the state streams end, so the scheduler counts this executor lost
+        at once and the gateways resume its requests elsewhere."""
+        log.error("executor %s leaves the pool: %s", self.executor_id, reason)
+        self.gate.close(f"broken ({reason})")
+        self.server.set_serving(False)
+        with self._registering:  # no heartbeat registers it again after this
+            self._broken.set()
+        try:
+            streams.unregister_executor(self.redis, self.executor_id)
+        except Exception:  # noqa: BLE001 - its TTL ends the registration anyway
+            log.exception("could not unregister")
+
     def _spawn(self, target, *args, name: str) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
@@ -179,17 +214,20 @@ class ExecutorService:
     def _heartbeat(self) -> None:
         while not self._stopping.wait(self.config.heartbeat_interval_s):
             try:
-                streams.register_executor(self.redis, self.executor_id, self._registration,
-                                          self.config.registration_ttl_s)
-            except Exception:  # noqa: BLE001 - Redis may come back; the TTL decides
-                log.exception("registration refresh failed")
+                with self._registering:
+                    if self._broken.is_set():
+                        return
+                    streams.register_executor(self.redis, self.executor_id, self._registration,
+                                              self.config.registration_ttl_s)
+            except Exception as exc:  # noqa: BLE001 - Redis may come back; the TTL decides
+                log.warning("registration refresh failed: %s", exc)
 
     def drain(self, timeout_s: float, interrupted: threading.Event | None = None) -> bool:
         """True when every request it held finished within timeout_s."""
         self.gate.close("draining")  # first: nobody gets in once health says NOT_SERVING
         self.server.set_serving(False)
         self.core.drain()
-        return wait_until(lambda: self.core.idle, timeout_s, interrupted)
+        return wait_until(lambda: self.core.idle or self._broken.is_set(), timeout_s, interrupted)
 
     def stop(self) -> None:
         self.gate.close("stopped")

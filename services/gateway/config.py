@@ -4,15 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_serving, metrics_port_option,
-                                     option, require)
+from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, RedisOptions, SecurityOptions,
+                                     check_serving, metrics_port_option, option, require)
+
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(RedisOptions, SecurityOptions):
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = option(50051, "gRPC port of the public API (0 picks a free one)")
-    redis_url: str | None = option(None, "Redis URL, e.g. redis://127.0.0.1:6379/0 (also REDIS_URL)")
+    api_keys: str | None = option(None, "API keys clients send as `authorization: Bearer <key>`, "
+                                        "comma-separated, each `key` or `name:key` (the name is "
+                                        "the caller's id); give them through TAXIWAY_API_KEYS "
+                                        "from a Secret, not on a command line")
+    api_keys_file: str | None = option(None, "a file of API keys, one `key` or `name:key` per line")
+    allow_anonymous: bool = option(False, "serve the public API without API keys: anyone who "
+                                          "reaches the port may generate (`taxiway serve` with "
+                                          "every tier turns it on when no key is given)")
+    max_request_bytes: int = option(4 * MIB, "largest request message the public API takes; "
+                                             "larger ones get RESOURCE_EXHAUSTED naming this limit "
+                                             "(gRPC itself refuses messages over 4 times it)")
+    redis_outage_s: float = option(10.0, "Redis unreachable this long: the requests in flight "
+                                         "fail with UNAVAILABLE (and health is NOT_SERVING)")
     tokenizer_address: str = option("127.0.0.1:50052", "the tokenizer tier: host:port, or "
                                                       "dns:///name:port to balance over replicas")
     gateway_id: str | None = option(None, "unique id; names its output stream (default: random)")
@@ -23,5 +37,10 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         check_serving(self)
+        self.check_security()
+        self.check_redis()
+        require(self.max_request_bytes >= 1024,
+                f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        require(self.redis_outage_s > 0, f"redis_outage_s must be > 0, got {self.redis_outage_s}")
         require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         require(bool(self.tokenizer_address), "tokenizer_address must not be empty")

@@ -5,6 +5,12 @@ aborts, a lost executor into a resubmission, and client disconnects and deadline
 Resume after a lost executor: the gateway knows exactly which tokens it streamed (`tokens`), so it
 resubmits the request (attempt + 1) with them as prior_output_token_ids; the new executor continues
 after them, and deltas of older attempts are dropped. No gap, no duplicate, whatever the sampling.
+The same resubmission covers what Redis may have lost: after a Redis restart (every request in
+flight) and when a request's output shows a gap (entries that never arrived).
+
+Identity: every request gets an internal id made here, never reused; the caller's request_id is a
+label (and the key of "already in flight", per caller), so late entries and aborts of an ended
+request can never reach a new one.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
-from gpu_engine.errors import DeadlineExceeded, InvalidRequest
+from gpu_engine.errors import DeadlineExceeded, InvalidRequest, NotReady
 from gpu_engine.sampling_params import SamplingParams
 from services.common import errors
 from services.common.metrics import GatewayMetrics
 from services.common.telemetry import PassThroughTracerProvider, inject_context
 from services.common.types import Abort, Delta, EngineRequest, ModelInfo
 from services.gateway.observe import RequestObserver
-from services.gateway.router import CANCELLED, Mailbox, Router
+from services.gateway.router import CANCELLED, REISSUE, Failed, Mailbox, Router
+from services.gateway.validate import check_request
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +107,33 @@ class GatewayCore:
         self.metrics = metrics
         """Set by the service once the model is known (its name labels every series)."""
 
-    def internal_id(self, client_request_id: str) -> str:
-        return f"{self.gateway_id}:{client_request_id}"
+    def new_internal_id(self) -> str:
+        """A request id no other request ever had (this gateway's id + a random 128-bit value)."""
+        return f"{self.gateway_id}-{uuid.uuid4().hex}"
 
-    def generate(self, inp: GenerateInput, *, timeout_s: float | None = None,
+    def redis_restarted(self) -> int:
+        """Redis came back as a new server: every request in flight is submitted again from what
+        its client has (the scheduler replaces an attempt it still knows). Returns how many."""
+        return self.router.broadcast(REISSUE)
+
+    def redis_lost(self, reason: str) -> int:
+        """Redis is gone for good: every request in flight fails at once with UNAVAILABLE."""
+        return self.router.broadcast(Failed(NotReady(f"lost Redis: {reason}")))
+
+    def generate(self, inp: GenerateInput, *, caller: str = "", timeout_s: float | None = None,
                  parent: Context | None = None,
                  on_cancel: Callable[[Callable[[], None]], object] | None = None) -> Iterator[Chunk]:
         """Streams the completion. Raises InvalidRequest, Overloaded, NotReady, DeadlineExceeded.
 
-        `parent`: the client's trace context (from its gRPC metadata), if any. `on_cancel(fn)`
-        (gRPC's context.add_callback) registers what to call when the client goes away: it wakes
-        this request's handler, which aborts the request."""
+        `caller`: who asks (the API key's name, or the peer): scopes inp.request_id. `parent`: the
+        client's trace context (from its gRPC metadata), if any. `on_cancel(fn)` (gRPC's
+        context.add_callback) registers what to call when the client goes away: it wakes this
+        request's handler, which aborts the request."""
         client_id = inp.request_id or uuid.uuid4().hex
         obs = RequestObserver(self.tracer, self.metrics, parent, response_id=client_id,
                               operation="chat" if inp.messages is not None else "text_completion")
         try:
-            for chunk in self._generate(inp, client_id, obs, timeout_s, on_cancel):
+            for chunk in self._generate(inp, client_id, caller, obs, timeout_s, on_cancel):
                 obs.chunk(chunk)
                 yield chunk
         except Exception as exc:
@@ -124,27 +142,28 @@ class GatewayCore:
         finally:
             obs.finished("abort")  # the client went away; a no-op once the request has ended
 
-    def _open(self, inp: GenerateInput, client_id: str, obs: RequestObserver,
+    def _open(self, inp: GenerateInput, client_id: str, caller: str, obs: RequestObserver,
               timeout_s: float | None, on_cancel) -> tuple[EngineRequest, Mailbox]:
         """Validates and tokenizes the request, opens its mailbox."""
-        rid = self.internal_id(client_id)
+        rid = self.new_internal_id()
         now = self._clock()
         deadline = now + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
         with _current(obs.context):  # tokenizer calls carry the trace in their metadata
             prompt = self._prompt_ids(inp)
             obs.request(self.tokenizer.model_info().name, inp.params, len(prompt))
-        mailbox = self.router.open(rid)
+        mailbox = self.router.open(rid, (caller, client_id) if inp.request_id else None)
         if mailbox is None:
             raise InvalidRequest(f"request_id {client_id!r} is already in flight")
         if on_cancel is not None:
             on_cancel(lambda: mailbox.put(CANCELLED))
         request = EngineRequest(rid, self.gateway_id, tuple(prompt), inp.params,
-                                priority=inp.priority, arrival_time=now, deadline=deadline)
+                                priority=inp.priority, arrival_time=now, deadline=deadline,
+                                client_request_id=client_id)
         return request, mailbox
 
-    def _generate(self, inp: GenerateInput, client_id: str, obs: RequestObserver,
+    def _generate(self, inp: GenerateInput, client_id: str, caller: str, obs: RequestObserver,
                   timeout_s: float | None, on_cancel) -> Iterator[Chunk]:
-        request, mailbox = self._open(inp, client_id, obs, timeout_s, on_cancel)
+        request, mailbox = self._open(inp, client_id, caller, obs, timeout_s, on_cancel)
         rid, p, prompt = request.request_id, request.params, request.prompt_token_ids
         detok = None
         done = False
@@ -161,19 +180,21 @@ class GatewayCore:
                     raise DeadlineExceeded(f"request {client_id} passed its deadline")
                 if item is CANCELLED:
                     return
+                if isinstance(item, Failed):
+                    raise item.error
+                if item is REISSUE:
+                    request = self._resubmit(request, stream, obs, "Redis restarted")
+                    continue
                 delta: Delta = item
                 if delta.attempt != request.attempt:
                     continue  # from an executor that was given up on
                 if delta.error is not None:
                     done = True  # the tier that failed it has dropped it already
                     raise errors.from_wire(*delta.error)
-                if delta.executor_lost:
-                    request = replace(request, attempt=request.attempt + 1,
-                                      prior_output_token_ids=tuple(stream.tokens))
-                    log.warning("request %s: executor lost; resubmitting after %d tokens "
-                                "(attempt %d)", client_id, len(stream.tokens), request.attempt)
-                    with _current(obs.context):
-                        request = self._submit(request)
+                if delta.executor_lost or delta.first_index > len(stream.tokens):
+                    why = "executor lost" if delta.executor_lost else (
+                        f"tokens {len(stream.tokens)}..{delta.first_index} never arrived")
+                    request = self._resubmit(request, stream, obs, why)
                     continue
                 obs.delta(delta.queue_time_s)
                 chunk = stream.take(delta, detok)
@@ -181,7 +202,7 @@ class GatewayCore:
                     continue
                 if chunk.finish_reason is not None:
                     if delta.finish_reason is None:  # a stop string: the executor goes on
-                        self.intake.abort(Abort(rid, "stop_string"))
+                        self._abort(Abort(rid, "stop_string"))
                     done = True
                     yield chunk
                     return
@@ -191,7 +212,23 @@ class GatewayCore:
             if detok is not None:
                 detok.close()
             if not done:
-                self.intake.abort(Abort(rid, "cancelled"))
+                self._abort(Abort(rid, "cancelled"))
+
+    def _abort(self, abort: Abort) -> None:
+        try:
+            self.intake.abort(abort)
+        except NotReady as exc:  # Redis is gone: so are the scheduler's entries of it, or soon
+            log.warning("could not abort request %s: %s", abort.request_id, exc)
+
+    def _resubmit(self, request: EngineRequest, stream: _Stream, obs: RequestObserver,
+                  why: str) -> EngineRequest:
+        """The next attempt, from every token the client has (the resume after a lost executor)."""
+        request = replace(request, attempt=request.attempt + 1,
+                          prior_output_token_ids=tuple(stream.tokens))
+        log.warning("request %s (%s): %s; resubmitting after %d tokens (attempt %d)",
+                    stream.client_id, request.request_id, why, len(stream.tokens), request.attempt)
+        with _current(obs.context):
+            return self._submit(request)
 
     def _submit(self, request: EngineRequest) -> EngineRequest:
         """XADDs the request inside an `enqueue` span, whose context travels in the entry."""
@@ -210,17 +247,7 @@ class GatewayCore:
             prompt, _ = self.tokenizer.tokenize(text=inp.text, messages=inp.messages)
         else:
             raise InvalidRequest("no prompt: set text, token_ids or messages")
-        if not prompt:
-            raise InvalidRequest("the prompt is empty")
-        info = self.tokenizer.model_info()
-        bad = [t for t in prompt if t >= info.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is out of range: the vocabulary has "
-                                 f"{info.vocab_size} tokens")
-        max_tokens = inp.params.max_tokens or 1
-        if info.max_context_length and len(prompt) + max_tokens > info.max_context_length:
-            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) "
-                                 f"exceeds the context length {info.max_context_length}")
+        check_request(prompt, inp.params, self.tokenizer.model_info())
         return prompt
 
 
@@ -234,9 +261,8 @@ class _Stream:
         self.cached_tokens = 0
 
     def take(self, delta: Delta, detok: DetokenizerSession) -> Chunk | None:
-        if delta.first_index > len(self.tokens):
-            raise RuntimeError(f"request {self.client_id}: tokens {len(self.tokens)}.."
-                               f"{delta.first_index} never arrived")
+        """The chunk for a delta that starts at or before len(tokens) (the caller resubmits after
+        a gap); None when it brings nothing new."""
         skip = len(self.tokens) - delta.first_index
         new = delta.token_ids[skip:]
         if delta.num_prompt_tokens:

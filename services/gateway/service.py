@@ -9,13 +9,15 @@ import uuid
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from gpu_engine import limits
 from gpu_engine.errors import InvalidRequest
 from services.common import convert, streams
+from services.common.auth import KeyRing, current_caller
 from services.common.drain import Gate, GatedServicer
 from services.common.metrics import GatewayMetrics
 from services.common.observe import TierObservability, model_label
 from services.common.proto import pb
-from services.common.server import GrpcServer
+from services.common.server import GrpcServer, ServerSecurity
 from services.common.telemetry import extract_context
 from services.gateway.clients import GrpcTokenizerClient, OutputReader, RedisIntake
 from services.gateway.config import GatewayConfig
@@ -37,7 +39,7 @@ class GatewayServicer:
         return chunk_to_pb(merge_chunks(chunks, chunks[-1].request_id if chunks else ""))
 
     def _generate(self, request, context):
-        return self.core.generate(generate_input_from_pb(request),
+        return self.core.generate(generate_input_from_pb(request), caller=current_caller(),
                                   timeout_s=context.time_remaining(),
                                   parent=extract_context(context.invocation_metadata()),
                                   on_cancel=context.add_callback)
@@ -55,9 +57,12 @@ class GatewayServicer:
 
 
 def generate_input_from_pb(msg) -> GenerateInput:
+    if len(msg.request_id) > limits.MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id may have at most {limits.MAX_REQUEST_ID_CHARS} "
+                             f"characters, got {len(msg.request_id)}")
     kind = msg.WhichOneof("prompt")
     params = convert.sampling_from_pb(msg.sampling)
-    fields = {"request_id": msg.request_id or uuid.uuid4().hex, "priority": msg.priority,
+    fields = {"request_id": msg.request_id, "priority": msg.priority,
               "params": params}
     if kind == "text":
         return GenerateInput(text=msg.text, **fields)
@@ -111,18 +116,42 @@ class GatewayService:
         cfg = self.config
         if not cfg.redis_url:
             raise ValueError("the gateway needs --redis-url (or REDIS_URL)")
+        security = self._security()
+        credential = cfg.internal_credential()
         self.obs = TierObservability("gateway", host=cfg.host, metrics_port=cfg.metrics_port,
                                      tracer_provider=self._provider)
-        self.redis = streams.connect(cfg.redis_url)
-        self.tokenizer = GrpcTokenizerClient(cfg.tokenizer_address)
+        self.redis = streams.connect(cfg.redis_url, **cfg.redis_options())
+        self.tokenizer = GrpcTokenizerClient(cfg.tokenizer_address, credential=credential,
+                                             ca_file=cfg.internal_tls_ca_file)
         self.core = GatewayCore(self.gateway_id, self.tokenizer, RedisIntake(self.redis),
                                 request_timeout_s=cfg.request_timeout_s, tracer=self.obs.tracer)
-        self.reader = OutputReader(streams.connect(cfg.redis_url), self.gateway_id, self.core.router)
+        self.reader = OutputReader(streams.connect(cfg.redis_url, **cfg.redis_options()),
+                                   self.gateway_id, self.core.router,
+                                   on_restart=self.core.redis_restarted,
+                                   on_outage=self.core.redis_lost, on_health=self._redis_health,
+                                   outage_s=cfg.redis_outage_s)
         servicer = GatedServicer(self.gate, target=GatewayServicer(self.core))
         self.server = GrpcServer(cfg.host, cfg.port, {"Gateway": servicer},
-                                 max_workers=cfg.max_workers).start()
+                                 max_workers=cfg.max_workers, security=security,
+                                 max_receive_bytes=4 * cfg.max_request_bytes,
+                                 request_limit=cfg.max_request_bytes).start()
         threading.Thread(target=self._become_ready, name="readiness", daemon=True).start()
         return self
+
+    def _security(self) -> ServerSecurity:
+        cfg = self.config
+        keys = KeyRing.from_sources(cfg.api_keys, cfg.api_keys_file)
+        if keys is None and not cfg.allow_anonymous:
+            raise ValueError("the gateway needs API keys (api_keys / TAXIWAY_API_KEYS, or "
+                             "api_keys_file), or allow_anonymous to serve without them")
+        if keys is None:
+            log.warning("the gateway serves without API keys (allow_anonymous)")
+        return ServerSecurity(keys, cfg.tls_cert_file, cfg.tls_key_file, cfg.reflection)
+
+    def _redis_health(self, ok: bool) -> None:
+        """Redis lost or back: health follows (new calls would fail meanwhile anyway)."""
+        if self.gate.is_open:
+            self.server.set_serving(ok)
 
     def _become_ready(self) -> None:
         """SERVING once Redis answers and the tokenizer tier describes the model."""

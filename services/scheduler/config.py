@@ -6,15 +6,14 @@ import os
 import socket
 from dataclasses import dataclass
 
-from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_serving, metrics_port_option,
-                                     option, require)
+from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, RedisOptions, SecurityOptions,
+                                     check_serving, metrics_port_option, option, require)
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(RedisOptions, SecurityOptions):
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = option(50053, "gRPC port (0 picks a free one)")
-    redis_url: str | None = option(None, "Redis URL, e.g. redis://127.0.0.1:6379/0 (also REDIS_URL)")
     scheduler_id: str | None = option(None, "unique id: its name in the leader lock and its consumer "
                                             "name in the request stream's group; a restarted "
                                             "scheduler with the same id re-reads what it had not "
@@ -38,6 +37,8 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         check_serving(self)
+        self.check_security()
+        self.check_redis()
         require(self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}")
         require(0.0 <= self.kv_watermark < 1.0, f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         require(self.heartbeat_timeout_s > 0, f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")

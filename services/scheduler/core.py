@@ -114,9 +114,13 @@ class SchedulerCore:
         orphan = self._orphans.pop(rid, None)
         record = _Request(req, entry_id)
         self._requests[rid] = record
-        if orphan is not None and orphan[0] in self.executors and req.attempt == 0:
-            self._place(record, self.executors[orphan[0]])  # it kept running while we restarted
-            return actions
+        if orphan is not None and orphan[0] in self.executors:
+            if req.attempt == 0:
+                self._place(record, self.executors[orphan[0]])  # it ran on while we restarted
+                return actions
+            # an older attempt runs there unfollowed (Redis restarted and its gateway submitted
+            # again): stop it first; the executor applies this before any Admit sent after it
+            actions.append(self._abort_on(self.executors[orphan[0]], [rid]))
         if len(self._waiting) >= self.max_waiting and req.attempt == 0:
             del self._requests[rid]
             return actions + self._reject(req, entry_id, Overloaded(

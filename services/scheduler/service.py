@@ -19,7 +19,7 @@ from services.common.drain import wait_until
 from services.common.metrics import SchedulerMetrics, scheduler_is_leader_gauge
 from services.common.observe import TierObservability
 from services.common.proto import pb
-from services.common.server import GrpcServer
+from services.common.server import GrpcServer, ServerSecurity
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.leader import LeaderLock
 from services.scheduler.term import READ_BLOCK_MS, Term
@@ -85,12 +85,17 @@ class SchedulerService:
                                      tracer_provider=self._provider)
         self.is_leader_gauge = scheduler_is_leader_gauge(self.obs.registry)
         self.server = GrpcServer(cfg.host, cfg.port, {"Scheduler": SchedulerServicer(self)},
-                                 max_workers=cfg.max_workers).start()
-        self.redis = streams.connect(cfg.redis_url, REDIS_TIMEOUT_S)
-        self.reader_redis = streams.connect(cfg.redis_url, READ_BLOCK_MS / 1000 + REDIS_TIMEOUT_S)
+                                 max_workers=cfg.max_workers,
+                                 security=ServerSecurity.internal(cfg)).start()
+        auth = cfg.redis_options()
+        self.redis = streams.connect(cfg.redis_url, REDIS_TIMEOUT_S, **auth)
+        # no retry inside a read: a reply lost with its connection leaves entries pending for us,
+        # which the reader then reads again from its own pending list
+        self.reader_redis = streams.connect(cfg.redis_url, READ_BLOCK_MS / 1000 + REDIS_TIMEOUT_S,
+                                            retries=0, **auth)
         streams.ensure_group(self.redis)
         # its own connection: a reply may take a quarter of the TTL, and one retry at most
-        self.lease_redis = streams.connect(cfg.redis_url, cfg.leader_ttl_s / 4, retries=1)
+        self.lease_redis = streams.connect(cfg.redis_url, cfg.leader_ttl_s / 4, retries=1, **auth)
         self.lease = LeaderLock(self.lease_redis, self.scheduler_id, ttl_s=cfg.leader_ttl_s)
         self._lease_thread = threading.Thread(target=self._lease_loop, name="leader-lease",
                                               daemon=True)

@@ -74,6 +74,9 @@ class Term:
         self._stubs: dict[str, Stub] = {}
         self._watch_calls: dict[str, object] = {}
         self._lost_at: dict[str, float] = {}
+        self._missing: dict[str, float] = {}
+        """Executor id -> since when its registration is missing from Redis."""
+        self._credential = config.internal_credential()
 
     @property
     def active(self) -> bool:
@@ -133,9 +136,12 @@ class Term:
         """Own unacknowledged entries first (a restart with the same id), then every entry other
         consumers left unacknowledged (former leaders: the lock says they are gone), then new
         ones; every claim_idle_s / 2 also entries another consumer read after its lease ended and
-        left idle claim_idle_s (a read of a partitioned former leader that landed late)."""
+        left idle claim_idle_s (a read of a partitioned former leader that landed late). After a
+        failed read it reads its own pending entries again (the reply may have been lost with its
+        connection), and after NOGROUP (Redis restarted empty) it creates the group again."""
         r, me, cfg = self._reader_redis, self.scheduler_id, self.config
         step, cursor = "own", "0"
+        others_claimed = False
         next_sweep = time.monotonic() + cfg.claim_idle_s / 2
         while self._may_read():
             try:
@@ -146,10 +152,10 @@ class Term:
                     if entries:
                         cursor = entries[-1][0]
                     else:
-                        step = "others"
+                        step = "new" if others_claimed else "others"
                 elif step == "others":
                     entries = streams.claim_pending(r, me, 0, forget=True)
-                    step = "new"
+                    step, others_claimed = "new", True
                     if entries:
                         log.info("scheduler %s took over %d unacknowledged request entries",
                                  me, len(entries))
@@ -165,11 +171,24 @@ class Term:
                 for entry_id, fields in entries:  # fields is empty for an entry trimmed away
                     self._events.put(("entry", entry_id.decode(),
                                       (fields or {}).get(streams.FIELD, b"")))
-            except Exception:  # noqa: BLE001 - Redis hiccup: back off and read again
+            except Exception as exc:  # noqa: BLE001 - Redis hiccup: back off and read again
                 if not self._may_read():
                     return
-                log.exception("reading %s failed", streams.REQUESTS_STREAM)
-                self._stopping.wait(1.0)
+                if streams.is_nogroup(exc):  # Redis restarted empty: the group is gone
+                    log.warning("the consumer group of %s is gone (Redis restarted empty?); "
+                                "creating it again", streams.REQUESTS_STREAM)
+                    self._ensure_group()
+                else:
+                    log.warning("reading %s failed: %s", streams.REQUESTS_STREAM, exc)
+                    self._stopping.wait(0.5)
+                step, cursor = "own", "0"  # a read whose reply was lost left them pending
+
+    def _ensure_group(self) -> None:
+        try:
+            streams.ensure_group(self._reader_redis)
+        except Exception as exc:  # noqa: BLE001 - the next read tries again
+            log.warning("could not create the consumer group: %s", exc)
+            self._stopping.wait(0.5)
 
     def _discovery_loop(self) -> None:
         while not self._stopping.wait(self.config.discovery_interval_s):
@@ -188,12 +207,20 @@ class Term:
             if self.admissions.metrics is None and info.get("model"):
                 self.admissions.metrics = self._metrics_for(model_label(info["model"]))
         for eid in list(self._watch_calls):
-            if eid not in registered:  # its registration expired: missed heartbeats
+            if eid in registered:
+                self._missing.pop(eid, None)
+                continue
+            # its registration expired (missed heartbeats), or Redis restarted empty and it has
+            # not registered again yet: lost only if it stays missing
+            since = self._missing.setdefault(eid, now)
+            if now - since >= self.config.heartbeat_timeout_s:
+                del self._missing[eid]
                 actions += self._on_lost(eid, "registration expired", now)
         return actions
 
     def _watch(self, eid: str, address: str) -> None:
-        channel = server.channel(address)
+        channel = server.channel(address, credential=self._credential,
+                                 ca_file=self.config.internal_tls_ca_file)
         self._channels[eid] = channel
         self._stubs[eid] = Stub(channel, "Executor")
         call = self._stubs[eid].WatchState(pb.WatchStateRequest())
@@ -297,6 +324,7 @@ class Term:
             return []
         log.warning("executor %s lost (%s); its requests go back to their gateways", eid, reason)
         self._lost_at[eid] = now
+        self._missing.pop(eid, None)
         self._watch_calls.pop(eid).cancel()
         stub = self._stubs.pop(eid, None)
         channel = self._channels.pop(eid, None)
@@ -333,8 +361,17 @@ class Term:
                       maxlen=streams.OUT_STREAM_MAXLEN, approximate=True)
         if acks:
             pipe.xack(streams.REQUESTS_STREAM, streams.SCHEDULER_GROUP, *acks)
-        if (notices or acks) and self.active:
+        if not (notices or acks) or not self.active:
+            return
+        try:
             pipe.execute()
+        except redis.ResponseError as exc:
+            if not streams.is_nogroup(exc):
+                raise
+            # Redis restarted empty: the entries to acknowledge are gone with their group (the
+            # notices went out: a pipeline runs every command, whatever one of them answers)
+            log.warning("acknowledging %d entries met NOGROUP (Redis restarted empty?)", len(acks))
+            streams.ensure_group(self._redis)
 
     def _admit(self, a: Admit) -> None:
         timeout = min(ADMIT_TIMEOUT_S, self._lease.remaining_s)

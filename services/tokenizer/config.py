@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, check_serving, metrics_port_option,
-                                     option, require)
+from services.common.config import (DRAIN_HELP, DRAIN_TIMEOUT_S, SecurityOptions, check_serving,
+                                     metrics_port_option, option, require)
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(SecurityOptions):
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = option(50052, "gRPC port (0 picks a free one)")
     model: str | None = option(None, "model folder (Hugging Face layout); default: SmolLM2-135M-Instruct")
@@ -20,4 +20,5 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         check_serving(self)
+        self.check_security()
         require(self.max_workers >= 1, f"max_workers must be >= 1, got {self.max_workers}")

@@ -16,7 +16,7 @@ from services.common.drain import Gate, GatedServicer
 from services.common.metrics import TokenizerMetrics
 from services.common.observe import TierObservability, model_label
 from services.common.proto import pb
-from services.common.server import GrpcServer
+from services.common.server import GrpcServer, ServerSecurity
 from services.common.telemetry import extract_context
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.core import TokenizerCore, load_core
@@ -82,7 +82,8 @@ class TokenizerService:
                                      tracer_provider=self._provider)
         gated = GatedServicer(self.gate)
         self.server = GrpcServer(cfg.host, cfg.port, {"Tokenizer": gated},
-                                 max_workers=cfg.max_workers).start()
+                                 max_workers=cfg.max_workers,
+                                 security=ServerSecurity.internal(cfg)).start()
         core = self._core or load_core(cfg)
         metrics = TokenizerMetrics(model_label(core.info.name), registry=self.obs.registry)
         gated.target = TokenizerServicer(core, self.obs.tracer, metrics)

@@ -12,6 +12,11 @@ def add_parser(subparsers) -> None:
                                           "it streams.")
     p.add_argument("prompt", help="the prompt (a user chat message unless --raw)")
     p.add_argument("--address", default="127.0.0.1:50051", help="the gateway (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="the API key to send (default: $TAXIWAY_API_KEY; none if unset)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (system CAs unless --ca)")
+    p.add_argument("--ca", default=None, metavar="PEM", help="CA bundle that signed the gateway's "
+                                                            "certificate (implies --tls)")
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
     p.add_argument("--system", default=None, help="a system message to put first")
     p.add_argument("--max-tokens", type=int, default=256, help="default: %(default)s")
@@ -40,12 +45,28 @@ def build_request(args: argparse.Namespace):
     return pb.GenerateRequest(messages=pb.ChatMessages(messages=turns), sampling=sampling)
 
 
+def open_channel(args: argparse.Namespace):
+    """The channel to the gateway: TLS with --tls/--ca, the API key on every call."""
+    import os
+
+    import grpc
+
+    from services.common.auth import with_credential
+
+    if args.tls or args.ca:
+        root = open(args.ca, "rb").read() if args.ca else None
+        channel = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(root_certificates=root))
+    else:
+        channel = grpc.insecure_channel(args.address)
+    return with_credential(channel, args.api_key or os.environ.get("TAXIWAY_API_KEY"))
+
+
 def run(args: argparse.Namespace) -> int:
     import grpc
 
     from services.common.proto import Stub, pb
 
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         stub = Stub(channel, "Gateway")
         last = None
         try:

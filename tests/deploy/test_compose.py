@@ -3,6 +3,7 @@ Debian's `docker-compose config`) where one is installed. Neither needs a Docker
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,9 @@ DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 PROFILES = ("cpu", "gpu", "tracing")
 TIER_PORTS = {"gateway": 50051, "tokenizer": 50052, "scheduler": 50053, "executor": 50054,
               "executor-gpu": 50054}
+SECRETS = {"TAXIWAY_API_KEYS": "alice:sk-test", "TAXIWAY_INTERNAL_TOKEN": "internal-test",
+           "TAXIWAY_REDIS_PASSWORD": "redis-test"}
+"""What a user puts in .env; compose refuses to run without it."""
 
 
 def compose_command() -> list[str] | None:
@@ -32,13 +36,15 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def run_config(path: Path) -> subprocess.CompletedProcess:
+def run_config(path: Path, secrets: dict | None = None) -> subprocess.CompletedProcess:
     command = compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     profiles = [arg for p in PROFILES for arg in ("--profile", p)]
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
     return subprocess.run(command + ["-f", str(path)] + profiles + ["config"],
-                          capture_output=True, text=True, timeout=60, cwd=path.parent)
+                          capture_output=True, text=True, timeout=60, cwd=path.parent,
+                          env={**env, **(SECRETS if secrets is None else secrets)})
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +61,13 @@ def _seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
-def check_services(services: dict) -> None:
+def secret(value: str, name: str, rendered: bool) -> bool:
+    """The value compose gives `name`: the secret itself once rendered, else a reference to the
+    shell's variable that compose refuses to go without."""
+    return value == SECRETS[name] if rendered else value.startswith("${" + name + ":?")
+
+
+def check_services(services: dict, rendered: bool = False) -> None:
     """The properties compose.yaml promises, on its own text or on what `config` printed."""
     assert set(services) == {"redis", *TIER_PORTS, "jaeger"}
     for name, svc in services.items():
@@ -78,6 +90,19 @@ def check_services(services: dict) -> None:
         # the drain ends before Docker's SIGKILL, with 5 s left for the rest of the shutdown
         drain = float(svc["environment"]["TAXIWAY_DRAIN_TIMEOUT_S"])
         assert drain + 5 <= _seconds(svc["stop_grace_period"]), tier
+        env = svc["environment"]
+        for name in ("TAXIWAY_INTERNAL_TOKEN", "TAXIWAY_REDIS_PASSWORD"):
+            assert secret(env[name], name, rendered), (tier, name)
+        # reflection only on the public gateway
+        assert env.get("TAXIWAY_REFLECTION") == (None if tier == "gateway" else "false"), tier
+    assert secret(services["gateway"]["environment"]["TAXIWAY_API_KEYS"], "TAXIWAY_API_KEYS", rendered)
+    redis = services["redis"]
+    script = " ".join(redis["command"])
+    assert "--appendonly yes" in script and "--appendfsync everysec" in script
+    assert 'requirepass "$$REDIS_PASSWORD"' in script or 'requirepass "$REDIS_PASSWORD"' in script
+    assert secret(redis["environment"]["REDIS_PASSWORD"], "TAXIWAY_REDIS_PASSWORD", rendered)
+    assert any(v.endswith(":/data") or ":/data:" in v for v in _volume_strings(redis))
+    assert "ports" not in redis
     assert services["gateway"]["environment"]["TAXIWAY_TOKENIZER_ADDRESS"] == "dns:///tokenizer:50052"
     assert set(services["gateway"]["depends_on"]) == {"redis", "tokenizer", "scheduler"}
     assert services["executor"]["profiles"] == ["cpu"]
@@ -102,7 +127,14 @@ def test_compose_file_structure(services):
 def test_compose_config_validates():
     out = run_config(COMPOSE)
     assert out.returncode == 0, out.stderr
-    check_services(yaml.safe_load(out.stdout)["services"])  # anchors and merges resolved by compose
+    # anchors, merges and the secrets resolved by compose
+    check_services(yaml.safe_load(out.stdout)["services"], rendered=True)
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_run_without_a_secret(missing):
+    out = run_config(COMPOSE, {k: v for k, v in SECRETS.items() if k != missing})
+    assert out.returncode != 0 and f"set {missing}" in out.stderr
 
 
 @pytest.mark.parametrize(

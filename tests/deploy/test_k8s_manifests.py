@@ -258,3 +258,92 @@ def test_schedulers_have_unique_ids_and_a_standby(overlay):
     assert env["TAXIWAY_SCHEDULER_ID"]["value"] == "$(POD_NAME)"
     names = list(env)
     assert names.index("POD_NAME") < names.index("TAXIWAY_SCHEDULER_ID")
+
+
+# --- security: secrets, reflection, exposure, network policies, Redis ------------------------------
+
+SECRET = "taxiway-secrets"
+
+
+def env_of(deployment: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container(deployment).get("env", [])}
+
+
+def test_secrets_come_from_the_secret_and_internal_tiers_serve_no_reflection(overlay):
+    _, docs = overlay
+    deployments = by_kind(docs, "Deployment")
+    for tier in TIERS:
+        env = env_of(deployments[f"taxiway-{tier}"])
+        wanted = {"TAXIWAY_INTERNAL_TOKEN": "internal-token"}
+        if tier != "tokenizer":
+            wanted["TAXIWAY_REDIS_PASSWORD"] = "redis-password"
+        if tier == "gateway":
+            wanted["TAXIWAY_API_KEYS"] = "api-keys"
+        for name, key in wanted.items():
+            assert env[name] == {"name": name, "valueFrom": {
+                "secretKeyRef": {"name": SECRET, "key": key}}}, (tier, name)
+        assert env.get("TAXIWAY_REFLECTION", {}).get("value") == (None if tier == "gateway"
+                                                                  else "false"), tier
+    config = by_kind(docs, "ConfigMap")["taxiway-env"]["data"]
+    assert not {"TAXIWAY_INTERNAL_TOKEN", "TAXIWAY_REDIS_PASSWORD", "TAXIWAY_API_KEYS"} & set(config)
+    assert "Secret" not in {d["kind"] for d in docs}  # created by the operator, never committed
+
+
+def test_no_service_exposes_the_scheduler_or_executor_grpc_ports(overlay):
+    _, docs = overlay
+    for name, service in by_kind(docs, "Service").items():
+        ports = {p["port"] for p in service["spec"]["ports"]}
+        assert not ports & {TIERS["scheduler"], TIERS["executor"]}, name
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _who_may_reach(docs: list[dict], component: str, port: int) -> str | set[str]:
+    """"anyone", or the components whose pods the policies let reach `component` on `port`."""
+    labels = {"app.kubernetes.io/name": "taxiway", "app.kubernetes.io/component": component}
+    policies = [p for p in by_kind(docs, "NetworkPolicy").values()
+                if _selects(p["spec"]["podSelector"], labels)]
+    assert policies, f"no NetworkPolicy selects the {component} pods: all traffic may reach them"
+    allowed: set[str] = set()
+    for rule in (r for p in policies for r in p["spec"].get("ingress", [])):
+        if port not in {p["port"] for p in rule.get("ports", [])}:
+            continue
+        if "from" not in rule or any("namespaceSelector" in peer for peer in rule["from"]):
+            return "anyone"
+        for peer in rule["from"]:
+            allowed |= {c for c in (*TIERS, "redis") if _selects(peer["podSelector"], {
+                "app.kubernetes.io/name": "taxiway", "app.kubernetes.io/component": c})}
+    return allowed
+
+
+def test_network_policies_let_only_the_tiers_talk_to_each_other_and_to_redis(overlay):
+    _, docs = overlay
+    assert _who_may_reach(docs, "gateway", 50051) == "anyone"  # the public API
+    assert _who_may_reach(docs, "tokenizer", 50052) == {"gateway"}
+    assert _who_may_reach(docs, "scheduler", 50053) == set()
+    assert _who_may_reach(docs, "executor", 50054) == {"scheduler"}
+    assert _who_may_reach(docs, "redis", 6379) == {"gateway", "scheduler", "executor"}
+    for tier, port in TIERS.items():  # Prometheus scrapes every tier
+        assert _who_may_reach(docs, tier, port - 50051 + 9091) == "anyone"
+
+
+def test_redis_persists_its_aof_and_requires_the_password(overlay):
+    _, docs = overlay
+    redis = by_kind(docs, "Deployment")["taxiway-redis"]
+    script = " ".join(container(redis)["command"])
+    assert "--appendonly yes" in script and "--appendfsync everysec" in script
+    assert 'requirepass "$REDIS_PASSWORD"' in script and "noeviction" in script
+    assert env_of(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": SECRET, "key": "redis-password"}
+    volumes = {v["name"]: v for v in pod_spec(redis)["volumes"]}
+    claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
+    assert claim in by_kind(docs, "PersistentVolumeClaim")
+    assert "REDISCLI_AUTH" in " ".join(container(redis)["readinessProbe"]["exec"]["command"])

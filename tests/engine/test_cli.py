@@ -18,6 +18,13 @@ def test_help_lists_the_commands():
         assert command in out.stdout
 
 
+def test_version():
+    from taxiway import __version__
+
+    out = taxiway("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"taxiway {__version__}"
+
+
 def test_generate_chat_answers_the_capital_of_france(default_model_dir):
     out = taxiway("generate", "What is the capital of France?", "--chat", "--max-tokens", "32", "--device", "cpu")
     assert out.returncode == 0, out.stderr

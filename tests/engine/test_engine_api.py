@@ -102,6 +102,8 @@ def test_stop_token_ids_and_min_tokens(llm):
         ([5] * 256, SamplingParams(), "context length is 256"),
         ([5] * 250, SamplingParams(max_tokens=10), "lower max_tokens to 6"),
         ([5, 999], SamplingParams(), "token id 999, outside the vocabulary"),
+        ([5], SamplingParams(min_tokens=2, stop_token_ids=[10**9]),
+         "stop_token_ids holds token id 1000000000, outside the vocabulary"),
         ("hello", SamplingParams(), "no tokenizer"),
         ([5], SamplingParams(stop=["x"]), "stop strings need detokenization"),
         (3.5, SamplingParams(), "string or a list of token ids"),
@@ -111,6 +113,46 @@ def test_invalid_requests_raise_clear_errors(llm, prompt, params, match):
     with pytest.raises(InvalidRequest, match=match):
         llm.engine.add_request("bad", prompt, params)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_recover_after_a_failed_step_aborts_the_batch_and_the_engine_goes_on(tiny_llama):
+    """A step that raises mid-way (after the plan took its blocks, as a sampler error would):
+    recover() aborts the running batch, frees its blocks, keeps the waiting request, and the
+    engine then serves exactly as before."""
+    llm = LLM(tiny_llama, num_kv_blocks=64, max_model_len=256, max_num_seqs=2)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0.0, output_kind=OutputKind.DELTA)
+    want = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0.0))[0]
+    for rid in ("a", "b", "waits"):
+        engine.add_request(rid, PROMPTS[0], params)
+    engine.step()
+    collect = engine.runner.collect
+
+    def broken(flight):
+        raise IndexError("index 1000000000 is out of bounds")
+
+    engine.runner.collect = broken
+    with pytest.raises(IndexError):
+        engine.step()
+    engine.runner.collect = collect
+    rec = engine.recover()
+    assert rec.aborted == ("a", "b") and rec.integrity_error is None
+    assert len(rec.batch) == 2 and rec.batch[0].startswith("a[0]: ")
+    assert set(engine.requests) == {"waits"}
+    tokens = [t for out in drain(engine) for t in out.outputs[0].token_ids]
+    assert tokens == list(want.outputs[0].token_ids)
+    assert engine.stats().num_free_blocks == 64
+    engine.block_manager.check_integrity([])
+
+
+def test_recover_reports_a_broken_block_pool(tiny_llama):
+    engine = LLM(tiny_llama, num_kv_blocks=64, max_model_len=256).engine
+    engine.add_request("a", PROMPTS[1], SamplingParams(max_tokens=4))
+    engine.step()
+    engine.block_manager.allocate(2)  # two blocks that no request holds
+    rec = engine.recover()
+    assert rec.aborted == ("a",)
+    assert "2 blocks have reference counts that no block table accounts for" in rec.integrity_error
 
 
 def test_duplicate_request_id_is_refused(llm):
@@ -132,6 +174,17 @@ def test_duplicate_request_id_is_refused(llm):
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"logprobs": 50}, "logprobs must be between 0 and 20"),
         ({"stop": [""]}, "stop strings must not be empty"),
+        ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number"),
+        ({"presence_penalty": float("-inf")}, "presence_penalty must be a finite number"),
+        ({"top_p": float("nan")}, "top_p must be a finite number"),
+        ({"stop": ["s"] * 17}, "at most 16 stop strings"),
+        ({"stop": ["x" * 257]}, "at most 256 characters"),
+        ({"stop_token_ids": list(range(257))}, "at most 256 stop_token_ids"),
+        ({"stop_token_ids": [1.5]}, "stop_token_ids must be integer token ids"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+        ({"n": 129}, "at most 128"),
     ],
 )
 def test_invalid_sampling_params(kwargs, match):

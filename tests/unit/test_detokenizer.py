@@ -68,6 +68,20 @@ def test_random_sequences(tok: Tokenizer) -> None:
         assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip) == detok.text, ids
 
 
+def test_a_whole_output_at_once_equals_token_by_token(tok: Tokenizer) -> None:
+    rng = random.Random(99)
+    prompt = tok.encode("Question: 😀?")
+    for text in REAL_TEXTS + [None] * 100:
+        ids = tok.encode(text) if text else [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        skip = rng.random() < 0.5
+        step = IncrementalDetokenizer(tok, prompt_token_ids=prompt, skip_special_tokens=skip)
+        run(step, ids)
+        whole = IncrementalDetokenizer(tok, prompt_token_ids=prompt, skip_special_tokens=skip)
+        assert whole.decode_whole(ids) == whole.text == step.text, ids
+    with pytest.raises(RuntimeError, match="token by token"):
+        IncrementalDetokenizer(tok, stop=["x"]).decode_whole([1])
+
+
 def test_prompt_context_byte_level(tok: Tokenizer) -> None:
     prompt = tok.encode("Question: 😀?")
     output = tok.encode(" Answer: 中文 ok")

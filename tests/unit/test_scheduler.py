@@ -11,10 +11,11 @@ from tests.fakes import FakeRunner, make_request, run_to_completion
 BS = 4
 
 
-def make_scheduler(num_blocks=64, budget=64, max_seqs=8, policy="max_utilization", chunked=True, caching=True):
+def make_scheduler(num_blocks=64, budget=64, max_seqs=8, policy="max_utilization", chunked=True, caching=True,
+                   prefill_cap=None):
     bm = BlockManager(num_blocks, BS, enable_prefix_caching=caching)
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy,
-                          enable_chunked_prefill=chunked)
+                          enable_chunked_prefill=chunked, max_prefill_tokens_per_seq=prefill_cap)
     return Scheduler(cfg, bm)
 
 
@@ -43,6 +44,38 @@ def test_chunked_prefill_splits_a_long_prompt_across_steps():
     chunks = [(e.start, e.num_tokens, e.sample) for p in runner.plans for e in p.scheduled]
     assert chunks == [(0, 8, False), (8, 8, False), (16, 4, True), (20, 1, True)]
     assert req.seqs[0].finish_reason == "length"
+
+
+def test_prefill_cap_per_sequence_keeps_decodes_flowing_and_shares_the_budget():
+    """A 30-token prompt beside a running decode and two short prompts: with a cap of 8 tokens per
+    sequence per step, the decode runs every step and the short prompts start at once."""
+    sched = make_scheduler(budget=20, prefill_cap=8)
+    sched.add(make_request("run", [1, 2, 3], max_tokens=8))
+    runner = FakeRunner()
+    plan = sched.schedule()  # "run" prefills its 3 tokens
+    runner.launch(plan)
+    sched.commit(plan)
+    sched.update(plan, runner.collect(plan))
+    sched.add(make_request("long", list(range(100, 130)), max_tokens=1))
+    sched.add(make_request("s1", [5, 6, 7, 8, 9], max_tokens=1))
+    sched.add(make_request("s2", [40, 41], max_tokens=1))
+    run_to_completion(sched, runner)
+    steps = [[(e.seq.request.request_id, e.start, e.num_tokens) for e in p.scheduled]
+             for p in runner.plans[1:]]
+    assert steps[0] == [("run", 3, 1), ("long", 0, 8), ("s1", 0, 5), ("s2", 0, 2)]  # 16 of 20
+    assert steps[1] == [("run", 4, 1), ("long", 8, 8)]
+    assert steps[2] == [("run", 5, 1), ("long", 16, 8)]
+    assert steps[3] == [("run", 6, 1), ("long", 24, 6)]
+    assert steps[4] == [("run", 7, 1)]  # "long" finished with its one token
+    assert [len(p.scheduled) for p in runner.plans[6:]] == [1] * len(runner.plans[6:])
+
+
+def test_prefill_cap_is_off_without_chunked_prefill():
+    sched = make_scheduler(budget=64, chunked=False, prefill_cap=4)
+    sched.add(make_request("a", list(range(20)), max_tokens=1))
+    runner = FakeRunner()
+    run_to_completion(sched, runner)
+    assert [(e.start, e.num_tokens) for p in runner.plans for e in p.scheduled] == [(0, 20)]
 
 
 def test_without_chunking_a_prefill_waits_for_a_step_with_room():

@@ -8,7 +8,8 @@ from services.common.config import resolve
 from services.executor.config import ExecutorConfig
 from services.gateway.config import GatewayConfig
 from services.scheduler.config import SchedulerConfig
-from services.serve import CONFIGS, role_configs
+from gpu_engine.config import EngineConfig
+from services.serve import role_configs, setting_names
 
 
 def test_defaults_come_from_the_dataclass():
@@ -48,7 +49,7 @@ def test_bad_values_name_the_setting_and_the_fix():
 
 
 def test_serve_all_gives_port_flags_to_the_gateway_only():
-    known = {f for cls in CONFIGS.values() for f in cls.__dataclass_fields__}
+    known = setting_names()
     configs = role_configs({"port": 6000, "model": "/m"}, {"TAXIWAY_HOST": "0.0.0.0"},
                            {"tokenizer": {"port": 7000}}, known)
     assert (configs["gateway"].port, configs["gateway"].host) == (6000, "0.0.0.0")
@@ -65,5 +66,45 @@ def test_every_setting_the_deploy_files_pass_is_a_serve_flag():
     files = [root / "compose.yaml", *sorted((root / "deploy").rglob("*.yaml"))]
     used = {m for f in files if f.exists() for m in re.findall(r"TAXIWAY_([A-Z_]+)", f.read_text())}
     not_settings = {"CACHE_DIR", "IMAGE", "GPU_IMAGE", "GATEWAY_PORT"}  # model cache; compose-only
-    flags = {f.upper() for cls in CONFIGS.values() for f in cls.__dataclass_fields__} | {"ROLE", "CONFIG"}
+    flags = {f.upper() for f in setting_names()} | {"ROLE", "CONFIG"}
     assert used - not_settings <= flags, sorted(used - not_settings - flags)
+
+
+def test_engine_settings_are_executor_settings_from_every_source():
+    """One declaration: each EngineConfig field is an executor flag, variable and YAML key."""
+    assert set(EngineConfig.field_names()) <= setting_names()
+    cfg = resolve(ExecutorConfig, "executor", cli={"max_num_seqs": 8, "gpu_memory_utilization": None},
+                  env={"TAXIWAY_GPU_MEMORY_UTILIZATION": "0.5", "TAXIWAY_ENABLE_PREFIX_CACHING": "off"},
+                  file={"executor": {"block_size": 32, "model": "/m"}, "max_model_len": 512},
+                  known=setting_names())
+    assert cfg.engine == EngineConfig(model="/m", max_num_seqs=8, gpu_memory_utilization=0.5,
+                                      enable_prefix_caching=False, block_size=32, max_model_len=512)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        resolve(ExecutorConfig, "executor", env={"TAXIWAY_BLOCK_SIZE": "12"})
+    with pytest.raises(ValueError, match="unknown setting 'engine'"):
+        resolve(ExecutorConfig, "executor", file={"engine": {"block_size": 32}}, known=setting_names())
+
+
+def test_serve_flags_reach_the_engine_config(tmp_path):
+    import argparse
+
+    from services.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--max-num-seqs", "4", "--no-enable-prefix-caching",
+                              "--admission-policy", "guaranteed_no_evict", "--max-model-len", "300"])
+    cli = {name: getattr(args, name) for name in setting_names()}
+    engine = role_configs(cli, {}, {}, setting_names())["executor"].engine
+    assert (engine.max_num_seqs, engine.enable_prefix_caching, engine.admission_policy,
+            engine.max_model_len) == (4, False, "guaranteed_no_evict", 300)
+
+
+def test_json_settings_parse_or_name_the_problem():
+    from services.common.config import parse_value
+
+    assert parse_value('{"method": "ngram", "k": 3}', dict | None) == {"method": "ngram", "k": 3}
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        parse_value("[1, 2]", dict | None)
+    with pytest.raises(ValueError, match="expected JSON"):
+        parse_value("{nope", dict)

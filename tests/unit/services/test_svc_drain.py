@@ -11,7 +11,7 @@ from gpu_engine.errors import NotReady
 from services.common.config import resolve
 from services.common.drain import Gate, GatedServicer
 from services.executor.config import ExecutorConfig
-from services.serve import CONFIGS, role_configs
+from services.serve import CONFIGS, role_configs, setting_names
 from tests.unit.services.test_svc_scheduler_core import admits, core_with, req, state
 
 
@@ -97,7 +97,7 @@ def test_metrics_ports_by_role_and_serve_all_gives_the_flag_to_the_gateway_only(
     assert {r: c().metrics_port for r, c in CONFIGS.items()} == {
         "gateway": 9091, "tokenizer": 9092, "scheduler": 9093, "executor": 9094}
     assert {c().drain_timeout_s for c in CONFIGS.values()} == {30.0}
-    known = {f for cls in CONFIGS.values() for f in cls.__dataclass_fields__}
+    known = setting_names()
     configs = role_configs({"metrics_port": 0}, {"TAXIWAY_METRICS_PORT": "1"},
                            {"executor": {"metrics_port": 9500}}, known)
     assert {r: c.metrics_port for r, c in configs.items()} == {

@@ -84,7 +84,7 @@ def test_stop_string_split_across_tokens_aborts_the_request():
     chunks = run(core, stop=("<END>",))
     assert "".join(c.text for c in chunks) == "abc"
     assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == ("stop", "<END>")
-    assert intake.aborts == [Abort("gw:r", "stop_string")]
+    assert intake.aborts == [Abort(intake.submitted[0].request_id, "stop_string")]
 
 
 def test_lost_executor_resumes_without_gap_or_duplicate():
@@ -123,21 +123,71 @@ def test_cancel_and_deadline_abort_the_request():
     assert next(gen).text == "a"
     callbacks[0]()  # the client went away
     assert list(gen) == []
-    assert intake.aborts == [Abort("gw:r", "cancelled")]
+    assert intake.aborts == [Abort(intake.submitted[0].request_id, "cancelled")]
     core, intake = make(lambda req: [], timeout=0.05)
     with pytest.raises(DeadlineExceeded):
         run(core)
-    assert intake.aborts == [Abort("gw:r", "cancelled")]
+    assert intake.aborts == [Abort(intake.submitted[0].request_id, "cancelled")]
 
 
 def test_input_validation():
     core, _ = make(lambda req: [])
     with pytest.raises(InvalidRequest, match="prompt is empty"):
         run(core, text="")
-    with pytest.raises(InvalidRequest, match="out of range"):
+    with pytest.raises(InvalidRequest, match="prompt: token id 999 is out of range"):
         list(core.generate(GenerateInput(SamplingParams(), token_ids=(1, 999))))
+    with pytest.raises(InvalidRequest, match="stop_token_ids: token id 1000000000 is out of range"):
+        run(core, min_tokens=2, stop_token_ids=(10**9,))
     with pytest.raises(InvalidRequest, match="exceeds the context length"):
         run(core, max_tokens=10_000)
-    core.router.open("gw:r")
+    core.router.open("held", ("", "r"))
     with pytest.raises(InvalidRequest, match="already in flight"):
         run(core)
+
+
+def test_every_request_gets_its_own_internal_id_and_ids_are_scoped_per_caller():
+    core, intake = make(lambda req: [Delta(req.request_id, 0, 0, ids("ok"), finish_reason="length")])
+    run(core)
+    run(core)  # the same client id again, after the first ended
+    first, second = (r.request_id for r in intake.submitted)
+    assert first != second and first.startswith("gw-") and second.startswith("gw-")
+    assert [r.client_request_id for r in intake.submitted] == ["r", "r"]
+    core.router.open("held", ("alice", "r"))  # alice has "r" in flight
+    with pytest.raises(InvalidRequest, match="already in flight"):
+        list(core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"), caller="alice"))
+    out = list(core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"), caller="bob"))
+    assert "".join(c.text for c in out) == "ok"
+
+
+def test_a_redis_restart_or_a_gap_resubmits_from_what_the_client_has():
+    answer = ids("abcdefgh")
+
+    def script(req):
+        rid = req.request_id
+        if req.attempt == 0:
+            return [Delta(rid, 0, 0, answer[:2])]
+        if req.attempt == 1:  # after the restart: part of its output never arrives
+            assert req.prior_output_token_ids == tuple(answer[:2])
+            return [Delta(rid, 1, 2, answer[2:4]), Delta(rid, 1, 6, answer[6:])]
+        assert req.prior_output_token_ids == tuple(answer[:4])
+        return [Delta(rid, 2, 4, answer[4:], finish_reason="length")]
+
+    core, intake = make(script)
+    gen = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"))
+    assert next(gen).token_ids == answer[:2]
+    assert core.redis_restarted() == 1
+    chunks = list(gen)
+    assert [t for c in chunks for t in c.token_ids] == answer[2:]
+    assert "".join(c.text for c in chunks) == "cdefgh"
+    assert [r.attempt for r in intake.submitted] == [0, 1, 2]
+
+
+def test_redis_lost_fails_the_requests_in_flight_at_once():
+    from gpu_engine.errors import NotReady
+
+    core, intake = make(lambda req: [Delta(req.request_id, 0, 0, ids("a"))])
+    gen = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"))
+    next(gen)
+    assert core.redis_lost("unreachable for 10s") == 1
+    with pytest.raises(NotReady, match="lost Redis: unreachable for 10s"):
+        next(gen)

@@ -1,0 +1,77 @@
+"""The benchmark drivers on a tiny model on the CPU: throughput through the engine and through
+LLM.generate, the max_num_seqs sweep in one process, and the latency roofline's byte count."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from taxiway import benchmarks
+from taxiway.benchmarks import BenchConfig
+
+
+@pytest.fixture()
+def cfg(tiny_llama):
+    return BenchConfig(model=tiny_llama, device="cpu", isl=12, osl=6, num_requests=10, max_num_seqs=4,
+                       async_scheduling=False)
+
+
+def test_throughput_reports_every_host_part_of_its_steps(cfg):
+    result = benchmarks.throughput(cfg)
+    assert result["output_tokens_per_s"] > 0 and result["max_num_seqs"] == 4
+    decode = result["step_times"]["decode"]
+    parts = ("schedule", "prepare", "forward", "sample", "wait", "collect", "update", "output")
+    assert all(decode[p + "_ms"] >= 0 for p in parts)
+    host = sum(decode[p + "_ms"] for p in parts if p != "wait")
+    assert decode["host_ms"] == pytest.approx(host, abs=0.01)
+    assert decode["mean_seqs"] <= 4
+
+
+def test_throughput_through_llm_generate_uses_the_engine_defaults(cfg):
+    result = benchmarks.throughput(BenchConfig(**{**cfg.__dict__, "api": "llm"}))
+    assert result["api"] == "llm"
+    settings = result["engine_settings"]
+    assert settings["max_num_seqs"] == 256 and settings["max_num_batched_tokens"] == 8192  # CPU defaults
+    assert settings["admission_policy"] == "max_utilization" and settings["detokenize"] is True
+    assert result["output_tokens_per_s"] > 0
+
+
+def test_sweep_runs_every_size_in_one_engine(cfg):
+    result = benchmarks.sweep(cfg, [2, 4])
+    assert [r["max_num_seqs"] for r in result["runs"]] == [2, 4]
+    assert all(r["decode_mean_seqs"] <= r["max_num_seqs"] for r in result["runs"])
+    assert all(r["decode_host_ms"] > 0 for r in result["runs"])
+
+
+def test_sweep_refuses_sizes_beyond_the_batch(cfg, tiny_llama):
+    from gpu_engine.engine import LLMEngine
+
+    engine = LLMEngine(**cfg.engine_kwargs())
+    with pytest.raises(ValueError, match=r"max_num_seqs must be in \[1, 4\]"):
+        engine.scheduler.limit_running(5)
+
+
+def test_bad_bench_settings_are_named():
+    with pytest.raises(ValueError, match="api must be one of"):
+        BenchConfig(api="curl")
+    with pytest.raises(ValueError, match="isl, osl and num_requests must be positive"):
+        BenchConfig(osl=0)
+
+
+def test_latency_roofline_counts_one_embedding_row(cfg):
+    result = benchmarks.latency(BenchConfig(**{**cfg.__dict__, "num_requests": 1, "max_num_seqs": 1}))
+    read = result["bytes_per_token"]
+    assert read["embedding_row"] == 64 * 4  # hidden 64, float32: one row, not the table
+    assert read["total"] == read["weights"] + read["embedding_row"] + read["kv"]
+
+
+def test_cli_sweep_writes_one_json(tiny_llama, tmp_path):
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "taxiway.cli", "bench", "sweep", "--model", tiny_llama, "--device", "cpu",
+         "--isl", "8", "--osl", "4", "--num-requests", "6", "--sizes", "2", "3", "--no-async-scheduling",
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "sweep" and [r["max_num_seqs"] for r in result["runs"]] == [2, 3]

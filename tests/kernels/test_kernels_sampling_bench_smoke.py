@@ -1,0 +1,31 @@
+"""bench/sampling_kernels.py runs end to end on tiny shapes (CPU interpreter, or the GPU when present)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_quick_run(tmp_path):
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/sampling_kernels.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {r["name"] for r in results} == {"greedy", "t0.8+k50+p0.95+rep1.1", "t0.8+p0.95"}
+    assert all(r["t_us"] > 0 and r["legacy_us"] > 0 and r["floor_us"] > 0 for r in results)
+    assert all(r["band_share"] == 1.0 for r in results if r["name"] != "greedy")
