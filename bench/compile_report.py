@@ -115,8 +115,30 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
         ("fused_add_rms_norm", lambda: norm.fused_add_rms_norm(
             x.clone(), x.clone(), torch.ones(4096, dtype=dtype), 1e-6)),
         ("silu_and_mul", lambda: activation.silu_and_mul(torch.randn(4, 2 * 14336, dtype=dtype))),
+        *_w4a16_calls(dtype),
         *(_sampling_calls() if dtype == torch.float32 else []),  # logits are float32
     ]
+
+
+def _w4a16_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
+    """The W4A16 GEMM's paths at Llama-3.1-8B's o_proj shape (4096 x 4096, group 128)."""
+    from kernels import w4a16
+    from kernels.w4a16_reference import W4A16Weight
+
+    n = k = 4096
+    w = W4A16Weight(torch.zeros(n, k // 8, dtype=torch.int32), torch.ones(n, k // 128, dtype=dtype),
+                    torch.zeros(n, k // 128, dtype=torch.uint8), 128)
+    cfg = w4a16.choose_config
+    dev = torch.device("cpu")
+
+    def run(m: int, c: w4a16.W4A16Config | None = None):
+        c = c or cfg(m, n, k, 128, dev, dtype)
+        return lambda: w4a16.w4a16_linear(torch.zeros(m, k, dtype=dtype), w, config=c)
+
+    split = w4a16.W4A16Config("gemv", block_n=16, block_k=1024, split_k=4)
+    return [("w4a16 gemv m=1", run(1)), ("w4a16 gemv split-k", run(1, split)),
+            ("w4a16 mm m=16", run(16)), ("w4a16 mm m=256", run(256)),
+            ("w4a16 dequant", run(2048, w4a16.W4A16Config("dequant")))]
 
 
 def _sampling_calls() -> list[tuple[str, callable]]:

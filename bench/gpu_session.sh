@@ -34,6 +34,9 @@ for step in "$@"; do
     kernel-tests-all) phase kernel-tests-all 500 python -m pytest tests/kernels -q -x -p no:cacheprovider ;;
     engine-tests) phase engine-tests 500 python -m pytest tests/gpu -q -x -p no:cacheprovider ;;
     kernel-bench) phase kernel-bench 300 python bench/kernels.py --out "$OUT/kernels.json" ;;
+    w4a16-tests) phase w4a16-tests 300 python -m pytest tests/kernels/test_kernels_w4a16.py -q -p no:cacheprovider ;;
+    w4a16-bench) phase w4a16-bench 300 python bench/w4a16.py --out "$OUT/w4a16.json" ;;
+    w4a16-sweep) phase w4a16-sweep 400 python bench/w4a16.py --sweep --out "$OUT/w4a16-sweep.json" ;;
     sampling-tests) phase sampling-tests 500 python -m pytest tests/kernels/test_kernels_sampling.py tests/unit/test_sampler.py -q -p no:cacheprovider ;;
     sampling-table) phase sampling-table 450 python bench/sampling_throughput.py --out "$OUT/sampling-throughput.json" ;;
     sampling-bench) phase sampling-bench 550 python bench/sampling_kernels.py --out "$OUT/sampling-kernels.json" ;;

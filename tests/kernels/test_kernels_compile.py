@@ -27,10 +27,13 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     kernels = {r["kernel"] for r in rows}
     assert {"decode_split_kernel", "decode_combine_kernel", "prefill_kernel",
             "_rope_write_kv_kernel", "_rms_norm_kernel", "_fused_add_rms_norm_kernel",
-            "_silu_and_mul_kernel"} <= kernels
+            "_silu_and_mul_kernel", "_gemv_kernel", "_mm_kernel", "_split_k_reduce_kernel",
+            "_dequant_kernel"} <= kernels
     assert {"stats_kernel", "pivot_kernel", "gather_kernel", "finalize_kernel", "probs_kernel"} <= kernels
     for r in rows:  # float32 attention (tests only) runs an exact FMA dot and may spill
         attention = r["case"].startswith(("decode", "prefill"))
         if not (attention and r["dtype"] == "float32"):
             assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, f"spills: {r}"
-    assert all(r["wgmma"] > 0 for r in rows if r["kernel"] == "prefill_kernel" and r["dtype"] != "float32")
+    assert all(r["wgmma"] > 0 for r in rows
+               if r["kernel"] in ("prefill_kernel", "_mm_kernel") and r["dtype"] != "float32")
+    assert all(r["ld_v4"] > 0 for r in rows if r["kernel"] == "_gemv_kernel"), "16-byte weight loads"

@@ -1,0 +1,106 @@
+"""Quality of INT4 AWQ on the default model (SmolLM2-135M-Instruct): perplexity, unquantized vs
+taxiway's AWQ (and round-to-nearest INT4 without AWQ, to show what the search buys), on text no
+calibration or test tunes on (gpu_engine.quant.calib_text.evaluation_text: the odd-numbered topics
+of CPython's Language Reference; AWQ calibrates on the even-numbered ones).
+
+Perplexity runs our CausalLM's parameters through the CPU references on whole windows
+(gpu_engine.quant.awq_forward.dense_logits), with each checkpoint's weights dequantized
+(gpu_engine.quant.int4_checkpoint.load_dequantized), until the quantization framework lets the
+engine load INT4 checkpoints itself. Writes a JSON result when --out is given.
+
+    python bench/awq_quality.py --out bench/results/awq-quality-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from gpu_engine.config import ModelConfig  # noqa: E402
+from gpu_engine.default_model import default_model_path  # noqa: E402
+from gpu_engine.quant.awq import quantize_awq  # noqa: E402
+from gpu_engine.quant.awq_forward import dense_logits  # noqa: E402
+from gpu_engine.quant.calib_text import evaluation_text, token_windows  # noqa: E402
+from gpu_engine.quant.int4 import fake_quantize_int4  # noqa: E402
+from gpu_engine.quant.int4_checkpoint import load_dequantized  # noqa: E402
+from gpu_engine.tokenizer import Tokenizer  # noqa: E402
+from gpu_engine.weights import build_model, load_checkpoint  # noqa: E402
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
+    """exp(mean next-token negative log-likelihood) over windows ids [W, S] (each scored alone)."""
+    nll, count = 0.0, 0
+    for i in range(0, ids.shape[0], batch):
+        chunk = ids[i:i + batch]
+        logits = dense_logits(model, chunk)[:, :-1]
+        nll += float(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def _float_model(path):
+    cfg = ModelConfig.from_folder(path)
+    model = build_model(cfg, torch.float32, torch.device("cpu"))
+    load_checkpoint(model, path, cfg, progress=False)
+    return model
+
+
+def _rtn_model(path, group_size: int, zero_point: bool):
+    model = _float_model(path)
+    for layer in model.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            lin = getattr(layer, name)
+            lin.weight.data = fake_quantize_int4(lin.weight.data, group_size, zero_point)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="perplexity of the default model: float vs INT4 AWQ")
+    parser.add_argument("--group-size", type=int, default=64, help="128 does not divide SmolLM2's 576")
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--format", default="autoawq", choices=("autoawq", "compressed-tensors"))
+    parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    path = default_model_path()
+    tok = Tokenizer.from_folder(path)
+    ids = token_windows(tok.encode(evaluation_text(), add_special_tokens=False), args.windows, args.seq_len)
+    zero_point = not args.symmetric
+    res = {"float32": perplexity(_float_model(path), ids)}
+    res["int4_rtn"] = perplexity(_rtn_model(path, args.group_size, zero_point), ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        quantize_awq(path, tmp, group_size=args.group_size, zero_point=zero_point, out_format=args.format,
+                     device="cpu", progress=False)
+        calib_s = time.perf_counter() - t0
+        res["int4_awq"] = perplexity(load_dequantized(tmp)[0], ids)
+    rel = {k: v / res["float32"] - 1 for k, v in res.items()}
+    for k, v in res.items():
+        print(f"{k:10} perplexity {v:8.3f}  ({100 * rel[k]:+.2f}% vs float32)")
+    print(f"AWQ calibration took {calib_s:.0f} s on the CPU")
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        meta = dict(device=f"CPU ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads",
+                    commit=commit, command=" ".join(sys.argv), model=str(path), torch=torch.__version__,
+                    text="calib_text.evaluation_text()", tokens=ids.numel(), **vars(args))
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, perplexity=res, relative=rel, calibration_s=calib_s), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
