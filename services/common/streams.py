@@ -46,6 +46,16 @@ def connect(url: str, timeout_s: float | None = None, retries: int | None = None
                                 health_check_interval=30, retry=retry, **auth)
 
 
+def connect_async(url: str, timeout_s: float | None = None, **auth):
+    """connect() for asyncio (redis.asyncio.Redis), with the same retries on a dropped connection."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    return aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=timeout_s,
+                                   health_check_interval=30,
+                                   retry=AsyncRetry(ExponentialBackoff(1.0, 0.05), 6), **auth)
+
+
 def server_id(r: redis.Redis) -> str:
     """The Redis server's run id: it changes when the server restarts (or a replica takes over)."""
     return str(r.info("server")["run_id"])

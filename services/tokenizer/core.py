@@ -30,6 +30,14 @@ class TokenizerCore:
             raise InvalidRequest("no prompt: set text, token_ids or messages")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)), text
 
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's own text (decoded alone, special tokens kept)."""
+        vocab = self.info.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is out of range: the vocabulary has {vocab} tokens")
+        return [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
     def detokenizer(self, prompt_token_ids: Sequence[int] = (), *, skip_special_tokens: bool = True,
                     stop: Sequence[str] = (), include_stop_str_in_output: bool = False) -> DetokStream:
         """An incremental detokenizer for one request's output; it holds back text that might be
