@@ -124,13 +124,17 @@ went away is dropped from the channel's picks, another one may still be connecti
 
 
 class _StreamEnded(Exception):
-    """The tokenizer replica closed the stream without a status (it went away)."""
+    """The Detokenize stream ended before answering (its replica went away, or it failed)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
+        return self._code
 
     def details(self) -> str:
-        return "the Detokenize stream ended"
+        return self._details
 
 
 class _AioDetokenizer:
@@ -155,11 +159,17 @@ class _AioDetokenizer:
         await self._call.write(pb.DetokenizeRequest(setup=self._setup))
 
     async def _exchange(self, token_ids: Sequence[int], flush: bool):
-        await self._call.write(pb.DetokenizeRequest(tokens=pb.TokenIds(ids=list(token_ids)),
-                                                    flush=flush))
-        resp = await self._call.read()
+        request = pb.DetokenizeRequest(tokens=pb.TokenIds(ids=list(token_ids)), flush=flush)
+        try:
+            await self._call.write(request)
+            resp = await self._call.read()
+        except asyncio.InvalidStateError:  # the call had ended already
+            resp = grpc.aio.EOF
         if resp is grpc.aio.EOF:
-            raise _StreamEnded()
+            code = await self._call.code()
+            details = await self._call.details() or "the Detokenize stream ended"
+            raise _StreamEnded(grpc.StatusCode.UNAVAILABLE if code is grpc.StatusCode.OK else code,
+                               details)
         return resp
 
     async def add(self, token_ids: Sequence[int], flush: bool = False) -> tuple[str, str | None]:
