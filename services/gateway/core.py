@@ -21,6 +21,7 @@ aborts of an ended request can never reach a new one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -108,6 +109,7 @@ class GatewayCore:
         self.max_concurrent_requests = max_concurrent_requests
         self.active = 0
         """Requests in flight (each holds one of max_concurrent_requests)."""
+        self._cleanups: set[asyncio.Future] = set()
         self._clock = clock
         self.tracer = tracer or PassThroughTracerProvider().get_tracer("taxiway.gateway")
         self.metrics = metrics
@@ -206,11 +208,19 @@ class GatewayCore:
                     yield chunk
         finally:
             self.router.close([s.request.request_id for s in group.samples])
-            for s in group.samples:
-                if s.detok is not None:
-                    await s.detok.aclose()
-                if not s.done:
-                    await self._abort(Abort(s.request.request_id, "cancelled"))
+            # shielded: a cancelled task (anyio cancels again at every await) still sends its aborts
+            cleanup = asyncio.ensure_future(self._cleanup(group))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            await asyncio.shield(cleanup)
+
+    async def _cleanup(self, group: _Group) -> None:
+        """Closes each sample's detokenizer and aborts what still runs upstream."""
+        for s in group.samples:
+            if s.detok is not None:
+                await s.detok.aclose()
+            if not s.done:
+                await self._abort(Abort(s.request.request_id, "cancelled"))
 
     async def _handle(self, group: _Group, items: list, obs: RequestObserver) -> list[Chunk]:
         """The chunks for what the mailbox held (in order); raises the error of a failed sample."""
