@@ -84,7 +84,7 @@ class OpenAIServer:
             return error_response(exc)
         return JSONResponse({"object": "list", "data": [{
             "id": info.name, "object": "model", "created": 0, "owned_by": "taxiway",
-            "max_model_len": info.max_context_length}]})
+            "max_model_len": info.max_context_length, "vocab_size": info.vocab_size}]})
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, parse_completion)
