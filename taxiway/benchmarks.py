@@ -4,6 +4,7 @@ every request submitted at once (throughput), or one request alone (latency)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -179,8 +180,20 @@ def latency(cfg: BenchConfig) -> dict:
     }
 
 
+def json_safe(value):
+    """`value` with every non-finite float (NaN, inf) written as a string ("nan", "inf"): JSON has
+    no such numbers, and a result file must parse everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_result(result: dict, out: str | None) -> None:
-    text = json.dumps(result, indent=2)
+    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

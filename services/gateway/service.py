@@ -124,6 +124,8 @@ class GatewayService:
         return self.gate.wait_idle(timeout_s, interrupted)
 
     def stop(self) -> None:
+        if not self.loop.alive:
+            return  # stopped already
         self._stopping.set()
         self.gate.close("stopped")
         try:
@@ -136,10 +138,9 @@ class GatewayService:
         ended = self.core.shutdown()  # each ends with FINISH_REASON_CANCELLED, aborted upstream
         if ended:
             log.info("gateway stopping: %d requests in flight end as cancelled", ended)
-        await asyncio.sleep(0)  # let them send their last chunk before the server stops
-        if self.http is not None:
-            await self.http.stop()
-        await self.server.stop(STOP_GRACE_S)
+        await asyncio.sleep(0)  # let them send their last chunk before the servers stop
+        await asyncio.gather(self.server.stop(STOP_GRACE_S),
+                             *([self.http.stop()] if self.http is not None else []))
         self._ready.cancel()
         await self.reader.stop()
         await self.tokenizer.close()
