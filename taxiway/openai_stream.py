@@ -1,6 +1,7 @@
 """`taxiway bench serve --target openai`: the workload as streamed /v1/completions calls (token-id
-prompts, ignore_eos and min_tokens so that each gives exactly OSL tokens, usage in the last
-chunk), each timed per SSE chunk like the gRPC client.
+prompts, ignore_eos and min_tokens so that each gives exactly OSL tokens, return_token_ids so
+that each chunk says its tokens, usage in the last chunk), each timed per SSE chunk like the gRPC
+client.
 
 The HTTP/1.1 framing is h11's (already installed with uvicorn) over asyncio streams, one
 connection per request: a few dozen lines instead of an HTTP client dependency on the GPU machine,
@@ -53,7 +54,7 @@ async def run(cfg: ServeBenchConfig, workload: Workload, concurrency: int,
         if limit is not None:
             await limit.acquire()
         body = {"model": model, "prompt": prompt, "max_tokens": cfg.osl, "min_tokens": cfg.osl,
-                "ignore_eos": True, "temperature": 0.0, "stream": True,
+                "ignore_eos": True, "temperature": 0.0, "stream": True, "return_token_ids": True,
                 "stream_options": {"include_usage": True}}
         record = RequestRecord(start=time.monotonic())
         try:
@@ -102,13 +103,18 @@ async def _stream(cfg: ServeBenchConfig, context, body: bytes, record: RequestRe
 
 
 def _sse(event: bytes, record: RequestRecord) -> None:
-    """One `data: {...}` event: a chunk with text times a token arrival; the usage counts them."""
+    """One `data: {...}` event: a chunk with tokens (return_token_ids, vLLM's extra) times their
+    arrival, as the gRPC client does; the usage at the end must agree."""
     if not event.startswith(b"data: ") or event == b"data: [DONE]":
         return
     chunk = json.loads(event[6:])
     if "error" in chunk:
         raise ValueError(chunk["error"].get("message", "error event"))
-    if any(c.get("text") for c in chunk.get("choices", ())):
+    tokens = sum(len(c.get("token_ids") or ()) for c in chunk.get("choices", ()))
+    if tokens:
         record.chunk_times.append(time.monotonic())
-    if chunk.get("usage"):
-        record.num_tokens = chunk["usage"]["completion_tokens"]
+        record.num_tokens += tokens
+    usage = chunk.get("usage")
+    if usage and usage["completion_tokens"] != record.num_tokens:
+        raise ValueError(f"usage says {usage['completion_tokens']} tokens, the chunks held "
+                         f"{record.num_tokens}")

@@ -30,6 +30,8 @@ class Call:
     include_usage: bool = False
     top_logprobs: int | None = None
     """Report logprobs with this many alternatives (None: no logprobs)."""
+    return_token_ids: bool = False
+    """vLLM's extra: each choice also carries its token ids (`token_ids`)."""
 
 
 def parse_completion(data) -> Call:
@@ -47,7 +49,8 @@ def parse_completion(data) -> Call:
                                  f"request), got {_short(prompt)}")
     top = b.int("logprobs", None, lo=0, hi=limits.MAX_LOGPROBS)
     params = _sampling(b, max_tokens=b.int("max_tokens", 16, lo=1), logprobs=top)
-    return Call(False, b.str("model"), GenerateInput(params, **fields), *_stream(b), top)
+    return Call(False, b.str("model"), GenerateInput(params, **fields), *_stream(b), top,
+                b.bool("return_token_ids"))
 
 
 def parse_chat(data) -> Call:
@@ -67,7 +70,8 @@ def parse_chat(data) -> Call:
     if max_tokens is None:
         max_tokens = b.int("max_tokens", None, lo=1)
     params = _sampling(b, max_tokens=max_tokens, logprobs=top)
-    return Call(True, b.str("model"), GenerateInput(params, messages=turns), *_stream(b), top)
+    return Call(True, b.str("model"), GenerateInput(params, messages=turns), *_stream(b), top,
+                b.bool("return_token_ids"))
 
 
 def _turn(message, i: int) -> dict:
@@ -137,6 +141,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     """OpenAI-shaped logprob entries (chat), or (token, logprob, top) triples (completions)."""
 
@@ -161,6 +166,7 @@ class Answer:
         c = self.choices[chunk.index]
         c.text += chunk.text
         c.completion_tokens += len(chunk.token_ids)
+        c.token_ids += chunk.token_ids
         if chunk.usage:
             self.prompt_tokens, _, self.cached_tokens = chunk.usage
         logprobs = await self._logprobs(chunk, len(c.text) - len(chunk.text))
@@ -169,8 +175,9 @@ class Answer:
         if chunk.finish_reason:
             c.finish_reason = FINISH[chunk.finish_reason]
             c.stop_reason = _stop_reason(chunk.stop_reason)
-        if not (chunk.text or chunk.finish_reason or logprobs or chunk.index not in self._started):
-            return None
+        if not (chunk.token_ids or chunk.text or chunk.finish_reason
+                or chunk.index not in self._started):
+            return None  # new tokens go out at once, even while their text is held back
         return self._stream_chunk(chunk, c, logprobs)
 
     def _stream_chunk(self, chunk: Chunk, c: Choice, logprobs: list | None) -> dict:
@@ -185,6 +192,8 @@ class Answer:
             choice["text"] = chunk.text
             choice["logprobs"] = _legacy(logprobs) if logprobs else None
         self._started.add(c.index)
+        if self.call.return_token_ids:
+            choice["token_ids"] = list(chunk.token_ids)
         choice["finish_reason"] = c.finish_reason if chunk.finish_reason else None
         if chunk.finish_reason:
             choice["stop_reason"] = c.stop_reason
@@ -217,6 +226,8 @@ class Answer:
                           "logprobs": _legacy(c.logprobs) if self.call.top_logprobs is not None
                           else None}
             choice.update(finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            if self.call.return_token_ids:
+                choice["token_ids"] = c.token_ids
             choices.append(choice)
         return self._envelope(self.object, choices, usage=self.usage())
 
