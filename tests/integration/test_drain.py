@@ -73,7 +73,7 @@ def test_serve_all_drains_on_sigterm(tmp_path):
     port, grace = free_port(), 20.0
     config = tmp_path / "taxiway.yaml"
     config.write_text(yaml.safe_dump({
-        "fake_engine": True, "metrics_port": 0, "drain_timeout_s": grace,
+        "fake_engine": True, "metrics_port": 0, "openai_port": 0, "drain_timeout_s": grace,
         "tokenizer": {"port": 0}, "scheduler": {"port": 0, "heartbeat_timeout_s": 2.0},
         "executor": {"port": 0, "fake_step_s": 0.04}}))
     proc = subprocess.Popen([sys.executable, "-m", "services.serve", "--config", str(config),
