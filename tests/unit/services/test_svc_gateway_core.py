@@ -244,3 +244,59 @@ def test_redis_lost_fails_the_requests_in_flight_at_once():
 
     with pytest.raises(NotReady, match="lost Redis: unreachable for 10s"):
         asyncio.run(lose_after_first())
+
+
+def test_n_samples_fan_out_with_derived_seeds_and_interleave():
+    from gpu_engine.sampling_params import sample_seed
+
+    def script(req):
+        k = req.params.seed  # each sample answers something of its own
+        text = "abc" if k == sample_seed(7, 0) else "xyz"
+        return [Delta(req.request_id, 0, 0, ids(text[:2]), num_prompt_tokens=3,
+                      prompt_logprobs=[None, {5: -0.5}] if req.params.prompt_logprobs else None),
+                Delta(req.request_id, 0, 2, ids(text[2:]), finish_reason="length")]
+
+    core, intake = make(script, spread=True)
+    chunks = run(core, n=2, seed=7, max_tokens=3, prompt_logprobs=1)
+    seeds = [r.params.seed for r in intake.submitted]
+    assert seeds == [sample_seed(7, 0), sample_seed(7, 1)] and seeds[0] == 7
+    assert [r.params.n for r in intake.submitted] == [1, 1]
+    assert [r.params.prompt_logprobs for r in intake.submitted] == [1, None]
+    texts = {i: "".join(c.text for c in chunks if c.index == i) for i in (0, 1)}
+    assert texts == {0: "abc", 1: "xyz"}
+    finals = [c for c in chunks if c.finish_reason]
+    assert sorted(c.index for c in finals) == [0, 1] and all(c.usage == (3, 3, 0) for c in finals)
+    with_lp = [c for c in chunks if c.prompt_logprobs]
+    assert len(with_lp) == 1 and with_lp[0].index == 0 and with_lp[0].prompt_token_ids
+    assert intake.aborts == [] and len(core.router) == 0
+
+
+def test_queued_deltas_leave_as_one_chunk():
+    from services.gateway.samples import coalesce
+
+    a = Delta("r", 0, 0, [1, 2], num_prompt_tokens=3, logprobs=[{1: -1.0}, {2: -2.0}])
+    b = Delta("r", 0, 2, [3], logprobs=[{3: -3.0}], finish_reason="length")
+    other = Delta("s", 0, 0, [9])
+    merged = coalesce([a, b, other, Delta("s", 0, 5, [7])])  # the last one leaves a gap
+    assert [d.token_ids for d in merged] == [[1, 2, 3], [9], [7]]
+    assert merged[0].finish_reason == "length" and merged[0].num_prompt_tokens == 3
+    assert merged[0].logprobs == [{1: -1.0}, {2: -2.0}, {3: -3.0}]
+
+
+def test_concurrency_limit_and_shutdown():
+    core, intake = make(lambda req: [Delta(req.request_id, 0, 0, ids("a"))],
+                        max_concurrent_requests=1)
+
+    async def scenario():
+        first = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"))
+        assert (await anext(first)).text == "a"
+        with pytest.raises(Overloaded, match=r"holds 1 requests, its limit \(max_concurrent_requests=1\)"):
+            await anext(core.generate(GenerateInput(SamplingParams(), text="hi")))
+        assert core.shutdown() == 1
+        rest = await collect(first)
+        return rest
+
+    rest = asyncio.run(scenario())
+    assert [(c.finish_reason, c.usage) for c in rest] == [("abort", (3, 1, 0))]  # BOS + "hi"
+    assert intake.aborts == [Abort(intake.submitted[0].request_id, "cancelled")]
+    assert core.active == 0
