@@ -329,6 +329,7 @@ class OutputReader:
             await self._redis.delete(self._key)
         except Exception:  # noqa: BLE001
             pass
+        await self._redis.aclose()
 
 
 async def _server_id(redis) -> str:
