@@ -23,10 +23,13 @@ def ids(text: str) -> list[int]:
 
 
 class LocalSession:
-    def __init__(self, session):
+    def __init__(self, session, on_add=None):
         self.session = session
+        self.on_add = on_add
 
     async def add(self, token_ids, flush=False):
+        if self.on_add is not None:
+            self.on_add()  # the request took a delta: a spread intake sends the next one
         return self.session.add(token_ids, flush)
 
     async def aclose(self):
@@ -36,12 +39,13 @@ class LocalSession:
 class LocalTokenizer:
     def __init__(self):
         self.core = load_core(TokenizerConfig(fake_engine=True))
+        self.on_add = None
 
     async def tokenize(self, text=None, messages=None, add_special_tokens=True):
         return self.core.tokenize(text, messages, add_special_tokens)
 
     async def detokenizer(self, prompt_token_ids, **kw):
-        return LocalSession(self.core.detokenizer(prompt_token_ids, **kw))
+        return LocalSession(self.core.detokenizer(prompt_token_ids, **kw), self.on_add)
 
     async def model_info(self):
         return self.core.info
@@ -52,13 +56,15 @@ class LocalTokenizer:
 
 class ScriptedIntake:
     """On each submit, plays `script(request)` (a list of deltas) into the router: at once, or
-    `spread` one delta every 2 ms (so that each reaches the request's task alone)."""
+    `spread` one at a time, the next once the request took the previous one (so that each
+    reaches the request's task alone, and leaves as a chunk of its own)."""
 
     def __init__(self, script, spread: bool = False):
         self.script = script
         self.spread = spread
         self.submitted, self.aborts = [], []
         self.core: GatewayCore | None = None
+        self._pending: list = []
 
     async def submit(self, request):
         self.submitted.append(request)
@@ -66,9 +72,12 @@ class ScriptedIntake:
         if not self.spread:
             self.core.router.dispatch(deltas)
             return
-        loop = asyncio.get_running_loop()
-        for i, d in enumerate(deltas):
-            loop.call_later(0.002 * (i + 1), self.core.router.dispatch, [d])
+        self._pending += deltas
+        self.next()
+
+    def next(self) -> None:
+        if self._pending:
+            self.core.router.dispatch([self._pending.pop(0)])
 
     async def abort(self, abort):
         self.aborts.append(abort)
@@ -76,8 +85,11 @@ class ScriptedIntake:
 
 def make(script, timeout=5.0, spread=False, **core_options):
     intake = ScriptedIntake(script, spread)
-    core = GatewayCore("gw", LocalTokenizer(), intake, request_timeout_s=timeout, **core_options)
+    tokenizer = LocalTokenizer()
+    core = GatewayCore("gw", tokenizer, intake, request_timeout_s=timeout, **core_options)
     intake.core = core
+    if spread:
+        tokenizer.on_add = lambda: asyncio.get_running_loop().call_soon(intake.next)
     return core, intake
 
 
