@@ -65,6 +65,7 @@ for step in "$@"; do
     hf-1000) phase hf-1000 400 python bench/hf_baseline.py --isl 1000 --osl 1000 --num-requests 48 --out "$OUT/hf-1000-1000.json" ;;
     hf-2048) phase hf-2048 400 python bench/hf_baseline.py --isl 2048 --osl 2048 --num-requests 16 --out "$OUT/hf-2048-2048.json" ;;
     spec-tests) phase spec-tests 400 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_spec_gpu.py tests/kernels/test_spec_proposers_triton.py ;;
+    serve-bench) phase serve-bench 560 bash bench/serve_bench_gpu.sh "$OUT" ;;
     train-draft) phase train-draft 480 python -m taxiway.cli train-draft --out "$OUT/eagle3-smollm2" --no-progress ;;
     *) echo "unknown phase $step" ;;
   esac

@@ -154,3 +154,16 @@ class SamplingParams:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of a one-sample request that draws exactly what sample `index` of a request with
+    `seed` draws (the sampler keys sample i's stream by row_key(seed, i), a mix of
+    seed ^ i * golden; gpu_engine.sampler), as a signed 64-bit value: how a server that fans a
+    request of n samples out into n requests keeps `LLM.generate(n=...)`'s seeded samples."""
+    value = (seed ^ (index * _GOLDEN)) & _M64
+    return value - (1 << 64) if value >= 1 << 63 else value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -47,7 +48,11 @@ def start_role(role: str, config):
 def run_role(role: str, config) -> int:
     signals = Signals()
     parent = int(os.environ.get(PARENT_ENV, "0"))
-    service = start_role(role, config)
+    try:
+        service = start_role(role, config)
+    except OSError as exc:  # a port in use: one line, not a traceback
+        print(f"taxiway serve --role {role}: {exc}", file=sys.stderr)
+        return 1
     parent_gone = False
     while not signals.first.wait(0.5):
         if parent and os.getppid() != parent:

@@ -10,9 +10,9 @@ import dataclasses
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import yaml
@@ -144,10 +144,21 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
     from services.common.redis_server import EmbeddedRedis
     from services.run import PARENT_ENV, Signals
 
+    from services.common.lifetime import busy_ports, die_with_parent, run_dir
+
     configs = embedded_security(role_configs(cli, env, file, known))
+    busy = busy_ports(serve_ports(configs))
+    if busy:
+        print(f"taxiway serve: {busy[0]} is in use: is another `taxiway serve` running? Stop it, "
+              "or pick other ports (--port, --openai-port, --metrics-port, the YAML file)",
+              file=sys.stderr)
+        return 1
+    folder = run_dir()  # removed at the end; if this process is killed, by the next run
     redis = None
     if not configs["gateway"].redis_url:
-        redis = EmbeddedRedis(password=secrets.token_urlsafe(24))
+        (folder / "redis").mkdir()
+        redis = EmbeddedRedis(password=secrets.token_urlsafe(24), folder=str(folder / "redis"),
+                              die_with_parent=True)
         configs = {r: dataclasses.replace(c, redis_url=redis.url, redis_password=redis.password)
                    if hasattr(c, "redis_url") else c for r, c in configs.items()}
         print(f"taxiway: embedded Redis at {redis.url} (with a password of its own)",
@@ -155,18 +166,17 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
     settings = {ENV_PREFIX + n.upper() for n in [*known, "role", "config"]} | {"REDIS_URL"}
     child_env = {k: v for k, v in env.items() if k not in settings}  # the files say it all
     child_env[PARENT_ENV] = str(os.getpid())
-    tmp = tempfile.TemporaryDirectory(prefix="taxiway-serve-")
     procs: dict[str, subprocess.Popen] = {}
     signals = Signals()
     stop = signals.first
     try:
         for role in START_ORDER:
-            path = os.path.join(tmp.name, f"{role}.yaml")
-            with open(path, "w") as f:
+            path = folder / f"{role}.yaml"
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 yaml.safe_dump({role: flat_dict(configs[role])}, f)
             procs[role] = subprocess.Popen(
-                [sys.executable, "-m", "services.serve", "--role", role, "--config", path],
-                env=child_env, process_group=0)
+                [sys.executable, "-m", "services.serve", "--role", role, "--config", str(path)],
+                env=child_env, process_group=0, preexec_fn=die_with_parent(os.getpid()))
         gw = configs["gateway"]
         address = f"{'127.0.0.1' if gw.host in ('0.0.0.0', '::') else gw.host}:{gw.port}"
         if not _wait_ready(address, configs["gateway"], procs, stop):
@@ -185,8 +195,18 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
         _stop_children(procs)
         if redis is not None:
             redis.stop()
-        tmp.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
         print("taxiway: stopped", file=sys.stderr)
+
+
+def serve_ports(configs: dict) -> list[tuple[str, str, int]]:
+    """Every port `--role all` listens on: (what, host, port)."""
+    out = []
+    for role, c in configs.items():
+        out += [(f"{role} port", c.host, c.port), (f"{role} metrics_port", c.host, c.metrics_port)]
+    gw = configs["gateway"]
+    out.append(("gateway openai_port", gw.host, gw.openai_port))
+    return out
 
 
 def _wait_ready(address: str, gateway, procs: dict, stop) -> bool:

@@ -5,6 +5,7 @@ request alone (latency, with its roofline from the bytes a decode step reads).""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -287,8 +288,20 @@ def _quant_info(engine: LLMEngine) -> dict:
             "num_kv_blocks_at_model_dtype": engine.num_kv_blocks_at_model_dtype}
 
 
+def json_safe(value):
+    """`value` with every non-finite float (NaN, inf) written as a string ("nan", "inf"): JSON has
+    no such numbers, and a result file must parse everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_result(result: dict, out: str | None) -> None:
-    text = json.dumps(result, indent=2)
+    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

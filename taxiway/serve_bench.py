@@ -18,15 +18,24 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-TARGETS = ("grpc", "inprocess")
+TARGETS = ("grpc", "openai", "inprocess")
+DEFAULT_ADDRESS = {"grpc": "127.0.0.1:50051", "openai": "127.0.0.1:8000"}
 
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
     target: str = "grpc"
-    """grpc: a gateway's Generate; inprocess: the same workload through LLMEngine in this process."""
-    address: str = "127.0.0.1:50051"
-    """The gRPC gateway (target grpc)."""
+    """grpc: a gateway's Generate; openai: its /v1/completions (streamed); inprocess: the same
+    workload through LLMEngine in this process."""
+    address: str = ""
+    """host:port of the gateway's gRPC port (target grpc) or OpenAI port (target openai);
+    empty: 127.0.0.1:50051 or 127.0.0.1:8000."""
+    api_key: str | None = None
+    """Sent as `authorization: Bearer <key>` (grpc and openai)."""
+    tls: bool = False
+    """Connect over TLS (grpc and openai)."""
+    ca_file: str | None = None
+    """PEM CA bundle that verifies the server's certificate (with tls; default: the system's)."""
     isl: int = 128
     osl: int = 128
     num_requests: int = 256
@@ -49,6 +58,10 @@ class ServeBenchConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not self.address and self.target in DEFAULT_ADDRESS:
+            object.__setattr__(self, "address", DEFAULT_ADDRESS[self.target])
+        if self.ca_file and not self.tls:
+            raise ValueError("ca_file needs tls (--tls --ca FILE)")
         if self.isl < 1 or self.osl < 1 or self.num_requests < 1:
             raise ValueError("isl, osl and num_requests must be positive")
         if not self.request_rate > 0:
@@ -165,4 +178,6 @@ def run_benchmark(cfg: ServeBenchConfig) -> dict:
     finally:
         client.close()
     config = {k: _finite(v) if isinstance(v, float) else v for k, v in asdict(cfg).items()}
+    if config.get("api_key"):
+        config["api_key"] = "(given)"  # never a secret in a result file
     return {"benchmark": "serve", "config": config, "machine": machine_info(), **extra, "runs": runs}

@@ -1,5 +1,5 @@
-"""The clients of `taxiway bench serve`: the gRPC gateway (asyncio, optionally several processes)
-and the same engine in this process. Each runs a Workload and returns one RequestRecord per
+"""The clients of `taxiway bench serve`: the gateway's gRPC or OpenAI port (asyncio, optionally
+several processes) and the same engine in this process. Each runs a Workload and returns one RequestRecord per
 request, timed with time.monotonic() (one clock for every process of this machine)."""
 
 from __future__ import annotations
@@ -17,90 +17,59 @@ START_MARGIN_S = 1.0
 
 
 def make_client(cfg: ServeBenchConfig):
-    if cfg.target == "grpc":
-        return GrpcClient(cfg)
+    if cfg.target in ("grpc", "openai"):
+        return StreamingClient(cfg)
     if cfg.target == "inprocess":
         return InProcessClient(cfg)
     raise ValueError(f"unknown target {cfg.target!r}")
 
 
-class GrpcClient:
-    """Streams Generate calls to a gateway over one aio channel per client process."""
+class StreamingClient:
+    """Streams the workload to a gateway: gRPC Generate calls over one aio channel per client
+    process, or OpenAI /v1/completions SSE streams (taxiway/openai_stream.py); optionally from
+    several processes."""
 
     def __init__(self, cfg: ServeBenchConfig):
-        import grpc
-
-        from services.common.proto import Stub, pb
-
-        with grpc.insecure_channel(cfg.address) as channel:
-            self.info = Stub(channel, "Gateway").GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        if cfg.target == "grpc":
+            from taxiway.grpc_stream import model_info
+        else:
+            from taxiway.openai_stream import model_info
+        self.info = model_info(cfg)
+        """{"name", "vocab_size", "max_context_length"}"""
+        self.kind = cfg.target
 
     def vocab_size(self) -> int:
-        return self.info.vocab_size
+        return self.info["vocab_size"]
 
     def run(self, workload: Workload, cfg: ServeBenchConfig, concurrency: int) -> list[RequestRecord]:
         procs = min(cfg.client_processes, len(workload.prompts))
         if procs == 1:
-            return asyncio.run(_grpc_run(cfg, workload, concurrency, time.monotonic()))
+            return _run_sync(cfg, workload, concurrency, time.monotonic())
         start = time.monotonic() + START_MARGIN_S + 0.5 * procs
         per = math.ceil(concurrency / procs) if concurrency else 0
         parts = [(cfg, Workload(workload.prompts[p::procs], workload.send_at[p::procs]), per, start)
                  for p in range(procs)]
         with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            results = pool.starmap(_grpc_run_sync, parts)
+            results = pool.starmap(_run_sync, parts)
         records: list[RequestRecord] = [None] * len(workload.prompts)  # type: ignore[list-item]
         for p, part in enumerate(results):
             records[p::procs] = part
         return records
 
     def describe(self) -> dict:
-        return {"target": {"kind": "grpc", "model": self.info.name,
-                           "max_context_length": self.info.max_context_length}}
+        return {"target": {"kind": self.kind, "model": self.info["name"],
+                           "max_context_length": self.info["max_context_length"]}}
 
     def close(self) -> None:
         pass
 
 
-def _grpc_run_sync(cfg, workload, concurrency, start) -> list[RequestRecord]:
-    return asyncio.run(_grpc_run(cfg, workload, concurrency, start))
-
-
-async def _grpc_run(cfg: ServeBenchConfig, workload: Workload, concurrency: int,
-                    start: float) -> list[RequestRecord]:
-    import grpc
-
-    from services.common.proto import Stub, pb
-
-    sampling = pb.SamplingParams(max_tokens=cfg.osl, min_tokens=cfg.osl, ignore_eos=True,
-                                 temperature=0.0)
-    limit = asyncio.Semaphore(concurrency) if concurrency else None
-    async with grpc.aio.insecure_channel(cfg.address) as channel:
-        stub = Stub(channel, "Gateway")
-
-        async def one(prompt, send_at: float) -> RequestRecord:
-            await asyncio.sleep(max(0.0, start + send_at - time.monotonic()))
-            if limit is not None:
-                await limit.acquire()
-            if isinstance(prompt, str):
-                request = pb.GenerateRequest(text=prompt, sampling=sampling)
-            else:
-                request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
-            record = RequestRecord(start=time.monotonic())
-            try:
-                async for chunk in stub.Generate(request, timeout=cfg.timeout_s):
-                    if chunk.token_ids:
-                        record.chunk_times.append(time.monotonic())
-                        record.num_tokens += len(chunk.token_ids)
-                if record.num_tokens != cfg.osl:
-                    record.error = f"got {record.num_tokens} tokens, expected {cfg.osl}"
-            except grpc.aio.AioRpcError as exc:
-                record.error = f"{exc.code().name}: {exc.details()}"
-            finally:
-                if limit is not None:
-                    limit.release()
-            return record
-
-        return list(await asyncio.gather(*(one(p, t) for p, t in zip(workload.prompts, workload.send_at))))
+def _run_sync(cfg, workload, concurrency, start) -> list[RequestRecord]:
+    if cfg.target == "grpc":
+        from taxiway.grpc_stream import run
+    else:
+        from taxiway.openai_stream import run
+    return asyncio.run(run(cfg, workload, concurrency, start))
 
 
 class InProcessClient:

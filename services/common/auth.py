@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import inspect
 import hmac
 from collections.abc import Iterable
 from pathlib import Path
@@ -144,6 +145,44 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     item = ctx.run(next, stream)
                 except StopIteration:
                     return
+                yield item
+
+        return handler
+
+
+class AioAuthInterceptor(grpc.aio.ServerInterceptor):
+    """AuthInterceptor for grpc.aio servers: each call runs in its own task, so the caller id set
+    at its start is what `current_caller()` reads anywhere in it."""
+
+    def __init__(self, keyring: KeyRing | None):
+        self._check = AuthInterceptor(keyring)._caller
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._streaming(handler.unary_stream))
+        return handler._replace(stream_stream=self._streaming(handler.stream_stream))
+
+    def _unary(self, fn):
+        async def handler(request, context):
+            _CALLER.set(self._check(context))
+            return await fn(request, context)
+
+        return handler
+
+    def _streaming(self, fn):
+        if inspect.iscoroutinefunction(fn):  # a streaming handler that writes
+            return self._unary(fn)
+
+        async def handler(request, context):
+            _CALLER.set(self._check(context))
+            async for item in fn(request, context):
                 yield item
 
         return handler

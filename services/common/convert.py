@@ -10,7 +10,8 @@ from services.common.proto import pb
 from services.common.types import (Abort, Delta, Ended, EngineRequest, ExecutorState, KvEvent,
                                     ModelInfo)
 
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs")
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs",
+                      "prompt_logprobs")
 _PLAIN_SAMPLING = ("min_tokens", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                    "ignore_eos")
 
@@ -35,12 +36,14 @@ def sampling_from_pb(msg, **overrides) -> SamplingParams:
             kwargs[name] = round(float(kwargs[name]), 6)
     kwargs["stop"] = tuple(msg.stop)
     kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    kwargs["n"] = msg.n or 1
     kwargs.update(overrides)
     return SamplingParams(**kwargs)
 
 
 def sampling_to_pb(params: SamplingParams):
-    msg = pb.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
+    msg = pb.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+                            n=params.n)
     for name in _PLAIN_SAMPLING:
         setattr(msg, name, getattr(params, name))
     for name in _OPTIONAL_SAMPLING:
@@ -108,6 +111,8 @@ def delta_to_pb(d: Delta):
         msg.error.kind, msg.error.message = d.error
     for lp in d.logprobs or ():
         msg.logprobs.add().logprobs.update(lp)
+    for lp in d.prompt_logprobs or ():
+        msg.prompt_logprobs.add().logprobs.update(lp or {})
     return msg
 
 
@@ -119,7 +124,8 @@ def delta_from_pb(msg) -> Delta:
         num_prompt_tokens=msg.num_prompt_tokens, num_cached_tokens=msg.num_cached_tokens,
         error=(msg.error.kind, msg.error.message) if msg.HasField("error") else None,
         executor_lost=msg.executor_lost,
-        logprobs=[dict(lp.logprobs) for lp in msg.logprobs] or None, queue_time_s=msg.queue_time_s)
+        logprobs=[dict(lp.logprobs) for lp in msg.logprobs] or None, queue_time_s=msg.queue_time_s,
+        prompt_logprobs=[dict(lp.logprobs) or None for lp in msg.prompt_logprobs] or None)
 
 
 def output_batch_to_bytes(source: str, deltas: list[Delta]) -> bytes:

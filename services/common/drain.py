@@ -109,6 +109,44 @@ class GatedServicer:
         return call
 
 
+class AioGatedServicer(GatedServicer):
+    """GatedServicer for grpc.aio servers: the target's methods are coroutines or async
+    generators; each call returns one of them (register with add_service(..., aio=True))."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(request, context):
+            fn = getattr(self.target, name, None) if self.target is not None else None
+            if fn is not None and inspect.isasyncgenfunction(fn):
+                return self._stream(fn, name, request, context)
+            return self._unary(fn, name, request, context)
+
+        return call
+
+    async def _unary(self, fn, name: str, request, context):
+        if name in self._always and fn is not None:
+            return await fn(request, context)
+        self.gate.enter()
+        try:
+            return await fn(request, context)
+        finally:
+            self.gate.leave()
+
+    async def _stream(self, fn, name: str, request, context):
+        if name in self._always:
+            async for item in fn(request, context):
+                yield item
+            return
+        self.gate.enter()
+        try:
+            async for item in fn(request, context):
+                yield item
+        finally:
+            self.gate.leave()
+
+
 def _counted(stream: Iterator, gate: Gate) -> Iterator:
     try:
         yield from stream

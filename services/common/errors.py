@@ -7,6 +7,8 @@ class name (`to_wire` / `from_wire`).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 
 import grpc
@@ -124,3 +126,57 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler.unary_stream:
             return handler._replace(unary_stream=_streaming(handler.unary_stream))
         return handler._replace(stream_stream=_streaming(handler.stream_stream))
+
+
+# -- the same mapping on grpc.aio servers ------------------------------------------------------------
+
+async def _aio_abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error")
+        await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+    await context.abort(code, str(exc))
+
+
+def _aio_unary(fn):
+    async def handler(request, context):
+        try:
+            return await fn(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise  # the client went away, or the handler aborted on purpose
+        except Exception as exc:  # noqa: BLE001 - every error leaves through one status
+            await _aio_abort(context, exc)
+
+    return handler
+
+
+def _aio_streaming(fn):
+    if inspect.iscoroutinefunction(fn):  # a streaming handler that writes (grpc's health Watch)
+        return _aio_unary(fn)
+
+    async def handler(request, context):
+        try:
+            async for item in fn(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error leaves through one status
+            await _aio_abort(context, exc)
+
+    return handler
+
+
+class AioErrorInterceptor(grpc.aio.ServerInterceptor):
+    """ErrorInterceptor for grpc.aio servers (handlers are coroutines and async generators)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_aio_unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_aio_unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_aio_streaming(handler.unary_stream))
+        return handler._replace(stream_stream=_aio_streaming(handler.stream_stream))

@@ -224,8 +224,11 @@ def start_metrics_server(registry: CollectorRegistry, port: int, addr: str = "0.
     that its loop looks for close() every 0.1 s instead of every 0.5 s: a tier stops faster."""
     family, *_, sockaddr = socket.getaddrinfo(addr, port)[0]  # IPv4 or IPv6, as addr is
     server_cls = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
-    httpd = make_server(sockaddr[0], port, make_wsgi_app(registry), server_cls,
-                        handler_class=_QuietHandler)
+    try:
+        httpd = make_server(sockaddr[0], port, make_wsgi_app(registry), server_cls,
+                            handler_class=_QuietHandler)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {addr}:{port} (metrics_port): {exc.strerror}") from None
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
                               name="metrics-http", daemon=True)
     thread.start()

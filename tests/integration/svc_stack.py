@@ -121,7 +121,8 @@ class Stack:
     def start_gateway(self, tokenizer_address: str) -> GatewayService:
         self.gateway = GatewayService(GatewayConfig(
             port=0, metrics_port=0, redis_url=self.redis_url, tokenizer_address=tokenizer_address,
-            internal_token=INTERNAL_TOKEN, **self.redis_auth, **self.gateway_options),
+            internal_token=INTERNAL_TOKEN, **self.redis_auth,
+            **{"openai_port": -1, **self.gateway_options}),
             tracer_provider=self.providers.get("gateway")).start()
         return self.gateway
 

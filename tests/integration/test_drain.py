@@ -73,7 +73,7 @@ def test_serve_all_drains_on_sigterm(tmp_path):
     port, grace = free_port(), 20.0
     config = tmp_path / "taxiway.yaml"
     config.write_text(yaml.safe_dump({
-        "fake_engine": True, "metrics_port": 0, "drain_timeout_s": grace,
+        "fake_engine": True, "metrics_port": 0, "openai_port": 0, "drain_timeout_s": grace,
         "tokenizer": {"port": 0}, "scheduler": {"port": 0, "heartbeat_timeout_s": 2.0},
         "executor": {"port": 0, "fake_step_s": 0.04}}))
     proc = subprocess.Popen([sys.executable, "-m", "services.serve", "--config", str(config),
@@ -153,31 +153,39 @@ def test_tokenizer_drain_lets_open_streams_finish(stack_factory):
 
 def test_gateway_skips_a_draining_tokenizer_replica():
     """Two tokenizers behind one target: while one drains, every call goes to the other."""
+    from services.common.aio import LoopThread
     from services.gateway.clients import GrpcTokenizerClient
     from services.tokenizer.config import TokenizerConfig
     from services.tokenizer.service import build
 
     config = TokenizerConfig(port=0, metrics_port=0, fake_engine=True, internal_token=INTERNAL_TOKEN)
     first, second = build(config), build(config)
-    client = GrpcTokenizerClient(f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}",
-                                 credential=INTERNAL_TOKEN)
+    loop = LoopThread("test-client")
+
+    async def connect():
+        return GrpcTokenizerClient(f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}",
+                                   credential=INTERNAL_TOKEN)
+
+    client = loop.run(connect())
+    tokenize = lambda text: loop.run(client.tokenize(text))  # noqa: E731
     try:
-        assert client.tokenize("ab")[0] == [1, ord("a") + 3, ord("b") + 3]
+        assert tokenize("ab")[0] == [1, ord("a") + 3, ord("b") + 3]
         assert first.drain(5.0)
-        wait_for(lambda: _only_second_answers(client, first), 10, "calls to go to the other one")
+        wait_for(lambda: _only_second_answers(tokenize, first), 10, "calls to go to the other one")
         for _ in range(6):
-            assert client.tokenize("ab")[0] == [1, ord("a") + 3, ord("b") + 3]
+            assert tokenize("ab")[0] == [1, ord("a") + 3, ord("b") + 3]
         assert first.gate.busy == 0
     finally:
-        client.close()
+        loop.run(client.close())
+        loop.stop()
         first.stop()
         second.stop()
 
 
-def _only_second_answers(client, first) -> bool:
+def _only_second_answers(tokenize, first) -> bool:
     before = first.obs.registry.get_sample_value(
         "taxiway:tokenizer_request_seconds_count", {"model_name": "fake-bytes", "method": "Tokenize"})
-    client.tokenize("x")
+    tokenize("x")
     return before == first.obs.registry.get_sample_value(
         "taxiway:tokenizer_request_seconds_count", {"model_name": "fake-bytes", "method": "Tokenize"})
 

@@ -4,6 +4,8 @@ reached a port could list, abort, admit or replace requests on an executor."""
 
 from __future__ import annotations
 
+import asyncio
+
 import argparse
 
 import grpc
@@ -121,19 +123,26 @@ def test_internal_tls_and_the_credential_between_gateway_and_tokenizer(tmp_path)
     tok = build(TokenizerConfig(port=0, metrics_port=0, fake_engine=True, reflection=False,
                                 internal_token=INTERNAL_TOKEN, tls_cert_file=cert, tls_key_file=key))
     address = f"127.0.0.1:{tok.port}"
-    good = GrpcTokenizerClient(address, credential=INTERNAL_TOKEN, ca_file=cert)
-    plain = GrpcTokenizerClient(address, credential=INTERNAL_TOKEN)
-    no_credential = GrpcTokenizerClient(address, ca_file=cert)
+
+    async def calls():
+        good = GrpcTokenizerClient(address, credential=INTERNAL_TOKEN, ca_file=cert)
+        plain = GrpcTokenizerClient(address, credential=INTERNAL_TOKEN)
+        no_credential = GrpcTokenizerClient(address, ca_file=cert)
+        try:
+            assert (await good.tokenize("ab"))[0] == [1, ord("a") + 3, ord("b") + 3]
+            detok = await good.detokenizer([1], skip_special_tokens=True, stop=(),
+                                           include_stop_str_in_output=False)
+            assert await detok.add([ord("h") + 3, ord("i") + 3], flush=True) == ("hi", None)
+            await detok.aclose()
+            with pytest.raises(NotReady):
+                await plain.tokenize("ab")
+            with pytest.raises(Exception, match="refused this tier's internal credential"):
+                await no_credential.tokenize("ab")
+        finally:
+            for client in (good, plain, no_credential):
+                await client.close()
+
     try:
-        assert good.tokenize("ab")[0] == [1, ord("a") + 3, ord("b") + 3]
-        detok = good.detokenizer([1], skip_special_tokens=True, stop=(), include_stop_str_in_output=False)
-        assert detok.add([ord("h") + 3, ord("i") + 3], flush=True) == ("hi", None)
-        detok.close()
-        with pytest.raises(NotReady):
-            plain.tokenize("ab")
-        with pytest.raises(Exception, match="refused this tier's internal credential"):
-            no_credential.tokenize("ab")
+        asyncio.run(calls())
     finally:
-        for client in (good, plain, no_credential):
-            client.close()
         tok.stop()

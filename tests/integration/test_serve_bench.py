@@ -63,3 +63,23 @@ def test_inprocess_engine_runs_the_same_workload(tiny_llama):
         assert (run["completed"], run["output_tokens"]) == (6, 24)
         assert math.isfinite(run["tpot_ms"]["p99"])
     assert result["target"]["num_kv_blocks"] == 64 and result["target"]["engine"]["model"] == tiny_llama
+
+
+@pytest.mark.parametrize("target", ["openai", "grpc"])
+def test_openai_and_grpc_targets_with_an_api_key(stack_factory, target):
+    stack = stack_factory(fake_step_s=0.002, gateway_options={"api_keys": "bench:sk-bench",
+                                                              "openai_port": 0})
+    port = stack.gateway.http.port if target == "openai" else stack.gateway.server.port
+    cfg = ServeBenchConfig(target=target, address=f"127.0.0.1:{port}", isl=8, osl=6,
+                           num_requests=16, concurrency=(1, 8), warmup_requests=2,
+                           api_key="sk-bench")
+    result = run_benchmark(cfg)
+    text = json.dumps(result, allow_nan=False)
+    assert "sk-bench" not in text and result["config"]["api_key"] == "(given)"
+    assert result["target"]["kind"] == target and result["target"]["model"] == "fake-bytes"
+    for run in result["runs"]:
+        assert (run["completed"], run["errors"], run["output_tokens"]) == (16, 0, 16 * 6), run
+        assert run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["p50"] >= 0
+    wrong = ServeBenchConfig(**{**cfg.__dict__, "api_key": "sk-wrong", "warmup_requests": 0})
+    with pytest.raises(Exception, match="401|UNAUTHENTICATED|not valid"):
+        run_benchmark(wrong)

@@ -26,6 +26,7 @@ def test_serve_all_then_client_then_ctrl_c(tmp_path):
     config.write_text(yaml.safe_dump({
         "fake_engine": True,
         "metrics_port": 0,  # every tier's (not 9091-9094, which may be taken here)
+        "openai_port": 0,  # not 8000 either
         "tokenizer": {"port": 0},
         "scheduler": {"port": 0, "heartbeat_timeout_s": 2.0},
         "executor": {"port": 0, "fake_step_s": 0.001},

@@ -4,6 +4,8 @@ spans (execute > prefill, decode) and per-step metrics over the fake engine."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gpu_engine.errors import Overloaded
@@ -15,7 +17,7 @@ from services.executor.core import ExecutorCore
 from services.executor.fake import FakeEngine
 from services.gateway.core import GenerateInput
 from tests.unit.services.test_svc_executor_core import Sink, run
-from tests.unit.services.test_svc_gateway_core import ids, make
+from tests.unit.services.test_svc_gateway_core import gen, ids, make
 
 
 def sample(metrics, name: str, **labels) -> float:
@@ -24,7 +26,7 @@ def sample(metrics, name: str, **labels) -> float:
 
 def gateway(script):
     provider, exporter = tm.in_memory_tracing("taxiway-gateway")
-    core, intake = make(script)
+    core, intake = make(script, spread=True)
     core.tracer = provider.get_tracer("t")
     core.metrics = GatewayMetrics("m")
     return core, intake, exporter
@@ -37,8 +39,8 @@ def test_gateway_span_carries_the_genai_attributes_and_the_entry_its_context():
                 Delta(req.request_id, 0, 2, ids("c"), finish_reason="length")]
 
     core, intake, exporter = gateway(script)
-    chunks = list(core.generate(GenerateInput(SamplingParams(max_tokens=3, temperature=0.5),
-                                              request_id="r", text="hi")))
+    chunks = gen(core, GenerateInput(SamplingParams(max_tokens=3, temperature=0.5),
+                                     request_id="r", text="hi"))
     assert chunks[-1].usage == (3, 3, 2)
     enqueue, root = exporter.get_finished_spans()
     assert (root.name, enqueue.name, enqueue.parent.span_id) == ("Generate", "enqueue",
@@ -63,15 +65,19 @@ def test_gateway_span_carries_the_genai_attributes_and_the_entry_its_context():
 def test_gateway_counts_errors_and_cancellations():
     core, _, exporter = gateway(lambda req: [Delta(req.request_id, 0, error=("Overloaded", "full"))])
     with pytest.raises(Overloaded):
-        list(core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi")))
+        gen(core, GenerateInput(SamplingParams(), request_id="r", text="hi"))
     root = exporter.get_finished_spans()[-1]
     assert root.status.status_code.name == "ERROR" and root.attributes["error.type"] == "Overloaded"
     assert sample(core.metrics, "taxiway:request_failure_total", code="RESOURCE_EXHAUSTED") == 1
 
     core, _, _ = gateway(lambda req: [Delta(req.request_id, 0, 0, ids("a"))])
-    gen = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"))
-    next(gen)
-    gen.close()  # the client went away
+
+    async def first_then_close():
+        stream = core.generate(GenerateInput(SamplingParams(), request_id="r", text="hi"))
+        await anext(stream)
+        await stream.aclose()  # the client went away
+
+    asyncio.run(first_then_close())
     assert sample(core.metrics, "taxiway:request_success_total", finished_reason="abort") == 1
 
 

@@ -44,3 +44,20 @@ def test_stop_string_across_tokens_is_held_back_and_cut(core):
     assert [s for _, s in out if s] == ["STOP"]
     out = feed(core.detokenizer(stop=["STOP"]), b"abST")
     assert "".join(t for t, _ in out) == "abST"  # released by the final flush
+
+
+def test_a_preset_without_a_tokenizer_streams_ids_without_text():
+    import pytest
+
+    from gpu_engine.errors import InvalidRequest
+    from services.tokenizer.config import TokenizerConfig
+    from services.tokenizer.core import load_core
+
+    core = load_core(TokenizerConfig(model="llama-3.1-8b"))
+    assert (core.info.vocab_size, core.info.eos_token_ids) == (128256, (128001, 128008, 128009))
+    stream = core.detokenizer([1, 2, 3])
+    assert stream.add([5, 6], flush=True) == ("", None)
+    with pytest.raises(InvalidRequest, match="send the prompt as token_ids"):
+        core.tokenize("hello")
+    with pytest.raises(InvalidRequest, match="stop strings cannot match"):
+        core.detokenizer([1], stop=("x",))

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# S1 on the GPU machine: Llama-3.1-8B (random weights) behind `taxiway serve` (four tiers, embedded
+# Redis), driven by `taxiway bench serve` through gRPC and through the OpenAI endpoint at
+# concurrency 1, 64, 256, 1024 and a Poisson rate near saturation; then the same engine settings
+# in-process. One JSON per target under $1 (serve-grpc.json, serve-openai.json,
+# serve-inprocess.json), each run's figures inside.
+#   bash bench/serve_bench_gpu.sh OUT_DIR
+# Overrides (for a CPU smoke run): SB_ENGINE (engine flags), SB_ISL, SB_OSL, SB_SCALE (divides the
+# request counts), SB_RATE (Poisson requests/s), SB_CLIENTS (client processes).
+set -u
+OUT=${1:?usage: serve_bench_gpu.sh OUT_DIR}
+mkdir -p "$OUT"
+ISL=${SB_ISL:-128} OSL=${SB_OSL:-128} SCALE=${SB_SCALE:-1} RATE=${SB_RATE:-100} CLIENTS=${SB_CLIENTS:-4}
+read -r -a ENGINE <<< "${SB_ENGINE:---model llama-3.1-8b --load-format dummy --max-num-seqs 1024 --max-model-len $((ISL + OSL)) --gpu-memory-utilization 0.9 --no-enable-prefix-caching --admission-policy guaranteed_no_evict}"
+GRPC_PORT=${SB_GRPC_PORT:-50051} OPENAI_PORT=${SB_OPENAI_PORT:-8000}
+n() { echo $(( ($1 + SCALE - 1) / SCALE )); }
+
+bench() {  # bench TARGET NAME [args]: one `taxiway bench serve` invocation, JSON to $OUT/NAME.json
+  local target=$1 name=$2; shift 2
+  python -m taxiway.cli bench serve --target "$target" --isl "$ISL" --osl "$OSL" \
+    --warmup-requests 16 --timeout-s 300 --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? $(python -c "import json,sys; r=json.load(open('$OUT/$name.json')); print(' '.join(f\"c={x['concurrency']} {x.get('output_tokens_per_s')} tok/s ttft_p50={x.get('ttft_ms',{}).get('p50')} err={x['errors']}\" for x in r['runs']))" 2>/dev/null)"
+}
+
+sweep() {  # sweep TARGET ADDRESS_ARGS...: the S1 points, one JSON each
+  local target=$1; shift
+  bench "$target" "serve-$target-c1" --concurrency 1 --num-requests "$(n 16)" "$@"
+  bench "$target" "serve-$target-c64" --concurrency 64 --num-requests "$(n 256)" --client-processes "$CLIENTS" "$@"
+  bench "$target" "serve-$target-c256" --concurrency 256 --num-requests "$(n 1024)" --client-processes "$CLIENTS" "$@"
+  bench "$target" "serve-$target-c1024" --concurrency 1024 --num-requests "$(n 2048)" --client-processes "$CLIENTS" "$@"
+  bench "$target" "serve-$target-poisson" --concurrency 0 --request-rate "$RATE" --num-requests "$(n 2048)" --client-processes "$CLIENTS" "$@"
+}
+
+t0=$SECONDS
+python -m services.serve "${ENGINE[@]}" --port "$GRPC_PORT" --openai-port "$OPENAI_PORT" \
+  --metrics-port 0 --max-waiting 8192 > "$OUT/serve-stack.log" 2>&1 &
+SERVER=$!
+until grep -q "taxiway is serving at" "$OUT/serve-stack.log"; do
+  if ! kill -0 "$SERVER" 2>/dev/null || (( SECONDS - t0 > 300 )); then
+    echo "taxiway serve did not get ready (see serve-stack.log)"; tail -n 20 "$OUT/serve-stack.log"; exit 1
+  fi
+  sleep 1
+done
+echo "stack ready in $((SECONDS - t0))s"
+sweep grpc --address "127.0.0.1:$GRPC_PORT"
+sweep openai --address "127.0.0.1:$OPENAI_PORT"
+kill -INT "$SERVER"; wait "$SERVER"
+echo "stack stopped at $((SECONDS - t0))s"
+sweep inprocess "${ENGINE[@]}"
+python - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+for target in ("grpc", "openai", "inprocess"):
+    files = sorted(glob.glob(os.path.join(out, f"serve-{target}-*.json")))
+    if not files:
+        continue
+    parts = [json.load(open(f)) for f in files]
+    merged = {**parts[0], "runs": [r for p in parts for r in p["runs"]],
+              "commands": [p.get("config") for p in parts]}
+    with open(os.path.join(out, f"serve-{target}.json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    print(target, [(r["concurrency"], r.get("output_tokens_per_s")) for r in merged["runs"]])
+PY
+echo "done in $((SECONDS - t0))s"

@@ -1,0 +1,77 @@
+"""`taxiway bench serve --target grpc`: the workload as Generate streams over one grpc.aio channel
+(TLS and an API key when asked), each request timed per streamed chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from taxiway.serve_bench import RequestRecord, ServeBenchConfig, Workload
+
+
+def _credentials(cfg: ServeBenchConfig):
+    import grpc
+
+    root = Path(cfg.ca_file).read_bytes() if cfg.ca_file else None
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+def _metadata(cfg: ServeBenchConfig) -> tuple:
+    return (("authorization", f"Bearer {cfg.api_key}"),) if cfg.api_key else ()
+
+
+def model_info(cfg: ServeBenchConfig) -> dict:
+    import grpc
+
+    from services.common.proto import Stub, pb
+
+    channel = (grpc.secure_channel(cfg.address, _credentials(cfg)) if cfg.tls
+               else grpc.insecure_channel(cfg.address))
+    with channel:
+        info = Stub(channel, "Gateway").GetModelInfo(pb.GetModelInfoRequest(), timeout=30,
+                                                     metadata=_metadata(cfg))
+    return {"name": info.name, "vocab_size": info.vocab_size,
+            "max_context_length": info.max_context_length}
+
+
+async def run(cfg: ServeBenchConfig, workload: Workload, concurrency: int,
+              start: float) -> list[RequestRecord]:
+    import grpc
+
+    from services.common.proto import Stub, pb
+
+    sampling = pb.SamplingParams(max_tokens=cfg.osl, min_tokens=cfg.osl, ignore_eos=True,
+                                 temperature=0.0)
+    metadata = _metadata(cfg)
+    limit = asyncio.Semaphore(concurrency) if concurrency else None
+    channel = (grpc.aio.secure_channel(cfg.address, _credentials(cfg)) if cfg.tls
+               else grpc.aio.insecure_channel(cfg.address))
+    async with channel:
+        stub = Stub(channel, "Gateway")
+
+        async def one(prompt, send_at: float) -> RequestRecord:
+            await asyncio.sleep(max(0.0, start + send_at - time.monotonic()))
+            if limit is not None:
+                await limit.acquire()
+            if isinstance(prompt, str):
+                request = pb.GenerateRequest(text=prompt, sampling=sampling)
+            else:
+                request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
+            record = RequestRecord(start=time.monotonic())
+            try:
+                async for chunk in stub.Generate(request, timeout=cfg.timeout_s, metadata=metadata):
+                    if chunk.token_ids:
+                        record.chunk_times.append(time.monotonic())
+                        record.num_tokens += len(chunk.token_ids)
+                if record.num_tokens != cfg.osl:
+                    record.error = f"got {record.num_tokens} tokens, expected {cfg.osl}"
+            except grpc.aio.AioRpcError as exc:
+                record.error = f"{exc.code().name}: {exc.details()}"
+            finally:
+                if limit is not None:
+                    limit.release()
+            return record
+
+        return list(await asyncio.gather(*(one(p, t) for p, t in zip(workload.prompts,
+                                                                      workload.send_at))))
