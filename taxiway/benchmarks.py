@@ -10,68 +10,91 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from gpu_engine.config import EngineConfig, setting
 from gpu_engine.engine import LLMEngine
 from gpu_engine.roofline import decode_step_bytes, kv_bytes_per_token
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 
 APIS = ("engine", "llm")
 
+GPU_ENGINE_DEFAULTS = {"model": "llama-3.1-8b", "load_format": "dummy", "enable_prefix_caching": False,
+                       "admission_policy": "guaranteed_no_evict"}
+"""The bench's engine settings with a GPU (the trtllm-bench protocol): Llama-3.1-8B with random
+weights; every request arrives at once with a fixed length, so reserving prompt + OSL
+(guaranteed_no_evict) avoids preemption churn; no prefix caching (prompts are random). Every other
+setting is the engine's own default (max_num_seqs sized by the device)."""
+CPU_ENGINE_DEFAULTS = {"enable_prefix_caching": False, "admission_policy": "guaranteed_no_evict"}
+"""On the CPU: the same protocol on the default model (SmolLM2-135M), which a CPU runs in seconds."""
+NUM_REQUESTS = {"gpu": 3000, "cpu": 16}
+
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: str = "llama-3.1-8b"
-    load_format: str = "dummy"
-    dtype: str = "auto"
-    device: str = "auto"
-    isl: int = 128
-    osl: int = 128
-    num_requests: int = 3000
-    max_num_seqs: int = 1024
-    """The engine's default on an H100/H200-class GPU; `bench sweep` measures the others."""
-    max_num_batched_tokens: int = 8192
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    async_scheduling: bool = True
-    admission_policy: str = "guaranteed_no_evict"
-    """All requests arrive at once with fixed lengths: reserving prompt + OSL avoids preemption churn."""
-    seed: int = 0
-    quantization: str = "none"
-    """none, fp8 or awq (EngineConfig.quantization; with dummy weights they are made quantized)."""
-    kv_cache_dtype: str = "auto"
-    """auto: the model's dtype; fp8: the FP8 KV cache (EngineConfig.kv_cache_dtype)."""
-    api: str = "engine"
-    """engine: LLMEngine with the settings above, no detokenization (the bench driver).
-    llm: what users run, `LLM(model, load_format, dtype, device, seed).generate(...)` with the
-    engine's defaults for every other setting and default SamplingParams but greedy, max_tokens
-    OSL and EOS ignored (so text is detokenized)."""
+    """A benchmark's workload, and the engine settings it overrides (EngineConfig's names; given
+    ones win over the bench's defaults for the device, above)."""
+
+    isl: int = setting(128, "prompt tokens per request (random token ids)")
+    osl: int = setting(128, "output tokens per request (EOS ignored)")
+    num_requests: int | None = setting(
+        None, f"requests, all submitted at once (default: {NUM_REQUESTS['gpu']} with a GPU, "
+              f"{NUM_REQUESTS['cpu']} on the CPU; latency: 1)")
+    api: str = setting(
+        "engine", "engine: LLMEngine, no detokenization (the bench driver); llm: what users run, "
+                  "LLM(...).generate with default SamplingParams but greedy, max_tokens OSL and EOS "
+                  "ignored (text is detokenized), and the engine's own defaults for every setting not "
+                  "given")
+    engine: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {self.api!r}")
-        if self.isl < 1 or self.osl < 1 or self.num_requests < 1:
+        if self.isl < 1 or self.osl < 1 or (self.num_requests is not None and self.num_requests < 1):
             raise ValueError(f"isl, osl and num_requests must be positive, got {self.isl}, {self.osl}, "
                              f"{self.num_requests}")
+        unknown = set(self.engine) - EngineConfig.field_names()
+        if unknown:
+            raise ValueError(f"unknown engine settings {sorted(unknown)} (see gpu_engine.config.EngineConfig)")
 
-    def llm_kwargs(self) -> dict:
-        return dict(load_format=self.load_format, dtype=self.dtype, device=self.device, seed=self.seed,
-                    quantization=None if self.quantization == "none" else self.quantization,
-                    kv_cache_dtype=self.kv_cache_dtype)
+    @property
+    def on_gpu(self) -> bool:
+        device = str(self.engine.get("device", "auto"))
+        return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+    @property
+    def requests(self) -> int:
+        """num_requests, or the default for the device."""
+        return self.num_requests or NUM_REQUESTS["gpu" if self.on_gpu else "cpu"]
+
+    @property
+    def seed(self) -> int:
+        """The engine's seed, which seeds the random prompts too."""
+        return self.engine.get("seed", EngineConfig.seed)
 
     def engine_kwargs(self) -> dict:
-        return dict(
-            model=self.model, load_format=self.load_format, dtype=self.dtype, device=self.device,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
-            max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
-            async_scheduling=self.async_scheduling, admission_policy=self.admission_policy,
-            quantization=None if self.quantization == "none" else self.quantization,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+        """EngineConfig keywords: the bench's defaults for the device, then the given settings;
+        max_model_len ISL + OSL unless given."""
+        defaults = GPU_ENGINE_DEFAULTS if self.on_gpu else CPU_ENGINE_DEFAULTS
+        return {**defaults, "max_model_len": self.isl + self.osl, **self.engine}
+
+    def llm_kwargs(self) -> dict:
+        """LLM(...) keywords for api=llm: the model (with its load format) the bench would use and
+        the given settings, nothing else (the engine's defaults stand)."""
+        model = {k: v for k, v in self.engine_kwargs().items() if k in ("model", "load_format")}
+        return {**model, **self.engine}
+
+    def with_engine(self, **settings) -> "BenchConfig":
+        return replace(self, engine={**self.engine, **settings})
+
+    def to_dict(self) -> dict:
+        """What a result records: the workload and every engine setting the run was built with."""
+        return {"isl": self.isl, "osl": self.osl, "num_requests": self.requests, "api": self.api,
+                "engine_overrides": dict(self.engine),
+                "engine": self.llm_kwargs() if self.api == "llm" else self.engine_kwargs()}
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -164,7 +187,7 @@ def throughput(cfg: BenchConfig) -> dict:
     startup = time.perf_counter() - t0
     warm_up(engine, cfg)
     result = timed_run(engine, cfg)
-    return {"benchmark": "throughput", "config": cfg.__dict__, "machine": machine_info(),
+    return {"benchmark": "throughput", "config": cfg.to_dict(), "machine": machine_info(),
             "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
             "graph_capture_s": round(engine.graph_capture_s, 2), **result}
 
@@ -176,17 +199,17 @@ def warm_up(engine: LLMEngine, cfg: BenchConfig) -> None:
 
 def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
     """All of cfg's requests at once through the engine; figures and the engine's step timings."""
-    prompts = random_prompts(cfg.num_requests, cfg.isl, engine.model_config.vocab_size, cfg.seed)
+    prompts = random_prompts(cfg.requests, cfg.isl, engine.model_config.vocab_size, cfg.seed)
     engine.step_times.reset()
     preempted = engine.scheduler.num_preemptions
     r = run_requests(engine, prompts, cfg.osl)
-    if r["generated_tokens"] != cfg.num_requests * cfg.osl:
-        raise RuntimeError(f"generated {r['generated_tokens']} tokens, expected {cfg.num_requests * cfg.osl}")
+    if r["generated_tokens"] != cfg.requests * cfg.osl:
+        raise RuntimeError(f"generated {r['generated_tokens']} tokens, expected {cfg.requests * cfg.osl}")
     return {
         "max_num_seqs": engine.scheduler.config.max_num_seqs, **_quant_info(engine),
         "elapsed_s": round(r["elapsed_s"], 3),
         "steps": r["steps"], "output_tokens_per_s": round(r["generated_tokens"] / r["elapsed_s"], 1),
-        "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
+        "total_tokens_per_s": round(cfg.requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
         "preemptions": engine.scheduler.num_preemptions - preempted,
         "step_times": engine.step_times.summary(),
     }
@@ -197,31 +220,31 @@ def throughput_llm(cfg: BenchConfig) -> dict:
     from gpu_engine.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(cfg.model, **cfg.llm_kwargs())
+    llm = LLM(**cfg.llm_kwargs())
     startup = time.perf_counter() - t0
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=cfg.osl, temperature=0.0, ignore_eos=True)
     llm.generate(random_prompts(min(engine.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1),
                  replace(params, max_tokens=min(cfg.osl, 16)))
-    prompts = random_prompts(cfg.num_requests, cfg.isl, vocab, cfg.seed)
+    prompts = random_prompts(cfg.requests, cfg.isl, vocab, cfg.seed)
     engine.step_times.reset()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    if generated != cfg.num_requests * cfg.osl:
-        raise RuntimeError(f"generated {generated} tokens, expected {cfg.num_requests * cfg.osl}")
+    if generated != cfg.requests * cfg.osl:
+        raise RuntimeError(f"generated {generated} tokens, expected {cfg.requests * cfg.osl}")
     ec = engine.config
     return {
-        "benchmark": "throughput", "api": "llm", "config": cfg.__dict__, "machine": machine_info(),
+        "benchmark": "throughput", "api": "llm", "config": cfg.to_dict(), "machine": machine_info(),
         "engine_settings": {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
                             "admission_policy": ec.admission_policy, "enable_prefix_caching": ec.enable_prefix_caching,
                             "max_model_len": engine.max_model_len, "async_scheduling": engine.async_scheduling,
                             "detokenize": params.detokenize},
         "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks, "elapsed_s": round(elapsed, 3),
         "output_tokens_per_s": round(generated / elapsed, 1),
-        "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / elapsed, 1),
+        "total_tokens_per_s": round(cfg.requests * (cfg.isl + cfg.osl) / elapsed, 1),
         "preemptions": engine.scheduler.num_preemptions, "step_times": engine.step_times.summary(),
     }
 
@@ -232,7 +255,7 @@ def sweep(cfg: BenchConfig, sizes: list[int]) -> dict:
     if not sizes or any(n < 1 for n in sizes):
         raise ValueError(f"sizes must be positive batch sizes, got {sizes}")
     t0 = time.perf_counter()
-    engine = LLMEngine(**replace(cfg, max_num_seqs=max(sizes)).engine_kwargs())
+    engine = LLMEngine(**cfg.with_engine(max_num_seqs=max(sizes)).engine_kwargs())
     startup = time.perf_counter() - t0
     warm_up(engine, cfg)
     runs = []
@@ -245,7 +268,7 @@ def sweep(cfg: BenchConfig, sizes: list[int]) -> dict:
                      "decode_mean_seqs": decode.get("mean_seqs"), **run})
         print(f"max_num_seqs {n}: {run['output_tokens_per_s']} output tok/s; decode step host "
               f"{decode.get('host_ms')} ms, GPU {decode.get('gpu_ms')} ms", file=sys.stderr)
-    return {"benchmark": "sweep", "config": cfg.__dict__, "sizes": sizes, "machine": machine_info(),
+    return {"benchmark": "sweep", "config": cfg.to_dict(), "sizes": sizes, "machine": machine_info(),
             "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
             "graph_capture_s": round(engine.graph_capture_s, 2), "runs": runs}
 
@@ -269,7 +292,7 @@ def latency(cfg: BenchConfig) -> dict:
     bw = copy_bandwidth_gbs(engine.device)
     roofline_tps = bw * 1e9 / read.total
     return {
-        "benchmark": "latency", "config": cfg.__dict__, "machine": machine_info(), "runs": runs,
+        "benchmark": "latency", "config": cfg.to_dict(), "machine": machine_info(), "runs": runs,
         **_quant_info(engine),
         "decode_tokens_per_s": round(best["decode_tokens_per_s"], 1),
         "time_per_token_ms": round(best["time_per_token_ms"], 3), "ttft_ms": round(best["ttft_s"] * 1e3, 2),

@@ -1,13 +1,26 @@
-"""`taxiway bench throughput|latency|sweep`: the trtllm-bench protocol, results as JSON."""
+"""`taxiway bench throughput|latency|sweep`: the trtllm-bench protocol, results as JSON. Every
+engine setting is a flag (from EngineConfig, as for `taxiway serve`); the bench's own defaults for
+the device stand for the ones not given (taxiway.benchmarks.GPU_ENGINE_DEFAULTS /
+CPU_ENGINE_DEFAULTS)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from taxiway.benchmarks import BenchConfig
+from taxiway.benchmarks import APIS, CPU_ENGINE_DEFAULTS, GPU_ENGINE_DEFAULTS, BenchConfig
+from taxiway.commands.engine_flags import add_engine_arguments, engine_overrides
 
 SWEEP_SIZES = [256, 512, 1024, 2048, 4096]
+
+
+def _default_help() -> dict[str, str]:
+    """Each engine setting the bench sets for itself, as its help says it."""
+    out = {"max_model_len": "ISL + OSL"}
+    for name in GPU_ENGINE_DEFAULTS.keys() | CPU_ENGINE_DEFAULTS.keys():
+        gpu, cpu = GPU_ENGINE_DEFAULTS.get(name, "the engine's"), CPU_ENGINE_DEFAULTS.get(name, "the engine's")
+        out[name] = str(gpu) if gpu == cpu else f"{gpu} with a GPU, {cpu} on the CPU"
+    return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,20 +31,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             ("latency", "one request; decode tokens/s after the first token"),
                             ("sweep", "throughput at several max_num_seqs, one model load; host and GPU "
                                       "ms per decode step at each")):
-        k = kinds.add_parser(kind, help=help_text)
+        k = kinds.add_parser(kind, help=help_text, description=help_text)
+        w = k.add_argument_group("workload")
         for f in dataclasses.fields(BenchConfig):
-            flag = "--" + f.name.replace("_", "-")
+            if f.name == "engine":
+                continue
             value = getattr(defaults, f.name)
-            if isinstance(value, bool):
-                k.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-            elif f.name == "api":
-                k.add_argument(flag, choices=("engine", "llm"), default=value,
-                               help="llm: through LLM.generate on the engine's defaults")
-            else:
-                k.add_argument(flag, type=type(value), default=value)
+            kwargs = {"choices": APIS} if f.name == "api" else {"type": int}
+            w.add_argument("--" + f.name.replace("_", "-"), default=value,
+                           help=f.metadata["help"] + ("" if value is None else f" (default: {value})"), **kwargs)
         if kind == "sweep":
-            k.add_argument("--sizes", type=int, nargs="+", default=SWEEP_SIZES, help="max_num_seqs values")
-        k.add_argument("--out", default=None, help="write the JSON result here too")
+            w.add_argument("--sizes", type=int, nargs="+", default=SWEEP_SIZES,
+                           help="max_num_seqs values (default: %(default)s)")
+        w.add_argument("--out", default=None, help="write the JSON result here too")
+        add_engine_arguments(k, default_help=_default_help(), only_given=True)
         k.set_defaults(func=run)
     from taxiway.commands import bench_serve
 
@@ -41,10 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from taxiway import benchmarks
 
-    names = {f.name for f in dataclasses.fields(BenchConfig)}
-    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
-    if args.kind == "latency" and cfg.num_requests == BenchConfig.num_requests:
-        cfg = dataclasses.replace(cfg, num_requests=1)
+    cfg = BenchConfig(isl=args.isl, osl=args.osl, api=args.api, engine=engine_overrides(args),
+                      num_requests=args.num_requests or (1 if args.kind == "latency" else None))
     if args.kind == "sweep":
         if cfg.api != "engine":
             raise SystemExit("bench sweep runs the engine driver only (--api engine)")

@@ -1,6 +1,7 @@
 """The benchmark drivers on a tiny model on the CPU: throughput through the engine and through
 LLM.generate, the max_num_seqs sweep in one process, and the latency roofline's byte count."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from taxiway.benchmarks import BenchConfig
 
 @pytest.fixture()
 def cfg(tiny_llama):
-    return BenchConfig(model=tiny_llama, device="cpu", isl=12, osl=6, num_requests=10, max_num_seqs=4,
-                       async_scheduling=False)
+    return BenchConfig(isl=12, osl=6, num_requests=10,
+                       engine=dict(model=tiny_llama, device="cpu", max_num_seqs=4, async_scheduling=False))
 
 
 def test_throughput_reports_every_host_part_of_its_steps(cfg):
@@ -29,10 +30,14 @@ def test_throughput_reports_every_host_part_of_its_steps(cfg):
 
 
 def test_throughput_through_llm_generate_uses_the_engine_defaults(cfg):
-    result = benchmarks.throughput(BenchConfig(**{**cfg.__dict__, "api": "llm"}))
+    result = benchmarks.throughput(dataclasses.replace(cfg, api="llm"))
     assert result["api"] == "llm"
     settings = result["engine_settings"]
-    assert settings["max_num_seqs"] == 256 and settings["max_num_batched_tokens"] == 8192  # CPU defaults
+    assert result["config"]["engine"] == {"model": cfg.engine["model"], **cfg.engine}  # nothing of the bench's
+    assert settings["max_num_seqs"] == 4 and settings["max_num_batched_tokens"] == 8192  # given; CPU default
+    llm_defaults = benchmarks.throughput(dataclasses.replace(
+        cfg, api="llm", engine={k: v for k, v in cfg.engine.items() if k != "max_num_seqs"}))["engine_settings"]
+    assert llm_defaults["max_num_seqs"] == 256 and settings["max_num_batched_tokens"] == 8192  # CPU defaults
     assert settings["admission_policy"] == "max_utilization" and settings["detokenize"] is True
     assert result["output_tokens_per_s"] > 0
 
@@ -57,10 +62,25 @@ def test_bad_bench_settings_are_named():
         BenchConfig(api="curl")
     with pytest.raises(ValueError, match="isl, osl and num_requests must be positive"):
         BenchConfig(osl=0)
+    with pytest.raises(ValueError, match=r"unknown engine settings \['max_batch'\]"):
+        BenchConfig(engine={"max_batch": 8})
+
+
+def test_defaults_follow_the_device(monkeypatch):
+    """With a GPU the bench runs Llama-3.1-8B dummy with 3000 requests; on the CPU the default
+    model with 16; given settings win over both; max_model_len is ISL + OSL unless given."""
+    monkeypatch.setattr(benchmarks.torch.cuda, "is_available", lambda: True)
+    gpu = BenchConfig(isl=100, osl=28)
+    assert gpu.requests == 3000 and gpu.engine_kwargs() == {**benchmarks.GPU_ENGINE_DEFAULTS, "max_model_len": 128}
+    monkeypatch.setattr(benchmarks.torch.cuda, "is_available", lambda: False)
+    cpu = BenchConfig(engine={"admission_policy": "max_utilization", "max_model_len": 512})
+    assert cpu.requests == 16 and "model" not in cpu.engine_kwargs()
+    assert cpu.engine_kwargs()["admission_policy"] == "max_utilization" and cpu.engine_kwargs()["max_model_len"] == 512
+    assert BenchConfig(engine={"device": "cuda:1"}).on_gpu and BenchConfig(num_requests=5).requests == 5
 
 
 def test_latency_roofline_counts_one_embedding_row(cfg):
-    result = benchmarks.latency(BenchConfig(**{**cfg.__dict__, "num_requests": 1, "max_num_seqs": 1}))
+    result = benchmarks.latency(dataclasses.replace(cfg.with_engine(max_num_seqs=1), num_requests=1))
     read = result["bytes_per_token"]
     assert read["embedding_row"] == 64 * 4  # hidden 64, float32: one row, not the table
     assert read["total"] == read["weights"] + read["embedding_row"] + read["kv"]
