@@ -125,8 +125,12 @@ def _ct_weights(w: dict, at: str, where: str) -> WeightScheme:
             raise _unsupported(where, f"{at}.symmetric", False, "true for FP8 weights")
         return WeightScheme(num_bits=8, type="float", strategy=strategy)
     if (bits, typ) == (4, "int"):
-        if strategy != "group" or not isinstance(w.get("group_size"), int):
-            raise _unsupported(where, f"{at}.strategy", strategy, "group (with a group_size) for INT4 weights")
+        if strategy != "group" or not isinstance(w.get("group_size"), int) or w["group_size"] < 1:
+            raise _unsupported(where, f"{at}.strategy/group_size", (strategy, w.get("group_size")),
+                               "group with a positive group_size for INT4 weights")
+        if w.get("actorder") not in (None, False, "static"):
+            raise _unsupported(where, f"{at}.actorder", w["actorder"],
+                               "null or static (act-order with a g_idx tensor is not)")
         return WeightScheme(num_bits=4, type="int", strategy="group", group_size=w["group_size"],
                             symmetric=bool(w.get("symmetric", True)))
     raise _unsupported(where, f"{at} num_bits/type", (bits, typ), "(8, float) FP8 or (4, int) INT4")

@@ -53,6 +53,12 @@ def test_compressed_tensors_int4_is_awq_method():
     cfg = _with(["config_groups", "group_0", "input_activations"], None, cfg)
     spec = parse_quantization_config(cfg)
     assert (spec.method, spec.weights.group_size, spec.weights.symmetric, spec.activations) == ("awq", 128, False, None)
+    static = _with(["config_groups", "group_0", "weights", "actorder"], "static", cfg)
+    assert parse_quantization_config(static).weights.group_size == 128  # groups stay contiguous: no g_idx
+    with pytest.raises(ModelLoadError, match="actorder = 'group' is not supported"):
+        parse_quantization_config(_with(["config_groups", "group_0", "weights", "actorder"], "group", cfg))
+    with pytest.raises(ModelLoadError, match=r"strategy/group_size = \('channel', 128\)"):
+        parse_quantization_config(_with(["config_groups", "group_0", "weights", "strategy"], "channel", cfg))
 
 
 @pytest.mark.parametrize("path,value,match", [
