@@ -128,9 +128,9 @@ def _ct_weights(w: dict, at: str, where: str) -> WeightScheme:
         if strategy != "group" or not isinstance(w.get("group_size"), int) or w["group_size"] < 1:
             raise _unsupported(where, f"{at}.strategy/group_size", (strategy, w.get("group_size")),
                                "group with a positive group_size for INT4 weights")
-        if w.get("actorder") not in (None, False, "static"):
+        if w.get("actorder") not in (None, False, "weight", "static"):  # weight / static: groups stay contiguous
             raise _unsupported(where, f"{at}.actorder", w["actorder"],
-                               "null or static (act-order with a g_idx tensor is not)")
+                               "null, weight or static (group / dynamic act-order needs a g_idx, which is not)")
         return WeightScheme(num_bits=4, type="int", strategy="group", group_size=w["group_size"],
                             symmetric=bool(w.get("symmetric", True)))
     raise _unsupported(where, f"{at} num_bits/type", (bits, typ), "(8, float) FP8 or (4, int) INT4")

@@ -77,7 +77,7 @@ class Int4Scheme:
         strategy = w.get("strategy")
         if strategy not in ("group", "channel"):
             raise Int4FormatError(f"compressed-tensors weight strategy {strategy!r}; expected group or channel")
-        if w.get("actorder") not in (None, "static", False):
+        if w.get("actorder") not in (None, False, "weight", "static"):
             raise Int4FormatError(f"compressed-tensors actorder {w.get('actorder')!r} (g_idx) is not supported")
         gs = w.get("group_size") if strategy == "group" else None
         if strategy == "group" and (not isinstance(gs, int) or gs < 1):

@@ -53,8 +53,8 @@ def test_compressed_tensors_int4_is_awq_method():
     cfg = _with(["config_groups", "group_0", "input_activations"], None, cfg)
     spec = parse_quantization_config(cfg)
     assert (spec.method, spec.weights.group_size, spec.weights.symmetric, spec.activations) == ("awq", 128, False, None)
-    static = _with(["config_groups", "group_0", "weights", "actorder"], "static", cfg)
-    assert parse_quantization_config(static).weights.group_size == 128  # groups stay contiguous: no g_idx
+    for order in ("weight", "static"):  # GPTQ's order of calibration only: groups stay contiguous, no g_idx
+        assert parse_quantization_config(_with(["config_groups", "group_0", "weights", "actorder"], order, cfg))
     with pytest.raises(ModelLoadError, match="actorder = 'group' is not supported"):
         parse_quantization_config(_with(["config_groups", "group_0", "weights", "actorder"], "group", cfg))
     with pytest.raises(ModelLoadError, match=r"strategy/group_size = \('channel', 128\)"):
