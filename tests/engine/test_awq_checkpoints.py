@@ -187,7 +187,7 @@ def test_flags_against_the_checkpoint():
         LLM(str(AUTOAWQ), device="cpu", quantization="fp8", num_kv_blocks=64)
 
 
-def _edited(tmp_path: Path, config: dict | None = None, drop: str | None = None,
+def _edited(tmp_path: Path, config: dict | None = None, drop: tuple[str, ...] = (),
             add: dict[str, torch.Tensor] | None = None) -> str:
     folder = tmp_path / "m"
     shutil.copytree(AUTOAWQ, folder)
@@ -196,7 +196,8 @@ def _edited(tmp_path: Path, config: dict | None = None, drop: str | None = None,
         cfg["quantization_config"].update(config)
         (folder / "config.json").write_text(json.dumps(cfg))
     tensors = load_file(str(folder / "model.safetensors"))
-    tensors.pop(drop, None)
+    for name in drop:
+        del tensors[name]
     tensors.update(add or {})
     save_file(tensors, str(folder / "model.safetensors"))
     return str(folder)
@@ -207,7 +208,7 @@ def _edited(tmp_path: Path, config: dict | None = None, drop: str | None = None,
     (dict(config={"bits": 8}), "bits = 8 is not supported"),
     (dict(config={"group_size": 48}), "group_size 48 does not divide"),
     (dict(config={"zero_point": False}), "qzeros holds zero points other than 8 but config.json says zero_point: false"),
-    (dict(drop="model.layers.1.mlp.up_proj.qzeros"),
+    (dict(drop=("model.layers.1.mlp.up_proj.qzeros",)),
      r"model\.layers\.1\.mlp\.up_proj\.qzeros \(int32 \[2, rows / 8\]\)"),
     (dict(add={"model.layers.0.self_attn.q_proj.g_idx": torch.zeros(128, dtype=torch.int32)}),
      r"act-order \(g_idx\)"),
@@ -223,3 +224,19 @@ def test_wrong_shape_names_the_tensor(tmp_path):
     folder = _edited(tmp_path, add={"model.layers.0.self_attn.k_proj.scales": t[:, :8].contiguous()})
     with pytest.raises(ModelLoadError, match=r"k_proj\.scales has shape \(2, 8\), expected \(2, 64\)"):
         LLM(folder, device="cpu", num_kv_blocks=64)
+
+
+def test_modules_left_unquantized_load_as_16_bit(tmp_path):
+    """AutoAWQ's modules_to_not_convert: that module's dense weight loads into a plain linear."""
+    down = "model.layers.1.mlp.down_proj"
+    cfg = ModelConfig.from_folder(AUTOAWQ)
+    dense = read_int4_checkpoint(AUTOAWQ, cfg)[0][down].dequantize(torch.float16)
+    folder = _edited(tmp_path, config={"modules_to_not_convert": [down]},
+                     drop=tuple(f"{down}.{leaf}" for leaf in ("qweight", "qzeros", "scales")),
+                     add={f"{down}.weight": dense})
+    llm = LLM(folder, device="cpu", num_kv_blocks=64)
+    layers = llm.engine.runner.model.layers
+    assert isinstance(layers[0].down_proj, AwqLinear) and not isinstance(layers[1].down_proj, Int4Linear)
+    prompts = [[p % 256 for p in prompt] for prompt in PROMPTS]  # the fixture's vocabulary: 256
+    want = prompt_logprobs(LLM(str(AUTOAWQ), device="cpu", num_kv_blocks=64), prompts)
+    torch.testing.assert_close(prompt_logprobs(llm, prompts), want, rtol=0, atol=1e-4)  # weight rounded to float16

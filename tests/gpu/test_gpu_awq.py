@@ -56,7 +56,7 @@ def test_every_w4a16_path_agrees_with_cpu(wide, tmp_path):  # noqa: F811
 
 def test_dummy_awq_at_llama_8b_shapes():
     llm = LLM("llama-3.1-8b", load_format="dummy", quantization="awq", dtype="bfloat16", device="cuda",
-              max_num_seqs=8, max_model_len=512)
+              max_num_seqs=8, max_model_len=512, num_kv_blocks=64)
     model = llm.engine.runner.model
     assert llm.engine.quant_spec.source == "dummy" and model.layers[0].down_proj.group_size == 128
     weights = decode_step_bytes(model, 1, 0, 0).weights
