@@ -32,8 +32,8 @@ class AwqLinear(Int4Linear):
 
     def __init__(self, in_features: int, parts: list[int], bias: bool, dtype: torch.dtype,
                  spec: QuantSpec, scheme: Int4Scheme, hf_names: list[str]):
-        g = scheme.group_size
-        if g is None or g < 1 or in_features % g:
+        g = in_features if scheme.group_size in (None, -1) else scheme.group_size  # per channel: one group per row
+        if g < 1 or in_features % g:
             raise ModelLoadError(f"{hf_names[0]}: the checkpoint's group_size {g} does not divide the "
                                  f"linear's in_features {in_features} ({spec.describe()})")
         try:
@@ -41,13 +41,13 @@ class AwqLinear(Int4Linear):
         except Int4FormatError as exc:
             raise ModelLoadError(f"{hf_names[0]}: {exc}") from exc
         super().__init__(in_features, parts, bias, group_size=kernel_group, symmetric=scheme.symmetric, dtype=dtype)
-        self.spec, self.scheme = spec, scheme
+        self.spec, self.scheme, self.checkpoint_group = spec, scheme, g
         self._pending: list[dict[str, torch.Tensor]] = [{} for _ in parts]
         self._loaded = [False] * len(parts)
 
     def required(self) -> dict[str, str]:
         """The INT4 tensors each part needs, kind -> what it must be."""
-        k, g = self.in_features, self.scheme.group_size
+        k, g = self.in_features, self.checkpoint_group
         if self.scheme.fmt == "autoawq":
             return {"qweight": f"int32 [{k}, rows / 8] (AutoAWQ GEMM layout)",
                     "qzeros": f"int32 [{k // g}, rows / 8]", "scales": f"float16 [{k // g}, rows]"}

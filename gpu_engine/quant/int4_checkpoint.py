@@ -91,7 +91,10 @@ class Int4Scheme:
         fmt = {"awq": "autoawq", "compressed-tensors": "compressed-tensors"}.get(spec.source)
         if fmt is None or spec.weights.num_bits != 4 or spec.weights.type != "int":
             raise Int4FormatError(f"{spec.describe()} is not an INT4 checkpoint format")
-        return cls(fmt, spec.weights.group_size, spec.weights.symmetric)
+        group = spec.weights.group_size
+        if group is None and fmt == "autoawq":
+            group = -1  # AutoAWQ's spelling of one group per row
+        return cls(fmt, group, spec.weights.symmetric)
 
 
 def read_scheme(folder: Path) -> Int4Scheme:

@@ -56,14 +56,24 @@ def wide(tmp_path_factory) -> Path:
     return folder
 
 
-def rtn_checkpoint(src: Path, out: Path, fmt: str, group: int, zero_point: bool) -> Path:
-    """src rounded to INT4 (no calibration), written by our exporter in `fmt`."""
+def rtn_checkpoint(src: Path, out: Path, fmt: str, group: int | None, zero_point: bool) -> Path:
+    """src rounded to INT4 (no calibration), written by our exporter in `fmt`; group None: one
+    group per row (config.json then says so as each tool does: group_size -1 / strategy channel)."""
     cfg = ModelConfig.from_folder(src)
     model = build_model(cfg, torch.float32, torch.device("cpu"))
     load_checkpoint(model, src, cfg, progress=False)
-    quantized = [{name: quantize_int4(getattr(layer, name).weight, group, zero_point) for name in A._LINEARS}
-                 for layer in model.layers]
-    return write_checkpoint(model, cfg, quantized, src, out, fmt=fmt, group_size=group, zero_point=zero_point)
+    quantized = [{name: quantize_int4(w := getattr(layer, name).weight, group or w.shape[1], zero_point)
+                  for name in A._LINEARS} for layer in model.layers]
+    write_checkpoint(model, cfg, quantized, src, out, fmt=fmt, group_size=group or 128, zero_point=zero_point)
+    if group is None:
+        config = json.loads((out / "config.json").read_text())
+        qc = config["quantization_config"]
+        if fmt == "autoawq":
+            qc["group_size"] = -1
+        else:
+            qc["config_groups"]["group_0"]["weights"].update(strategy="channel", group_size=None)
+        (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 def reference_logprobs(folder: Path, prompts: list[list[int]]) -> torch.Tensor:
@@ -96,14 +106,16 @@ def test_autoawq_checkpoint_loads_without_flag_and_matches_autoawq():
 @pytest.mark.parametrize("fmt,group,zero_point", [
     ("autoawq", 128, True), ("autoawq", 32, False), ("compressed-tensors", 64, True),
     ("compressed-tensors", 128, False), ("compressed-tensors", 32, True),
+    ("autoawq", None, True), ("compressed-tensors", None, False),  # per channel: K 128 and 256
 ])
 def test_our_int4_checkpoints_load_and_match_their_dequantized_weights(wide, tmp_path, fmt, group, zero_point):
     folder = rtn_checkpoint(wide, tmp_path / "q", fmt, group, zero_point)
     llm = LLM(str(folder), device="cpu", num_kv_blocks=64)
     spec = llm.engine.quant_spec
     assert spec.method == "awq" and spec.weights.group_size == group and spec.weights.symmetric is (not zero_point)
-    qkv = llm.engine.runner.model.layers[1].qkv_proj
-    assert qkv.group_size == group and (qkv.zeros is None) is (not zero_point)
+    layer = llm.engine.runner.model.layers[1]
+    assert layer.qkv_proj.group_size == (group or 128) and (layer.qkv_proj.zeros is None) is (not zero_point)
+    assert layer.down_proj.group_size == (group or 128)  # per channel over K 256: two groups of 128
     got = prompt_logprobs(llm, PROMPTS)
     torch.testing.assert_close(got, reference_logprobs(folder, PROMPTS), rtol=0, atol=1e-4)
     assert len(llm.generate(PROMPTS, GREEDY)[1].outputs[0].token_ids) == 8
