@@ -206,7 +206,8 @@ def _awq(q: dict, where: str) -> QuantSpec:
     if bits != 4:
         raise _unsupported(where, "quantization_config.bits", bits, "4")
     if not isinstance(group, int) or (group < 1 and group != -1):
-        raise _unsupported(where, "quantization_config.group_size", group, "a positive int, e.g. 128, or -1 (per channel)")
+        raise _unsupported(where, "quantization_config.group_size", group,
+                           "a positive int, e.g. 128, or -1 (per channel)")
     if version != "gemm":
         raise _unsupported(where, "quantization_config.version", version, "gemm (AutoAWQ's GEMM layout)")
     zero_point = bool(q.get("zero_point", True))
