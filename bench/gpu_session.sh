@@ -70,7 +70,7 @@ for step in "$@"; do
     #   bash bench/gpu_session.sh awq-tests l1 l1-fp8 l1-awq
     #   bash bench/gpu_session.sh t3-bf16-64 t3-fp8-64 t3-awq-64
     #   bash bench/gpu_session.sh t3-bf16-256 t3-fp8-256 t3-awq-256
-    awq-tests) phase awq-tests 500 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_w4a16.py tests/gpu/test_gpu_awq.py ;;
+    awq-tests) phase awq-tests 500 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_w4a16.py tests/kernels/test_kernels_w4a16_engine.py tests/gpu/test_gpu_awq.py ;;
     l1-awq) phase l1-awq 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
       --quantization awq --out "$OUT/l1-awq.json" ;;
     t3-bf16-64) t3 bf16 64 ;;
