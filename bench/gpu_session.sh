@@ -27,6 +27,11 @@ tp() {  # tp ISL OSL N [extra args]: one throughput run
     --num-requests "$n" --out "$OUT/$id.json" "$@"
 }
 
+t3() {  # t3 NAME CONCURRENCY [extra args]: INT4 AWQ vs BF16 vs FP8 weights at a fixed concurrency
+  local name=$1 c=$2; shift 2
+  ID=t3-$name TAG=-c$c tp 1000 1000 $((4 * c)) --max-num-seqs "$c" "$@"
+}
+
 for step in "$@"; do
   case $step in
     env) phase env 60 bash -c 'nvidia-smi; python3 -c "import torch,triton,transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(0))"' ;;
@@ -60,6 +65,20 @@ for step in "$@"; do
     t2-2048) ID=t2 tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 ;;
     l1-fp8) phase l1-fp8 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
       --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/l1-fp8.json" ;;
+    # INT4 AWQ (W4A16): tests, L1 beside l1 / l1-fp8, and T3, throughput at 64 and 256 concurrent
+    # requests (1000/1000, 4 x concurrency requests, KV in BF16 for all three) beside BF16 and FP8:
+    #   bash bench/gpu_session.sh awq-tests l1 l1-fp8 l1-awq
+    #   bash bench/gpu_session.sh t3-bf16-64 t3-fp8-64 t3-awq-64
+    #   bash bench/gpu_session.sh t3-bf16-256 t3-fp8-256 t3-awq-256
+    awq-tests) phase awq-tests 500 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_w4a16.py tests/kernels/test_kernels_w4a16_engine.py tests/gpu/test_gpu_awq.py ;;
+    l1-awq) phase l1-awq 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
+      --quantization awq --out "$OUT/l1-awq.json" ;;
+    t3-bf16-64) t3 bf16 64 ;;
+    t3-bf16-256) t3 bf16 256 ;;
+    t3-fp8-64) t3 fp8 64 --quantization fp8 ;;
+    t3-fp8-256) t3 fp8 256 --quantization fp8 ;;
+    t3-awq-64) t3 awq 64 --quantization awq ;;
+    t3-awq-256) t3 awq 256 --quantization awq ;;
     quality) phase quality 400 python bench/quality.py --device cuda --dtype bfloat16 --out "$OUT/quality.json" ;;
     hf-128) phase hf-128 300 python bench/hf_baseline.py --isl 128 --osl 128 --num-requests 512 --out "$OUT/hf-128-128.json" ;;
     hf-1000) phase hf-1000 400 python bench/hf_baseline.py --isl 1000 --osl 1000 --num-requests 48 --out "$OUT/hf-1000-1000.json" ;;

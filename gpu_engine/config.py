@@ -242,8 +242,9 @@ class EngineConfig:
     quantization: str | None = setting(
         None, "None: as the checkpoint is (a pre-quantized one is recognised from its config); fp8: "
               "FP8 W8A8 (a 16/32-bit checkpoint, or dummy weights, is quantized at load: per-channel "
-              "weight scales, per-token activation scales); awq: an INT4 AWQ checkpoint. A value that "
-              "contradicts the checkpoint is an error")
+              "weight scales, per-token activation scales); awq: an INT4 AWQ checkpoint (AutoAWQ or "
+              "compressed-tensors pack-quantized; with dummy weights: random INT4 in groups of 128). A "
+              "value that contradicts the checkpoint is an error")
     kv_cache_dtype: str = setting(
         "auto", "auto: the KV cache in the model's dtype; fp8: E4M3 with per-layer scales (the "
                 "checkpoint's k_scale/v_scale when it has them, else 1.0), about twice the blocks in "

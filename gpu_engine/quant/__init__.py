@@ -1,8 +1,8 @@
 """Quantization: formats (spec.py), detection of pre-quantized checkpoints (detect.py), linear
 methods (linear.py: the interface; fp8.py: FP8 W8A8), the FP8 KV cache (kv.py) and our own
 calibration / export (calibrate.py, export.py; `taxiway quantize`). INT4: formats (int4.py,
-int4_checkpoint.py), the INT4 linear (int4_linear.py), AWQ calibration (awq.py, awq_forward.py,
-awq_export.py; docs/awq.md).
+int4_checkpoint.py), the INT4 linear (int4_linear.py) and its method (awq_method.py), AWQ
+calibration (awq.py, awq_forward.py, awq_export.py; docs/awq.md).
 
 The model is one Llama-family implementation that asks a LinearMethod for each linear."""
 

@@ -125,9 +125,14 @@ def _ct_weights(w: dict, at: str, where: str) -> WeightScheme:
             raise _unsupported(where, f"{at}.symmetric", False, "true for FP8 weights")
         return WeightScheme(num_bits=8, type="float", strategy=strategy)
     if (bits, typ) == (4, "int"):
-        if strategy != "group" or not isinstance(w.get("group_size"), int):
-            raise _unsupported(where, f"{at}.strategy", strategy, "group (with a group_size) for INT4 weights")
-        return WeightScheme(num_bits=4, type="int", strategy="group", group_size=w["group_size"],
+        group = w.get("group_size") if strategy == "group" else None
+        if strategy not in ("group", "channel") or (strategy == "group" and (not isinstance(group, int) or group < 1)):
+            raise _unsupported(where, f"{at}.strategy/group_size", (strategy, w.get("group_size")),
+                               "group with a positive group_size, or channel, for INT4 weights")
+        if w.get("actorder") not in (None, False, "weight", "static"):  # weight / static: groups stay contiguous
+            raise _unsupported(where, f"{at}.actorder", w["actorder"],
+                               "null, weight or static (group / dynamic act-order needs a g_idx, which is not)")
+        return WeightScheme(num_bits=4, type="int", strategy=strategy, group_size=group,
                             symmetric=bool(w.get("symmetric", True)))
     raise _unsupported(where, f"{at} num_bits/type", (bits, typ), "(8, float) FP8 or (4, int) INT4")
 
@@ -200,14 +205,16 @@ def _awq(q: dict, where: str) -> QuantSpec:
     version = str(q.get("version", "gemm")).lower()
     if bits != 4:
         raise _unsupported(where, "quantization_config.bits", bits, "4")
-    if not isinstance(group, int) or group < 1:
-        raise _unsupported(where, "quantization_config.group_size", group, "a positive int, e.g. 128")
+    if not isinstance(group, int) or (group < 1 and group != -1):
+        raise _unsupported(where, "quantization_config.group_size", group,
+                           "a positive int, e.g. 128, or -1 (per channel)")
     if version != "gemm":
         raise _unsupported(where, "quantization_config.version", version, "gemm (AutoAWQ's GEMM layout)")
     zero_point = bool(q.get("zero_point", True))
     return QuantSpec(
         method="awq", source="awq",
-        weights=WeightScheme(4, "int", "group", group_size=group, symmetric=not zero_point),
+        weights=WeightScheme(4, "int", "channel" if group == -1 else "group",
+                             group_size=None if group == -1 else group, symmetric=not zero_point),
         activations=None, serialized=True, ignore=tuple(q.get("modules_to_not_convert") or ("lm_head",)),
         checkpoint_format="gemm", extra={"zero_point": zero_point, "version": version},
     )

@@ -124,20 +124,27 @@ def fake_quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool = True
 # ---------------------------------------------------------------- the kernel's layout
 
 
+def kernel_group_size(group_size: int) -> int:
+    """The group size the W4A16 kernel runs a checkpoint's `group_size` with: itself when the
+    kernel has it, 128 for a multiple of 128 (256, or per-channel: the same weights in groups of 128)."""
+    if group_size in SUPPORTED_GROUP_SIZES:
+        return group_size
+    if group_size < 1 or group_size % 128:
+        raise Int4FormatError(
+            f"group_size {group_size} is not supported by the W4A16 kernel: expected one of "
+            f"{SUPPORTED_GROUP_SIZES} or a multiple of 128"
+        )
+    return 128
+
+
 def to_kernel_layout(wt: Int4Weight, dtype: torch.dtype) -> W4A16Weight:
-    """The W4A16 kernel's layout, scales in the activation dtype. A group size the kernel lacks
-    that is a multiple of 128 (256, or per-channel) is split into groups of 128: the same weights."""
-    g, scales, zeros = wt.group_size, wt.scales, wt.zeros
-    if g not in SUPPORTED_GROUP_SIZES:
-        if g % 128:
-            raise Int4FormatError(
-                f"group_size {g} is not supported by the W4A16 kernel: expected one of "
-                f"{SUPPORTED_GROUP_SIZES} or a multiple of 128"
-            )
-        rep = g // 128
+    """The W4A16 kernel's layout, scales in the activation dtype (groups split as kernel_group_size says)."""
+    g = kernel_group_size(wt.group_size)
+    scales, zeros = wt.scales, wt.zeros
+    if g != wt.group_size:
+        rep = wt.group_size // g
         scales = scales.repeat_interleave(rep, dim=1)
         zeros = zeros.repeat_interleave(rep, dim=1) if zeros is not None else None
-        g = 128
     return W4A16Weight(
         qweight=pack_int4_k(wt.codes),
         scales=scales.to(dtype).contiguous(),

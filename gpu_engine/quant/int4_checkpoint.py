@@ -17,10 +17,12 @@ from gpu_engine.model import CausalLM
 from gpu_engine.quant import int4
 from gpu_engine.quant.awq_export import linear_parts
 from gpu_engine.quant.int4 import Int4FormatError, Int4Weight
+from gpu_engine.quant.spec import QuantSpec
 from gpu_engine.weights import build_model, checkpoint_files
 
-_AWQ_LEAVES = ("qweight", "qzeros", "scales")
-_CT_LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+LEAVES = {"autoawq": ("qweight", "qzeros", "scales"),
+          "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+"""The tensors (leaf names under a linear's prefix) each INT4 format stores per linear."""
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,24 @@ class Int4Scheme:
         strategy = w.get("strategy")
         if strategy not in ("group", "channel"):
             raise Int4FormatError(f"compressed-tensors weight strategy {strategy!r}; expected group or channel")
-        if w.get("actorder") not in (None, "static", False):
+        if w.get("actorder") not in (None, False, "weight", "static"):
             raise Int4FormatError(f"compressed-tensors actorder {w.get('actorder')!r} (g_idx) is not supported")
         gs = w.get("group_size") if strategy == "group" else None
         if strategy == "group" and (not isinstance(gs, int) or gs < 1):
             raise Int4FormatError(f"compressed-tensors group_size {gs!r}; expected a positive int")
         return cls("compressed-tensors", gs, bool(w.get("symmetric", True)))
+
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec) -> "Int4Scheme":
+        """The scheme of a detected AWQ checkpoint (gpu_engine/quant/detect.py)."""
+        fmt = {"awq": "autoawq", "compressed-tensors": "compressed-tensors"}.get(spec.source)
+        if fmt is None or spec.weights.num_bits != 4 or spec.weights.type != "int":
+            raise Int4FormatError(f"{spec.describe()} is not an INT4 checkpoint format")
+        group = spec.weights.group_size
+        if group is None and fmt == "autoawq":
+            group = -1  # AutoAWQ's spelling of one group per row
+        return cls(fmt, group, spec.weights.symmetric)
 
 
 def read_scheme(folder: Path) -> Int4Scheme:
@@ -94,7 +108,7 @@ def read_scheme(folder: Path) -> Int4Scheme:
 def read_int4_checkpoint(folder: Path, cfg: ModelConfig) -> tuple[dict[str, Int4Weight], dict[str, torch.Tensor]]:
     """(INT4 linears by HF prefix, e.g. model.layers.0.self_attn.q_proj; every other tensor by name)."""
     scheme = read_scheme(folder)
-    leaves = _AWQ_LEAVES if scheme.fmt == "autoawq" else _CT_LEAVES
+    leaves = LEAVES[scheme.fmt]
     raw: dict[str, dict[str, torch.Tensor]] = {}
     dense: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(folder):
@@ -114,13 +128,14 @@ def read_int4_checkpoint(folder: Path, cfg: ModelConfig) -> tuple[dict[str, Int4
                 t = raw.pop(prefix, None)
                 if t is None:
                     raise ModelLoadError(f"{folder}: the INT4 tensors of {prefix} ({', '.join(leaves)}) are missing")
-                linears[prefix] = _read_linear(scheme, t, k, rows, prefix)
+                linears[prefix] = read_linear(scheme, t, k, rows, prefix)
     if raw:
         raise ModelLoadError(f"{folder}: INT4 tensors of modules this model lacks: {sorted(raw)[:5]}")
     return linears, dense
 
 
-def _read_linear(s: Int4Scheme, t: dict[str, torch.Tensor], k: int, n: int, name: str) -> Int4Weight:
+def read_linear(s: Int4Scheme, t: dict[str, torch.Tensor], k: int, n: int, name: str) -> Int4Weight:
+    """One linear (k inputs, n outputs) in canonical form from its tensors by leaf name."""
     if s.fmt == "autoawq":
         return int4.from_autoawq(t.get("qweight"), t.get("qzeros"), t.get("scales"), in_features=k,
                                  out_features=n, group_size=s.group_size, zero_point=not s.symmetric, name=name)

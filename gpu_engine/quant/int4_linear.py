@@ -1,7 +1,8 @@
 """A linear layer holding group-wise INT4 weights in the W4A16 kernel's layout, for the AWQ linear
-method to hand the model: fused parts (q|k|v, gate|up) stack their rows. On CUDA it runs
-kernels/w4a16.py; elsewhere the reference (dequantize, then F.linear), with the dense weight
-dequantized once and kept beside the INT4 buffers (not counted as stored bytes)."""
+method to hand the model (gpu_engine/quant/awq_method.py adds the checkpoint formats): fused parts
+(q|k|v, gate|up) stack their rows. On CUDA it runs kernels/w4a16.py; elsewhere the reference
+(dequantize, then F.linear), with the dense weight dequantized once and kept beside the INT4
+buffers (not counted as stored bytes)."""
 
 from __future__ import annotations
 
@@ -10,34 +11,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_engine.quant.int4 import Int4FormatError, Int4Weight, to_kernel_layout
+from gpu_engine.quant.linear import QuantLinear
 from kernels.w4a16_reference import SUPPORTED_GROUP_SIZES, W4A16Weight, dequantize_w4a16
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantLinear):
     """y = x @ dequant(W).T + b with W [sum(parts), in_features] INT4 (buffers qweight, scales,
     zeros; their bytes are what the layer stores and a GEMM reads)."""
 
     def __init__(self, in_features: int, parts: list[int], bias: bool, *, group_size: int,
                  symmetric: bool, dtype: torch.dtype, device: torch.device | str | None = None):
-        super().__init__()
+        super().__init__(in_features, parts)
         if group_size not in SUPPORTED_GROUP_SIZES or in_features % group_size:
             raise Int4FormatError(f"group_size {group_size} must be one of {SUPPORTED_GROUP_SIZES} "
                                   f"and divide in_features {in_features}")
-        n = sum(parts)
-        self.in_features, self.parts, self.group_size = in_features, list(parts), group_size
+        n = self.out_features
+        self.group_size = group_size
         groups = (n, in_features // group_size)
         self.register_buffer("qweight", torch.zeros(n, in_features // 8, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, dtype=dtype, device=device))
         self.register_buffer("zeros", None if symmetric else torch.zeros(groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._dense: torch.Tensor | None = None
+        self._weight4: W4A16Weight | None = None
 
     def weight4(self) -> W4A16Weight:
-        return W4A16Weight(self.qweight, self.scales, self.zeros, self.group_size)
+        """The buffers as the kernel's weight (made once: its checks stay off the per-call path)."""
+        w = self._weight4
+        if w is None or w.qweight is not self.qweight or w.scales is not self.scales or w.zeros is not self.zeros:
+            w = self._weight4 = W4A16Weight(self.qweight, self.scales, self.zeros, self.group_size)
+        return w
 
     def load_part(self, index: int, wt: Int4Weight, name: str = "linear") -> None:
         """Copy part `index` (rows of parts[index]) from a canonical INT4 weight."""
-        off, rows = sum(self.parts[:index]), self.parts[index]
+        off, rows = self.rows(index, name)
         if wt.shape != (rows, self.in_features):
             raise Int4FormatError(f"{name} has shape {wt.shape}, expected {(rows, self.in_features)}")
         if wt.symmetric != (self.zeros is None):

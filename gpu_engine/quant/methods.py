@@ -1,5 +1,5 @@
 """Which LinearMethod serves which QuantSpec.method. A new method is one class in its own module,
-named here (the AWQ method: gpu_engine/quant/awq.py, class AwqMethod)."""
+named here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from gpu_engine.quant.spec import QuantSpec
 
 _METHODS = {
     "fp8": ("gpu_engine.quant.fp8", "Fp8Method"),
-    "awq": ("gpu_engine.quant.awq", "AwqMethod"),
+    "awq": ("gpu_engine.quant.awq_method", "AwqMethod"),
 }
 
 

@@ -23,6 +23,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=64, help="calibration windows (default 64)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--device", default="auto", help="where calibration runs: cpu, cuda or auto")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="awq: input channels per INT4 group (32, 64, 128 or a multiple of 128; default 128)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="awq: symmetric INT4 (zero point 8, no zero points stored); default: asymmetric")
+    p.add_argument("--format", dest="out_format", default="autoawq", choices=["autoawq", "compressed-tensors"],
+                   help="awq: the output layout, AutoAWQ GEMM or compressed-tensors pack-quantized "
+                        "(default autoawq); fp8 always writes compressed-tensors float-quantized")
     p.set_defaults(func=run)
 
 
@@ -67,13 +74,15 @@ def quantize_fp8(src: Path, out: Path, *, static: bool, kv: bool, text_file: str
 
 
 def _awq(args: argparse.Namespace, src: Path, out: Path) -> int:
-    try:
-        from gpu_engine.quant.awq import quantize_awq
-    except ImportError:
-        print("taxiway quantize: --method awq is not available in this build (gpu_engine.quant.awq)",
-              file=sys.stderr)
-        return 1
-    quantize_awq(src, out, text_file=args.calibration_text, num_samples=args.num_samples,
-                 seq_len=args.seq_len, device=args.device)
+    from gpu_engine.quant.awq import quantize_awq
+    from gpu_engine.quant.calibrate import read_text
+    from gpu_engine.quant.detect import read_checkpoint_quant
+
+    if read_checkpoint_quant(src) is not None:
+        raise ValueError(f"{src} is already quantized")
+    quantize_awq(src, out, group_size=args.group_size, zero_point=not args.symmetric,
+                 calib_text=read_text(args.calibration_text), num_samples=args.num_samples,
+                 seq_len=args.seq_len, out_format=args.out_format,
+                 device=None if args.device == "auto" else args.device)
     print(f"wrote {out}")
     return 0

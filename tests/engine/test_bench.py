@@ -95,3 +95,27 @@ def test_cli_sweep_writes_one_json(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["benchmark"] == "sweep" and [r["max_num_seqs"] for r in result["runs"]] == [2, 3]
+
+
+def test_awq_dummy_latency_counts_int4_bytes(cfg):
+    """`bench latency --quantization awq --load-format dummy`: the roofline reads every linear as
+    stored in INT4 (codes, float32 scales and uint8 zero points on the CPU), the rest as before."""
+    one = dataclasses.replace(cfg.with_engine(max_num_seqs=1, load_format="dummy"), num_requests=1)
+    dense = benchmarks.latency(one)["bytes_per_token"]["weights"]
+    result = benchmarks.latency(one.with_engine(quantization="awq"))
+    assert result["quantization"].startswith("awq (dummy)") and result["decode_tokens_per_s"] > 0
+    saved = 0
+    for n, k, g in ((128, 64, 64), (64, 64, 64), (256, 64, 64), (64, 128, 128)):  # qkv, o, gate_up, down
+        saved += n * k * 4 - (n * k // 2 + n * (k // g) * (4 + 1))
+    assert dense - result["bytes_per_token"]["weights"] == 2 * saved  # 2 layers
+
+
+def test_cli_throughput_awq_dummy(tiny_llama, tmp_path):
+    from taxiway.cli import main
+
+    out = tmp_path / "awq.json"
+    rc = main(["bench", "throughput", "--model", tiny_llama, "--device", "cpu", "--load-format", "dummy",
+               "--quantization", "awq", "--isl", "8", "--osl", "4", "--num-requests", "6", "--max-num-seqs", "3",
+               "--no-async-scheduling", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["quantization"].startswith("awq (dummy)") and result["output_tokens_per_s"] > 0

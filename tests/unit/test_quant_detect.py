@@ -53,6 +53,14 @@ def test_compressed_tensors_int4_is_awq_method():
     cfg = _with(["config_groups", "group_0", "input_activations"], None, cfg)
     spec = parse_quantization_config(cfg)
     assert (spec.method, spec.weights.group_size, spec.weights.symmetric, spec.activations) == ("awq", 128, False, None)
+    for order in ("weight", "static"):  # GPTQ's order of calibration only: groups stay contiguous, no g_idx
+        assert parse_quantization_config(_with(["config_groups", "group_0", "weights", "actorder"], order, cfg))
+    with pytest.raises(ModelLoadError, match="actorder = 'group' is not supported"):
+        parse_quantization_config(_with(["config_groups", "group_0", "weights", "actorder"], "group", cfg))
+    channel = parse_quantization_config(_with(["config_groups", "group_0", "weights", "strategy"], "channel", cfg))
+    assert (channel.weights.strategy, channel.weights.group_size) == ("channel", None)
+    with pytest.raises(ModelLoadError, match=r"strategy/group_size = \('block', 128\)"):
+        parse_quantization_config(_with(["config_groups", "group_0", "weights", "strategy"], "block", cfg))
 
 
 @pytest.mark.parametrize("path,value,match", [
@@ -85,6 +93,8 @@ def test_vllm_fp8_modelopt_and_awq_configs():
     spec = parse_quantization_config({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True,
                                       "version": "gemm"})
     assert (spec.method, spec.weights.group_size, spec.extra["zero_point"]) == ("awq", 64, True)
+    spec = parse_quantization_config({"quant_method": "awq", "bits": 4, "group_size": -1, "version": "gemm"})
+    assert (spec.weights.strategy, spec.weights.group_size) == ("channel", None)
     for bad, match in (({"bits": 3}, "bits = 3"), ({"version": "gemv"}, "version = 'gemv'"),
                        ({"group_size": 0}, "group_size = 0")):
         with pytest.raises(ModelLoadError, match=match):
