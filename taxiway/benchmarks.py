@@ -30,7 +30,7 @@ weights; every request arrives at once with a fixed length, so reserving prompt 
 setting is the engine's own default (max_num_seqs sized by the device)."""
 CPU_ENGINE_DEFAULTS = {"enable_prefix_caching": False, "admission_policy": "guaranteed_no_evict"}
 """On the CPU: the same protocol on the default model (SmolLM2-135M), which a CPU runs in seconds."""
-NUM_REQUESTS = {"gpu": 3000, "cpu": 16}
+NUM_REQUESTS = {"gpu": 3000, "cpu": 8}
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def throughput(cfg: BenchConfig) -> dict:
 
 def warm_up(engine: LLMEngine, cfg: BenchConfig) -> None:
     vocab = engine.model_config.vocab_size
-    run_requests(engine, random_prompts(min(engine.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1), min(cfg.osl, 16))
+    run_requests(engine, random_prompts(min(engine.max_num_seqs, 64, cfg.requests), cfg.isl, vocab, cfg.seed + 1), min(cfg.osl, 16))
 
 
 def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
@@ -225,7 +225,7 @@ def throughput_llm(cfg: BenchConfig) -> dict:
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=cfg.osl, temperature=0.0, ignore_eos=True)
-    llm.generate(random_prompts(min(engine.max_num_seqs, 64), cfg.isl, vocab, cfg.seed + 1),
+    llm.generate(random_prompts(min(engine.max_num_seqs, 64, cfg.requests), cfg.isl, vocab, cfg.seed + 1),
                  replace(params, max_tokens=min(cfg.osl, 16)))
     prompts = random_prompts(cfg.requests, cfg.isl, vocab, cfg.seed)
     engine.step_times.reset()

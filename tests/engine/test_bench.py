@@ -68,13 +68,13 @@ def test_bad_bench_settings_are_named():
 
 def test_defaults_follow_the_device(monkeypatch):
     """With a GPU the bench runs Llama-3.1-8B dummy with 3000 requests; on the CPU the default
-    model with 16; given settings win over both; max_model_len is ISL + OSL unless given."""
+    model with 8; given settings win over both; max_model_len is ISL + OSL unless given."""
     monkeypatch.setattr(benchmarks.torch.cuda, "is_available", lambda: True)
     gpu = BenchConfig(isl=100, osl=28)
     assert gpu.requests == 3000 and gpu.engine_kwargs() == {**benchmarks.GPU_ENGINE_DEFAULTS, "max_model_len": 128}
     monkeypatch.setattr(benchmarks.torch.cuda, "is_available", lambda: False)
     cpu = BenchConfig(engine={"admission_policy": "max_utilization", "max_model_len": 512})
-    assert cpu.requests == 16 and "model" not in cpu.engine_kwargs()
+    assert cpu.requests == 8 and "model" not in cpu.engine_kwargs()
     assert cpu.engine_kwargs()["admission_policy"] == "max_utilization" and cpu.engine_kwargs()["max_model_len"] == 512
     assert BenchConfig(engine={"device": "cuda:1"}).on_gpu and BenchConfig(num_requests=5).requests == 5
 
