@@ -118,6 +118,8 @@ def dummy_group_size(in_features: int) -> int:
 class AwqMethod(LinearMethod):
     """INT4 weights, 16-bit activations: the W4A16 kernels on a GPU, dequantize + matmul elsewhere."""
 
+    min_capability, needs = (8, 0), "the W4A16 kernels need an sm_80+ GPU (Ampere or newer)"
+
     def __init__(self, spec: QuantSpec, dtype: torch.dtype):
         super().__init__(spec, dtype)
         if spec.source == "dummy":
@@ -142,10 +144,3 @@ class AwqMethod(LinearMethod):
                               symmetric=self.spec.weights.symmetric, dtype=self.dtype)
         return AwqLinear(in_features, parts, bias, self.dtype, self.spec, self.scheme, hf_names)
 
-    def check_device(self, device: torch.device) -> None:
-        if device.type != "cuda":
-            return
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 0):
-            raise ModelLoadError(f"the W4A16 kernels need an sm_80+ GPU (Ampere or newer); "
-                                 f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")

@@ -144,14 +144,9 @@ class Fp8Linear(QuantLinear):
 class Fp8Method(LinearMethod):
     """FP8 W8A8 for every linear but those the spec ignores (the LM head by default)."""
 
+    min_capability, needs = (8, 9), "FP8 W8A8 needs an sm_89+ GPU (Ada, Hopper or newer)"
+
     def create_quantized(self, in_features: int, parts: list[int], bias: bool,
                          hf_names: list[str]) -> QuantLinear:
         return Fp8Linear(in_features, parts, bias, self.dtype, self.spec, hf_names)
 
-    def check_device(self, device: torch.device) -> None:
-        if device.type != "cuda":
-            return
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            raise ModelLoadError(f"FP8 W8A8 needs an sm_89+ GPU (Ada, Hopper or newer); "
-                                 f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")

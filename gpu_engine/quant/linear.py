@@ -132,8 +132,17 @@ class LinearMethod:
                          hf_names: list[str]) -> QuantLinear:
         raise NotImplementedError
 
+    min_capability: tuple[int, int] | None = None
+    """The oldest CUDA compute capability this method's kernels run on, and what that is called."""
+    needs: str = ""
+
     def check_device(self, device: torch.device) -> None:
         """Raise if this method cannot run on `device` (e.g. FP8 GEMMs need sm_89+)."""
+        if device.type != "cuda" or self.min_capability is None:
+            return
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < self.min_capability:
+            raise ModelLoadError(f"{self.needs}; {torch.cuda.get_device_name(device)} is sm_{major}{minor}")
 
 
 def quant_linears(model: nn.Module) -> list[QuantLinear]:
