@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from gpu_engine.errors import DeadlineExceeded, InvalidRequest, TaxiwayError
+from gpu_engine.errors import DeadlineExceeded, InvalidRequest, TaxiwayError, TensorParallelError
 from services.common import errors
 from services.common.convert import engine_params
 from services.common.metrics import ExecutorMetrics
@@ -181,6 +181,8 @@ class ExecutorCore:
             t.trace.dropped("failed", message)
         if rec.integrity_error is not None:
             self.broken = f"the KV block pool is inconsistent after a failed step: {rec.integrity_error}"
+        elif isinstance(exc, TensorParallelError):
+            self.broken = str(exc)
         elif is_device_error(exc):
             self.broken = f"device error: {type(exc).__name__}: {exc}"
         elif self._failures >= self.max_step_failures:
