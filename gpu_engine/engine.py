@@ -254,6 +254,7 @@ class LLMEngine:
         raises may leave the ranks out of step: it raises TensorParallelError, the engine is lost."""
         if self.driver is None:
             return self._step()
+        self.driver.check()  # a lost group stays lost, even for a step with nothing to run
         try:
             return self._step()
         except Exception as exc:
