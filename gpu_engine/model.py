@@ -118,21 +118,20 @@ class DecoderLayer(nn.Module):
         return all_reduce(self.down_proj(act)), residual
 
 
-class VocabEmbedding(nn.Module):
+class VocabEmbedding(nn.Embedding):
     """The token embedding; under tensor parallelism each rank holds an even share of the
     vocabulary's rows, looks up the ids that fall in it and the ranks' rows are summed."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, shard: TPShard):
-        super().__init__()
-        self.start, self.num_rows, _ = even(cfg.vocab_size, shard)
-        self.sharded = shard.world > 1
-        self.weight = nn.Parameter(torch.empty(self.num_rows, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        start, num_rows, _ = even(cfg.vocab_size, shard)
+        super().__init__(num_rows, cfg.hidden_size, dtype=dtype)
+        self.start, self.sharded = start, shard.world > 1
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., hidden]
         if not self.sharded:
             return F.embedding(ids, self.weight)
         local = ids - self.start
-        outside = (local < 0) | (local >= self.num_rows)
+        outside = (local < 0) | (local >= self.num_embeddings)
         rows = F.embedding(local.masked_fill(outside, 0), self.weight)
         return all_reduce(rows.masked_fill_(outside.unsqueeze(-1), 0.0))
 
