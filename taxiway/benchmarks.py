@@ -44,6 +44,8 @@ class BenchConfig:
     """none, fp8 or awq (EngineConfig.quantization; with dummy weights they are made quantized)."""
     kv_cache_dtype: str = "auto"
     """auto: the model's dtype; fp8: the FP8 KV cache (EngineConfig.kv_cache_dtype)."""
+    tensor_parallel_size: int = 1
+    """GPUs the model is split across (EngineConfig.tensor_parallel_size)."""
     api: str = "engine"
     """engine: LLMEngine with the settings above, no detokenization (the bench driver).
     llm: what users run, `LLM(model, load_format, dtype, device, seed).generate(...)` with the
@@ -60,7 +62,7 @@ class BenchConfig:
     def llm_kwargs(self) -> dict:
         return dict(load_format=self.load_format, dtype=self.dtype, device=self.device, seed=self.seed,
                     quantization=None if self.quantization == "none" else self.quantization,
-                    kv_cache_dtype=self.kv_cache_dtype)
+                    kv_cache_dtype=self.kv_cache_dtype, tensor_parallel_size=self.tensor_parallel_size)
 
     def engine_kwargs(self) -> dict:
         return dict(
@@ -70,7 +72,7 @@ class BenchConfig:
             max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
             async_scheduling=self.async_scheduling, admission_policy=self.admission_policy,
             quantization=None if self.quantization == "none" else self.quantization,
-            kv_cache_dtype=self.kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype, tensor_parallel_size=self.tensor_parallel_size,
         )
 
 
@@ -264,7 +266,9 @@ def latency(cfg: BenchConfig) -> dict:
     best = sorted(runs, key=lambda x: x["decode_tokens_per_s"])[len(runs) // 2]
     mc = engine.model_config
     kv_elem = torch.empty((), dtype=engine.runner.kv_dtype).element_size()
-    read = decode_step_bytes(engine.runner.model, 1, kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_elem),
+    # Rank 0's share (all at tp=1): every rank reads its share at once, so its bytes bound the step.
+    read = decode_step_bytes(engine.runner.model, 1, kv_bytes_per_token(mc.num_layers, engine.runner.num_kv_heads,
+                                                                         mc.head_dim, kv_elem),
                              cfg.isl + cfg.osl / 2)  # the mean context of the decode steps
     bw = copy_bandwidth_gbs(engine.device)
     roofline_tps = bw * 1e9 / read.total
