@@ -126,7 +126,7 @@ class LLMEngine:
             torch.cuda.set_device(self.device)
         spec = WorkerSpec(self.config, self.device, self.model_config, folder, self.dtype, self.quant_spec,
                           self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens, init_method="")
-        driver = RankDriver(spec, self.device)
+        driver = RankDriver(spec)
         weakref.finalize(self, driver.stop)
         return driver
 

@@ -17,6 +17,10 @@ import torch.distributed as dist
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 """Set in every process of a group: NVLink multicast stays off (the GPU hosts do not offer it)."""
 
+_control: dist.ProcessGroup | None = None
+"""gloo beside NCCL on GPUs: the workers read rank 0's call headers on the host without waiting
+for their GPU (the default group is gloo already on the CPU)."""
+
 GROUP_TIMEOUT = timedelta(minutes=10)
 """How long one collective may wait for a peer (loading a large shard can keep one rank busy);
 a rank that dies is noticed sooner, by its exit code or its closed connection."""
@@ -44,11 +48,15 @@ def init_group(shard: TPShard, init_method: str, device: torch.device) -> None:
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=init_method, rank=shard.rank, world_size=shard.world,
                             timeout=GROUP_TIMEOUT, **kwargs)
+    global _control
+    _control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if backend == "nccl" else None
 
 
 def destroy_group() -> None:
+    global _control
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def tp_world() -> int:
@@ -74,9 +82,16 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast(x: torch.Tensor) -> torch.Tensor:
-    """Rank 0's x on every rank, in place."""
+    """Rank 0's x on every rank, in place (on the device's group: NCCL for CUDA tensors)."""
     if tp_world() > 1:
         dist.broadcast(x, src=0)
+    return x
+
+
+def broadcast_host(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's CPU tensor x on every rank, in place, over gloo (no GPU stream is involved)."""
+    if tp_world() > 1:
+        dist.broadcast(x, src=0, group=_control)
     return x
 
 

@@ -2,7 +2,9 @@
 
 Rank 0 (the engine's process) plans every step; its ModelRunner hands each call that touches the
 model or the KV cache to its `RankDriver`, which broadcasts it to the worker ranks as one
-fixed-layout int64 header and, where the call has inputs, one tensor (no pickle per step). Every
+fixed-layout int64 header on the host (gloo) and, where the call has inputs, one tensor on the
+device (NCCL on GPUs): no pickle per step, and a worker reads the next header while its GPU still
+runs the previous call. Every
 worker runs the same call on its own shard, so the collectives inside the forward line up. Only
 rank 0 samples: the workers' share of the LM head takes part in the logits' all-gather.
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
 
@@ -25,7 +27,8 @@ import torch.multiprocessing as mp
 from gpu_engine.config import EngineConfig, ModelConfig
 from gpu_engine.errors import TensorParallelError
 from gpu_engine.ops import AttentionMetadata
-from gpu_engine.parallel.state import NO_MULTICAST_ENV, TPShard, broadcast, destroy_group, init_group, tp_world
+from gpu_engine.parallel.state import (NO_MULTICAST_ENV, TPShard, broadcast, broadcast_host, destroy_group,
+                                       init_group, tp_world)
 from gpu_engine.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -72,11 +75,11 @@ def _free_tcp_port() -> str:
 class RankDriver:
     """Rank 0's handle on ranks 1..N-1: starts them, sends them each runner call, stops them."""
 
-    def __init__(self, spec_without_address: WorkerSpec, device: torch.device):
-        world = spec_without_address.config.tensor_parallel_size
-        self.device = device
+    def __init__(self, spec: WorkerSpec):
+        """Start ranks 1..N-1 of `spec` (its init_method is chosen here) and join their group."""
+        world = spec.config.tensor_parallel_size
         self.lost: str | None = None
-        spec = WorkerSpec(**{**spec_without_address.__dict__, "init_method": _free_tcp_port()})
+        spec = replace(spec, init_method=_free_tcp_port())
         os.environ.update(NO_MULTICAST_ENV)  # inherited by the workers
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=worker_main, args=(rank, spec), daemon=True,
@@ -84,7 +87,7 @@ class RankDriver:
         for p in self.procs:
             p.start()
         try:
-            init_group(TPShard(0, world), spec.init_method, device)
+            init_group(TPShard(0, world), spec.init_method, spec.device)
         except BaseException:
             self.stop()
             raise
@@ -156,7 +159,7 @@ class RankDriver:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         header[0] = int(call)
         header[1 : 1 + len(fields)] = torch.tensor(fields, dtype=torch.int64)
-        broadcast(header.to(self.device))
+        broadcast_host(header)
 
     def _payload(self, tensor: torch.Tensor) -> None:
         broadcast(tensor)
@@ -190,9 +193,9 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
 def _serve(runner, dtype: torch.dtype) -> None:
     dev = runner.device
     hidden_size = runner.model_cfg.hidden_size
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=dev)
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     while True:
-        call, *f = broadcast(header).tolist()
+        call, *f = broadcast_host(header).tolist()
         if call == Call.STOP:
             return
         if call == Call.FORWARD:
