@@ -55,8 +55,17 @@ def init_group(shard: TPShard, init_method: str, device: torch.device) -> None:
 def destroy_group() -> None:
     global _control
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - an aborted group may refuse a clean teardown
+            pass
     _control = None
+
+
+def abort_group() -> None:
+    """Abort the group from any thread: collectives waiting in it raise instead of hanging."""
+    if dist.is_initialized():
+        dist.distributed_c10d._abort_process_group()  # no public spelling yet (torch 2.13)
 
 
 def tp_world() -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+from multiprocessing import connection
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
@@ -27,8 +29,8 @@ import torch.multiprocessing as mp
 from gpu_engine.config import EngineConfig, ModelConfig
 from gpu_engine.errors import TensorParallelError
 from gpu_engine.ops import AttentionMetadata
-from gpu_engine.parallel.state import (NO_MULTICAST_ENV, TPShard, broadcast, broadcast_host, destroy_group,
-                                       init_group, tp_world)
+from gpu_engine.parallel.state import (NO_MULTICAST_ENV, TPShard, abort_group, broadcast, broadcast_host,
+                                       destroy_group, init_group, tp_world)
 from gpu_engine.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -79,11 +81,13 @@ class RankDriver:
         """Start ranks 1..N-1 of `spec` (its init_method is chosen here) and join their group."""
         world = spec.config.tensor_parallel_size
         self.lost: str | None = None
+        self.block_size = spec.config.block_size
         spec = replace(spec, init_method=_free_tcp_port())
         os.environ.update(NO_MULTICAST_ENV)  # inherited by the workers
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=worker_main, args=(rank, spec), daemon=True,
                                   name=f"taxiway-tp-rank{rank}") for rank in range(1, world)]
+        self._stopping = False
         for p in self.procs:
             p.start()
         try:
@@ -91,14 +95,19 @@ class RankDriver:
         except BaseException:
             self.stop()
             raise
+        self._abort_on_loss = spec.device.type == "cuda"
+        threading.Thread(target=self._watch, name="taxiway-tp-watch", daemon=True).start()
 
     # -- calls --------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        s, b = meta.block_tables.shape
+        """One forward: ids, positions [T] int64 and the step's metadata, in one int64 tensor; the
+        block tables only as wide as the longest sequence needs (not max_model_len's width)."""
+        s = meta.block_tables.shape[0]
+        b = min(meta.block_tables.shape[1], -(-meta.max_seq_len // self.block_size))
         self._send(Call.FORWARD, len(ids), s, b, meta.num_decodes, meta.max_query_len, meta.max_seq_len,
                    int(bool(meta.query_start_loc_host)))
         self._payload(torch.cat([ids, positions, meta.slot_mapping, meta.query_start_loc.long(),
-                                 meta.seq_lens.long(), meta.block_tables.long().flatten()]))
+                                 meta.seq_lens.long(), meta.block_tables[:, :b].long().flatten()]))
 
     def logits(self, hidden: torch.Tensor) -> None:
         self._send(Call.LOGITS, hidden.shape[0])
@@ -116,6 +125,7 @@ class RankDriver:
 
     def stop(self) -> None:
         """Tell the workers to leave, wait for them briefly, kill any that stay; idempotent."""
+        self._stopping = True
         if self.procs and self.lost is None and all(p.is_alive() for p in self.procs) and tp_world() > 1:
             try:
                 self._send(Call.STOP)
@@ -130,13 +140,28 @@ class RankDriver:
         destroy_group()
 
     # -- failure ----------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Wait for any worker to exit; unless stopping, mark the group lost and, on GPUs, abort
+        it: NCCL does not notice a dead peer, so rank 0 could otherwise wait inside a collective
+        until the group's timeout (gloo raises on the closed connection by itself)."""
+        procs = list(self.procs)
+        connection.wait([p.sentinel for p in procs])
+        if self._stopping:
+            return
+        self._note_dead(procs)
+        log.error("tensor-parallel group lost: %s", self.lost)
+        if self._abort_on_loss:
+            abort_group()
+
+    def _note_dead(self, procs: list) -> None:
+        dead = [f"rank {i + 1} (pid {p.pid}) exited with code {p.exitcode}"
+                for i, p in enumerate(procs) if p.exitcode is not None]
+        if dead and self.lost is None:
+            self.lost = "; ".join(dead)
+
     def check(self) -> None:
         """Raise TensorParallelError if a worker has exited (or the group failed before)."""
-        if self.lost is None:
-            dead = [f"rank {i + 1} (pid {p.pid}) exited with code {p.exitcode}"
-                    for i, p in enumerate(self.procs) if p.exitcode is not None]
-            if dead:
-                self.lost = "; ".join(dead)
+        self._note_dead(self.procs)
         if self.lost is not None:
             raise TensorParallelError(f"the tensor-parallel group is down: {self.lost}")
 
