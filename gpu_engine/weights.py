@@ -17,9 +17,9 @@ from gpu_engine.model import CausalLM
 from gpu_engine.parallel.sharding import check_tensor_parallel
 from gpu_engine.parallel.state import TPShard
 from gpu_engine.quant.kv import kv_scale_target, scale_value
+from gpu_engine.quant.linear import DenseLinear, LinearMethod, QuantLinear, quant_linears
 from gpu_engine.quant.methods import linear_method
 from gpu_engine.quant.spec import QuantSpec
-from gpu_engine.quant.linear import DenseLinear, LinearMethod, QuantLinear, quant_linears
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,13 @@ Rank 0 (the engine's process) plans every step; its ModelRunner hands each call 
 model or the KV cache to its `RankDriver`, which broadcasts it to the worker ranks as one
 fixed-layout int64 header on the host (gloo) and, where the call has inputs, one tensor on the
 device (NCCL on GPUs): no pickle per step, and a worker reads the next header while its GPU still
-runs the previous call. Every
-worker runs the same call on its own shard, so the collectives inside the forward line up. Only
-rank 0 samples: the workers' share of the LM head takes part in the logits' all-gather.
+runs the previous call. Every worker runs the same call on its own shard, so the collectives inside
+the forward line up. Only rank 0 samples: the workers' share of the LM head takes part in the
+logits' all-gather.
 
-A worker that dies is seen by rank 0 at its next call (its exit code) or inside a collective (the
-connection closes); the engine then raises TensorParallelError and the group is not used again.
+A worker that dies is seen by a watcher thread on rank 0 (which aborts an NCCL group, so that no
+collective waits for it), at rank 0's next call, or inside a gloo collective (the connection
+closes); the engine then raises TensorParallelError and the group is not used again.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import logging
 import os
 import socket
 import threading
-from multiprocessing import connection
 from dataclasses import dataclass, replace
 from enum import IntEnum
+from multiprocessing import connection
 from pathlib import Path
 
 import torch

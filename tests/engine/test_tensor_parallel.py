@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from gpu_engine.config import EngineConfig, ModelConfig
 from gpu_engine.engine import LLMEngine
-from gpu_engine.errors import TensorParallelError
+from gpu_engine.errors import ModelLoadError, TensorParallelError
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, TorchOps
-from gpu_engine.parallel.sharding import check_tensor_parallel
+from gpu_engine.parallel.sharding import LinearShard, check_tensor_parallel
 from gpu_engine.parallel.state import TPShard, destroy_group, init_group
 from gpu_engine.quant import read_checkpoint_quant, resolve_quantization
 from gpu_engine.quant.fp8 import Fp8Linear
@@ -122,6 +122,17 @@ def test_fp8_scales_follow_their_rows_and_per_tensor_input_scales_are_kept():
         assert torch.equal(layer.o_proj.weight_scale, ref.o_proj.weight_scale)
         cols = slice(rank * h, (rank + 1) * h)
         assert torch.equal(layer.o_proj.weight.view(torch.uint8), ref.o_proj.weight.view(torch.uint8)[:, cols])
+
+
+def test_packed_and_grouped_tensors_are_cut_in_proportion_or_refused():
+    """The rule quantized formats share: INT4 [in, out / 8] packing and [in / group, out] scales."""
+    column = LinearShard("column", ((64, 64, 128),))  # rank 1 of 2 of a 128-row part
+    assert column.index((256, 16), (1, 0), 0, "qweight") == (slice(None), slice(8, 16))
+    assert column.index((1,), (0, None), 0, "input_scale") == (slice(None),)  # per tensor: replicated
+    row = LinearShard("row", ((64, 64, 128),))
+    assert row.index((4, 128), (1, 0), 0, "scales") == (slice(2, 4), slice(None))  # groups of 32
+    with pytest.raises(ModelLoadError, match=r"'scales' of shape \(3, 128\): its axis 0 \(3\) cannot be cut"):
+        row.index((3, 128), (1, 0), 0, "scales")
 
 
 # -- the sharded forward (2 processes, gloo) ---------------------------------------------------------
