@@ -85,6 +85,15 @@ for step in "$@"; do
     hf-2048) phase hf-2048 400 python bench/hf_baseline.py --isl 2048 --osl 2048 --num-requests 16 --out "$OUT/hf-2048-2048.json" ;;
     spec-tests) phase spec-tests 400 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_spec_gpu.py tests/kernels/test_spec_proposers_triton.py ;;
     serve-bench) phase serve-bench 560 bash bench/serve_bench_gpu.sh "$OUT" ;;
+    # Tensor parallelism (issue 12), on a machine of 2 GPUs (nvidia-h200-x2), in one call:
+    #   bash bench/gpu_session.sh tp-tests l1-tp1 l1-tp2 t1-1000 t1-1000-tp2
+    tp-tests) phase tp-tests 500 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_tensor_parallel.py tests/engine/test_tensor_parallel.py ;;
+    l1-tp1) phase l1-tp1 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
+      --tensor-parallel-size 1 --out "$OUT/l1-tp1.json" ;;
+    l1-tp2) phase l1-tp2 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
+      --tensor-parallel-size 2 --out "$OUT/l1-tp2.json" ;;
+    t1-1000-tp2) TAG=-tp2 tp 1000 1000 1000 --tensor-parallel-size 2 ;;
+    t1-128-tp2) TAG=-tp2 tp 128 128 3000 --tensor-parallel-size 2 ;;
     train-draft) phase train-draft 480 python -m taxiway.cli train-draft --out "$OUT/eagle3-smollm2" --no-progress ;;
     *) echo "unknown phase $step" ;;
   esac

@@ -249,6 +249,10 @@ class EngineConfig:
         "auto", "auto: the KV cache in the model's dtype; fp8: E4M3 with per-layer scales (the "
                 "checkpoint's k_scale/v_scale when it has them, else 1.0), about twice the blocks in "
                 "the same memory")
+    tensor_parallel_size: int = setting(
+        1, "split the model across this many devices (Megatron tensor parallelism: one process per "
+           "rank, NCCL on GPUs cuda:0..N-1, gloo on the CPU); attention heads, intermediate size and "
+           "vocabulary must divide by it; KV heads are split, or replicated when fewer than N")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -275,6 +279,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
         parse_speculative_config(self.speculative_config)  # raises on unknown methods or keys
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,13 +16,16 @@ from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import PRESETS, EngineConfig, ModelConfig, batch_limits
 from gpu_engine.errors import InvalidRequest, ModelLoadError
 from gpu_engine.outputs import CompletionOutput, EngineStats, Recovery, RequestOutput
-from gpu_engine.quant import linear_method, read_checkpoint_quant, resolve_quantization
+from gpu_engine.parallel.sharding import check_tensor_parallel
+from gpu_engine.parallel.state import TPShard
+from gpu_engine.parallel.workers import RankDriver, WorkerSpec, rank_device
+from gpu_engine.quant import read_checkpoint_quant, resolve_quantization
 from gpu_engine.runner import ModelRunner
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
 from gpu_engine.sequence import Request, Sequence as Seq
 from gpu_engine.step_times import StepTimes, step_kind
-from gpu_engine.weights import build_model, init_dummy_weights, load_checkpoint
+from gpu_engine.weights import load_model
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +102,46 @@ class LLMEngine:
             )
         detected = read_checkpoint_quant(folder) if folder is not None else None
         self.quant_spec = resolve_quantization(config.quantization, detected, config.load_format == "dummy")
-        method = linear_method(self.quant_spec, self.dtype)
-        method.check_device(self.device)
-        model = build_model(self.model_config, self.dtype, self.device, method)
-        if config.load_format == "dummy":
-            init_dummy_weights(model, config.seed)
-        else:
-            load_checkpoint(model, folder, self.model_config, kv_fp8=config.kv_cache_dtype == "fp8")
+        check_tensor_parallel(self.model_config, config.tensor_parallel_size)
+        memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        self.max_num_seqs, self.max_num_batched_tokens = batch_limits(config, memory)
+        self.driver = self._start_ranks(folder) if config.tensor_parallel_size > 1 else None
+        try:
+            self._start(folder)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_ranks(self, folder: Path | None) -> RankDriver:
+        """Start worker ranks 1..N-1 (they load their shards meanwhile) and join their group."""
+        tp = self.config.tensor_parallel_size
+        if self.device.type == "cuda":
+            if self.device.index not in (None, 0):
+                raise ValueError(f"tensor_parallel_size {tp} runs on cuda:0..{tp - 1}; device "
+                                 f"{self.config.device!r} names another first GPU (use device 'cuda')")
+            if torch.cuda.device_count() < tp:
+                raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs, this machine has "
+                                 f"{torch.cuda.device_count()}")
+            self.device = rank_device(self.device, 0)
+            torch.cuda.set_device(self.device)
+        spec = WorkerSpec(self.config, self.device, self.model_config, folder, self.dtype, self.quant_spec,
+                          self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens, init_method="")
+        driver = RankDriver(spec)
+        weakref.finalize(self, driver.stop)
+        return driver
+
+    def _start(self, folder: Path | None) -> None:
+        config = self.config
+        model = load_model(self.model_config, folder, self.dtype, self.device, self.quant_spec,
+                           load_format=config.load_format, seed=config.seed,
+                           kv_fp8=config.kv_cache_dtype == "fp8", shard=TPShard(0, config.tensor_parallel_size))
         self.tokenizer = _load_tokenizer(config.tokenizer or folder)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
-        memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        self.max_num_seqs, self.max_num_batched_tokens = batch_limits(config, memory)
         self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len,
-                                  self.max_num_seqs, self.max_num_batched_tokens)
+                                  self.max_num_seqs, self.max_num_batched_tokens, self.driver)
         self.num_kv_blocks = self.runner.num_blocks_for_memory()
         if self.num_kv_blocks * config.block_size < self.max_model_len:
             raise ValueError(
@@ -206,6 +234,7 @@ class LLMEngine:
         the requests left (waiting ones stay queued). The engine may go on only if the returned
         integrity_error is None."""
         self._inflight = None
+        lost = None if self.driver is None else self.driver.lost
         running = self.scheduler.running
         batch = tuple(f"{s.request.request_id}[{s.index}]: {s.num_computed_tokens}/{s.num_tokens} "
                       f"tokens computed, {s.num_pending} pending, {len(s.block_table)} blocks"
@@ -217,11 +246,27 @@ class LLMEngine:
                 [b for r in self.requests.values() for s in r.seqs for b in s.block_table])
         except Exception as exc:  # noqa: BLE001 - any inconsistency means the engine is unusable
             return Recovery(aborted, batch, f"{type(exc).__name__}: {exc}")
-        return Recovery(aborted, batch)
+        return Recovery(aborted, batch, None if lost is None else f"the tensor-parallel group is down: {lost}")
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs it produced.
+        """Run one step; returns the outputs it produced. Under tensor parallelism a step that
+        raises may leave the ranks out of step: it raises TensorParallelError, the engine is lost."""
+        if self.driver is None:
+            return self._step()
+        self.driver.check()  # a lost group stays lost, even for a step with nothing to run
+        try:
+            return self._step()
+        except Exception as exc:
+            raise self.driver.fail(exc) from exc
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks of a tensor-parallel engine (nothing to do on one device); idempotent."""
+        if self.driver is not None:
+            self.driver.stop()
+
+    def _step(self) -> list[RequestOutput]:
+        """One step (see step()).
 
         With async scheduling (GPU), this plans and launches step N+1 before reading step N's
         tokens, so the host's work overlaps the GPU's; outputs then trail launches by one step.

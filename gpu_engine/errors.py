@@ -26,3 +26,8 @@ class DeadlineExceeded(TaxiwayError):
 
 class ModelLoadError(TaxiwayError):
     """A model folder or checkpoint is missing, malformed or does not match its config."""
+
+
+class TensorParallelError(TaxiwayError):
+    """A rank of the engine's tensor-parallel group died or a collective failed: the engine is lost
+    (its executor reports itself so; the scheduler re-queues the work)."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpu_engine.config import ModelConfig
 from gpu_engine.ops import AttentionMetadata, TorchOps
+from gpu_engine.parallel.sharding import column_shard, even, kv_heads, row_shard
+from gpu_engine.parallel.state import TPShard, all_gather_last_dim, all_reduce
 from gpu_engine.quant.linear import DenseLinear, LinearMethod
 
 
@@ -47,24 +50,36 @@ def _norm_weight(n: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, method: LinearMethod):
+    """One layer; under tensor parallelism it holds its rank's heads and intermediate columns
+    (gpu_engine/parallel/sharding.py) and sums o_proj and down_proj over ranks."""
+
+    def __init__(self, cfg: ModelConfig, index: int, method: LinearMethod, shard: TPShard = TPShard()):
         super().__init__()
         self.cfg = cfg
-        h, inter, q, kv, dt = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, method.dtype
+        h, dt, d = cfg.hidden_size, method.dtype, cfg.head_dim
+        heads, kv = even(cfg.num_heads, shard), kv_heads(cfg, shard)
+        inter = even(cfg.intermediate_size, shard)
+        self.num_heads, self.num_kv_heads = heads[1], kv[1]
+        self.q_size, self.kv_size = heads[1] * d, kv[1] * d
+        q_rows, kv_rows = tuple(x * d for x in heads), tuple(x * d for x in kv)
         hf = f"model.layers.{index}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
         self.input_layernorm = _norm_weight(h, dt)
         self.post_attention_layernorm = _norm_weight(h, dt)
-        self.qkv_proj = method.create_linear(h, [q, kv, kv], cfg.qkv_bias,
+        self.qkv_proj = method.create_linear(h, [self.q_size, self.kv_size, self.kv_size], cfg.qkv_bias,
                                              [attn + "q_proj", attn + "k_proj", attn + "v_proj"])
-        self.o_proj = method.create_linear(q, [h], cfg.o_bias, [attn + "o_proj"])
-        self.gate_up_proj = method.create_linear(h, [inter, inter], cfg.mlp_bias,
+        self.qkv_proj.tp_shard = column_shard([q_rows, kv_rows, kv_rows])
+        self.o_proj = method.create_linear(self.q_size, [h], cfg.o_bias, [attn + "o_proj"])
+        self.o_proj.tp_shard = row_shard(q_rows)
+        self.gate_up_proj = method.create_linear(h, [inter[1], inter[1]], cfg.mlp_bias,
                                                  [mlp + "gate_proj", mlp + "up_proj"])
-        self.down_proj = method.create_linear(inter, [h], cfg.mlp_bias, [mlp + "down_proj"])
+        self.gate_up_proj.tp_shard = column_shard([inter, inter])
+        self.down_proj = method.create_linear(inter[1], [h], cfg.mlp_bias, [mlp + "down_proj"])
+        self.down_proj.tp_shard = row_shard(inter)
         if cfg.qk_norm:
-            self.q_norm = _norm_weight(cfg.head_dim, dt)
-            self.k_norm = _norm_weight(cfg.head_dim, dt)
-        self.scale = cfg.head_dim**-0.5
+            self.q_norm = _norm_weight(d, dt)
+            self.k_norm = _norm_weight(d, dt)
+        self.scale = d**-0.5
         self.kv_scale: tuple[float, float] = (1.0, 1.0)  # (k_scale, v_scale) of an FP8 KV cache
 
     def forward(
@@ -86,34 +101,55 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.input_layernorm, eps, quant=want)
         t = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(t, cfg.num_heads, cfg.head_dim)
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, cfg.head_dim)
+        k = k.view(t, self.num_kv_heads, cfg.head_dim)
+        v = v.view(t, self.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = ops.rms_norm(q, self.q_norm, eps)
             k = ops.rms_norm(k, self.k_norm, eps)
         k_cache, v_cache = kv_cache
         q = ops.rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta, self.kv_scale)
         attn = ops.attention(q, k_cache, v_cache, meta, self.scale, cfg.sliding_window, self.kv_scale)
-        hidden = self.o_proj(ops.quantize(attn.reshape(t, cfg.q_size), self.o_proj.input_quant))
+        hidden = all_reduce(self.o_proj(ops.quantize(attn.reshape(t, self.q_size), self.o_proj.input_quant)))
         hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps,
                                                   quant=self.gate_up_proj.input_quant)
         act = ops.silu_and_mul(self.gate_up_proj(hidden), quant=self.down_proj.input_quant)
-        return self.down_proj(act), residual
+        return all_reduce(self.down_proj(act)), residual
+
+
+class VocabEmbedding(nn.Embedding):
+    """The token embedding; under tensor parallelism each rank holds an even share of the
+    vocabulary's rows, looks up the ids that fall in it and the ranks' rows are summed."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, shard: TPShard):
+        start, num_rows, _ = even(cfg.vocab_size, shard)
+        super().__init__(num_rows, cfg.hidden_size, dtype=dtype)
+        self.start, self.sharded = start, shard.world > 1
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., hidden]
+        if not self.sharded:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(rows.masked_fill_(outside.unsqueeze(-1), 0.0))
 
 
 class CausalLM(nn.Module):
     """Embedding, decoder layers over the paged KV cache, final norm, LM head."""
 
-    def __init__(self, cfg: ModelConfig, method: LinearMethod):
+    def __init__(self, cfg: ModelConfig, method: LinearMethod, shard: TPShard = TPShard()):
         super().__init__()
         self.cfg = cfg
+        self.shard = shard
         dt = method.dtype
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dt)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, method) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabEmbedding(cfg, dt, shard)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, method, shard) for i in range(cfg.num_layers))
         self.norm = _norm_weight(cfg.hidden_size, dt)
-        self.lm_head = DenseLinear(cfg.hidden_size, [cfg.vocab_size], False, dt)  # never quantized
+        vocab = even(cfg.vocab_size, shard)
+        self.lm_head = DenseLinear(cfg.hidden_size, [vocab[1]], False, dt)  # never quantized
+        self.lm_head.tp_shard = column_shard([vocab])
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -151,5 +187,5 @@ class CausalLM(nn.Module):
         return hidden, torch.cat([seen[i] for i in aux_layers], dim=-1) if aux_layers else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, hidden] -> [S, vocab] float32."""
-        return self.lm_head(hidden).float()
+        """hidden: [S, hidden] -> [S, vocab] float32 (the ranks' vocabulary shares gathered)."""
+        return all_gather_last_dim(self.lm_head(hidden)).float()

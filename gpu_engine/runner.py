@@ -21,6 +21,8 @@ from gpu_engine.input_batch import InputBatch, StepLayout
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
+from gpu_engine.parallel.state import min_across_ranks
+from gpu_engine.parallel.workers import RankDriver
 from gpu_engine.quant.kv import kv_cache_dtype
 from gpu_engine.sampler import gather_logprobs
 from gpu_engine.step_inputs import InputBuilder, padded_tables
@@ -49,11 +51,17 @@ class InFlight:
 
 
 class ModelRunner:
+    """Runs the model for the engine. Under tensor parallelism, rank 0's runner has a `driver` that
+    repeats each call touching the model or the KV cache on the worker ranks (whose own runners
+    have none), so every rank runs the same forward on its shard."""
+
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, model, device: torch.device, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int):
+                 max_num_seqs: int, max_num_batched_tokens: int, driver: RankDriver | None = None):
         self.model_cfg = model_cfg
+        self.driver = driver
         self.cfg = cfg
         self.model = model
+        self.num_kv_heads = model.layers[0].num_kv_heads  # this rank's share (all at tensor_parallel_size 1)
         self.device = device
         self.dtype = model.norm.dtype
         self.kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)  # the model's, or float8_e4m3fn
@@ -78,16 +86,21 @@ class ModelRunner:
         """Bytes of one KV block over all layers, in the cache's dtype (or `dtype`)."""
         c = self.model_cfg
         elem = torch.empty((), dtype=dtype or self.kv_dtype).element_size()
-        return 2 * c.num_layers * c.num_kv_heads * self.block_size * c.head_dim * elem
+        return 2 * c.num_layers * self.num_kv_heads * self.block_size * c.head_dim * elem
 
     def num_blocks_for_memory(self) -> int:
         """How many KV blocks fit: a configured size on the CPU, what is left after the weights and
-        a warm-up forward on a GPU."""
+        a warm-up forward on a GPU; under tensor parallelism the fewest any rank has room for (each
+        rank holds its heads' share of every block)."""
+        if self.driver is not None:
+            self.driver.profile()
         if self.cfg.num_kv_blocks is not None:
-            return self.cfg.num_kv_blocks
-        if self.device.type != "cuda":
-            return max(1, int(self.cfg.cpu_kv_cache_gib * 2**30) // self.bytes_per_block())
-        return self._profile_gpu_blocks()
+            blocks = self.cfg.num_kv_blocks
+        elif self.device.type != "cuda":
+            blocks = max(1, int(self.cfg.cpu_kv_cache_gib * 2**30) // self.bytes_per_block())
+        else:
+            blocks = self._profile_gpu_blocks()
+        return min_across_ranks(blocks, self.device)
 
     def _profile_gpu_blocks(self) -> int:
         torch.cuda.synchronize(self.device)
@@ -113,7 +126,7 @@ class ModelRunner:
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = -(-num_tokens // seq_len)
         per_seq = -(-seq_len // self.block_size)
-        self.allocate_kv_cache(num_seqs * per_seq)
+        self._allocate(num_seqs * per_seq)  # every rank runs this warm-up itself
         lens = np.array([seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)], dtype=np.int32)
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
         positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
@@ -131,8 +144,14 @@ class ModelRunner:
         self.model.compute_logits(hidden[-min(num_seqs * 4, self.max_num_seqs):])
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The paged KV cache: `num_blocks` blocks of this rank's KV heads, the same ids on every rank."""
+        if self.driver is not None:
+            self.driver.allocate_kv(num_blocks)
+        self._allocate(num_blocks)
+
+    def _allocate(self, num_blocks: int) -> None:
         c = self.model_cfg
-        shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, self.block_size, c.head_dim)
+        shape = (c.num_layers, 2, num_blocks, self.num_kv_heads, self.block_size, c.head_dim)
         cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)]
 
@@ -141,6 +160,9 @@ class ModelRunner:
     def capture_graphs(self) -> float:
         """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager); returns seconds."""
         if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
+            return 0.0
+        if self.driver is not None:
+            log.warning("tensor parallelism runs decode steps eagerly: CUDA graphs over NCCL are not captured yet")
             return 0.0
         self.graphs = DecodeGraphs(self, self.max_num_seqs)
         return self.graphs.capture()
@@ -169,6 +191,8 @@ class ModelRunner:
             hidden, tok_slot = self.graphs.run(layout)
         else:
             ids, positions, meta, tok_slot = self.batch.device_inputs(layout, up, self.ops.name == "torch")
+            if self.driver is not None:
+                self.driver.forward(ids, positions, meta)
             hidden = self.model(ids, positions, self.kv_caches, meta, self.cos_sin, self.ops)
         t2 = time.perf_counter()
         flight = InFlight(plan=plan, layout=layout, tokens=None, start=start, prev_end=self._last_end)
@@ -190,14 +214,20 @@ class ModelRunner:
         the device); the tokens become their slots' next inputs on the device."""
         up = self.builder.upload
         if layout.rows_are_samples:
-            logits = self.model.compute_logits(hidden)  # [R, V] f32
+            logits = self.compute_logits(hidden)  # [R, V] f32
             slots = tok_slot
         else:
-            logits = self.model.compute_logits(hidden[up(layout.sample_rows)])
+            logits = self.compute_logits(hidden[up(layout.sample_rows)])
             slots = up(layout.sample_slot)
         tokens = self.batch.sample(layout, logits, slots)  # [R] int64
         self._launch_logprobs(layout, logits, tokens, flight)
         return tokens
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, hidden] -> logits [S, vocab] f32 (the worker ranks compute their vocabulary share)."""
+        if self.driver is not None:
+            self.driver.logits(hidden)
+        return self.model.compute_logits(hidden)
 
     def collect(self, flight: InFlight) -> StepResult:
         """Wait for a launched step's tokens (the one host sync of a step) and return them."""
@@ -247,6 +277,12 @@ class ModelRunner:
             return
         src = self.builder.upload([s for s, _ in pairs], torch.int64)
         dst = self.builder.upload([d for _, d in pairs], torch.int64)
+        if self.driver is not None:
+            self.driver.copy_blocks(src, dst)
+        self.copy_kv_blocks(src, dst)
+
+    def copy_kv_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy blocks src [N] -> dst [N] (int64 on the device) in every layer's K and V."""
         for k, v in self.kv_caches:
             if k.dtype.itemsize == 1:  # FP8: copied as bytes (index_put has no float8 kernels everywhere)
                 k, v = k.view(torch.uint8), v.view(torch.uint8)
@@ -265,7 +301,7 @@ class ModelRunner:
             if not next_ids:
                 flight.prompt_rows.append((e, [], n, None, None, None))
                 continue
-            lps = torch.log_softmax(self.model.compute_logits(hidden[first : first + len(next_ids)]), dim=-1)
+            lps = torch.log_softmax(self.compute_logits(hidden[first : first + len(next_ids)]), dim=-1)
             chosen, top_v, top_i = gather_logprobs(lps, self.builder.upload(np.array(next_ids, dtype=np.int64)), n)
             down = self.builder.download
             flight.prompt_rows.append((e, next_ids, n, down(chosen), None if top_v is None else down(top_v),

@@ -14,8 +14,12 @@ from tqdm.auto import tqdm
 from gpu_engine.config import ModelConfig
 from gpu_engine.errors import ModelLoadError
 from gpu_engine.model import CausalLM
+from gpu_engine.parallel.sharding import check_tensor_parallel
+from gpu_engine.parallel.state import TPShard
 from gpu_engine.quant.kv import kv_scale_target, scale_value
 from gpu_engine.quant.linear import DenseLinear, LinearMethod, QuantLinear, quant_linears
+from gpu_engine.quant.methods import linear_method
+from gpu_engine.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +28,16 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                method: LinearMethod | None = None) -> CausalLM:
-    """The model with uninitialised parameters, allocated directly on `device`: `dtype` for 16/32-bit
-    tensors, the method's own dtypes (FP8...) for quantized linears."""
+                method: LinearMethod | None = None, shard: TPShard = TPShard()) -> CausalLM:
+    """The model (one tensor-parallel rank's share of it) with uninitialised parameters, allocated
+    directly on `device`: `dtype` for 16/32-bit tensors, the method's own dtypes (FP8...) for
+    quantized linears."""
     method = method or LinearMethod(None, dtype)
     if method.dtype != dtype:
         raise ValueError(f"the linear method makes {method.dtype} linears, the model is {dtype}")
+    check_tensor_parallel(cfg, shard.world)
     with torch.device("meta"):
-        model = CausalLM(cfg, method)
+        model = CausalLM(cfg, method, shard)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.embed_tokens.weight
@@ -104,6 +110,36 @@ class _Loader:
                 self.expected[f"{hf}.{kind}"] = what
         self.seen: set[str] = set()
         self.unused_kv_scales: list[str] = []
+        self.vocab_rows = model.lm_head.tp_shard  # the embedding's and LM head's rows of this rank
+        self.shard = model.shard
+
+    def index(self, name: str, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """The slice of checkpoint tensor `name` (of `shape`) this rank holds; everything at world 1."""
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return self.vocab_rows.index(shape, (0, 1), 0, name)
+        module, part, kind = self._linear_of(name)
+        if module is None:
+            return tuple(slice(None) for _ in shape)  # norms, KV scales: replicated
+        return module.tp_shard.index(shape, module.shard_axes(kind), part, name)
+
+    def _linear_of(self, name: str) -> tuple[QuantLinear | None, int, str]:
+        prefix, _, kind = name.rpartition(".")
+        if kv_scale_target(name) is not None or prefix not in self.linears:
+            return None, 0, kind
+        module, part = self.linears[prefix]
+        return module, part, kind
+
+    def read(self, f, name: str) -> torch.Tensor:
+        """This rank's slice of a tensor: only it leaves the file (safetensors get_slice)."""
+        view = f.get_slice(name)
+        shape = tuple(view.get_shape())
+        if not shape:
+            return f.get_tensor(name)
+        tensor = view[self.index(name, shape)]
+        module, _, kind = self._linear_of(name)
+        if kind == "bias" and module is not None and module.tp_shard.style == "row" and self.shard.rank:
+            tensor = torch.zeros_like(tensor)  # a row-parallel bias is added once, by rank 0's share
+        return tensor
 
     def load(self, name: str, tensor: torch.Tensor, file: str) -> None:
         if name in self.plain:
@@ -163,9 +199,24 @@ def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig, progress: b
                 for name in f.keys():
                     if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                         continue
-                    loader.load(name, f.get_tensor(name), path.name)
+                    loader.load(name, loader.read(f, name), path.name)
                     bar.update(1)
     loader.finish(folder)
+
+
+def load_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device,
+               spec: QuantSpec | None, *, load_format: str, seed: int, kv_fp8: bool,
+               shard: TPShard = TPShard(), progress: bool = True) -> CausalLM:
+    """One rank's model, built on `device` and filled: from the checkpoint folder (only this rank's
+    slices are read), or random (load_format "dummy", folder None for a preset)."""
+    method = linear_method(spec, dtype)
+    method.check_device(device)
+    model = build_model(cfg, dtype, device, method, shard)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_checkpoint(model, folder, cfg, progress=progress, kv_fp8=kv_fp8)
+    return model
 
 
 def init_dummy_weights(model: CausalLM, seed: int) -> None:

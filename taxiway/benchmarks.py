@@ -287,7 +287,9 @@ def latency(cfg: BenchConfig) -> dict:
     best = sorted(runs, key=lambda x: x["decode_tokens_per_s"])[len(runs) // 2]
     mc = engine.model_config
     kv_elem = torch.empty((), dtype=engine.runner.kv_dtype).element_size()
-    read = decode_step_bytes(engine.runner.model, 1, kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_elem),
+    # Rank 0's share (all at tp=1): every rank reads its share at once, so its bytes bound the step.
+    read = decode_step_bytes(engine.runner.model, 1, kv_bytes_per_token(mc.num_layers, engine.runner.num_kv_heads,
+                                                                         mc.head_dim, kv_elem),
                              cfg.isl + cfg.osl / 2)  # the mean context of the decode steps
     bw = copy_bandwidth_gbs(engine.device)
     roofline_tps = bw * 1e9 / read.total

@@ -4,6 +4,9 @@ The model asks its LinearMethod for each linear (`create_linear`), giving the ou
 fused part (q/k/v, gate/up) and the HF names of those parts. A checkpoint tensor named
 `<hf part name>.<kind>` (weight, bias, weight_scale, input_scale, qweight, scales ...) goes to
 `module.load(part, kind, tensor, name)`; once every tensor is in, `process_after_loading()`.
+Under tensor parallelism the model sets each linear's `tp_shard` and gives it its rank's sizes; the
+loader reads only that rank's slice of each tensor (`shard_axes` says which axes are its outputs
+and inputs), so `load` sees tensors of the local shape.
 Every stored tensor is a parameter of its module, so summing a module's parameters gives the
 bytes it stores (the roofline counts them so).
 """
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_engine.errors import ModelLoadError
+from gpu_engine.parallel.sharding import LinearShard
 from gpu_engine.quant.activation import ActQuant, QuantizedActivation
 from gpu_engine.quant.spec import QuantSpec
 
@@ -30,6 +34,12 @@ class QuantLinear(nn.Module):
         self.parts = tuple(parts)
         self.out_features = sum(parts)
         self.offsets = tuple(sum(parts[:i]) for i in range(len(parts)))
+        self.tp_shard: LinearShard | None = None  # None: the checkpoint's tensors whole
+
+    def shard_axes(self, kind: str) -> tuple[int | None, int | None]:
+        """(output axis, input axis) of this linear's checkpoint tensors of `kind`: [out, in]
+        weights, [out] biases and scales. A format stored otherwise (INT4 [in, out / 8]) says so."""
+        return (0, 1) if kind == "weight" else (0, None)
 
     @property
     def input_quant(self) -> ActQuant | None:

@@ -8,8 +8,8 @@ ever touched by the loop thread.
 A step that raises never ends the loop: the requests of that step's batch fail (INTERNAL, each
 gateway told), `engine.recover()` frees their blocks and checks the pool, and the loop goes on.
 When the engine cannot go on (max_step_failures failures in a row, a broken pool, a device
-error, an error outside the engine), `broken` says why and `run()` returns: the service then
-leaves the pool and the scheduler moves the remaining requests elsewhere.
+error, a lost tensor-parallel rank, an error outside the engine), `broken` says why and `run()`
+returns: the service then leaves the pool and the scheduler moves the remaining requests elsewhere.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from gpu_engine.errors import DeadlineExceeded, InvalidRequest, TaxiwayError
+from gpu_engine.errors import DeadlineExceeded, InvalidRequest, TaxiwayError, TensorParallelError
 from services.common import errors
 from services.common.convert import engine_params
 from services.common.metrics import ExecutorMetrics
@@ -179,7 +179,9 @@ class ExecutorCore:
             finished.append(rid)
             self._ended.append(Ended(rid, t.attempt))
             t.trace.dropped("failed", message)
-        if rec.integrity_error is not None:
+        if isinstance(exc, TensorParallelError):  # a rank died: this executor is lost
+            self.broken = str(exc)
+        elif rec.integrity_error is not None:
             self.broken = f"the KV block pool is inconsistent after a failed step: {rec.integrity_error}"
         elif is_device_error(exc):
             self.broken = f"device error: {type(exc).__name__}: {exc}"
