@@ -19,6 +19,8 @@ from gpu_engine.quant import linear_method, read_checkpoint_quant, resolve_quant
 from gpu_engine.runner import ModelRunner
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
+from gpu_engine.spec.decoding import SpecDecoder, drafter_bytes_per_block, load_drafter, make_proposer
+from gpu_engine.spec.draft_cache import blocks_for_budget
 from gpu_engine.sequence import Request, Sequence as Seq
 from gpu_engine.step_times import StepTimes, step_kind
 from gpu_engine.weights import build_model, init_dummy_weights, load_checkpoint
@@ -82,11 +84,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = replace(config, **kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
-        if config.speculative is not None:
-            raise ValueError(
-                "speculative_config is accepted and validated, but speculative decoding is not wired "
-                "into the step loop yet (issue 10, phase B); leave it unset for now"
-            )
+        spec = config.speculative
         self.device = resolve_device(config.device)
         folder, self.model_config = resolve_model(config)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
@@ -105,6 +103,7 @@ class LLMEngine:
             init_dummy_weights(model, config.seed)
         else:
             load_checkpoint(model, folder, self.model_config, kv_fp8=config.kv_cache_dtype == "fp8")
+        drafter = load_drafter(spec, self.model_config, self.dtype, self.device) if spec else None
         self.tokenizer = _load_tokenizer(config.tokenizer or folder)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -115,6 +114,10 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len,
                                   self.max_num_seqs, self.max_num_batched_tokens)
         self.num_kv_blocks = self.runner.num_blocks_for_memory()
+        draft_bpb = drafter_bytes_per_block(spec, drafter, config.block_size) if spec else 0
+        if draft_bpb and config.num_kv_blocks is None:  # one budget, as many tokens in both caches
+            target_bpb = self.runner.bytes_per_block()
+            self.num_kv_blocks = blocks_for_budget(self.num_kv_blocks * target_bpb, target_bpb, draft_bpb)
         if self.num_kv_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {self.num_kv_blocks * config.block_size} tokens "
@@ -138,6 +141,10 @@ class LLMEngine:
             ),
             self.block_manager,
         )
+        self.spec = None if spec is None else SpecDecoder(spec, make_proposer(
+            spec, drafter, target_model=model, num_blocks=self.num_kv_blocks, block_size=config.block_size,
+            max_model_len=self.max_model_len, device=self.device,
+            enable_prefix_caching=config.enable_prefix_caching))
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
         self.step_times = StepTimes()
@@ -231,7 +238,7 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         parts = dict.fromkeys(("wait", "collect", "update", "output"), 0.0)
-        overlap = self.async_scheduling
+        overlap = self.async_scheduling and not self._speculating()
         outputs: list[RequestOutput] = []
         if not overlap and self._inflight is not None:
             outputs = self._finish(self._inflight, parts)
@@ -266,9 +273,15 @@ class LLMEngine:
         touched = self.scheduler.update(flight.plan, result)
         t1 = time.perf_counter()
         outputs = self._process(touched)
+        if self.spec is not None:  # drafts for the next step, from the tokens just read back
+            self.spec.propose(self.scheduler)
         parts["update"] += t1 - t0
         parts["output"] += time.perf_counter() - t1
         return outputs
+
+    def _speculating(self) -> bool:
+        """Whether the next step may verify drafts (it then runs synchronously)."""
+        return self.spec is not None and self.spec.active(len(self.scheduler.running))
 
     def _process(self, touched: list[Seq]) -> list[RequestOutput]:
         """Outputs for the sequences update() says are due: finished ones, and streamed ones."""
@@ -335,12 +348,16 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids, outputs=outs, finished=request.finished,
             prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens, metrics=dict(request.metrics),
+            num_draft_tokens=sum(s.num_draft_tokens for s in request.seqs),
+            num_accepted_tokens=sum(s.num_accepted_tokens for s in request.seqs),
         )
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
         for seq in request.seqs:
             self._texts.pop(seq.seq_id, None)
+            if self.spec is not None:
+                self.spec.release(seq.seq_id)
 
     # -- state ------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -45,6 +45,10 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache."""
     metrics: dict = field(default_factory=dict)
     """Timestamps (time.monotonic): arrival, first_scheduled, first_token, finished."""
+    num_draft_tokens: int = 0
+    """Speculative decoding: tokens drafted for this request and verified (all its samples)."""
+    num_accepted_tokens: int = 0
+    """Speculative decoding: drafted tokens the target accepted (all its samples)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
 from gpu_engine.quant.kv import kv_cache_dtype
 from gpu_engine.sampler import gather_logprobs
+from gpu_engine.spec.verify import VerifyFlight, collect_verify, launch_verify
 from gpu_engine.step_inputs import InputBuilder, padded_tables
 from gpu_engine.step_plan import StepPlan, StepResult
 
@@ -46,6 +47,7 @@ class InFlight:
     event: torch.cuda.Event | None = None  # after the step's last enqueued work
     start: torch.cuda.Event | None = None  # before its first
     prev_end: torch.cuda.Event | None = None  # the previous launch's `event`
+    verify: VerifyFlight | None = None  # the step's verify entries (speculative decoding)
 
 
 class ModelRunner:
@@ -175,6 +177,11 @@ class ModelRunner:
         if len(layout.sample_rows):
             tokens = self._sample(layout, hidden, tok_slot, flight)
             flight.tokens = self.builder.download(tokens)
+        if layout.verify:
+            flight.verify = launch_verify([(i, plan.entries[i], r) for i, r in layout.verify], hidden,
+                                          self.model.compute_logits, self.batch.sampler, self.batch.logprobs,
+                                          up, self.builder.download)
+            self.batch.dev_token[[plan.entries[i].seq.slot for i, _ in layout.verify]] = False  # inputs on the host
         self._launch_prompt_logprobs(plan, layout, hidden, flight)
         self.builder.end_step()
         if self.device.type == "cuda":
@@ -224,6 +231,8 @@ class ModelRunner:
                 )
                 lps = dict(zip(flight.logprob_rows, dicts))
             result = StepResult(token_ids=tokens, logprobs=lps, prompt_logprobs=prompt_lps)
+        if flight.verify is not None:
+            result.verified = collect_verify(flight.verify, _logprob_dicts)
         self.last_collect_parts = {"wait": t1 - t0, "collect": time.perf_counter() - t1}
         return result
 

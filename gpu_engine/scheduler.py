@@ -27,6 +27,7 @@ from gpu_engine.outputs import Logprobs
 from gpu_engine.sampling_params import OutputKind
 from gpu_engine.scheduling_policies import ADMISSION_POLICIES, AdmissionPolicy, DecodeFirstComposer
 from gpu_engine.sequence import Request, Sequence, SeqStatus
+from gpu_engine.spec.stats import SpecDecodeStats
 from gpu_engine.step_plan import PENDING, SampledToken, ScheduledSeq, StepPlan, StepResult
 
 __all__ = ["PENDING", "SampledToken", "ScheduledSeq", "Scheduler", "SchedulerConfig", "StepPlan", "StepResult"]
@@ -68,6 +69,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running = RunningSeqs(self.batch)
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
         self.epoch = 0  # counts schedule() calls
         self._stop_id_set: set[int] = set()
         self._stop_ids = np.zeros(0, dtype=np.int64)  # every eos / stop token id of admitted requests
@@ -145,6 +147,11 @@ class Scheduler:
             n = self.composer.num_tokens(seq, budget)
             if n == 0:
                 continue
+            verify = self._verify_entry(seq, n, budget, plan)
+            if verify is not None:
+                entries[seq.seq_id] = verify
+                budget -= verify.num_tokens
+                continue
             while not self._grow(seq, n, plan):
                 victim = max(self.running, key=lambda s: s.sort_key)
                 budget += self._preempt(victim, plan, entries)
@@ -154,6 +161,60 @@ class Scheduler:
                 entries[seq.seq_id] = self._entry(seq, n)
                 budget -= n
         return budget
+
+    # -- speculative decoding ---------------------------------------------------------------------
+    def set_drafts(self, seq: Sequence, token_ids: list[int], probs=None) -> None:
+        """Drafts for a running sequence's next step (probs: [k, vocab] tensor or None for point
+        masses); the next schedule() verifies them in a 1 + k token entry."""
+        if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens != 1 or seq.num_pending:
+            raise ValueError(f"sequence {seq.seq_id} is not a decode with every token known: no drafts")
+        seq.draft_token_ids = list(token_ids)
+        seq.draft_probs = probs if token_ids else None
+        if seq.slot >= 0:
+            self.batch.drafting[seq.slot] = bool(token_ids)
+
+    def _take_drafts(self, seq: Sequence) -> tuple[list[int], object]:
+        drafts, probs = seq.draft_token_ids, seq.draft_probs
+        if drafts:
+            seq.draft_token_ids, seq.draft_probs = [], None
+            if seq.slot >= 0:
+                self.batch.drafting[seq.slot] = False
+        return drafts, probs
+
+    def _verify_entry(self, seq: Sequence, n: int, budget: int, plan: StepPlan) -> ScheduledSeq | None:
+        """A decode holding drafts: an entry of its last token and as many drafts as the budget and
+        the free blocks take (None: plan it as a plain decode). Never preempts for drafts."""
+        drafts, probs = self._take_drafts(seq)
+        k = min(len(drafts), budget - 1)
+        if n != 1 or k <= 0 or seq.num_pending or not self._grow(seq, 1 + k, plan):
+            return None
+        return ScheduledSeq(seq, seq.num_computed_tokens, 1 + k, True, draft_token_ids=drafts[:k],
+                            draft_probs=None if probs is None else probs[:k])
+
+    def _append_verified(self, entry: ScheduledSeq, samples: list[SampledToken]) -> None:
+        """A verify entry's emitted tokens (accepted drafts, then one corrected or bonus token):
+        the KV of the last token and the accepted drafts is kept, blocks past it are freed, and
+        only blocks of accepted tokens reach the prefix cache."""
+        seq = entry.seq
+        drafted, accepted = len(entry.draft_token_ids), len(samples) - 1
+        seq.num_draft_tokens += drafted
+        seq.num_accepted_tokens += accepted
+        self.spec_stats.record(drafted, accepted)
+        seq.num_computed_tokens += accepted
+        for j, sampled in enumerate(samples):
+            if j:
+                seq.token_ids.append(PENDING)
+                seq.num_pending += 1
+                self.batch.tokens_changed(seq)
+            self._append(seq, sampled)
+            if seq.is_finished:
+                return
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.block_manager.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
+            self.batch.blocks_truncated(seq)
+        self._register_full_blocks(seq)
 
     def _admit_waiting(self, budget: int, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
         reserved = self._fork_seats()  # samples still to fork from running prompts
@@ -243,6 +304,7 @@ class Scheduler:
             refund = entry.num_tokens
         elif plan.drop_decode(seq):
             refund = 1
+        self._take_drafts(seq)
         owned = set(seq.block_table)
         plan.blocks_to_copy = [(s, d) for s, d in plan.blocks_to_copy if d not in owned]
         self.running.remove(seq)
@@ -271,8 +333,8 @@ class Scheduler:
             for tokens in b.token_lists[slots].tolist():
                 tokens.append(PENDING)
         for entry in plan.entries:
-            for seq in [entry.seq, *entry.forks]:
-                seq.num_computed_tokens += entry.num_tokens
+            for seq in [entry.seq, *entry.forks]:  # a verify entry's drafts count once accepted
+                seq.num_computed_tokens += entry.num_tokens - len(entry.draft_token_ids)
                 if entry.sample:
                     seq.token_ids.append(PENDING)
                     seq.num_pending += 1
@@ -289,7 +351,10 @@ class Scheduler:
         rows = result.token_ids.tolist()
         r = len(plan.decode_seqs)
         pairs = []
-        for entry in plan.entries:
+        for i, entry in enumerate(plan.entries):
+            if entry.is_verify:
+                pairs.append((entry, result.verified[i]))
+                continue
             k = entry.num_samples if entry.sample else 0
             pairs.append((entry, [SampledToken(t, result.logprobs.get(r + j)) for j, t in enumerate(rows[r:r + k])]))
             r += k
@@ -302,6 +367,11 @@ class Scheduler:
             seq = entry.seq
             if seq.is_finished:
                 continue  # aborted or stopped while the step ran
+            if entry.is_verify:
+                self._append_verified(entry, samples)
+                if self._due(seq):
+                    touched.append(seq)
+                continue
             self._register_full_blocks(seq)
             if entry.prompt_logprobs:
                 self._record_prompt_logprobs(entry, prompt_logprobs.get(offset + i, []))
