@@ -145,6 +145,8 @@ class LLMEngine:
             spec, drafter, target_model=model, num_blocks=self.num_kv_blocks, block_size=config.block_size,
             max_model_len=self.max_model_len, device=self.device,
             enable_prefix_caching=config.enable_prefix_caching))
+        if self.spec is not None and self.spec.needs_hidden:
+            self.runner.aux_layers = self.spec.proposer.aux_layers  # (and no decode CUDA graphs)
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
         self.step_times = StepTimes()
@@ -274,7 +276,7 @@ class LLMEngine:
         t1 = time.perf_counter()
         outputs = self._process(touched)
         if self.spec is not None:  # drafts for the next step, from the tokens just read back
-            self.spec.propose(self.scheduler)
+            self.spec.propose(self.scheduler, flight.plan, result)
         parts["update"] += t1 - t0
         parts["output"] += time.perf_counter() - t1
         return outputs

@@ -48,6 +48,7 @@ class InFlight:
     start: torch.cuda.Event | None = None  # before its first
     prev_end: torch.cuda.Event | None = None  # the previous launch's `event`
     verify: VerifyFlight | None = None  # the step's verify entries (speculative decoding)
+    aux_hidden: torch.Tensor | None = None  # [T, A * hidden]: residual streams for EAGLE-3 (aux_layers)
 
 
 class ModelRunner:
@@ -73,6 +74,7 @@ class ModelRunner:
         self.last_parts: dict[str, float] = {}  # prepare / forward / sample of the last launch
         self.last_collect_parts: dict[str, float] = {}  # wait / collect of the last collect
         self.last_gpu: tuple[float, float | None] | None = None  # (device s, idle s before) of the last collect
+        self.aux_layers: tuple[int, ...] = ()  # layers whose entering residual stream each step keeps (EAGLE-3)
         self._last_end: torch.cuda.Event | None = None
 
     # -- KV cache memory --------------------------------------------------------------------------
@@ -164,16 +166,20 @@ class ModelRunner:
             start.record()
         self.batch.apply(plan, up)
         layout = self.batch.layout(plan)
-        graphed = self.graphs is not None and layout.decode_only and self.graphs.padded_size(layout.num_tokens)
+        graphed = (self.graphs is not None and layout.decode_only and not self.aux_layers
+                   and self.graphs.padded_size(layout.num_tokens))
         t1 = time.perf_counter()
         self.copy_blocks(plan.blocks_to_copy)
+        aux = None
         if graphed:
             hidden, tok_slot = self.graphs.run(layout)
         else:
             ids, positions, meta, tok_slot = self.batch.device_inputs(layout, up, self.ops.name == "torch")
-            hidden = self.model(ids, positions, self.kv_caches, meta, self.cos_sin, self.ops)
+            hidden, aux = self.model.forward_aux(ids, positions, self.kv_caches, meta, self.cos_sin, self.ops,
+                                                 self.aux_layers)
         t2 = time.perf_counter()
-        flight = InFlight(plan=plan, layout=layout, tokens=None, start=start, prev_end=self._last_end)
+        flight = InFlight(plan=plan, layout=layout, tokens=None, start=start, prev_end=self._last_end,
+                          aux_hidden=aux)
         if len(layout.sample_rows):
             tokens = self._sample(layout, hidden, tok_slot, flight)
             flight.tokens = self.builder.download(tokens)
@@ -233,6 +239,7 @@ class ModelRunner:
             result = StepResult(token_ids=tokens, logprobs=lps, prompt_logprobs=prompt_lps)
         if flight.verify is not None:
             result.verified = collect_verify(flight.verify, _logprob_dicts)
+        result.aux_hidden = flight.aux_hidden
         self.last_collect_parts = {"wait": t1 - t0, "collect": time.perf_counter() - t1}
         return result
 

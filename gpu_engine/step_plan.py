@@ -141,3 +141,6 @@ class StepResult:
     verified: dict[int, list[SampledToken]] = field(default_factory=dict)
     """Packed form: index into plan.entries of each verify entry -> its emitted tokens (accepted
     drafts, then the corrected or bonus token), in order."""
+    aux_hidden: object = None
+    """EAGLE-3: [T, A * hidden] tensor, the target's residual streams at the step's token rows
+    (plain decodes, then each entry's tokens); None when the runner keeps none."""

@@ -33,40 +33,69 @@ class SpecDecoder:
         """Whether a step with this many running sequences speculates."""
         return 0 < num_running <= self.config.disable_above_batch_size
 
-    def propose(self, scheduler) -> int:
+    @property
+    def needs_hidden(self) -> bool:
+        """EAGLE-3 drafts from the target's residual streams of every step (StepResult.aux_hidden)."""
+        return self.config.method == "eagle3"
+
+    def propose(self, scheduler, plan=None, result=None) -> int:
         """Drafts for every running decode whose tokens are all known (the scheduler verifies them
-        next step). Returns the number of sequences given drafts."""
+        next step), from the step (plan, result) just collected. Returns the number of sequences
+        given drafts."""
         running = list(scheduler.running)
         if not self.active(len(running)):
             return 0
+        rows, hidden = {}, None
+        if self.needs_hidden and result is not None and result.aux_hidden is not None:
+            rows, hidden = _hidden_rows(plan, result), result.aux_hidden
         seqs, requests = [], []
         for seq in running:
-            if seq.num_uncomputed_tokens != 1 or seq.num_pending:
-                continue  # a prefill chunk, or a token not read back (overlapped step)
+            k = self._num_drafts(seq)
+            span = rows.get(seq.seq_id)
+            if (span is None) if self.needs_hidden else k == 0:
+                continue  # EAGLE-3 brings its cache in step even where it drafts nothing
             request = seq.request
-            room = seq.num_prompt_tokens + request.max_tokens - seq.num_tokens - 1  # k + 1 tokens fit
-            k = min(self.config.num_speculative_tokens, room)
-            if k <= 0:
-                continue
             seqs.append(seq)
             requests.append(DraftRequest(seq.seq_id, seq.token_ids, k, request.params.temperature,
-                                         row_key(request.seed, seq.index)))
+                                         row_key(request.seed, seq.index), span))
         if not requests:
             return 0
-        proposal = self.proposer.propose(DraftBatch(requests))
+        proposal = self.proposer.propose(DraftBatch(requests, hidden))
         given, row = 0, 0
-        for seq, drafts in zip(seqs, proposal.token_ids):
+        for seq, request, drafts in zip(seqs, requests, proposal.token_ids):
             probs = None
             if proposal.draft_probs is not None:
                 probs = proposal.draft_probs[row : row + len(drafts)]
             row += len(drafts)
-            if drafts:
+            if drafts and request.num_drafts:
                 scheduler.set_drafts(seq, drafts, probs)
                 given += 1
         return given
 
+    def _num_drafts(self, seq) -> int:
+        """How many tokens to draft for a sequence: 0 unless it decodes next with every token
+        known; never more than fit before max_tokens (a verify emits up to k + 1)."""
+        if seq.num_uncomputed_tokens != 1 or seq.num_pending:
+            return 0  # a prefill chunk, or a token not read back (overlapped step)
+        room = seq.num_prompt_tokens + seq.request.max_tokens - seq.num_tokens - 1
+        return max(0, min(self.config.num_speculative_tokens, room))
+
     def release(self, seq_id: int) -> None:
         self.proposer.release(seq_id)
+
+
+def _hidden_rows(plan, result) -> dict[int, tuple[int, int, int]]:
+    """seq_id -> (first row in result.aux_hidden, first position, count) of the positions whose
+    residual streams the step computed and whose next token is known (a verify entry: the last
+    token and the accepted drafts only)."""
+    rows = {s.seq_id: (i, p, 1) for i, (s, p) in enumerate(zip(plan.decode_seqs, plan.decode_positions.tolist()))}
+    r = len(plan.decode_seqs)
+    for i, e in enumerate(plan.entries):
+        count = len(result.verified[i]) if e.is_verify else e.num_tokens
+        for seq in (e.seq, *e.forks):  # forks share their parent's prompt rows
+            rows[seq.seq_id] = (r, e.start, count)
+        r += e.num_tokens
+    return rows
 
 
 def load_drafter(config: SpeculativeConfig, target_config, dtype, device):
