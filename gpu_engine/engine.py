@@ -364,6 +364,7 @@ class LLMEngine:
     # -- state ------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.scheduler.spec_stats
         return EngineStats(
             num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             block_size=bm.block_size, num_running=len(self.scheduler.running),
@@ -373,6 +374,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             kv_cache_dtype=str(self.runner.kv_dtype).removeprefix("torch."),
             num_blocks_at_model_dtype=self.num_kv_blocks_at_model_dtype,
+            spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_num_accepted_tokens_per_pos=tuple(spec.num_accepted_tokens_per_pos),
         )
 
     def take_kv_events(self) -> list[tuple[str, bytes]]:

@@ -36,6 +36,10 @@ def test_greedy_is_token_identical_alone_and_batched(tiny_llama, baseline):
     assert all(0 <= o.num_accepted_tokens <= o.num_draft_tokens for o in outs)
     stats = spec.engine.scheduler.spec_stats
     assert stats.num_accepted_tokens == sum(stats.num_accepted_tokens_per_pos)
+    es = spec.engine.stats()
+    assert (es.spec_num_drafts, es.spec_num_draft_tokens, es.spec_num_accepted_tokens) == (
+        stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)
+    assert es.spec_num_accepted_tokens_per_pos == tuple(stats.num_accepted_tokens_per_pos)
     assert spec.engine.stats().num_free_blocks == 128
     assert "verify" in spec.engine.step_times.totals
 
