@@ -44,6 +44,8 @@ class BenchConfig:
     """none, fp8 or awq (EngineConfig.quantization; with dummy weights they are made quantized)."""
     kv_cache_dtype: str = "auto"
     """auto: the model's dtype; fp8: the FP8 KV cache (EngineConfig.kv_cache_dtype)."""
+    speculative_config: dict | None = None
+    """EngineConfig.speculative_config (None: no speculation); results then carry spec_decode."""
     api: str = "engine"
     """engine: LLMEngine with the settings above, no detokenization (the bench driver).
     llm: what users run, `LLM(model, load_format, dtype, device, seed).generate(...)` with the
@@ -60,7 +62,7 @@ class BenchConfig:
     def llm_kwargs(self) -> dict:
         return dict(load_format=self.load_format, dtype=self.dtype, device=self.device, seed=self.seed,
                     quantization=None if self.quantization == "none" else self.quantization,
-                    kv_cache_dtype=self.kv_cache_dtype)
+                    kv_cache_dtype=self.kv_cache_dtype, speculative_config=self.speculative_config)
 
     def engine_kwargs(self) -> dict:
         return dict(
@@ -70,7 +72,7 @@ class BenchConfig:
             max_model_len=self.isl + self.osl, seed=self.seed, enable_prefix_caching=False,
             async_scheduling=self.async_scheduling, admission_policy=self.admission_policy,
             quantization=None if self.quantization == "none" else self.quantization,
-            kv_cache_dtype=self.kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype, speculative_config=self.speculative_config,
         )
 
 
@@ -179,6 +181,7 @@ def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
     prompts = random_prompts(cfg.num_requests, cfg.isl, engine.model_config.vocab_size, cfg.seed)
     engine.step_times.reset()
     preempted = engine.scheduler.num_preemptions
+    spec = engine.scheduler.spec_stats.snapshot()
     r = run_requests(engine, prompts, cfg.osl)
     if r["generated_tokens"] != cfg.num_requests * cfg.osl:
         raise RuntimeError(f"generated {r['generated_tokens']} tokens, expected {cfg.num_requests * cfg.osl}")
@@ -188,7 +191,7 @@ def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
         "steps": r["steps"], "output_tokens_per_s": round(r["generated_tokens"] / r["elapsed_s"], 1),
         "total_tokens_per_s": round(cfg.num_requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
         "preemptions": engine.scheduler.num_preemptions - preempted,
-        "step_times": engine.step_times.summary(),
+        "step_times": engine.step_times.summary(), **_spec_info(engine, spec),
     }
 
 
@@ -254,6 +257,7 @@ def latency(cfg: BenchConfig) -> dict:
     engine = LLMEngine(**cfg.engine_kwargs())
     vocab = engine.model_config.vocab_size
     run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + 1), min(cfg.osl, 16), stream=True)
+    spec = engine.scheduler.spec_stats.snapshot()
     runs = []
     for i in range(3):
         r = run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + i), cfg.osl, stream=True)
@@ -270,7 +274,7 @@ def latency(cfg: BenchConfig) -> dict:
     roofline_tps = bw * 1e9 / read.total
     return {
         "benchmark": "latency", "config": cfg.__dict__, "machine": machine_info(), "runs": runs,
-        **_quant_info(engine),
+        **_quant_info(engine), **_spec_info(engine, spec),
         "decode_tokens_per_s": round(best["decode_tokens_per_s"], 1),
         "time_per_token_ms": round(best["time_per_token_ms"], 3), "ttft_ms": round(best["ttft_s"] * 1e3, 2),
         "bytes_per_token": {"weights": read.weights, "embedding_row": read.embedding_rows, "kv": read.kv,
@@ -278,6 +282,13 @@ def latency(cfg: BenchConfig) -> dict:
         "copy_bandwidth_gbs": round(bw, 1), "roofline_tokens_per_s": round(roofline_tps, 1),
         "share_of_roofline": round(best["decode_tokens_per_s"] / roofline_tps, 3),
     }
+
+
+def _spec_info(engine: LLMEngine, before) -> dict:
+    """Drafted / accepted tokens since the `before` snapshot (nothing without speculation)."""
+    if engine.spec is None:
+        return {}
+    return {"spec_decode": engine.scheduler.spec_stats.since(before).summary()}
 
 
 def _quant_info(engine: LLMEngine) -> dict:

@@ -30,6 +30,26 @@ class SpecDecodeStats:
         for j in range(num_accepted):
             per_pos[j] += 1
 
+    def snapshot(self) -> "SpecDecodeStats":
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                               list(self.num_accepted_tokens_per_pos))
+
+    def since(self, earlier: "SpecDecodeStats") -> "SpecDecodeStats":
+        """What was counted after the `earlier` snapshot."""
+        old = earlier.num_accepted_tokens_per_pos
+        return SpecDecodeStats(
+            self.num_drafts - earlier.num_drafts, self.num_draft_tokens - earlier.num_draft_tokens,
+            self.num_accepted_tokens - earlier.num_accepted_tokens,
+            [n - (old[j] if j < len(old) else 0) for j, n in enumerate(self.num_accepted_tokens_per_pos)])
+
+    def summary(self) -> dict:
+        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos),
+                "acceptance_rate": round(self.num_accepted_tokens / self.num_draft_tokens, 4)
+                if self.num_draft_tokens else 0.0,
+                "mean_acceptance_length": round(self.mean_acceptance_length, 3)}
+
     @property
     def mean_acceptance_length(self) -> float:
         """Tokens emitted per verify entry (accepted drafts + the corrected or bonus token)."""

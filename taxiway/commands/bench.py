@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
+from gpu_engine.config import EngineConfig
 from taxiway.benchmarks import BenchConfig
 
 SWEEP_SIZES = [256, 512, 1024, 2048, 4096]
@@ -24,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             value = getattr(defaults, f.name)
             if isinstance(value, bool):
                 k.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            elif f.name == "speculative_config":  # the engine's declaration of it
+                help_text = {e.name: e for e in dataclasses.fields(EngineConfig)}[f.name].metadata["help"]
+                k.add_argument(flag, type=json.loads, metavar="JSON", default=value, help=help_text)
             elif f.name == "api":
                 k.add_argument(flag, choices=("engine", "llm"), default=value,
                                help="llm: through LLM.generate on the engine's defaults")

@@ -75,3 +75,19 @@ def test_cli_sweep_writes_one_json(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["benchmark"] == "sweep" and [r["max_num_seqs"] for r in result["runs"]] == [2, 3]
+
+
+def test_cli_latency_with_speculation_reports_acceptance(tiny_llama, tmp_path):
+    out = tmp_path / "latency.json"
+    spec = json.dumps({"method": "draft_model", "num_speculative_tokens": 3, "model": tiny_llama})
+    proc = subprocess.run(
+        [sys.executable, "-m", "taxiway.cli", "bench", "latency", "--model", tiny_llama, "--load-format", "auto",
+         "--device", "cpu",
+         "--isl", "8", "--osl", "9", "--no-async-scheduling", "--speculative-config", spec, "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["config"]["speculative_config"]["method"] == "draft_model"
+    sd = result["spec_decode"]  # the target as its own draft: every draft accepted
+    assert sd["num_draft_tokens"] > 0 and sd["acceptance_rate"] == 1.0
+    assert sd["mean_acceptance_length"] == 4.0
