@@ -282,8 +282,10 @@ class LLMEngine:
         return outputs
 
     def _speculating(self) -> bool:
-        """Whether the next step may verify drafts (it then runs synchronously)."""
-        return self.spec is not None and self.spec.active(len(self.scheduler.running))
+        """Whether the next step may verify drafts, or draft after it: it then runs synchronously
+        (a verify entry's tokens must be read back before the sequence is planned again)."""
+        return self.spec is not None and (self.spec.active(len(self.scheduler.running))
+                                          or bool(self.scheduler.batch.drafting.any()))
 
     def _process(self, touched: list[Seq]) -> list[RequestOutput]:
         """Outputs for the sequences update() says are due: finished ones, and streamed ones."""

@@ -120,3 +120,34 @@ def test_above_the_batch_size_threshold_nothing_is_drafted(tiny_llama, baseline)
     alone = llm(tiny_llama)
     generate_checked(alone, PROMPTS, GREEDY)
     assert steps < alone.engine.scheduler.spec_stats.num_drafts
+
+
+@pytest.mark.parametrize("threshold", [3, 32])
+def test_the_overlapped_loop_hands_over_to_synchronous_speculation(tiny_llama, baseline, threshold):
+    """With async scheduling, steps above the threshold overlap and draft nothing; at or below
+    it, steps run synchronously and verify drafts."""
+    spec = llm(tiny_llama, spec={**NGRAM, "disable_above_batch_size": threshold}, async_scheduling=True)
+    short = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    params = [GREEDY, GREEDY] + [short] * (len(PROMPTS) - 2)  # the repeating prompts run on alone
+    got = tokens_of(generate_checked(spec, PROMPTS, params))
+    assert got == baseline[:2] + [b[:6] for b in baseline[2:]]
+    assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_arrivals_above_the_threshold_after_drafting_change_nothing(tiny_llama, baseline):
+    """Requests arriving while one request speculates push the batch above the threshold: drafting
+    stops, the loop overlaps again, and no output changes."""
+    spec = llm(tiny_llama, spec={**NGRAM, "disable_above_batch_size": 2}, async_scheduling=True)
+    engine = spec.engine
+    engine.add_request("0", PROMPTS[0], GREEDY)
+    done = {}
+    while engine.scheduler.spec_stats.num_drafts < 2:
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    drafts = engine.scheduler.spec_stats.num_drafts
+    for i, p in enumerate(PROMPTS[1:], 1):
+        engine.add_request(str(i), p, GREEDY)
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+        engine.block_manager.check_integrity([b for s in engine.scheduler.running for b in s.block_table])
+    assert [done[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == baseline
+    assert engine.scheduler.spec_stats.num_drafts <= drafts + 1  # nothing drafted above the threshold
