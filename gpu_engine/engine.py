@@ -33,11 +33,13 @@ PREFILL_CHUNK_DEFAULTS = {False: 128, True: 2048}
 
 
 class _SeqText:
-    """Incremental text of one sequence, and how much of it was reported."""
+    """Incremental text of one sequence, how much of it was reported, and how many of the
+    sequence's tokens the detokenizer has seen."""
 
-    def __init__(self, detok):
+    def __init__(self, detok, num_tokens: int):
         self.detok = detok
         self.reported = 0
+        self.fed = num_tokens
 
 
 def resolve_device(name: str) -> torch.device:
@@ -311,13 +313,17 @@ class LLMEngine:
         return outputs
 
     def _detokenize(self, seq: Seq, state: _SeqText) -> None:
-        """Add the sequence's newest token to its text; a stop string ends the sequence. The text
-        of an eos or stop token is not part of the output."""
-        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
-        if not stopped_by_token:
-            delta = state.detok.add_tokens([seq.output_token_ids[-1]])
+        """Add the sequence's new tokens (one, or a verify step's several) to its text, one by
+        one; a stop string ends the sequence at the token that completed it. The text of an eos or
+        stop token is not part of the output."""
+        end = len(seq.token_ids) - seq.num_pending
+        if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
+            end -= 1  # the stop token
+        while state.fed < end:
+            delta = state.detok.add_tokens([seq.token_ids[state.fed]])
+            state.fed += 1
             if delta.stop is not None:
-                self.scheduler.finish(seq, "stop", delta.stop)
+                self.scheduler.stop_string(seq, delta.stop, state.fed)
                 return
         if seq.is_finished:
             state.detok.flush()
@@ -477,7 +483,7 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output,
             stream_hold_back=params.output_kind is OutputKind.DELTA,
         )
-        state = _SeqText(detok)
+        state = _SeqText(detok, len(context))
         if keep:
             self._texts[seq.seq_id] = state
         return state

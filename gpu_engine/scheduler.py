@@ -100,6 +100,20 @@ class Scheduler:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
 
+    def stop_string(self, seq: Sequence, stop: str, end: int) -> None:
+        """A stop string ended at the token before position `end`: the sequence finishes there,
+        and tokens a verify step emitted after it are dropped (with their logprobs)."""
+        known = len(seq.token_ids) - seq.num_pending
+        dropped = seq.token_ids[end:known]
+        if dropped:
+            if seq.request.params.logprobs is not None:
+                for token, lp in zip(dropped, seq.logprobs[len(seq.logprobs) - len(dropped):]):
+                    seq.cumulative_logprob -= lp.get(token, 0.0)
+                del seq.logprobs[len(seq.logprobs) - len(dropped):]
+            del seq.token_ids[end:known]
+            self.batch.tokens_changed(seq)
+        self.finish(seq, "stop", stop)
+
     def abort(self, request: Request) -> None:
         request.aborted = True
         for seq in request.seqs:
