@@ -27,6 +27,7 @@ from gpu_engine.outputs import Logprobs
 from gpu_engine.sampling_params import OutputKind
 from gpu_engine.scheduling_policies import ADMISSION_POLICIES, AdmissionPolicy, DecodeFirstComposer
 from gpu_engine.sequence import Request, Sequence, SeqStatus
+from gpu_engine.spec.entries import append_verified, take_drafts, verify_entry
 from gpu_engine.spec.stats import SpecDecodeStats
 from gpu_engine.step_plan import PENDING, SampledToken, ScheduledSeq, StepPlan, StepResult
 
@@ -161,7 +162,7 @@ class Scheduler:
             n = self.composer.num_tokens(seq, budget)
             if n == 0:
                 continue
-            verify = self._verify_entry(seq, n, budget, plan)
+            verify = verify_entry(self, seq, n, budget, plan)
             if verify is not None:
                 entries[seq.seq_id] = verify
                 budget -= verify.num_tokens
@@ -186,49 +187,6 @@ class Scheduler:
         seq.draft_probs = probs if token_ids else None
         if seq.slot >= 0:
             self.batch.drafting[seq.slot] = bool(token_ids)
-
-    def _take_drafts(self, seq: Sequence) -> tuple[list[int], object]:
-        drafts, probs = seq.draft_token_ids, seq.draft_probs
-        if drafts:
-            seq.draft_token_ids, seq.draft_probs = [], None
-            if seq.slot >= 0:
-                self.batch.drafting[seq.slot] = False
-        return drafts, probs
-
-    def _verify_entry(self, seq: Sequence, n: int, budget: int, plan: StepPlan) -> ScheduledSeq | None:
-        """A decode holding drafts: an entry of its last token and as many drafts as the budget and
-        the free blocks take (None: plan it as a plain decode). Never preempts for drafts."""
-        drafts, probs = self._take_drafts(seq)
-        k = min(len(drafts), budget - 1)
-        if n != 1 or k <= 0 or seq.num_pending or not self._grow(seq, 1 + k, plan):
-            return None
-        return ScheduledSeq(seq, seq.num_computed_tokens, 1 + k, True, draft_token_ids=drafts[:k],
-                            draft_probs=None if probs is None else probs[:k])
-
-    def _append_verified(self, entry: ScheduledSeq, samples: list[SampledToken]) -> None:
-        """A verify entry's emitted tokens (accepted drafts, then one corrected or bonus token):
-        the KV of the last token and the accepted drafts is kept, blocks past it are freed, and
-        only blocks of accepted tokens reach the prefix cache."""
-        seq = entry.seq
-        drafted, accepted = len(entry.draft_token_ids), len(samples) - 1
-        seq.num_draft_tokens += drafted
-        seq.num_accepted_tokens += accepted
-        self.spec_stats.record(drafted, accepted)
-        seq.num_computed_tokens += accepted
-        for j, sampled in enumerate(samples):
-            if j:
-                seq.token_ids.append(PENDING)
-                seq.num_pending += 1
-                self.batch.tokens_changed(seq)
-            self._append(seq, sampled)
-            if seq.is_finished:
-                return
-        keep = -(-seq.num_computed_tokens // self.block_size)
-        if len(seq.block_table) > keep:
-            self.block_manager.free(seq.block_table[keep:])
-            del seq.block_table[keep:]
-            self.batch.blocks_truncated(seq)
-        self._register_full_blocks(seq)
 
     def _admit_waiting(self, budget: int, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
         reserved = self._fork_seats()  # samples still to fork from running prompts
@@ -318,7 +276,7 @@ class Scheduler:
             refund = entry.num_tokens
         elif plan.drop_decode(seq):
             refund = 1
-        self._take_drafts(seq)
+        take_drafts(self, seq)
         owned = set(seq.block_table)
         plan.blocks_to_copy = [(s, d) for s, d in plan.blocks_to_copy if d not in owned]
         self.running.remove(seq)
@@ -382,7 +340,7 @@ class Scheduler:
             if seq.is_finished:
                 continue  # aborted or stopped while the step ran
             if entry.is_verify:
-                self._append_verified(entry, samples)
+                append_verified(self, entry, samples)
                 if self._due(seq):
                     touched.append(seq)
                 continue
