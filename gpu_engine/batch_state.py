@@ -104,6 +104,7 @@ class BatchState:
         self.seqs[slot] = None
         self.token_lists[slot] = None
         self.occupied[slot] = False
+        self.drafting[slot] = False
         heapq.heappush(self._free, slot)
         self._order = None
         self._events.append((slot, None))

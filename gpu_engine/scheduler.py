@@ -91,6 +91,7 @@ class Scheduler:
         """End a sequence now (stop, length, abort): its blocks return to the pool at once."""
         if seq.is_finished:
             return
+        take_drafts(self, seq)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:

@@ -151,3 +151,15 @@ def test_arrivals_above_the_threshold_after_drafting_change_nothing(tiny_llama, 
         engine.block_manager.check_integrity([b for s in engine.scheduler.running for b in s.block_table])
     assert [done[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == baseline
     assert engine.scheduler.spec_stats.num_drafts <= drafts + 1  # nothing drafted above the threshold
+
+
+def test_a_resumed_request_continues_exactly(tiny_llama, baseline):
+    """Resume after a lost executor (prior output tokens given): speculation picks up from them."""
+    engine = llm(tiny_llama).engine
+    for i, (p, want) in enumerate(zip(PROMPTS[:2], baseline)):
+        engine.add_request(f"r{i}", p, GREEDY, prior_output_token_ids=want[:9])
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [done[f"r{i}"].outputs[0].token_ids for i in range(2)] == [w[9:] for w in baseline[:2]]
+    assert sum(done[f"r{i}"].num_accepted_tokens for i in range(2)) > 0

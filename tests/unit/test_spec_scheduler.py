@@ -103,6 +103,19 @@ def test_a_stop_token_inside_an_accepted_run_ends_the_sequence_there():
     assert sched.block_manager.num_free_blocks == 16
 
 
+def test_a_finished_sequence_holds_no_drafts():
+    sched = make_scheduler()
+    req = make_request("a", [1, 2, 3], max_tokens=20)
+    sched.add(req)
+    run_step(sched, FakeRunner())
+    seq = req.seqs[0]
+    sched.set_drafts(seq, [7, 8])
+    assert sched.batch.drafting[seq.slot]
+    sched.abort(req)
+    assert seq.draft_token_ids == [] and not sched.batch.drafting.any()
+    assert sched.block_manager.num_free_blocks == 16
+
+
 def test_drafts_fit_the_budget():
     sched = make_scheduler(budget=4)
     a = make_request("a", [1, 2, 3], max_tokens=8)
