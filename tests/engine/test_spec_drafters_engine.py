@@ -87,8 +87,16 @@ def test_eagle3_with_a_random_head_changes_nothing(tiny_llama, eagle_head, basel
     outs = generate_checked(llm, PROMPTS, GREEDY)
     assert tokens_of(outs) == baseline
     assert all(o.num_draft_tokens > 0 for o in outs)
-    chunked = spec_llm(tiny_llama, "eagle3", eagle_head, max_num_batched_tokens=9)
-    assert tokens_of(generate_checked(chunked, PROMPTS, GREEDY)) == baseline
+    alone = [tokens_of(generate_checked(llm, [p], GREEDY))[0] for p in PROMPTS[:2]]
+    assert alone == baseline[:2]
+    for setting in ({"max_num_batched_tokens": 9},
+                    {"num_kv_blocks": 10, "max_model_len": 128, "max_num_batched_tokens": 64}):
+        other = spec_llm(tiny_llama, "eagle3", eagle_head, **setting)
+        assert tokens_of(generate_checked(other, PROMPTS, GREEDY)) == baseline
+    assert other.engine.scheduler.num_preemptions > 0
+    shared = [PROMPTS[-1][:32] + p for p in PROMPTS[:2]]  # prefix hits: the head restarts past them
+    want = tokens_of(LLM(tiny_llama, num_kv_blocks=128, max_model_len=256).generate(shared, GREEDY))
+    assert tokens_of(generate_checked(llm, shared[:1], GREEDY) + generate_checked(llm, shared[1:], GREEDY)) == want
     cache = llm.engine.spec.proposer.cache
     cache.check_integrity()
     assert cache.blocks.num_free_blocks == cache.blocks.num_blocks

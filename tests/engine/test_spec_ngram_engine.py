@@ -163,3 +163,16 @@ def test_a_resumed_request_continues_exactly(tiny_llama, baseline):
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert [done[f"r{i}"].outputs[0].token_ids for i in range(2)] == [w[9:] for w in baseline[:2]]
     assert sum(done[f"r{i}"].num_accepted_tokens for i in range(2)) > 0
+
+
+def test_n_samples_fork_and_speculate_each(tiny_llama, baseline):
+    spec = llm(tiny_llama)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, n=2)
+    outs = generate_checked(spec, PROMPTS[:2], params)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [[b, b] for b in baseline[:2]]
+    assert all(o.num_accepted_tokens > 0 for o in outs)
+    sampled = SamplingParams(max_tokens=16, temperature=0.9, seed=3, ignore_eos=True, n=2)
+    want = LLM(tiny_llama, num_kv_blocks=128, max_model_len=256).generate(PROMPTS[:2], sampled)
+    got = generate_checked(spec, PROMPTS[:2], sampled)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    assert spec.engine.stats().num_free_blocks == 128
