@@ -42,9 +42,9 @@ class SpecDecoder:
         """Drafts for every running decode whose tokens are all known (the scheduler verifies them
         next step), from the step (plan, result) just collected. Returns the number of sequences
         given drafts."""
+        if not self.active(len(scheduler.running)):
+            return 0  # (checked first: a large batch pays nothing per step)
         running = list(scheduler.running)
-        if not self.active(len(running)):
-            return 0
         rows, hidden = {}, None
         if self.needs_hidden and result is not None and result.aux_hidden is not None:
             rows, hidden = _hidden_rows(plan, result), result.aux_hidden
