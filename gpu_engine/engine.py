@@ -115,6 +115,8 @@ class LLMEngine:
         self.max_num_seqs, self.max_num_batched_tokens = batch_limits(config, memory)
         self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len,
                                   self.max_num_seqs, self.max_num_batched_tokens)
+        if spec is not None and spec.method == "eagle3":  # every step keeps the head's inputs (no graphs)
+            self.runner.aux_layers = drafter.cfg.aux_layers
         self.num_kv_blocks = self.runner.num_blocks_for_memory()
         draft_bpb = drafter_bytes_per_block(spec, drafter, config.block_size) if spec else 0
         if draft_bpb and config.num_kv_blocks is None:  # one budget, as many tokens in both caches
@@ -147,8 +149,6 @@ class LLMEngine:
             spec, drafter, target_model=model, num_blocks=self.num_kv_blocks, block_size=config.block_size,
             max_model_len=self.max_model_len, device=self.device,
             enable_prefix_caching=config.enable_prefix_caching))
-        if self.spec is not None and self.spec.needs_hidden:
-            self.runner.aux_layers = self.spec.proposer.aux_layers  # (and no decode CUDA graphs)
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
         self.step_times = StepTimes()

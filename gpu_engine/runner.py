@@ -143,8 +143,9 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self) -> float:
-        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager); returns seconds."""
-        if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
+        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager, and not when the steps
+        must return residual streams for EAGLE-3); returns seconds."""
+        if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton" or self.aux_layers:
             return 0.0
         self.graphs = DecodeGraphs(self, self.max_num_seqs)
         return self.graphs.capture()
@@ -166,8 +167,7 @@ class ModelRunner:
             start.record()
         self.batch.apply(plan, up)
         layout = self.batch.layout(plan)
-        graphed = (self.graphs is not None and layout.decode_only and not self.aux_layers
-                   and self.graphs.padded_size(layout.num_tokens))
+        graphed = self.graphs is not None and layout.decode_only and self.graphs.padded_size(layout.num_tokens)
         t1 = time.perf_counter()
         self.copy_blocks(plan.blocks_to_copy)
         aux = None
