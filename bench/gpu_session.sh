@@ -83,7 +83,11 @@ for step in "$@"; do
     hf-128) phase hf-128 300 python bench/hf_baseline.py --isl 128 --osl 128 --num-requests 512 --out "$OUT/hf-128-128.json" ;;
     hf-1000) phase hf-1000 400 python bench/hf_baseline.py --isl 1000 --osl 1000 --num-requests 48 --out "$OUT/hf-1000-1000.json" ;;
     hf-2048) phase hf-2048 400 python bench/hf_baseline.py --isl 2048 --osl 2048 --num-requests 16 --out "$OUT/hf-2048-2048.json" ;;
-    spec-tests) phase spec-tests 400 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_spec_gpu.py tests/kernels/test_spec_proposers_triton.py ;;
+    spec-tests) phase spec-tests 400 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_spec_gpu.py tests/gpu/test_spec_engine_gpu.py tests/kernels/test_spec_proposers_triton.py ;;
+    # batch-1 per method on the default model; eagle3 reads the head the train-draft phase wrote (run it first)
+    spec-batch1) phase spec-batch1 560 python bench/spec_decode.py --eagle-head "$OUT/eagle3-smollm2" --out "$OUT/spec-batch1.json" ;;
+    spec-tp256) phase spec-tp256 560 python -m taxiway.cli bench throughput --isl 128 --osl 128 --num-requests 2000 \
+        --max-num-seqs 256 --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --out "$OUT/spec-tp256.json" ;;
     serve-bench) phase serve-bench 560 bash bench/serve_bench_gpu.sh "$OUT" ;;
     # Tensor parallelism (issue 12), on a machine of 2 GPUs (nvidia-h200-x2), in one call:
     #   bash bench/gpu_session.sh tp-tests l1-tp1 l1-tp2 t1-1000 t1-1000-tp2

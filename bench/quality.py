@@ -16,7 +16,6 @@ PROMPTS, --max-tokens each; a variant agrees with the baseline on the common pre
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -13,7 +13,6 @@ sampled with penalties, in decode tokens/s after the first token.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace

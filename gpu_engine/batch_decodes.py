@@ -31,7 +31,7 @@ def plan_plain_decodes(sched: "Scheduler", plan: StepPlan, budget: int) -> list[
     tokens, computed = b.num_tokens[slots], b.num_computed[slots]
     skip = (b.num_pending[slots] > 0) & (tokens >= b.end_len[slots])  # last token being drawn
     decode = (tokens - computed == 1) & ~skip
-    plain = decode & ~b.special[slots]
+    plain = decode & ~b.special[slots] & ~b.drafting[slots]
     new_block = plain & (computed >= b.num_blocks[slots] * bs)  # its next token starts a block
     shared = plain & b.maybe_shared[slots]  # may write into a block a fork shares: copy on write
     if int(decode.sum()) > budget or int((new_block | shared).sum()) > sched.block_manager.num_free_blocks:

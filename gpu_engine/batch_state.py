@@ -37,6 +37,7 @@ class BatchState:
         self.end_len = np.zeros(n, dtype=np.int64)  # prompt + max_tokens: stops ("length") there
         self.min_len = np.zeros(n, dtype=np.int64)  # prompt + min_tokens: stop tokens count beyond it
         self.special = np.zeros(n, dtype=bool)  # planned entry by entry (forks to come, prompt logprobs)
+        self.drafting = np.zeros(n, dtype=bool)  # holds drafts to verify: planned as an entry
         self.maybe_shared = np.zeros(n, dtype=bool)  # its next write may hit a shared block (after a fork)
         self.watch = np.zeros(n, dtype=bool)  # reported every step (streamed output, stop strings)
         self.awaiting_first = np.zeros(n, dtype=bool)  # its request has no first-token time yet
@@ -76,6 +77,7 @@ class BatchState:
         self.end_len[slot] = seq.num_prompt_tokens + request.max_tokens
         self.min_len[slot] = seq.num_prompt_tokens + params.min_tokens
         self.special[slot] = (seq.index == 0 and request.pending_forks > 0) or params.prompt_logprobs is not None
+        self.drafting[slot] = bool(seq.draft_token_ids)
         self.maybe_shared[slot] = False
         self.watch[slot] = params.output_kind is not OutputKind.FINAL_ONLY or bool(params.stop)
         self.awaiting_first[slot] = "first_token" not in request.metrics
@@ -102,6 +104,7 @@ class BatchState:
         self.seqs[slot] = None
         self.token_lists[slot] = None
         self.occupied[slot] = False
+        self.drafting[slot] = False
         heapq.heappush(self._free, slot)
         self._order = None
         self._events.append((slot, None))
@@ -122,6 +125,12 @@ class BatchState:
         self.num_blocks[slot] = len(seq.block_table)
         if first_new < len(seq.block_table):
             self._writes.append((slot, first_new, seq.block_table[first_new:]))
+
+    def blocks_truncated(self, seq: Sequence) -> None:
+        """seq.block_table lost its last entries (rejected drafts' blocks); nothing to mirror on
+        the device: entries past the table's length are never read."""
+        if seq.slot >= 0:
+            self.num_blocks[seq.slot] = len(seq.block_table)
 
     def blocks_appended_bulk(self, slots: np.ndarray, blocks: list[int]) -> None:
         """One new block at the end of each of these slots' tables ([K] int64 slots, K blocks)."""

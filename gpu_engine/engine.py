@@ -23,6 +23,8 @@ from gpu_engine.quant import read_checkpoint_quant, resolve_quantization
 from gpu_engine.runner import ModelRunner
 from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
+from gpu_engine.spec.decoding import SpecDecoder, drafter_bytes_per_block, load_drafter, make_proposer
+from gpu_engine.spec.draft_cache import blocks_for_budget
 from gpu_engine.sequence import Request, Sequence as Seq
 from gpu_engine.step_times import StepTimes, step_kind
 from gpu_engine.weights import load_model
@@ -35,11 +37,13 @@ PREFILL_CHUNK_DEFAULTS = {False: 128, True: 2048}
 
 
 class _SeqText:
-    """Incremental text of one sequence, and how much of it was reported."""
+    """Incremental text of one sequence, how much of it was reported, and how many of the
+    sequence's tokens the detokenizer has seen."""
 
-    def __init__(self, detok):
+    def __init__(self, detok, num_tokens: int):
         self.detok = detok
         self.reported = 0
+        self.fed = num_tokens
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,11 +90,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = replace(config, **kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
-        if config.speculative is not None:
-            raise ValueError(
-                "speculative_config is accepted and validated, but speculative decoding is not wired "
-                "into the step loop yet (issue 10, phase B); leave it unset for now"
-            )
+        spec = config.speculative
         self.device = resolve_device(config.device)
         folder, self.model_config = resolve_model(config)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
@@ -103,6 +103,8 @@ class LLMEngine:
         detected = read_checkpoint_quant(folder) if folder is not None else None
         self.quant_spec = resolve_quantization(config.quantization, detected, config.load_format == "dummy")
         check_tensor_parallel(self.model_config, config.tensor_parallel_size)
+        if spec is not None and config.tensor_parallel_size > 1:
+            raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet")
         memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         self.max_num_seqs, self.max_num_batched_tokens = batch_limits(config, memory)
         self.driver = self._start_ranks(folder) if config.tensor_parallel_size > 1 else None
@@ -124,17 +126,19 @@ class LLMEngine:
                                  f"{torch.cuda.device_count()}")
             self.device = rank_device(self.device, 0)
             torch.cuda.set_device(self.device)
-        spec = WorkerSpec(self.config, self.device, self.model_config, folder, self.dtype, self.quant_spec,
-                          self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens, init_method="")
-        driver = RankDriver(spec)
+        worker = WorkerSpec(self.config, self.device, self.model_config, folder, self.dtype, self.quant_spec,
+                            self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens, init_method="")
+        driver = RankDriver(worker)
         weakref.finalize(self, driver.stop)
         return driver
 
     def _start(self, folder: Path | None) -> None:
         config = self.config
+        spec = config.speculative
         model = load_model(self.model_config, folder, self.dtype, self.device, self.quant_spec,
                            load_format=config.load_format, seed=config.seed,
                            kv_fp8=config.kv_cache_dtype == "fp8", shard=TPShard(0, config.tensor_parallel_size))
+        drafter = load_drafter(spec, self.model_config, self.dtype, self.device) if spec else None
         self.tokenizer = _load_tokenizer(config.tokenizer or folder)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -142,7 +146,13 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len,
                                   self.max_num_seqs, self.max_num_batched_tokens, self.driver)
+        if spec is not None and spec.method == "eagle3":  # every step keeps the head's inputs (no graphs)
+            self.runner.aux_layers = drafter.cfg.aux_layers
         self.num_kv_blocks = self.runner.num_blocks_for_memory()
+        draft_bpb = drafter_bytes_per_block(spec, drafter, config.block_size) if spec else 0
+        if draft_bpb and config.num_kv_blocks is None:  # one budget, as many tokens in both caches
+            target_bpb = self.runner.bytes_per_block()
+            self.num_kv_blocks = blocks_for_budget(self.num_kv_blocks * target_bpb, target_bpb, draft_bpb)
         if self.num_kv_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {self.num_kv_blocks * config.block_size} tokens "
@@ -166,6 +176,10 @@ class LLMEngine:
             ),
             self.block_manager,
         )
+        self.spec = None if spec is None else SpecDecoder(spec, make_proposer(
+            spec, drafter, target_model=model, num_blocks=self.num_kv_blocks, block_size=config.block_size,
+            max_model_len=self.max_model_len, device=self.device,
+            enable_prefix_caching=config.enable_prefix_caching))
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
         self.step_times = StepTimes()
@@ -276,7 +290,7 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         parts = dict.fromkeys(("wait", "collect", "update", "output"), 0.0)
-        overlap = self.async_scheduling
+        overlap = self.async_scheduling and not self._speculating()
         outputs: list[RequestOutput] = []
         if not overlap and self._inflight is not None:
             outputs = self._finish(self._inflight, parts)
@@ -311,9 +325,17 @@ class LLMEngine:
         touched = self.scheduler.update(flight.plan, result)
         t1 = time.perf_counter()
         outputs = self._process(touched)
+        if self.spec is not None:  # drafts for the next step, from the tokens just read back
+            self.spec.propose(self.scheduler, flight.plan, result)
         parts["update"] += t1 - t0
         parts["output"] += time.perf_counter() - t1
         return outputs
+
+    def _speculating(self) -> bool:
+        """Whether the next step may verify drafts, or draft after it: it then runs synchronously
+        (a verify entry's tokens must be read back before the sequence is planned again)."""
+        return self.spec is not None and (self.spec.active(len(self.scheduler.running))
+                                          or bool(self.scheduler.batch.drafting.any()))
 
     def _process(self, touched: list[Seq]) -> list[RequestOutput]:
         """Outputs for the sequences update() says are due: finished ones, and streamed ones."""
@@ -339,13 +361,17 @@ class LLMEngine:
         return outputs
 
     def _detokenize(self, seq: Seq, state: _SeqText) -> None:
-        """Add the sequence's newest token to its text; a stop string ends the sequence. The text
-        of an eos or stop token is not part of the output."""
-        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
-        if not stopped_by_token:
-            delta = state.detok.add_tokens([seq.output_token_ids[-1]])
+        """Add the sequence's new tokens (one, or a verify step's several) to its text, one by
+        one; a stop string ends the sequence at the token that completed it. The text of an eos or
+        stop token is not part of the output."""
+        end = len(seq.token_ids) - seq.num_pending
+        if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
+            end -= 1  # the stop token
+        while state.fed < end:
+            delta = state.detok.add_tokens([seq.token_ids[state.fed]])
+            state.fed += 1
             if delta.stop is not None:
-                self.scheduler.finish(seq, "stop", delta.stop)
+                self.scheduler.stop_string(seq, delta.stop, state.fed)
                 return
         if seq.is_finished:
             state.detok.flush()
@@ -380,16 +406,21 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids, outputs=outs, finished=request.finished,
             prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens, metrics=dict(request.metrics),
+            num_draft_tokens=sum(s.num_draft_tokens for s in request.seqs),
+            num_accepted_tokens=sum(s.num_accepted_tokens for s in request.seqs),
         )
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
         for seq in request.seqs:
             self._texts.pop(seq.seq_id, None)
+            if self.spec is not None:
+                self.spec.release(seq.seq_id)
 
     # -- state ------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.scheduler.spec_stats
         return EngineStats(
             num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             block_size=bm.block_size, num_running=len(self.scheduler.running),
@@ -399,6 +430,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             kv_cache_dtype=str(self.runner.kv_dtype).removeprefix("torch."),
             num_blocks_at_model_dtype=self.num_kv_blocks_at_model_dtype,
+            spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_num_accepted_tokens_per_pos=tuple(spec.num_accepted_tokens_per_pos),
         )
 
     def take_kv_events(self) -> list[tuple[str, bytes]]:
@@ -497,7 +531,7 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output,
             stream_hold_back=params.output_kind is OutputKind.DELTA,
         )
-        state = _SeqText(detok)
+        state = _SeqText(detok, len(context))
         if keep:
             self._texts[seq.seq_id] = state
         return state

@@ -38,6 +38,7 @@ class StepLayout:
     sample_slot: np.ndarray  # [R] int64: the slot each sample is drawn for (each slot once)
     prompt_rows: dict[int, tuple[int, int]]  # index into plan.scheduled -> (first row, count)
     unsampled_slots: np.ndarray  # [U] int64: entries that drew nothing (their next input is on the host)
+    verify: list[tuple[int, int]]  # (index into plan.entries, first token row) of each verify entry
 
     @property
     def num_tokens(self) -> int:
@@ -112,11 +113,15 @@ class InputBatch:
             d_host[i] = self._host_token(plan.decode_seqs[i], int(d_pos[i]))
         e_slot, e_start, e_n, ids, samples = [], [], [], [], []
         prompt_rows: dict[int, tuple[int, int]] = {}
+        verify: list[tuple[int, int]] = []
         row = d
         for i, entry in enumerate(plan.entries):
             seq, start, n = entry.seq, entry.start, entry.num_tokens
             chunk = seq.token_ids[start : start + n]
-            if PENDING in chunk:
+            if entry.is_verify:  # the last token, then the drafts (all on the host)
+                chunk = [self._host_token(seq, start)] + entry.draft_token_ids
+                verify.append((i, row))
+            elif PENDING in chunk:
                 chunk = [self._device_token(seq, start, n)]
             e_slot.append(seq.slot)
             e_start.append(start)
@@ -125,14 +130,14 @@ class InputBatch:
             if entry.prompt_logprobs:
                 prompt_rows[d + i] = (row, n)
             row += n
-            if entry.sample:
+            if entry.sample and not entry.is_verify:
                 samples.append((row - 1, [seq.slot] + [f.slot for f in entry.forks]))
         e_slot_a = np.array(e_slot, dtype=np.int64)
         e_n_a = np.array(e_n, dtype=np.int64)
         counts = np.concatenate([np.ones(d, dtype=np.int64), e_n_a])
         qsl = np.zeros(d + len(e_n) + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
-        tok_pos = np.concatenate([d_pos, np.repeat(np.array(e_start, dtype=np.int64), e_n_a) + _ranges(e_n_a)])
+        tok_pos = np.concatenate([d_pos, np.repeat(np.array(e_start, dtype=np.int64), e_n_a) + ranges(e_n_a)])
         lead = next((k for k, n in enumerate(e_n) if n != 1), len(e_n))
         return StepLayout(
             tok_slot=np.concatenate([d_slot, np.repeat(e_slot_a, e_n_a)]),
@@ -144,6 +149,7 @@ class InputBatch:
             num_decodes=d + lead,
             prompt_rows=prompt_rows,
             unsampled_slots=np.array([e.seq.slot for e in plan.entries if not e.sample], dtype=np.int64),
+            verify=verify,
             sample_rows=np.concatenate([np.arange(d, dtype=np.int64)]
                                        + [np.full(len(slots), r, dtype=np.int64) for r, slots in samples]),
             sample_slot=np.concatenate([d_slot] + [np.array(slots, dtype=np.int64) for _, slots in samples]),
@@ -204,7 +210,7 @@ class InputBatch:
         return tokens
 
 
-def _ranges(counts: np.ndarray) -> np.ndarray:
+def ranges(counts: np.ndarray) -> np.ndarray:
     """[sum(counts)] int64: 0..c-1 for each count c, concatenated."""
     total = int(counts.sum())
     if not total:

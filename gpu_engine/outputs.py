@@ -45,6 +45,10 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache."""
     metrics: dict = field(default_factory=dict)
     """Timestamps (time.monotonic): arrival, first_scheduled, first_token, finished."""
+    num_draft_tokens: int = 0
+    """Speculative decoding: tokens drafted for this request and verified (all its samples)."""
+    num_accepted_tokens: int = 0
+    """Speculative decoding: drafted tokens the target accepted (all its samples)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,14 @@ class EngineStats:
     num_blocks_at_model_dtype: int | None = None
     """How many blocks the cache's memory would hold in the model's dtype: equal to
     num_total_blocks unless the cache is FP8 (then about half of it)."""
+    spec_num_drafts: int = 0
+    """Speculative decoding, since start: verify entries run (one per sequence and step)."""
+    spec_num_draft_tokens: int = 0
+    """Drafted tokens verified."""
+    spec_num_accepted_tokens: int = 0
+    """Drafted tokens accepted."""
+    spec_num_accepted_tokens_per_pos: tuple[int, ...] = ()
+    """Index j: how often a verify entry's draft j (0-based) was accepted."""
 
     @property
     def kv_cache_usage(self) -> float:

@@ -25,6 +25,7 @@ from gpu_engine.parallel.state import min_across_ranks
 from gpu_engine.parallel.workers import RankDriver
 from gpu_engine.quant.kv import kv_cache_dtype
 from gpu_engine.sampler import gather_logprobs
+from gpu_engine.spec.verify import VerifyFlight, collect_verify, launch_verify
 from gpu_engine.step_inputs import InputBuilder, padded_tables
 from gpu_engine.step_plan import StepPlan, StepResult
 
@@ -48,6 +49,8 @@ class InFlight:
     event: torch.cuda.Event | None = None  # after the step's last enqueued work
     start: torch.cuda.Event | None = None  # before its first
     prev_end: torch.cuda.Event | None = None  # the previous launch's `event`
+    verify: VerifyFlight | None = None  # the step's verify entries (speculative decoding)
+    aux_hidden: torch.Tensor | None = None  # [T, A * hidden]: residual streams for EAGLE-3 (aux_layers)
 
 
 class ModelRunner:
@@ -79,6 +82,7 @@ class ModelRunner:
         self.last_parts: dict[str, float] = {}  # prepare / forward / sample of the last launch
         self.last_collect_parts: dict[str, float] = {}  # wait / collect of the last collect
         self.last_gpu: tuple[float, float | None] | None = None  # (device s, idle s before) of the last collect
+        self.aux_layers: tuple[int, ...] = ()  # layers whose entering residual stream each step keeps (EAGLE-3)
         self._last_end: torch.cuda.Event | None = None
 
     # -- KV cache memory --------------------------------------------------------------------------
@@ -158,8 +162,9 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self) -> float:
-        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager); returns seconds."""
-        if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
+        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager, and not when the steps
+        must return residual streams for EAGLE-3); returns seconds."""
+        if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton" or self.aux_layers:
             return 0.0
         if self.driver is not None:
             log.warning("tensor parallelism runs decode steps eagerly: CUDA graphs over NCCL are not captured yet")
@@ -187,18 +192,26 @@ class ModelRunner:
         graphed = self.graphs is not None and layout.decode_only and self.graphs.padded_size(layout.num_tokens)
         t1 = time.perf_counter()
         self.copy_blocks(plan.blocks_to_copy)
+        aux = None
         if graphed:
             hidden, tok_slot = self.graphs.run(layout)
         else:
             ids, positions, meta, tok_slot = self.batch.device_inputs(layout, up, self.ops.name == "torch")
             if self.driver is not None:
                 self.driver.forward(ids, positions, meta)
-            hidden = self.model(ids, positions, self.kv_caches, meta, self.cos_sin, self.ops)
+            hidden, aux = self.model.forward_aux(ids, positions, self.kv_caches, meta, self.cos_sin, self.ops,
+                                                 self.aux_layers)
         t2 = time.perf_counter()
-        flight = InFlight(plan=plan, layout=layout, tokens=None, start=start, prev_end=self._last_end)
+        flight = InFlight(plan=plan, layout=layout, tokens=None, start=start, prev_end=self._last_end,
+                          aux_hidden=aux)
         if len(layout.sample_rows):
             tokens = self._sample(layout, hidden, tok_slot, flight)
             flight.tokens = self.builder.download(tokens)
+        if layout.verify:
+            flight.verify = launch_verify([(i, plan.entries[i], r) for i, r in layout.verify], hidden,
+                                          self.model.compute_logits, self.batch.sampler, self.batch.logprobs,
+                                          up, self.builder.download)
+            self.batch.dev_token[[plan.entries[i].seq.slot for i, _ in layout.verify]] = False  # inputs on the host
         self._launch_prompt_logprobs(plan, layout, hidden, flight)
         self.builder.end_step()
         if self.device.type == "cuda":
@@ -254,6 +267,9 @@ class ModelRunner:
                 )
                 lps = dict(zip(flight.logprob_rows, dicts))
             result = StepResult(token_ids=tokens, logprobs=lps, prompt_logprobs=prompt_lps)
+        if flight.verify is not None:
+            result.verified = collect_verify(flight.verify, _logprob_dicts)
+        result.aux_hidden = flight.aux_hidden
         self.last_collect_parts = {"wait": t1 - t0, "collect": time.perf_counter() - t1}
         return result
 

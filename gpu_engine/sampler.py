@@ -194,6 +194,53 @@ class Sampler:
 
         return probs_slots(logits, slots, self.tables, self._ws, filters=self._counts[_FILTERED] > 0)
 
+    def verify_probs(self, logits: torch.Tensor, row_slots: np.ndarray, row_offsets: np.ndarray,
+                     prior: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        """[N, V] float32: what row r would be drawn from were it the slot's draw row_offsets[r]
+        tokens further on (speculative verify rows). logits [N, V] on the device; row_slots and
+        row_offsets [N] int64 on the host; prior = (rows, token ids) [M] int64: the drafts before
+        each row, counted as output for penalties. The slots' state is not changed."""
+        if logits.dim() != 2 or logits.shape != (len(row_slots), self.vocab_size):
+            raise ValueError(f"logits must be [{len(row_slots)}, {self.vocab_size}], got {tuple(logits.shape)}")
+        self._flush()
+        t, n = self.tables, len(row_slots)
+        dev = self._upload(row_slots)
+        ip = t.iparams[dev].clone()
+        ip[:, L.I_POS] += self._upload(row_offsets.astype(np.int32))
+        pen = self._i[row_slots, L.I_PEN_ROW]
+        occ = t.occ[:0]
+        if (pen >= 0).any():
+            occ = t.occ[self._upload(np.maximum(pen, 0))].clone()  # [N, V]: the rows' own copies
+            rows, ids = prior
+            if len(rows):
+                occ.index_put_((self._upload(rows), self._upload(ids)),
+                               torch.ones(len(rows), dtype=occ.dtype, device=occ.device), accumulate=True)
+            ip[:, L.I_PEN_ROW] = self._upload(np.where(pen >= 0, np.arange(n), -1).astype(np.int32))
+        rows_tables = L.SlotTables(fparams=t.fparams[dev], iparams=ip, stop_ids=t.stop_ids[dev], occ=occ)
+        return L.probs_slots(logits, torch.arange(n, device=self.device), rows_tables)
+
+    def verify_params(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(greedy [S] bool, keys [S] int64, output positions [S] int64) of these slots ([S] int64
+        on the host), on the device: what the rejection sampler draws with."""
+        self._flush()
+        greedy = self._upload(self._f[slots, L.F_TEMP] <= 0)
+        keys = self._upload(self._i[slots, L.I_KEY].astype(np.int64) & _M32)
+        return greedy, keys, self.tables.iparams[self._upload(slots), L.I_POS].long()
+
+    def advance(self, slots: np.ndarray, token_ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """Record several drawn tokens per slot: slots [S] int64 (host), token_ids [S, K] int64 and
+        counts [S] int64 (device): slot s drew token_ids[s, :counts[s]] (the rest is -1)."""
+        self._flush()
+        t = self.tables
+        t.iparams[self._upload(slots), L.I_POS] += counts.to(torch.int32)
+        pen = self._i[slots, L.I_PEN_ROW]
+        if (pen >= 0).any():
+            rows = self._upload(pen.astype(np.int64))[:, None].expand_as(token_ids)
+            valid = (token_ids >= 0) & (rows >= 0)
+            t.occ.index_put_((rows[valid], token_ids[valid]),
+                             torch.ones(int(valid.sum()), dtype=t.occ.dtype, device=t.occ.device),
+                             accumulate=True)
+
     @staticmethod
     def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int):
         """Raw-model logprobs (log-softmax of the logits, before any processing) of the given

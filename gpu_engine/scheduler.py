@@ -27,6 +27,8 @@ from gpu_engine.outputs import Logprobs
 from gpu_engine.sampling_params import OutputKind
 from gpu_engine.scheduling_policies import ADMISSION_POLICIES, AdmissionPolicy, DecodeFirstComposer
 from gpu_engine.sequence import Request, Sequence, SeqStatus
+from gpu_engine.spec.entries import append_verified, take_drafts, verify_entry
+from gpu_engine.spec.stats import SpecDecodeStats
 from gpu_engine.step_plan import PENDING, SampledToken, ScheduledSeq, StepPlan, StepResult
 
 __all__ = ["PENDING", "SampledToken", "ScheduledSeq", "Scheduler", "SchedulerConfig", "StepPlan", "StepResult"]
@@ -68,6 +70,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running = RunningSeqs(self.batch)
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
         self.epoch = 0  # counts schedule() calls
         self._stop_id_set: set[int] = set()
         self._stop_ids = np.zeros(0, dtype=np.int64)  # every eos / stop token id of admitted requests
@@ -88,6 +91,7 @@ class Scheduler:
         """End a sequence now (stop, length, abort): its blocks return to the pool at once."""
         if seq.is_finished:
             return
+        take_drafts(self, seq)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
@@ -97,6 +101,20 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+
+    def stop_string(self, seq: Sequence, stop: str, end: int) -> None:
+        """A stop string ended at the token before position `end`: the sequence finishes there,
+        and tokens a verify step emitted after it are dropped (with their logprobs)."""
+        known = len(seq.token_ids) - seq.num_pending
+        dropped = seq.token_ids[end:known]
+        if dropped:
+            if seq.request.params.logprobs is not None:
+                for token, lp in zip(dropped, seq.logprobs[len(seq.logprobs) - len(dropped):]):
+                    seq.cumulative_logprob -= lp.get(token, 0.0)
+                del seq.logprobs[len(seq.logprobs) - len(dropped):]
+            del seq.token_ids[end:known]
+            self.batch.tokens_changed(seq)
+        self.finish(seq, "stop", stop)
 
     def abort(self, request: Request) -> None:
         request.aborted = True
@@ -145,6 +163,11 @@ class Scheduler:
             n = self.composer.num_tokens(seq, budget)
             if n == 0:
                 continue
+            verify = verify_entry(self, seq, n, budget, plan)
+            if verify is not None:
+                entries[seq.seq_id] = verify
+                budget -= verify.num_tokens
+                continue
             while not self._grow(seq, n, plan):
                 victim = max(self.running, key=lambda s: s.sort_key)
                 budget += self._preempt(victim, plan, entries)
@@ -154,6 +177,17 @@ class Scheduler:
                 entries[seq.seq_id] = self._entry(seq, n)
                 budget -= n
         return budget
+
+    # -- speculative decoding ---------------------------------------------------------------------
+    def set_drafts(self, seq: Sequence, token_ids: list[int], probs=None) -> None:
+        """Drafts for a running sequence's next step (probs: [k, vocab] tensor or None for point
+        masses); the next schedule() verifies them in a 1 + k token entry."""
+        if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens != 1 or seq.num_pending:
+            raise ValueError(f"sequence {seq.seq_id} is not a decode with every token known: no drafts")
+        seq.draft_token_ids = list(token_ids)
+        seq.draft_probs = probs if token_ids else None
+        if seq.slot >= 0:
+            self.batch.drafting[seq.slot] = bool(token_ids)
 
     def _admit_waiting(self, budget: int, plan: StepPlan, entries: dict[int, ScheduledSeq]) -> int:
         reserved = self._fork_seats()  # samples still to fork from running prompts
@@ -243,6 +277,7 @@ class Scheduler:
             refund = entry.num_tokens
         elif plan.drop_decode(seq):
             refund = 1
+        take_drafts(self, seq)
         owned = set(seq.block_table)
         plan.blocks_to_copy = [(s, d) for s, d in plan.blocks_to_copy if d not in owned]
         self.running.remove(seq)
@@ -271,8 +306,8 @@ class Scheduler:
             for tokens in b.token_lists[slots].tolist():
                 tokens.append(PENDING)
         for entry in plan.entries:
-            for seq in [entry.seq, *entry.forks]:
-                seq.num_computed_tokens += entry.num_tokens
+            for seq in [entry.seq, *entry.forks]:  # a verify entry's drafts count once accepted
+                seq.num_computed_tokens += entry.num_tokens - len(entry.draft_token_ids)
                 if entry.sample:
                     seq.token_ids.append(PENDING)
                     seq.num_pending += 1
@@ -289,7 +324,10 @@ class Scheduler:
         rows = result.token_ids.tolist()
         r = len(plan.decode_seqs)
         pairs = []
-        for entry in plan.entries:
+        for i, entry in enumerate(plan.entries):
+            if entry.is_verify:
+                pairs.append((entry, result.verified[i]))
+                continue
             k = entry.num_samples if entry.sample else 0
             pairs.append((entry, [SampledToken(t, result.logprobs.get(r + j)) for j, t in enumerate(rows[r:r + k])]))
             r += k
@@ -302,6 +340,11 @@ class Scheduler:
             seq = entry.seq
             if seq.is_finished:
                 continue  # aborted or stopped while the step ran
+            if entry.is_verify:
+                append_verified(self, entry, samples)
+                if self._due(seq):
+                    touched.append(seq)
+                continue
             self._register_full_blocks(seq)
             if entry.prompt_logprobs:
                 self._record_prompt_logprobs(entry, prompt_logprobs.get(offset + i, []))

@@ -32,7 +32,7 @@ class Sequence:
     __slots__ = ("request", "index", "token_ids", "num_prompt_tokens", "seq_id", "status", "block_table",
                  "block_hashes", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob",
                  "num_reported_tokens", "num_preemptions", "slot", "_batch", "_num_computed", "_num_pending",
-                 "_num_registered")
+                 "_num_registered", "draft_token_ids", "draft_probs", "num_draft_tokens", "num_accepted_tokens")
 
     def __init__(self, request: Request, index: int, token_ids: list[int], num_prompt_tokens: int, *,
                  status: SeqStatus = SeqStatus.WAITING, num_computed_tokens: int = 0,
@@ -55,6 +55,13 @@ class Sequence:
         self.num_preemptions = 0
         self.slot = -1  # its row in the scheduler's BatchState while running, else -1
         self._batch = None
+        # Speculative decoding: tokens proposed for the next step (verified there, then cleared),
+        # the distributions they were drawn from ([k, vocab] tensor, None: point masses), and how
+        # many tokens were drafted for and accepted from this sequence so far.
+        self.draft_token_ids: list[int] = []
+        self.draft_probs = None
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self._num_computed = num_computed_tokens
         self._num_pending = num_pending
         self._num_registered = num_registered_blocks

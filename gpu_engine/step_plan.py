@@ -44,6 +44,16 @@ class ScheduledSeq:
     forks: list[Sequence] = field(default_factory=list)
     """The request's other samples, created when this entry was planned (num_samples - 1 of
     them): each draws its first token from this entry's last row, in its own slot."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """A verify entry (speculative decoding): the k drafted tokens that follow the sequence's last
+    token; the entry's num_tokens is 1 + k (the last token, then the drafts, KV written for all)
+    and its result is the accepted drafts plus one corrected or bonus token."""
+    draft_probs: object = None
+    """[k, vocab] float32 tensor: the distribution each draft was drawn from (None: point masses)."""
+
+    @property
+    def is_verify(self) -> bool:
+        return bool(self.draft_token_ids)
 
 
 @dataclass
@@ -128,3 +138,9 @@ class StepResult:
     token_ids: np.ndarray | None = None  # [R] int64, the packed form
     logprobs: dict[int, Logprobs] = field(default_factory=dict)
     """Packed form: sample row -> the chosen token's logprob and the top-N, for rows that asked."""
+    verified: dict[int, list[SampledToken]] = field(default_factory=dict)
+    """Packed form: index into plan.entries of each verify entry -> its emitted tokens (accepted
+    drafts, then the corrected or bonus token), in order."""
+    aux_hidden: object = None
+    """EAGLE-3: [T, A * hidden] tensor, the target's residual streams at the step's token rows
+    (plain decodes, then each entry's tokens); None when the runner keeps none."""

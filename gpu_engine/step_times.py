@@ -22,7 +22,7 @@ HOST_PARTS = ("schedule", "prepare", "forward", "sample", "collect", "update", "
 
 
 class StepTimes:
-    """Summed seconds per step kind ("decode", "mixed"); summary() gives means in milliseconds."""
+    """Summed seconds per step kind ("decode", "mixed", "verify"); summary() gives means in milliseconds."""
 
     def __init__(self):
         self.totals: dict[str, dict[str, float]] = {}
@@ -72,4 +72,7 @@ class StepTimes:
 
 
 def step_kind(plan) -> str:
+    """"verify" (speculative drafts checked), "decode" (one token per sequence) or "mixed"."""
+    if any(e.is_verify for e in plan.entries):
+        return "verify"
     return "decode" if plan.num_decodes == plan.num_plain_decodes + len(plan.entries) else "mixed"

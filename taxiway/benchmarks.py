@@ -202,6 +202,7 @@ def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
     prompts = random_prompts(cfg.requests, cfg.isl, engine.model_config.vocab_size, cfg.seed)
     engine.step_times.reset()
     preempted = engine.scheduler.num_preemptions
+    spec = engine.scheduler.spec_stats.snapshot()
     r = run_requests(engine, prompts, cfg.osl)
     if r["generated_tokens"] != cfg.requests * cfg.osl:
         raise RuntimeError(f"generated {r['generated_tokens']} tokens, expected {cfg.requests * cfg.osl}")
@@ -211,7 +212,7 @@ def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
         "steps": r["steps"], "output_tokens_per_s": round(r["generated_tokens"] / r["elapsed_s"], 1),
         "total_tokens_per_s": round(cfg.requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
         "preemptions": engine.scheduler.num_preemptions - preempted,
-        "step_times": engine.step_times.summary(),
+        "step_times": engine.step_times.summary(), **_spec_info(engine, spec),
     }
 
 
@@ -277,6 +278,7 @@ def latency(cfg: BenchConfig) -> dict:
     engine = LLMEngine(**cfg.engine_kwargs())
     vocab = engine.model_config.vocab_size
     run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + 1), min(cfg.osl, 16), stream=True)
+    spec = engine.scheduler.spec_stats.snapshot()
     runs = []
     for i in range(3):
         r = run_requests(engine, random_prompts(1, cfg.isl, vocab, cfg.seed + i), cfg.osl, stream=True)
@@ -295,7 +297,7 @@ def latency(cfg: BenchConfig) -> dict:
     roofline_tps = bw * 1e9 / read.total
     return {
         "benchmark": "latency", "config": cfg.to_dict(), "machine": machine_info(), "runs": runs,
-        **_quant_info(engine),
+        **_quant_info(engine), **_spec_info(engine, spec),
         "decode_tokens_per_s": round(best["decode_tokens_per_s"], 1),
         "time_per_token_ms": round(best["time_per_token_ms"], 3), "ttft_ms": round(best["ttft_s"] * 1e3, 2),
         "bytes_per_token": {"weights": read.weights, "embedding_row": read.embedding_rows, "kv": read.kv,
@@ -303,6 +305,13 @@ def latency(cfg: BenchConfig) -> dict:
         "copy_bandwidth_gbs": round(bw, 1), "roofline_tokens_per_s": round(roofline_tps, 1),
         "share_of_roofline": round(best["decode_tokens_per_s"] / roofline_tps, 3),
     }
+
+
+def _spec_info(engine: LLMEngine, before) -> dict:
+    """Drafted / accepted tokens since the `before` snapshot (nothing without speculation)."""
+    if engine.spec is None:
+        return {}
+    return {"spec_decode": engine.scheduler.spec_stats.since(before).summary()}
 
 
 def _quant_info(engine: LLMEngine) -> dict:

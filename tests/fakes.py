@@ -39,11 +39,35 @@ class FakeRunner:
             if not entry.sample:
                 samples.append([])
                 continue
+            if entry.is_verify:
+                samples.append(self._verify(entry))
+                continue
             consumed = entry.seq.token_ids[: entry.start + entry.num_tokens]
             assert PENDING not in consumed, "a step read a token that was never filled in"
-            base = sum((i + 1) * t for i, t in enumerate(consumed)) + entry.seq.index
-            samples.append([SampledToken((base + 7 * k) % (VOCAB - 1)) for k in range(entry.num_samples)])
+            samples.append([SampledToken(fake_next_token(consumed, entry.seq.index, k))
+                            for k in range(entry.num_samples)])
         return StepResult(samples)
+
+    @staticmethod
+    def _verify(entry) -> list[SampledToken]:
+        """Greedy verification against the fake model: drafts are accepted while they equal its
+        next token; then its own token (the correction, or the bonus after k accepted)."""
+        tokens = list(entry.seq.token_ids[: entry.start + 1])
+        assert PENDING not in tokens, "a verify entry read a token that was never filled in"
+        out = []
+        for draft in [*entry.draft_token_ids, None]:
+            token = fake_next_token(tokens, entry.seq.index)
+            out.append(SampledToken(token))
+            if token != draft:
+                break
+            tokens.append(token)
+        return out
+
+
+def fake_next_token(consumed: list[int], sample_index: int, k: int = 0) -> int:
+    """FakeRunner's token after `consumed` (the k-th sample of a forking prompt)."""
+    base = sum((i + 1) * t for i, t in enumerate(consumed)) + sample_index
+    return (base + 7 * k) % (VOCAB - 1)
 
 
 def run_step(scheduler: Scheduler, runner: FakeRunner) -> StepPlan:

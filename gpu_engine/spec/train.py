@@ -17,7 +17,6 @@ import math
 import random
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

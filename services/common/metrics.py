@@ -194,6 +194,29 @@ class ExecutorMetrics:
         self.step_seconds = Histogram(
             PREFIX + "executor_step_seconds", "Duration of one executor step, seconds.",
             m, registry=r, buckets=STEP_BUCKETS).labels(model_name)
+        # Speculative decoding, as vLLM names it (spec_decode_*).
+        self.spec_decode_num_drafts = Counter(
+            PREFIX + "spec_decode_num_drafts", "Verify entries run (one per speculating request and step).",
+            m, registry=r).labels(model_name)
+        self.spec_decode_num_draft_tokens = Counter(
+            PREFIX + "spec_decode_num_draft_tokens", "Drafted tokens verified.",
+            m, registry=r).labels(model_name)
+        self.spec_decode_num_accepted_tokens = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens", "Drafted tokens accepted.",
+            m, registry=r).labels(model_name)
+        self._accepted_per_pos = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafted tokens by their position in the draft (0-based).",
+            m + ["position"], registry=r)
+
+    def spec_decode(self, drafts: int, draft_tokens: int, accepted: int, accepted_per_pos) -> None:
+        """Count verify entries and their drafted / accepted tokens (accepted_per_pos[j]: how many
+        accepted drafts sat at position j)."""
+        self.spec_decode_num_drafts.inc(drafts)
+        self.spec_decode_num_draft_tokens.inc(draft_tokens)
+        self.spec_decode_num_accepted_tokens.inc(accepted)
+        for j, n in enumerate(accepted_per_pos):
+            self._accepted_per_pos.labels(self.model_name, str(j)).inc(n)
 
     def prefix_cache_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         """Count one prefix-cache lookup; hit rate = rate(hits) / rate(queries)."""

@@ -61,6 +61,7 @@ class StepMetrics:
     def __init__(self, metrics: ExecutorMetrics):
         self.metrics = metrics
         self._last = (0, 0, 0)  # prefix-cache queries, hits (blocks), preemptions
+        self._last_spec = (0, 0, 0, ())  # drafts, draft tokens, accepted tokens, accepted per position
 
     def step(self, seconds: float) -> None:
         self.metrics.step_seconds.observe(seconds)
@@ -77,3 +78,10 @@ class StepMetrics:
             m.prefix_cache_lookup(queries * stats.block_size, hits * stats.block_size)
         if preemptions:
             m.num_preemptions.inc(preemptions)
+        spec = (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens,
+                stats.spec_num_accepted_tokens_per_pos)
+        if spec[0] != self._last_spec[0]:
+            last_pos = self._last_spec[3]
+            per_pos = [n - (last_pos[j] if j < len(last_pos) else 0) for j, n in enumerate(spec[3])]
+            m.spec_decode(*(a - b for a, b in zip(spec[:3], self._last_spec[:3])), per_pos)
+            self._last_spec = spec

@@ -81,3 +81,31 @@ def write_head(folder: Path, cfg: dict, tensors: dict) -> Path:
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     return folder
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+def generate_checked(llm, prompts, params):
+    """llm.generate, stepping the engine by hand: the block pool's integrity (against every running
+    sequence's table) and the batch rows are checked after every step. Outputs in prompt order."""
+    from dataclasses import replace
+
+    from gpu_engine.sampling_params import OutputKind
+
+    engine = llm.engine
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, replace(p, output_kind=OutputKind.FINAL_ONLY))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out
+        sched = engine.scheduler
+        engine.block_manager.check_integrity([b for s in sched.running for b in s.block_table])
+        sched.batch.check(sched.running)
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+def tokens_of(outputs):
+    return [o.outputs[0].token_ids for o in outputs]

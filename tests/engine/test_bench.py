@@ -119,3 +119,19 @@ def test_cli_throughput_awq_dummy(tiny_llama, tmp_path):
                "--no-async-scheduling", "--out", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0 and result["quantization"].startswith("awq (dummy)") and result["output_tokens_per_s"] > 0
+
+
+def test_cli_latency_with_speculation_reports_acceptance(tiny_llama, tmp_path):
+    out = tmp_path / "latency.json"
+    spec = json.dumps({"method": "draft_model", "num_speculative_tokens": 3, "model": tiny_llama})
+    proc = subprocess.run(
+        [sys.executable, "-m", "taxiway.cli", "bench", "latency", "--model", tiny_llama, "--load-format", "auto",
+         "--device", "cpu",
+         "--isl", "8", "--osl", "9", "--no-async-scheduling", "--speculative-config", spec, "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["config"]["engine"]["speculative_config"]["method"] == "draft_model"
+    sd = result["spec_decode"]  # the target as its own draft: every draft accepted
+    assert sd["num_draft_tokens"] > 0 and sd["acceptance_rate"] == 1.0
+    assert sd["mean_acceptance_length"] == 4.0

@@ -17,7 +17,7 @@ import pytest
 from services.common.proto import Stub, pb
 from services.common.redis_server import free_port
 from services.executor.fake import FakeEngine
-from tests.integration.svc_stack import ROOT, Stack, wait_for
+from tests.integration.svc_stack import Stack
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 STREAMS = 4096

@@ -5,12 +5,10 @@ process and (after the next start) no folder behind."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -75,3 +75,30 @@ def test_cancellation_frees_the_real_engines_blocks(stack_factory, byte_llama):
     call.cancel()
     stack.wait_idle(10)  # every block free again, nothing running
     assert len(aborted) == 1  # freed by the abort, not by finishing its 400 tokens
+
+
+def test_speculative_steps_stream_several_tokens_exactly(stack_factory, byte_llama):
+    """n-gram speculation in the executor: a step emits several tokens of a request at once; the
+    stream carries them all, in order, equal to LLM.generate without speculation."""
+    from gpu_engine.llm import LLM
+    from gpu_engine.sampling_params import SamplingParams
+
+    tok = ByteTokenizer()
+    prompts = ["abcabcabcabcabcabc", "the cat the cat the cat"]
+    expected = LLM(model=byte_llama, device="cpu", dtype="float32").generate(
+        [tok.encode(p) for p in prompts], SamplingParams(temperature=0.0, max_tokens=32))
+    engine = _engine(byte_llama, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    stack = stack_factory(executors=0)
+    stack.add_executor(engine=engine)
+    stack.wait_executors(1)
+    sizes = []
+    for prompt, want in zip(prompts, expected):
+        chunks = stack.generate(prompt, max_tokens=32, temperature=0.0)
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == list(want.outputs[0].token_ids)
+        assert "".join(c.text for c in chunks) == tok.decode(tokens)
+        assert chunks[-1].usage.completion_tokens == len(tokens)
+        sizes += [len(c.token_ids) for c in chunks]
+    assert engine.scheduler.spec_stats.num_accepted_tokens > 0 and max(sizes) > 1
+    stack.wait_idle()

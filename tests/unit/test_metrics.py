@@ -52,6 +52,10 @@ EXPECTED = {
         "taxiway:prefix_cache_hits": ("counter", {"model_name"}),
         "taxiway:num_preemptions": ("counter", {"model_name"}),
         "taxiway:executor_step_seconds": ("histogram", {"model_name"}),
+        "taxiway:spec_decode_num_drafts": ("counter", {"model_name"}),
+        "taxiway:spec_decode_num_draft_tokens": ("counter", {"model_name"}),
+        "taxiway:spec_decode_num_accepted_tokens": ("counter", {"model_name"}),
+        "taxiway:spec_decode_num_accepted_tokens_per_pos": ("counter", {"model_name", "position"}),
     },
 }
 
@@ -62,6 +66,8 @@ def exercise(bundle) -> None:
         bundle.request_failed("RESOURCE_EXHAUSTED")
     if isinstance(bundle, mx.TokenizerMetrics):
         bundle.observe("Tokenize", 0.0003)
+    if isinstance(bundle, mx.ExecutorMetrics):
+        bundle.spec_decode(1, 3, 2, [1, 1])
 
 
 @pytest.mark.parametrize("cls", list(EXPECTED), ids=lambda c: c.__name__)
@@ -116,6 +122,27 @@ def test_executor_values():
     assert got["taxiway:prefix_cache_hits_total"] == 64
     assert got["taxiway:num_preemptions_total"] == 1
     assert got["taxiway:executor_step_seconds_count"] == 1
+
+
+def test_executor_spec_decode_counters_follow_the_engine_stats():
+    from gpu_engine.outputs import EngineStats
+    from services.executor.observe import StepMetrics
+
+    ex = mx.ExecutorMetrics(MODEL)
+    steps = StepMetrics(ex)
+    base = dict(num_total_blocks=8, num_free_blocks=8, block_size=16, num_running=1, num_waiting=0,
+                prefill_backlog_tokens=0, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
+    steps.sample(EngineStats(**base, spec_num_drafts=2, spec_num_draft_tokens=6, spec_num_accepted_tokens=3,
+                             spec_num_accepted_tokens_per_pos=(2, 1, 0)))
+    steps.sample(EngineStats(**base, spec_num_drafts=3, spec_num_draft_tokens=10, spec_num_accepted_tokens=7,
+                             spec_num_accepted_tokens_per_pos=(3, 2, 1, 1)))
+    text = generate_latest(ex.registry).decode()
+    assert f'taxiway:spec_decode_num_drafts_total{{model_name="{MODEL}"}} 3.0' in text
+    assert f'taxiway:spec_decode_num_draft_tokens_total{{model_name="{MODEL}"}} 10.0' in text
+    assert f'taxiway:spec_decode_num_accepted_tokens_total{{model_name="{MODEL}"}} 7.0' in text
+    for pos, n in enumerate((3, 2, 1, 1)):
+        assert (f'taxiway:spec_decode_num_accepted_tokens_per_pos_total{{model_name="{MODEL}",'
+                f'position="{pos}"}} {float(n)}') in text
 
 
 def test_instances_do_not_collide():

@@ -58,9 +58,3 @@ def test_a_json_flag_and_an_environment_variable():
     assert parse_value('{"method": "eagle3", "num_speculative_tokens": 2, "model": "/h"}', dict | None) == {
         "method": "eagle3", "num_speculative_tokens": 2, "model": "/h"}
 
-
-def test_the_engine_refuses_speculation_until_the_step_loop_runs_it():
-    from gpu_engine.engine import LLMEngine
-
-    with pytest.raises(ValueError, match="not wired into the step loop yet"):
-        LLMEngine(EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 2}))

@@ -100,6 +100,22 @@ def test_serve_flags_reach_the_engine_config(tmp_path):
             engine.max_model_len) == (4, False, "guaranteed_no_evict", 300)
 
 
+
+def test_the_speculative_config_flag_reaches_the_engine_config():
+    import argparse
+
+    from services.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    cli = {name: getattr(args, name) for name in setting_names()}
+    engine = role_configs(cli, {}, {}, setting_names())["executor"].engine
+    assert engine.speculative.method == "ngram" and engine.speculative.num_speculative_tokens == 3
+    with pytest.raises(ValueError, match="unknown keys"):
+        role_configs({**cli, "speculative_config": {"method": "ngram", "k": 3}}, {}, {}, setting_names())
+
+
 def test_json_settings_parse_or_name_the_problem():
     from services.common.config import parse_value
 

@@ -1,0 +1,92 @@
+"""Batch-1 speculative decoding: decode tokens/s of one model with no speculation, n-gram, a draft
+model and an EAGLE-3 head, prompt by prompt, with the acceptance figures (issue 10's table).
+
+Prompts: the last --per-kind prompts of each kind (chat questions, summarisation-style prompts that
+repeat their input, code) of gpu_engine/spec/data/prompts.jsonl or --prompts, through the model's
+chat template; greedy, --osl tokens each (EOS ignored), one request at a time. Each method gets its
+own engine (one load), one warm-up request, then every prompt; speedup = its decode tokens/s over no
+speculation's on the same prompt.
+
+    python bench/spec_decode.py --draft-model DIR --eagle-head DIR --out bench/results/spec-batch1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_engine.engine import LLMEngine  # noqa: E402
+from gpu_engine.spec.train_data import encode_prompts, load_prompts  # noqa: E402
+from taxiway.benchmarks import machine_info, run_requests, write_result  # noqa: E402
+
+
+def methods(args) -> list[tuple[str, dict | None]]:
+    out = [("none", None), ("ngram", {"method": "ngram", "num_speculative_tokens": args.k})]
+    if args.draft_model:
+        out.append(("draft_model", {"method": "draft_model", "num_speculative_tokens": args.k,
+                                    "model": args.draft_model}))
+    if args.eagle_head:
+        out.append(("eagle3", {"method": "eagle3", "num_speculative_tokens": args.k, "model": args.eagle_head}))
+    return out
+
+
+def pick_prompts(args) -> list[dict]:
+    rows = load_prompts(args.prompts)
+    kinds = dict.fromkeys(r["kind"] for r in rows)
+    return [r for kind in kinds for r in [x for x in rows if x["kind"] == kind][-args.per_kind:]]
+
+
+def run_method(args, spec: dict | None, prompts: list[dict]) -> list[dict]:
+    engine = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                       speculative_config=spec)
+    ids = encode_prompts(engine.tokenizer, prompts)
+    run_requests(engine, ids[:1], min(args.osl, 16), stream=True)  # warm-up
+    out = []
+    for p, prompt in zip(prompts, ids):
+        before = engine.scheduler.spec_stats.snapshot()
+        r = run_requests(engine, [prompt], args.osl, stream=True)
+        times = r["token_times"]
+        row = {"kind": p["kind"], "prompt_tokens": len(prompt), "ttft_ms": round((times[0] - r["start"]) * 1e3, 2),
+               "decode_tokens_per_s": round((len(times) - 1) / (times[-1] - times[0]), 1), "steps": r["steps"]}
+        if spec is not None:
+            row["spec_decode"] = engine.scheduler.spec_stats.since(before).summary()
+        out.append(row)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="target folder (default: the default model)")
+    ap.add_argument("--draft-model", default=None, help="draft checkpoint folder (method draft_model)")
+    ap.add_argument("--eagle-head", default=None, help="EAGLE-3 head folder (method eagle3)")
+    ap.add_argument("--prompts", default=None, help="JSON-lines prompts (default: the shipped set)")
+    ap.add_argument("--per-kind", type=int, default=4)
+    ap.add_argument("--osl", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    prompts = pick_prompts(args)
+    results = {name: run_method(args, spec, prompts) for name, spec in methods(args)}
+    base = results["none"]
+    for name, rows in results.items():
+        for row, ref in zip(rows, base):
+            row["speedup"] = round(row["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
+    summary = {name: {"mean_speedup": round(sum(r["speedup"] for r in rows) / len(rows), 3),
+                      "min_speedup": min(r["speedup"] for r in rows),
+                      "mean_acceptance_length": round(sum(r["spec_decode"]["mean_acceptance_length"]
+                                                          for r in rows) / len(rows), 3)
+                      if name != "none" else None}
+               for name, rows in results.items()}
+    write_result({"benchmark": "spec_decode_batch1", "config": vars(args), "machine": machine_info(),
+                  "summary": summary, "per_prompt": results}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
