@@ -1,6 +1,6 @@
 """The gateway's request handling, without gRPC or Redis, on one asyncio event loop: validate,
 tokenize, enqueue, then turn the executor's token deltas into text (through the tokenizer tier's
-detokenizer), stop strings into aborts, a lost executor into a resubmission, and a client that
+detokenizer; a model without a tokenizer streams token ids with no exchange at all), stop strings into aborts, a lost executor into a resubmission, and a client that
 went away (its task cancelled) or a deadline into aborts. No thread and no task per request but
 the caller's own: each request waits on its mailbox (router.py).
 
@@ -43,7 +43,7 @@ from services.common.telemetry import PassThroughTracerProvider, inject_context
 from services.common.types import Abort, Delta, EngineRequest, ModelInfo
 from services.gateway.observe import RequestObserver
 from services.gateway.router import REISSUE, SHUTDOWN, Failed, Mailbox, Router
-from services.gateway.samples import Chunk, DetokenizerSession, Sample, coalesce
+from services.gateway.samples import Chunk, DetokenizerSession, Sample, TextlessSession, coalesce
 from services.gateway.validate import check_request
 
 __all__ = ["Chunk", "GatewayCore", "GenerateInput", "Intake", "TokenizerClient"]
@@ -193,9 +193,10 @@ class GatewayCore:
         group = await self._open(inp, client_id, caller, obs, timeout_s)
         p = inp.params
         try:
+            textless = (await self.tokenizer.model_info()).token_ids_only
             with _current(obs.context):
                 for s in group.samples:
-                    s.detok = await self.tokenizer.detokenizer(
+                    s.detok = TextlessSession() if textless else await self.tokenizer.detokenizer(
                         s.request.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
                         stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
                 for s in group.samples:
