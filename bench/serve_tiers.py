@@ -6,11 +6,13 @@ tokens per second a tier can move on its own, on this machine.
 Three measurements, each in this process, one tier at a time:
 - executor: ExecutorCore around the fake engine (step_delay 0), its output going to Redis through
   the executor's OutputPublisher (an embedded redis-server). Reports the step thread's host time
-  per token beyond the engine's own (what an engine step waits for on a GPU) and the tokens/s
-  that reach Redis.
+  per token beyond the engine's own (what each engine step waits for) and the tokens/s that
+  reach Redis; once with steps that cost nothing, once with steps that wait --device-step-ms
+  with the GIL released (a GPU's step: work of other threads hides there).
 - detokenize: one Detokenize exchange with the tokenizer tier (a child process, grpc.aio) against
   the same detokenizer called in place; per exchange.
-- gateway: GatewayCore streaming `streams` requests of `osl` tokens each, fed one OutputBatch per
+- gateway_text / gateway_token_ids (a model with a tokenizer / a benchmark preset without one):
+  GatewayCore streaming `streams` requests of `osl` tokens each, fed one OutputBatch per
   step in lockstep (decoded from bytes, routed, detokenized through the tokenizer tier, one chunk
   per token), consumed as a client would; tokens/s, and the time one step takes to reach every
   stream (a floor under the inter-token latency at that concurrency).
@@ -44,18 +46,21 @@ def _requests(streams: int, osl: int, gateway_id: str = "gw") -> list[EngineRequ
             for i in range(streams)]
 
 
-def _engine(streams: int) -> FakeEngine:
-    return FakeEngine(num_blocks=1 << 20, block_size=16, max_num_seqs=streams, max_model_len=1 << 16)
+def _engine(streams: int, device_step_s: float = 0.0) -> FakeEngine:
+    return FakeEngine(num_blocks=1 << 20, block_size=16, max_num_seqs=streams, max_model_len=1 << 16,
+                      step_delay_s=device_step_s)
 
 
-def bench_executor(streams: int, osl: int, redis_url: str) -> dict:
-    """The step thread's time per token beyond the engine's, and the tokens/s reaching Redis."""
+def bench_executor(streams: int, osl: int, redis_url: str, device_step_s: float) -> dict:
+    """The step thread's time per token beyond the engine's, and the tokens/s reaching Redis.
+    device_step_s: each engine step also sleeps this long, the GIL released, as a step thread
+    waiting for a GPU does (other threads' Python work can hide there)."""
     import redis
 
     from services.executor.core import ExecutorCore
     from services.executor.service import OutputPublisher
 
-    engine = _engine(streams)
+    engine = _engine(streams, device_step_s)
     for r in _requests(streams, osl):
         engine.add_request(r.request_id, list(r.prompt_token_ids), convert.engine_params(r.params))
     t0 = time.perf_counter()
@@ -67,7 +72,7 @@ def bench_executor(streams: int, osl: int, redis_url: str) -> dict:
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     publisher = OutputPublisher(client, "exec-bench")
-    core = ExecutorCore(_engine(streams), "exec-bench", publisher)
+    core = ExecutorCore(_engine(streams, device_step_s), "exec-bench", publisher)
     for r in _requests(streams, osl):
         core.admit(r)
     t0 = time.perf_counter()
@@ -78,7 +83,7 @@ def bench_executor(streams: int, osl: int, redis_url: str) -> dict:
     published_s = time.perf_counter() - t0
     entries = client.xlen("taxiway:out:gw")
     return {
-        "tokens": tokens, "steps": entries,
+        "tokens": tokens, "steps": entries, "device_step_ms": device_step_s * 1e3,
         "engine_only_tok_s": round(tokens / engine_s),
         "step_thread_tok_s": round(tokens / step_s),
         "step_thread_overhead_us_per_token": round((step_s - engine_s) / tokens * 1e6, 2),
@@ -167,14 +172,19 @@ async def _gateway_stream(core, intake: _Intake, streams: int, osl: int) -> dict
             "step_ms": round(elapsed / osl * 1e3, 2)}
 
 
-def _spawn_tokenizer() -> tuple[subprocess.Popen, int]:
-    """A fake-engine tokenizer tier in a process of its own, as it is deployed."""
+TOKENIZERS = {"text": ["--fake-engine"], "token_ids": ["--model", "llama-3.1-8b"]}
+"""The tokenizer tiers measured: the fake byte tokenizer (text, as a real model has), and a
+benchmark preset without a tokenizer (token ids only, as the GPU serving benchmark runs)."""
+
+
+def _spawn_tokenizer(kind: str) -> tuple[subprocess.Popen, int]:
+    """A tokenizer tier in a process of its own, as it is deployed."""
     from services.common.redis_server import free_port
 
     port = free_port()
     env = {**os.environ, "TAXIWAY_INSECURE_INTERNAL": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "services.serve", "--role", "tokenizer",
-                             "--fake-engine", "--port", str(port), "--metrics-port", "0"],
+                             *TOKENIZERS[kind], "--port", str(port), "--metrics-port", "0"],
                             cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     return proc, port
 
@@ -191,20 +201,22 @@ async def _ready(client, timeout_s: float = 60.0) -> None:
             await asyncio.sleep(0.2)
 
 
-def bench_gateway(streams: int, osl: int, exchanges: int, repeat: int) -> dict:
+def bench_gateway(kind: str, streams: int, osl: int, exchanges: int, repeat: int) -> dict:
     from services.gateway.clients import GrpcTokenizerClient
     from services.gateway.core import GatewayCore
     from services.tokenizer.config import TokenizerConfig
     from services.tokenizer.core import load_core
 
-    proc, port = _spawn_tokenizer()
+    proc, port = _spawn_tokenizer(kind)
 
     async def run() -> dict:
         client = GrpcTokenizerClient(f"127.0.0.1:{port}")
         await _ready(client)
-        local = load_core(TokenizerConfig(fake_engine=True, insecure_internal=True))
-        out = {"detokenize": _best([await _detok_exchanges(client, local, exchanges)
-                                    for _ in range(repeat)], "grpc_us_per_exchange")}
+        out = {}
+        if kind == "text":
+            local = load_core(TokenizerConfig(fake_engine=True, insecure_internal=True))
+            out["detokenize"] = _best([await _detok_exchanges(client, local, exchanges)
+                                       for _ in range(repeat)], "grpc_us_per_exchange")
         intake = _Intake()
         core = GatewayCore("gw", client, intake)
         await _gateway_stream(core, intake, 8, 4)  # warm-up
@@ -212,7 +224,7 @@ def bench_gateway(streams: int, osl: int, exchanges: int, repeat: int) -> dict:
         for _ in range(repeat):
             intake.submitted.clear()
             runs.append(await _gateway_stream(core, intake, streams, osl))
-        out["gateway"] = _best(runs, "us_per_token")
+        out[f"gateway_{kind}"] = _best(runs, "us_per_token")
         await client.close()
         return out
 
@@ -232,6 +244,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=256, help="concurrent requests")
     ap.add_argument("--osl", type=int, default=64, help="output tokens per request")
+    ap.add_argument("--device-step-ms", type=float, default=5.0,
+                    help="the executor is also measured with engine steps that wait this long")
     ap.add_argument("--exchanges", type=int, default=2000, help="Detokenize exchanges timed")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
     ap.add_argument("--label", default="", help="a note stored in the JSON (e.g. before/after)")
@@ -241,15 +255,20 @@ def main() -> None:
 
     redis_server = EmbeddedRedis()
     try:
-        executor = _best([bench_executor(args.streams, args.osl, redis_server.url)
-                          for _ in range(args.repeat)], "published_us_per_token")
+        executor = {f"executor_device_{ms:g}ms": _best(
+            [bench_executor(args.streams, args.osl, redis_server.url, ms / 1e3)
+             for _ in range(args.repeat)], "step_thread_overhead_us_per_token")
+            for ms in (0.0, args.device_step_ms)}
     finally:
         redis_server.stop()
     result = {
         "bench": "serve_tiers", "label": args.label, "machine": machine_info(),
         "config": {"streams": args.streams, "osl": args.osl, "exchanges": args.exchanges,
+                   "device_step_ms": args.device_step_ms,
                    "repeat": args.repeat},
-        "executor": executor, **bench_gateway(args.streams, args.osl, args.exchanges, args.repeat),
+        **executor,
+        **{k: v for kind in TOKENIZERS
+           for k, v in bench_gateway(kind, args.streams, args.osl, args.exchanges, args.repeat).items()},
     }
     text = json.dumps(result, indent=2)
     print(text)
