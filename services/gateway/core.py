@@ -193,14 +193,8 @@ class GatewayCore:
         group = await self._open(inp, client_id, caller, obs, timeout_s)
         p = inp.params
         try:
-            textless = (await self.tokenizer.model_info()).token_ids_only
             with _current(obs.context):
-                for s in group.samples:
-                    s.detok = TextlessSession() if textless else await self.tokenizer.detokenizer(
-                        s.request.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
-                        stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
-                for s in group.samples:
-                    s.request = await self._submit(s.request)
+                await self._start(group, p)
             while group.live:
                 items = await group.mailbox.get_all(group.deadline - self._clock())
                 if items is None:
@@ -214,6 +208,26 @@ class GatewayCore:
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
             await asyncio.shield(cleanup)
+
+    async def _start(self, group: _Group, p: SamplingParams) -> None:
+        """Enqueues the samples while their detokenizers open (the Detokenize stream's set-up is
+        then off the way to the first token). Both finish before an error is raised, so the
+        cleanup's aborts come after the submits."""
+        textless = (await self.tokenizer.model_info()).token_ids_only
+
+        async def detokenizers() -> None:
+            for s in group.samples:
+                s.detok = TextlessSession() if textless else await self.tokenizer.detokenizer(
+                    s.request.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
+                    stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+
+        async def submits() -> None:
+            for s in group.samples:
+                s.request = await self._submit(s.request)
+
+        for outcome in await asyncio.gather(detokenizers(), submits(), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _cleanup(self, group: _Group) -> None:
         """Closes each sample's detokenizer and aborts what still runs upstream."""
