@@ -16,7 +16,6 @@ engine_first_token (admission -> the first token: wake-up, the fake step, prefil
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from services.common.proto import pb  # noqa: E402
 from services.common.redis_server import EmbeddedRedis  # noqa: E402
 from services.common.telemetry import in_memory_tracing  # noqa: E402
-from taxiway.benchmarks import machine_info  # noqa: E402
+from taxiway.benchmarks import machine_info, write_result  # noqa: E402
 from tests.integration.svc_stack import Stack  # noqa: E402
 
 ROLES = ("gateway", "tokenizer", "scheduler", "executor")
@@ -71,7 +70,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40, help="measured requests, one at a time")
     ap.add_argument("--step-ms", type=float, default=1.0, help="the fake engine's step time")
     ap.add_argument("--label", default="", help="a note stored in the JSON (e.g. before/after)")
-    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/serve_hops_cpu_<time>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: bench/results/serve_hops_cpu_<time>.json)")
     args = ap.parse_args()
     tracing = {role: in_memory_tracing(f"taxiway-{role}") for role in ROLES}
     redis_server = EmbeddedRedis()
@@ -110,12 +110,8 @@ def main() -> None:
         "hops_ms_p50": {h: round(statistics.median(v), 3) for h, v in per_hop.items()},
     }
     result["hops_sum_ms"] = round(sum(result["hops_ms_p50"].values()), 3)
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = Path(args.out or ROOT / "bench" / "results" /
-               f"serve_hops_cpu_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    write_result(result, args.out or str(ROOT / "bench" / "results" / f"serve_hops_cpu_{stamp}.json"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from gpu_engine.sampling_params import SamplingParams  # noqa: E402
 from services.common import convert  # noqa: E402
 from services.common.types import Delta, EngineRequest  # noqa: E402
 from services.executor.fake import FakeEngine  # noqa: E402
-from taxiway.benchmarks import machine_info  # noqa: E402
+from taxiway.benchmarks import machine_info, write_result  # noqa: E402
 
 
 def _requests(streams: int, osl: int, gateway_id: str = "gw") -> list[EngineRequest]:
@@ -249,7 +248,8 @@ def main() -> None:
     ap.add_argument("--exchanges", type=int, default=2000, help="Detokenize exchanges timed")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
     ap.add_argument("--label", default="", help="a note stored in the JSON (e.g. before/after)")
-    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/serve_tiers_cpu_<time>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: bench/results/serve_tiers_cpu_<time>.json)")
     args = ap.parse_args()
     from services.common.redis_server import EmbeddedRedis
 
@@ -270,12 +270,8 @@ def main() -> None:
         **{k: v for kind in TOKENIZERS
            for k, v in bench_gateway(kind, args.streams, args.osl, args.exchanges, args.repeat).items()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = Path(args.out or ROOT / "bench" / "results" /
-               f"serve_tiers_cpu_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    write_result(result, args.out or str(ROOT / "bench" / "results" / f"serve_tiers_cpu_{stamp}.json"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The gateway's request handling, without gRPC or Redis, on one asyncio event loop: validate,
 tokenize, enqueue, then turn the executor's token deltas into text (through the tokenizer tier's
-detokenizer; a model without a tokenizer streams token ids with no exchange at all), stop strings into aborts, a lost executor into a resubmission, and a client that
-went away (its task cancelled) or a deadline into aborts. No thread and no task per request but
+detokenizer; a model without a tokenizer streams token ids with no exchange at all), stop
+strings into aborts, a lost executor into a resubmission, and a client that went away (its task
+cancelled) or a deadline into aborts. No thread and no task per request but
 the caller's own: each request waits on its mailbox (router.py).
 
 Resume after a lost executor: the gateway knows exactly which tokens it streamed, so it
