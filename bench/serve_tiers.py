@@ -16,13 +16,16 @@ Three measurements, each in this process, one tier at a time:
   step in lockstep (decoded from bytes, routed, detokenized through the tokenizer tier, one chunk
   per token), consumed as a client would; tokens/s, and the time one step takes to reach every
   stream (a floor under the inter-token latency at that concurrency).
-Each is run --repeat times and the best run kept (the machine may be shared).
+Each is run --repeat times and the best run kept (the machine may be shared). Before each run the
+heap is frozen as a tier process freezes it once started (services/run.py; --no-freeze-heap: not),
+and full garbage collections during the run are counted with the longest pause.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -36,7 +39,47 @@ from gpu_engine.sampling_params import SamplingParams  # noqa: E402
 from services.common import convert  # noqa: E402
 from services.common.types import Delta, EngineRequest  # noqa: E402
 from services.executor.fake import FakeEngine  # noqa: E402
+from services.run import freeze_startup_heap  # noqa: E402
 from taxiway.benchmarks import machine_info, write_result  # noqa: E402
+
+
+class GcPauses:
+    """Full (generation 2) garbage collections while it is entered: how many, the longest (ms)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((time.perf_counter() - self._t0) * 1e3)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def figures(self) -> dict:
+        return {"gc_full_collections": len(self.pauses),
+                "gc_full_pause_ms_max": round(max(self.pauses, default=0.0), 2)}
+
+
+FREEZE_HEAP = True
+"""Set by --no-freeze-heap: measure as the tiers ran before they froze their start-up heap."""
+
+
+def _settle() -> None:
+    """Before a measured run: what the tier process does once it has started."""
+    if FREEZE_HEAP:
+        freeze_startup_heap()
+    else:
+        gc.collect()
 
 
 def _requests(streams: int, osl: int, gateway_id: str = "gw") -> list[EngineRequest]:
@@ -74,12 +117,14 @@ def bench_executor(streams: int, osl: int, redis_url: str, device_step_s: float)
     core = ExecutorCore(_engine(streams, device_step_s), "exec-bench", publisher)
     for r in _requests(streams, osl):
         core.admit(r)
-    t0 = time.perf_counter()
-    while core.step():
-        pass
-    step_s = time.perf_counter() - t0
-    publisher.close()
-    published_s = time.perf_counter() - t0
+    _settle()
+    with GcPauses() as pauses:
+        t0 = time.perf_counter()
+        while core.step():
+            pass
+        step_s = time.perf_counter() - t0
+        publisher.close()
+        published_s = time.perf_counter() - t0
     entries = client.xlen("taxiway:out:gw")
     return {
         "tokens": tokens, "steps": entries, "device_step_ms": device_step_s * 1e3,
@@ -88,6 +133,7 @@ def bench_executor(streams: int, osl: int, redis_url: str, device_step_s: float)
         "step_thread_overhead_us_per_token": round((step_s - engine_s) / tokens * 1e6, 2),
         "published_tok_s": round(tokens / published_s),
         "published_us_per_token": round(published_s / tokens * 1e6, 2),
+        **pauses.figures(),
     }
 
 
@@ -161,14 +207,15 @@ async def _gateway_stream(core, intake: _Intake, streams: int, osl: int) -> dict
                 convert.output_batch_to_bytes("exec", deltas)))
             await step_done.wait()
 
-    t0 = time.perf_counter()
-    results = await asyncio.gather(feed(), *(consume() for _ in range(streams)))
-    elapsed = time.perf_counter() - t0
+    with GcPauses() as pauses:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(feed(), *(consume() for _ in range(streams)))
+        elapsed = time.perf_counter() - t0
     tokens = sum(t for t, _ in results[1:])
     chunks = sum(c for _, c in results[1:])
     return {"tokens": tokens, "chunks": chunks, "tok_s": round(tokens / elapsed),
             "us_per_token": round(elapsed / tokens * 1e6, 2),
-            "step_ms": round(elapsed / osl * 1e3, 2)}
+            "step_ms": round(elapsed / osl * 1e3, 2), **pauses.figures()}
 
 
 TOKENIZERS = {"text": ["--fake-engine"], "token_ids": ["--model", "llama-3.1-8b"]}
@@ -222,6 +269,7 @@ def bench_gateway(kind: str, streams: int, osl: int, exchanges: int, repeat: int
         runs = []
         for _ in range(repeat):
             intake.submitted.clear()
+            _settle()
             runs.append(await _gateway_stream(core, intake, streams, osl))
         out[f"gateway_{kind}"] = _best(runs, "us_per_token")
         await client.close()
@@ -247,10 +295,14 @@ def main() -> None:
                     help="the executor is also measured with engine steps that wait this long")
     ap.add_argument("--exchanges", type=int, default=2000, help="Detokenize exchanges timed")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
+    ap.add_argument("--no-freeze-heap", action="store_true",
+                    help="do not gc.freeze() before measuring (as the tiers ran before they did)")
     ap.add_argument("--label", default="", help="a note stored in the JSON (e.g. before/after)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default: bench/results/serve_tiers_cpu_<time>.json)")
     args = ap.parse_args()
+    global FREEZE_HEAP
+    FREEZE_HEAP = not args.no_freeze_heap
     from services.common.redis_server import EmbeddedRedis
 
     redis_server = EmbeddedRedis()
@@ -265,7 +317,7 @@ def main() -> None:
         "bench": "serve_tiers", "label": args.label, "machine": machine_info(),
         "config": {"streams": args.streams, "osl": args.osl, "exchanges": args.exchanges,
                    "device_step_ms": args.device_step_ms,
-                   "repeat": args.repeat},
+                   "repeat": args.repeat, "freeze_heap": FREEZE_HEAP},
         **executor,
         **{k: v for kind in TOKENIZERS
            for k, v in bench_gateway(kind, args.streams, args.osl, args.exchanges, args.repeat).items()},

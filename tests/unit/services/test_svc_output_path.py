@@ -1,6 +1,7 @@
 """The per-token output path's fast paths: the OutputBatch encoding (only set fields, rare fields
 intact), the executor's publisher (encodes off the step thread), the mailbox's one timer per
-request, and a model without a tokenizer streaming with no detokenizer exchange."""
+request, a model without a tokenizer streaming with no detokenizer exchange, and the start-up
+heap frozen out of full garbage collections."""
 
 from __future__ import annotations
 
@@ -128,3 +129,17 @@ def test_a_model_without_a_tokenizer_streams_ids_with_no_detokenizer():
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage == (2, 3, 0)
     with pytest.raises(InvalidRequest, match="has no tokenizer: stop strings cannot match"):
         asyncio.run(collect(SamplingParams(max_tokens=3, stop=("x",))))
+
+
+def test_a_started_tier_freezes_its_heap_out_of_full_collections():
+    import gc
+
+    from services.run import freeze_startup_heap
+
+    alive = len(gc.get_objects())
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() >= alive * 0.9  # what lived at start-up is no longer scanned
+        assert len(gc.get_objects()) < alive * 0.1
+    finally:
+        gc.unfreeze()
