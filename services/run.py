@@ -4,6 +4,7 @@ within the tier's drain_timeout_s, exit 0. A second signal stops at once."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -45,6 +46,15 @@ def start_role(role: str, config):
     return cls(config).start()
 
 
+def freeze_startup_heap() -> None:
+    """Moves every object alive now (modules, the model, the servers) out of the garbage
+    collector's reach, as vLLM's engine does after start-up: a full collection then walks only
+    what serving made since. Measured in the gateway's per-token benchmark (bench/serve_tiers.py,
+    256 streams): the longest full collection stalled its event loop 161 ms; 17 ms after this."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_role(role: str, config) -> int:
     signals = Signals()
     parent = int(os.environ.get(PARENT_ENV, "0"))
@@ -53,6 +63,7 @@ def run_role(role: str, config) -> int:
     except OSError as exc:  # a port in use: one line, not a traceback
         print(f"taxiway serve --role {role}: {exc}", file=sys.stderr)
         return 1
+    freeze_startup_heap()
     parent_gone = False
     while not signals.first.wait(0.5):
         if parent and os.getppid() != parent:

@@ -99,12 +99,25 @@ def queue_entry_from_bytes(data: bytes) -> EngineRequest | Abort:
 
 # -- the output streams ----------------------------------------------------------------------------
 
-def delta_to_pb(d: Delta):
-    msg = pb.RequestDelta(
-        request_id=d.request_id, attempt=d.attempt, first_index=d.first_index,
-        token_ids=d.token_ids, finish_reason=d.finish_reason or "",
-        num_prompt_tokens=d.num_prompt_tokens, num_cached_tokens=d.num_cached_tokens,
-        executor_lost=d.executor_lost, queue_time_s=d.queue_time_s)
+def _fill_delta(msg, d: Delta) -> None:
+    """Sets the fields of `msg` (a pb.RequestDelta) that differ from their zero value: a decode
+    step's delta has an id, an attempt, an index and a token; the rest is rare."""
+    msg.request_id = d.request_id
+    if d.attempt:
+        msg.attempt = d.attempt
+    if d.first_index:
+        msg.first_index = d.first_index
+    msg.token_ids.extend(d.token_ids)
+    if d.finish_reason:
+        msg.finish_reason = d.finish_reason
+    if d.num_prompt_tokens:
+        msg.num_prompt_tokens = d.num_prompt_tokens
+    if d.num_cached_tokens:
+        msg.num_cached_tokens = d.num_cached_tokens
+    if d.executor_lost:
+        msg.executor_lost = True
+    if d.queue_time_s:
+        msg.queue_time_s = d.queue_time_s
     if d.stop_token_id is not None:
         msg.stop_token_id = d.stop_token_id
     if d.error is not None:
@@ -113,23 +126,32 @@ def delta_to_pb(d: Delta):
         msg.logprobs.add().logprobs.update(lp)
     for lp in d.prompt_logprobs or ():
         msg.prompt_logprobs.add().logprobs.update(lp or {})
-    return msg
 
 
 def delta_from_pb(msg) -> Delta:
-    return Delta(
-        request_id=msg.request_id, attempt=msg.attempt, first_index=msg.first_index,
-        token_ids=list(msg.token_ids), finish_reason=msg.finish_reason or None,
-        stop_token_id=msg.stop_token_id if msg.HasField("stop_token_id") else None,
-        num_prompt_tokens=msg.num_prompt_tokens, num_cached_tokens=msg.num_cached_tokens,
-        error=(msg.error.kind, msg.error.message) if msg.HasField("error") else None,
-        executor_lost=msg.executor_lost,
-        logprobs=[dict(lp.logprobs) for lp in msg.logprobs] or None, queue_time_s=msg.queue_time_s,
-        prompt_logprobs=[dict(lp.logprobs) or None for lp in msg.prompt_logprobs] or None)
+    d = Delta(msg.request_id, msg.attempt, msg.first_index, list(msg.token_ids),
+              msg.finish_reason or None, num_prompt_tokens=msg.num_prompt_tokens,
+              num_cached_tokens=msg.num_cached_tokens, executor_lost=msg.executor_lost,
+              queue_time_s=msg.queue_time_s)
+    if msg.HasField("stop_token_id"):
+        d.stop_token_id = msg.stop_token_id
+    if msg.HasField("error"):
+        d.error = (msg.error.kind, msg.error.message)
+    if msg.logprobs:
+        d.logprobs = [dict(lp.logprobs) for lp in msg.logprobs]
+    if msg.prompt_logprobs:
+        d.prompt_logprobs = [dict(lp.logprobs) or None for lp in msg.prompt_logprobs]
+    return d
 
 
 def output_batch_to_bytes(source: str, deltas: list[Delta]) -> bytes:
-    return pb.OutputBatch(source=source, deltas=[delta_to_pb(d) for d in deltas]).SerializeToString()
+    """One OutputBatch: each delta filled in place in the batch (no message built and copied per
+    delta: the executor encodes one per request per step)."""
+    batch = pb.OutputBatch(source=source)
+    add = batch.deltas.add
+    for d in deltas:
+        _fill_delta(add(), d)
+    return batch.SerializeToString()
 
 
 def output_batch_from_bytes(data: bytes) -> list[Delta]:
@@ -167,11 +189,13 @@ def state_from_pb(msg) -> ExecutorState:
 
 def model_info_to_pb(info: ModelInfo):
     return pb.ModelInfo(name=info.name, max_context_length=info.max_context_length,
-                        vocab_size=info.vocab_size, eos_token_ids=list(info.eos_token_ids))
+                        vocab_size=info.vocab_size, eos_token_ids=list(info.eos_token_ids),
+                        token_ids_only=info.token_ids_only)
 
 
 def model_info_from_pb(msg) -> ModelInfo:
-    return ModelInfo(msg.name, msg.max_context_length, msg.vocab_size, tuple(msg.eos_token_ids))
+    return ModelInfo(msg.name, msg.max_context_length, msg.vocab_size, tuple(msg.eos_token_ids),
+                     msg.token_ids_only)
 
 
 # -- tokenizer tier ----------------------------------------------------------------------------------

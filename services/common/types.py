@@ -107,3 +107,5 @@ class ModelInfo:
     max_context_length: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    token_ids_only: bool = False
+    """No tokenizer: token ids in and out, no text (the gateway then detokenizes nothing)."""

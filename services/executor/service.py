@@ -56,17 +56,20 @@ class ExecutorServicer:
 
 class OutputPublisher:
     """XADDs each step's deltas to the gateways' streams from its own thread, so that the step
-    loop never waits on Redis. Batches whatever queued up into one pipeline."""
+    loop never waits on Redis nor spends its time encoding: the step thread only queues the
+    deltas; this thread encodes them (one OutputBatch per gateway per step) and sends whatever
+    queued up in one pipeline. On a GPU the encoding then runs while the step thread waits for
+    the device."""
 
     def __init__(self, redis, source: str):
         self._redis = redis
         self._source = source
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="output-publisher", daemon=True)
         self._thread.start()
 
     def __call__(self, gateway_id: str, deltas: list[Delta]) -> None:
-        self._queue.put((gateway_id, convert.output_batch_to_bytes(self._source, deltas)))
+        self._queue.put((gateway_id, deltas))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -79,8 +82,9 @@ class OutputPublisher:
                 items.append(self._queue.get_nowait())
             done = None in items
             pipe = self._redis.pipeline(transaction=False)
-            for gateway_id, data in (i for i in items if i is not None):
+            for gateway_id, deltas in (i for i in items if i is not None):
                 key = streams.out_stream(gateway_id)
+                data = convert.output_batch_to_bytes(self._source, deltas)
                 pipe.xadd(key, {streams.FIELD: data}, maxlen=streams.OUT_STREAM_MAXLEN,
                           approximate=True)
                 pipe.expire(key, streams.OUT_STREAM_TTL_S)

@@ -1,7 +1,8 @@
 """The gateway's request handling, without gRPC or Redis, on one asyncio event loop: validate,
 tokenize, enqueue, then turn the executor's token deltas into text (through the tokenizer tier's
-detokenizer), stop strings into aborts, a lost executor into a resubmission, and a client that
-went away (its task cancelled) or a deadline into aborts. No thread and no task per request but
+detokenizer; a model without a tokenizer streams token ids with no exchange at all), stop
+strings into aborts, a lost executor into a resubmission, and a client that went away (its task
+cancelled) or a deadline into aborts. No thread and no task per request but
 the caller's own: each request waits on its mailbox (router.py).
 
 Resume after a lost executor: the gateway knows exactly which tokens it streamed, so it
@@ -43,7 +44,7 @@ from services.common.telemetry import PassThroughTracerProvider, inject_context
 from services.common.types import Abort, Delta, EngineRequest, ModelInfo
 from services.gateway.observe import RequestObserver
 from services.gateway.router import REISSUE, SHUTDOWN, Failed, Mailbox, Router
-from services.gateway.samples import Chunk, DetokenizerSession, Sample, coalesce
+from services.gateway.samples import Chunk, DetokenizerSession, Sample, TextlessSession, coalesce
 from services.gateway.validate import check_request
 
 __all__ = ["Chunk", "GatewayCore", "GenerateInput", "Intake", "TokenizerClient"]
@@ -194,12 +195,7 @@ class GatewayCore:
         p = inp.params
         try:
             with _current(obs.context):
-                for s in group.samples:
-                    s.detok = await self.tokenizer.detokenizer(
-                        s.request.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
-                        stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
-                for s in group.samples:
-                    s.request = await self._submit(s.request)
+                await self._start(group, p)
             while group.live:
                 items = await group.mailbox.get_all(group.deadline - self._clock())
                 if items is None:
@@ -213,6 +209,26 @@ class GatewayCore:
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
             await asyncio.shield(cleanup)
+
+    async def _start(self, group: _Group, p: SamplingParams) -> None:
+        """Enqueues the samples while their detokenizers open (the Detokenize stream's set-up is
+        then off the way to the first token). Both finish before an error is raised, so the
+        cleanup's aborts come after the submits."""
+        textless = (await self.tokenizer.model_info()).token_ids_only
+
+        async def detokenizers() -> None:
+            for s in group.samples:
+                s.detok = TextlessSession() if textless else await self.tokenizer.detokenizer(
+                    s.request.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
+                    stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+
+        async def submits() -> None:
+            for s in group.samples:
+                s.request = await self._submit(s.request)
+
+        for outcome in await asyncio.gather(detokenizers(), submits(), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _cleanup(self, group: _Group) -> None:
         """Closes each sample's detokenizer and aborts what still runs upstream."""

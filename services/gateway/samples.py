@@ -18,6 +18,17 @@ class DetokenizerSession(Protocol):
     async def aclose(self) -> None: ...
 
 
+class TextlessSession:
+    """The detokenizer of a model without a tokenizer (ModelInfo.token_ids_only): no text, no stop
+    string, so no exchange with the tokenizer tier per chunk."""
+
+    async def add(self, token_ids: Sequence[int], flush: bool = False) -> tuple[str, str | None]:
+        return "", None
+
+    async def aclose(self) -> None:
+        pass
+
+
 @dataclass
 class Chunk:
     """One GenerateResponse: one sample's tokens and text new since its previous chunk."""

@@ -20,6 +20,9 @@ def check_request(prompt: Sequence[int], params: SamplingParams, info: ModelInfo
         if bad:
             raise InvalidRequest(f"{what}: token id {bad[0]} is out of range: the vocabulary has "
                                  f"{info.vocab_size} tokens (ids 0..{info.vocab_size - 1})")
+    if info.token_ids_only and params.stop:
+        raise InvalidRequest(f"model {info.name!r} has no tokenizer: stop strings cannot match "
+                             "(use stop_token_ids)")
     max_tokens = params.max_tokens or 1
     if info.max_context_length and len(prompt) + max_tokens > info.max_context_length:
         raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) "

@@ -147,4 +147,4 @@ def _ids_only(name: str, preset: dict) -> TokenizerCore:
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     return TokenizerCore(_IdsOnly(name), _SilentDetok,
                          ModelInfo(name, int(preset.get("max_position_embeddings") or 0),
-                                   int(preset["vocab_size"]), eos_ids))
+                                   int(preset["vocab_size"]), eos_ids, token_ids_only=True))
