@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
-from taxiway.serve_bench import RequestRecord, ServeBenchConfig, Workload
+from taxiway.serve_bench import RequestRecord, ServeBenchConfig, Workload, send_all
 
 
 def _credentials(cfg: ServeBenchConfig):
@@ -44,34 +43,20 @@ async def run(cfg: ServeBenchConfig, workload: Workload, concurrency: int,
     sampling = pb.SamplingParams(max_tokens=cfg.osl, min_tokens=cfg.osl, ignore_eos=True,
                                  temperature=0.0)
     metadata = _metadata(cfg)
-    limit = asyncio.Semaphore(concurrency) if concurrency else None
     channel = (grpc.aio.secure_channel(cfg.address, _credentials(cfg)) if cfg.tls
                else grpc.aio.insecure_channel(cfg.address))
     async with channel:
         stub = Stub(channel, "Gateway")
 
-        async def one(prompt, send_at: float) -> RequestRecord:
-            await asyncio.sleep(max(0.0, start + send_at - time.monotonic()))
-            if limit is not None:
-                await limit.acquire()
+        async def send(prompt, record: RequestRecord) -> None:
             if isinstance(prompt, str):
                 request = pb.GenerateRequest(text=prompt, sampling=sampling)
             else:
                 request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
-            record = RequestRecord(start=time.monotonic())
-            try:
-                async for chunk in stub.Generate(request, timeout=cfg.timeout_s, metadata=metadata):
-                    if chunk.token_ids:
-                        record.chunk_times.append(time.monotonic())
-                        record.num_tokens += len(chunk.token_ids)
-                if record.num_tokens != cfg.osl:
-                    record.error = f"got {record.num_tokens} tokens, expected {cfg.osl}"
-            except grpc.aio.AioRpcError as exc:
-                record.error = f"{exc.code().name}: {exc.details()}"
-            finally:
-                if limit is not None:
-                    limit.release()
-            return record
+            async for chunk in stub.Generate(request, timeout=cfg.timeout_s, metadata=metadata):
+                if chunk.token_ids:
+                    record.chunk_times.append(time.monotonic())
+                    record.num_tokens += len(chunk.token_ids)
 
-        return list(await asyncio.gather(*(one(p, t) for p, t in zip(workload.prompts,
-                                                                      workload.send_at))))
+        return await send_all(cfg, workload, concurrency, start, send, (grpc.aio.AioRpcError,),
+                              lambda exc: f"{exc.code().name}: {exc.details()}")

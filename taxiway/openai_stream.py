@@ -17,7 +17,7 @@ import urllib.request
 
 import h11
 
-from taxiway.serve_bench import RequestRecord, ServeBenchConfig, Workload
+from taxiway.serve_bench import RequestRecord, ServeBenchConfig, Workload, send_all
 
 
 def _base(cfg: ServeBenchConfig) -> str:
@@ -46,31 +46,17 @@ def model_info(cfg: ServeBenchConfig) -> dict:
 async def run(cfg: ServeBenchConfig, workload: Workload, concurrency: int,
               start: float) -> list[RequestRecord]:
     model = model_info(cfg)["name"]
-    limit = asyncio.Semaphore(concurrency) if concurrency else None
     context = _ssl(cfg)
 
-    async def one(prompt, send_at: float) -> RequestRecord:
-        await asyncio.sleep(max(0.0, start + send_at - time.monotonic()))
-        if limit is not None:
-            await limit.acquire()
+    async def send(prompt, record: RequestRecord) -> None:
         body = {"model": model, "prompt": prompt, "max_tokens": cfg.osl, "min_tokens": cfg.osl,
                 "ignore_eos": True, "temperature": 0.0, "stream": True, "return_token_ids": True,
                 "stream_options": {"include_usage": True}}
-        record = RequestRecord(start=time.monotonic())
-        try:
-            await asyncio.wait_for(_stream(cfg, context, json.dumps(body).encode(), record),
-                                   cfg.timeout_s)
-            if record.num_tokens != cfg.osl:
-                record.error = f"got {record.num_tokens} tokens, expected {cfg.osl}"
-        except (OSError, ValueError, asyncio.TimeoutError, h11.ProtocolError) as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if limit is not None:
-                limit.release()
-        return record
+        await asyncio.wait_for(_stream(cfg, context, json.dumps(body).encode(), record), cfg.timeout_s)
 
-    return list(await asyncio.gather(*(one(p, t) for p, t in zip(workload.prompts,
-                                                                  workload.send_at))))
+    return await send_all(cfg, workload, concurrency, start, send,
+                          (OSError, ValueError, asyncio.TimeoutError, h11.ProtocolError),
+                          lambda exc: f"{type(exc).__name__}: {exc}")
 
 
 async def _stream(cfg: ServeBenchConfig, context, body: bytes, record: RequestRecord) -> None:

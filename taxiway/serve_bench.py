@@ -10,6 +10,7 @@ in this process (the baseline the services are compared with).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -105,6 +106,33 @@ def make_workload(cfg: ServeBenchConfig, vocab_size: int, seed: int) -> Workload
         if math.isfinite(cfg.request_rate):
             t += rng.expovariate(cfg.request_rate)
     return Workload(prompts, send_at)
+
+
+async def send_all(cfg: ServeBenchConfig, workload: Workload, concurrency: int, start: float,
+                   send, errors: tuple[type[BaseException], ...], describe) -> list[RequestRecord]:
+    """Each prompt of the workload sent at its time, at most `concurrency` in flight (0: no
+    limit): `await send(prompt, record)` streams one request into its record; an exception of a
+    type in `errors` becomes the record's error (`describe(exc)`), and so does a token count
+    other than OSL."""
+    limit = asyncio.Semaphore(concurrency) if concurrency else None
+
+    async def one(prompt, send_at: float) -> RequestRecord:
+        await asyncio.sleep(max(0.0, start + send_at - time.monotonic()))
+        if limit is not None:
+            await limit.acquire()
+        record = RequestRecord(start=time.monotonic())
+        try:
+            await send(prompt, record)
+            if record.num_tokens != cfg.osl:
+                record.error = f"got {record.num_tokens} tokens, expected {cfg.osl}"
+        except errors as exc:
+            record.error = describe(exc)
+        finally:
+            if limit is not None:
+                limit.release()
+        return record
+
+    return list(await asyncio.gather(*(one(p, t) for p, t in zip(workload.prompts, workload.send_at))))
 
 
 def summarize(records: list[RequestRecord], cfg: ServeBenchConfig, concurrency: int) -> dict:
