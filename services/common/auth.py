@@ -102,6 +102,17 @@ def _metadata_value(metadata, key: str) -> str | None:
     return None
 
 
+def _wrap(handler, handler_call_details, unary, streaming):
+    """The method handler with its behaviour wrapped by `unary` (unary responses) or `streaming`
+    (streamed responses); an unknown or exempt method's handler as it is."""
+    if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
+        return handler
+    for kind, wrap in (("unary_unary", unary), ("stream_unary", unary), ("unary_stream", streaming)):
+        if getattr(handler, kind):
+            return handler._replace(**{kind: wrap(getattr(handler, kind))})
+    return handler._replace(stream_stream=streaming(handler.stream_stream))
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Authenticates every call but the exempt ones with `keyring`; with no keyring the caller
     id is the peer's address ("peer:ipv4:10.0.0.7:51234"). Goes after the error interceptor, which
@@ -116,16 +127,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return self._keyring.authenticate(_metadata_value(context.invocation_metadata(), HEADER))
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
-            return handler
-        if handler.unary_unary:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=self._unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=self._streaming(handler.unary_stream))
-        return handler._replace(stream_stream=self._streaming(handler.stream_stream))
+        return _wrap(continuation(handler_call_details), handler_call_details, self._unary, self._streaming)
 
     def _unary(self, fn):
         def handler(request, context):
@@ -158,16 +160,8 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
         self._check = AuthInterceptor(keyring)._caller
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
-            return handler
-        if handler.unary_unary:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=self._unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=self._streaming(handler.unary_stream))
-        return handler._replace(stream_stream=self._streaming(handler.stream_stream))
+        return _wrap(await continuation(handler_call_details), handler_call_details, self._unary,
+                     self._streaming)
 
     def _unary(self, fn):
         async def handler(request, context):
