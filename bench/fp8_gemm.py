@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.kernels import rotating  # noqa: E402
 from kernels import reference as R  # noqa: E402
 from taxiway.benchmarks import copy_bandwidth_gbs, machine_info, write_result  # noqa: E402
 
@@ -36,17 +37,6 @@ def bench(fn) -> float:
         return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     except RuntimeError:  # e.g. an op that cannot be captured
         return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def rotating(sets, call):
-    state = {"i": 0}
-
-    def fn():
-        s = sets[state["i"] % len(sets)]
-        state["i"] += 1
-        return call(*s)
-
-    return fn
 
 
 def one_shape(n: int, k: int, m: int) -> dict:

@@ -95,6 +95,30 @@ def copy_bandwidth(timer: Timer, device: str, quick: bool) -> float:
     return 2 * src.numel() * src.element_size() / t / 1e6
 
 
+def bench_env(quick: bool) -> tuple[bool, str, str, Timer, float]:
+    """(quick, device, device name, timer, copy GB/s) of a kernel micro-benchmark: under
+    TRITON_INTERPRET=1 the CPU interpreter (patched, always quick), else the GPU if there is one."""
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    quick = quick or interp
+    if interp:
+        from kernels._triton_compat import patch_interpreter
+
+        patch_interpreter()
+    device = "cuda" if torch.cuda.is_available() and not interp else "cpu"
+    device_name = (torch.cuda.get_device_name() if device == "cuda"
+                   else f"CPU interpreter ({platform.processor() or 'cpu'})")
+    torch.manual_seed(0)
+    timer = Timer(quick)
+    return quick, device, device_name, timer, copy_bandwidth(timer, device, quick)
+
+
+def run_meta(device_name: str, copy_gbs: float, quick: bool, **extra) -> dict:
+    """What a micro-benchmark's JSON says of its run: card, commit, command, dtype, torch."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return dict(device=device_name, commit=commit, command=" ".join(sys.argv), dtype=str(DT), **extra,
+                torch=torch.__version__, copy_gbs=copy_gbs, quick=quick)
+
+
 def decode_case(timer, device, batch, ctx, quick):
     from kernels import triton_attention as A
 
@@ -255,16 +279,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter smoke)")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
     args = parser.parse_args()
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    quick = args.quick or interp
-    if interp:
-        from kernels._triton_compat import patch_interpreter
-
-        patch_interpreter()
-    device = "cuda" if torch.cuda.is_available() and not interp else "cpu"
-    torch.manual_seed(0)
-    timer = Timer(quick)
-    copy_gbs = copy_bandwidth(timer, device, quick)
+    quick, device, device_name, timer, copy_gbs = bench_env(args.quick)
     rows = []
     for name, shape, run in cases(quick):
         if args.only not in name:
@@ -273,14 +288,10 @@ def main() -> None:
         rows.append(_finish(name, shape, run(timer, device), copy_gbs))
         if device == "cuda":
             torch.cuda.empty_cache()
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU interpreter ({platform.processor() or 'cpu'})"
     _print_table(rows, copy_gbs, device_name)
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        meta = dict(device=device_name, commit=commit, command=" ".join(sys.argv), dtype=str(DT),
-                    torch=torch.__version__, copy_gbs=copy_gbs, quick=quick)
         with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=1)
+            json.dump(dict(meta=run_meta(device_name, copy_gbs, quick), results=rows), f, indent=1)
 
 
 if __name__ == "__main__":

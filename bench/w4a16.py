@@ -16,11 +16,8 @@ small-M mm tiles and prints the best per shape.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -31,10 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels.w4a16_reference import W4A16Weight  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernels.py"))
-_bk = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bk)
-Timer, rotating, copy_bandwidth = _bk.Timer, _bk.rotating, _bk.copy_bandwidth
+from bench.kernels import Timer, bench_env, rotating, run_meta  # noqa: E402
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 MS = [1, 4, 16, 64, 256, 1024, 8192]
@@ -153,16 +147,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run (CPU interpreter smoke)")
     parser.add_argument("--sweep", action="store_true", help="also sweep gemv / small-M tiles")
     args = parser.parse_args()
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    quick = args.quick or interp
-    if interp:
-        from kernels._triton_compat import patch_interpreter
-
-        patch_interpreter()
-    device = "cuda" if torch.cuda.is_available() and not interp else "cpu"
-    torch.manual_seed(0)
-    timer = Timer(quick)
-    copy_gbs = copy_bandwidth(timer, device, quick)
+    quick, device, device_name, timer, copy_gbs = bench_env(args.quick)
     shapes = [("tiny", 256, 512)] if quick else SHAPES
     ms = [1, 4, 64] if quick else MS
     rows, sweeps = [], []
@@ -177,14 +162,11 @@ def main() -> None:
         if args.sweep:
             for m in (1, 16):
                 sweeps.extend(sweep(timer, device, name, n, k, m, quick)[:5])
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU interpreter ({platform.processor() or 'cpu'})"
     _print(rows, copy_gbs, device_name)
     for s in sweeps:
         print(f"sweep {s['name']:8} M={s['m']:<3} {s['t_ms'] * 1e3:8.1f} us  {s['config']}")
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        meta = dict(device=device_name, commit=commit, command=" ".join(sys.argv), dtype=str(DT),
-                    group_size=GROUP, torch=torch.__version__, copy_gbs=copy_gbs, quick=quick)
+        meta = run_meta(device_name, copy_gbs, quick, group_size=GROUP)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, results=rows, sweep=sweeps), f, indent=1)
 
