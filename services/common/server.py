@@ -90,6 +90,21 @@ class ServerSecurity:
         return cls(keys, cfg.tls_cert_file, cfg.tls_key_file, cfg.reflection)
 
 
+def _add_services(server, services: dict[str, object], health_servicer, sec: ServerSecurity,
+                  request_limit: int | None, aio: bool) -> list[str]:
+    """The services, the health service and (if on) reflection on `server`; returns the names
+    health reports for ("" is the whole server)."""
+    for name, impl in services.items():
+        add_service(server, name, impl, request_limit=request_limit, aio=aio)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = ["", *(service_full_name(n) for n in services)]
+    if sec.reflection:
+        reflection.enable_server_reflection(
+            [*names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+    return names
+
+
 class GrpcServer:
     """Serves `services` ({"Gateway": impl, ...}) on host:port (port 0 picks a free one).
     `max_receive_bytes` caps incoming messages (gRPC refuses larger ones itself)."""
@@ -102,15 +117,8 @@ class GrpcServer:
             ThreadPoolExecutor(max_workers=max_workers),
             interceptors=[ErrorInterceptor(), AuthInterceptor(sec.keys)],
             options=[*OPTIONS, ("grpc.max_receive_message_length", max_receive_bytes)])
-        for name, impl in services.items():
-            add_service(self._server, name, impl, request_limit=request_limit)
         self._health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self._names = ["", *(service_full_name(n) for n in services)]
-        if sec.reflection:
-            reflection.enable_server_reflection(
-                [*self._names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME], self._server)
+        self._names = _add_services(self._server, services, self._health, sec, request_limit, aio=False)
         self.port = _bind(self._server, host, port, sec)
         self.host = host
         self.tls = bool(sec.tls_cert_file)
@@ -152,15 +160,8 @@ class AioGrpcServer:
             interceptors=[AioErrorInterceptor(), AioAuthInterceptor(sec.keys)],
             options=[*OPTIONS, *AIO_OPTIONS,
                      ("grpc.max_receive_message_length", max_receive_bytes)])
-        for name, impl in services.items():
-            add_service(self._server, name, impl, request_limit=request_limit, aio=True)
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self._names = ["", *(service_full_name(n) for n in services)]
-        if sec.reflection:
-            reflection.enable_server_reflection(
-                [*self._names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME], self._server)
+        self._names = _add_services(self._server, services, self._health, sec, request_limit, aio=True)
         self.port = _bind(self._server, host, port, sec)
         self.host = host
         self.tls = bool(sec.tls_cert_file)
