@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import grpc
 
-from services.common.errors import Unauthenticated
+from services.common.errors import Unauthenticated, wrap_handler
 
 HEADER = "authorization"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -103,14 +103,10 @@ def _metadata_value(metadata, key: str) -> str | None:
 
 
 def _wrap(handler, handler_call_details, unary, streaming):
-    """The method handler with its behaviour wrapped by `unary` (unary responses) or `streaming`
-    (streamed responses); an unknown or exempt method's handler as it is."""
+    """The method handler wrapped (wrap_handler); an unknown or exempt method's as it is."""
     if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
         return handler
-    for kind, wrap in (("unary_unary", unary), ("stream_unary", unary), ("unary_stream", streaming)):
-        if getattr(handler, kind):
-            return handler._replace(**{kind: wrap(getattr(handler, kind))})
-    return handler._replace(stream_stream=streaming(handler.stream_stream))
+    return wrap_handler(handler, unary, streaming)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -112,20 +112,22 @@ def _streaming(fn):
     return handler
 
 
+def wrap_handler(handler, unary, streaming):
+    """A method handler (of a server interceptor) with its behaviour wrapped by `unary` (methods
+    with a unary response) or `streaming` (streamed responses); None stays None."""
+    if handler is None:
+        return None
+    for kind, wrap in (("unary_unary", unary), ("stream_unary", unary), ("unary_stream", streaming)):
+        if getattr(handler, kind):
+            return handler._replace(**{kind: wrap(getattr(handler, kind))})
+    return handler._replace(stream_stream=streaming(handler.stream_stream))
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Wraps every handler so that a raised error becomes its one gRPC status."""
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_streaming(handler.unary_stream))
-        return handler._replace(stream_stream=_streaming(handler.stream_stream))
+        return wrap_handler(continuation(handler_call_details), _unary, _streaming)
 
 
 # -- the same mapping on grpc.aio servers ------------------------------------------------------------
@@ -170,13 +172,4 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
     """ErrorInterceptor for grpc.aio servers (handlers are coroutines and async generators)."""
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_aio_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_aio_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_aio_streaming(handler.unary_stream))
-        return handler._replace(stream_stream=_aio_streaming(handler.stream_stream))
+        return wrap_handler(await continuation(handler_call_details), _aio_unary, _aio_streaming)
