@@ -61,9 +61,12 @@ class OutputPublisher:
     queued up in one pipeline. On a GPU the encoding then runs while the step thread waits for
     the device."""
 
-    def __init__(self, redis, source: str):
+    def __init__(self, redis, source: str, on_failure=None):
         self._redis = redis
         self._source = source
+        self._on_failure = on_failure or (lambda reason: None)
+        """Called with a reason when a batch cannot be encoded: its requests would wait for
+        tokens that never come, so the executor must leave the pool (they resume elsewhere)."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="output-publisher", daemon=True)
         self._thread.start()
@@ -83,8 +86,13 @@ class OutputPublisher:
             done = None in items
             pipe = self._redis.pipeline(transaction=False)
             for gateway_id, deltas in (i for i in items if i is not None):
+                try:
+                    data = convert.output_batch_to_bytes(self._source, deltas)
+                except Exception as exc:  # noqa: BLE001 - never a silent stop of this thread
+                    log.exception("could not encode an output batch of %d deltas", len(deltas))
+                    self._on_failure(f"the output publisher failed: {type(exc).__name__}: {exc}")
+                    continue
                 key = streams.out_stream(gateway_id)
-                data = convert.output_batch_to_bytes(self._source, deltas)
                 pipe.xadd(key, {streams.FIELD: data}, maxlen=streams.OUT_STREAM_MAXLEN,
                           approximate=True)
                 pipe.expire(key, streams.OUT_STREAM_TTL_S)
@@ -172,7 +180,7 @@ class ExecutorService:
         def loop() -> None:
             try:
                 engine = with_faults(self._engine or make_engine(self.config), self.config)
-                self.publisher = OutputPublisher(self.redis, self.executor_id)
+                self.publisher = OutputPublisher(self.redis, self.executor_id, self._publisher_failed)
                 metrics = ExecutorMetrics(model_label(engine.model_config.name),
                                           registry=self.obs.registry)
                 self.core = ExecutorCore(engine, self.executor_id, self.publisher,
@@ -195,6 +203,11 @@ class ExecutorService:
         self._gated.target = ExecutorServicer(self.core, self.config.heartbeat_interval_s,
                                               self._stopping)
         return box["engine"]
+
+    def _publisher_failed(self, reason: str) -> None:
+        """The step loop sees `broken` at its next turn, stops and the executor leaves the pool."""
+        if self.core.broken is None:
+            self.core.broken = reason
 
     def _leave_pool(self, reason: str) -> None:
         """The engine cannot go on: NOT_SERVING (so a liveness probe restarts the process), no

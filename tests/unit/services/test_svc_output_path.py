@@ -64,6 +64,17 @@ def test_publisher_encodes_each_step_batch_in_its_thread_in_order():
     assert redis.sent == [(streams.out_stream("gw"), d) for d in steps]
 
 
+def test_a_batch_that_cannot_be_encoded_is_reported_and_publishing_goes_on():
+    redis, failures = _Redis(), []
+    publisher = OutputPublisher(redis, "exec-1", failures.append)
+    publisher("gw", [Delta("bad", 0, 0, ["not a token id"])])
+    good = [Delta("r", 0, 0, [7])]
+    publisher("gw", good)
+    publisher.close()
+    assert len(failures) == 1 and failures[0].startswith("the output publisher failed: TypeError")
+    assert redis.sent[-1] == (streams.out_stream("gw"), good)
+
+
 def test_mailbox_keeps_one_timer_and_still_times_out():
     async def scenario():
         loop = asyncio.get_running_loop()
