@@ -5,7 +5,6 @@ request, timed with time.monotonic() (one clock for every process of this machin
 from __future__ import annotations
 
 import asyncio
-import math
 import multiprocessing
 import time
 from collections import deque
@@ -42,12 +41,12 @@ class StreamingClient:
         return self.info["vocab_size"]
 
     def run(self, workload: Workload, cfg: ServeBenchConfig, concurrency: int) -> list[RequestRecord]:
-        procs = min(cfg.client_processes, len(workload.prompts))
+        per = split_concurrency(concurrency, cfg.client_processes, len(workload.prompts))
+        procs = len(per)
         if procs == 1:
             return _run_sync(cfg, workload, concurrency, time.monotonic())
         start = time.monotonic() + START_MARGIN_S + 0.5 * procs
-        per = math.ceil(concurrency / procs) if concurrency else 0
-        parts = [(cfg, Workload(workload.prompts[p::procs], workload.send_at[p::procs]), per, start)
+        parts = [(cfg, Workload(workload.prompts[p::procs], workload.send_at[p::procs]), per[p], start)
                  for p in range(procs)]
         with multiprocessing.get_context("spawn").Pool(procs) as pool:
             results = pool.starmap(_run_sync, parts)
@@ -62,6 +61,13 @@ class StreamingClient:
 
     def close(self) -> None:
         pass
+
+
+def split_concurrency(concurrency: int, processes: int, requests: int) -> list[int]:
+    """Each client process's in-flight limit: never more processes than requests or than the
+    run's concurrency, and the limits add up to it exactly (0: no limit, in every process)."""
+    procs = max(1, min(processes, requests, concurrency or processes))
+    return [concurrency // procs + (p < concurrency % procs) for p in range(procs)]
 
 
 def _run_sync(cfg, workload, concurrency, start) -> list[RequestRecord]:
