@@ -80,7 +80,7 @@ def build_engine(args) -> LLMEngine:
     return LLMEngine(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         max_num_seqs=max(args.batch_sizes), max_model_len=args.context + output_budget(args),
-        num_kv_blocks=args.num_kv_blocks,
+        num_kv_blocks=args.num_kv_blocks, async_scheduling=args.async_scheduling,
         speculative_config={"method": "ngram", "num_speculative_tokens": max(args.ks),
                             "disable_above_batch_size": max(args.batch_sizes)})
 
@@ -250,6 +250,8 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=10, help="steps per timed run")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement (the median is reported)")
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="default: what the memory holds")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="overlapped steps where nothing is drafted (default: the engine's, on with a GPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--acceptance", default=None, help="a bench/spec_decode.py result: project from its "
                                                        "acceptance lengths")

@@ -1,6 +1,7 @@
-"""bench/spec_verify_cost.py (verify step vs decode step, issue 10) on a tiny model on the CPU: every
-(batch, k) is measured through the engine's own verify path, and the projection is the acceptance
-length over the measured cost ratio."""
+"""bench/spec_verify_cost.py (verify step vs decode step, issue 10) on a tiny model on the CPU, with
+the overlapped loop a GPU runs: every (batch, k) is measured through the engine's own verify path
+(each timed step checked to be B verify entries of 1 + k tokens), and the projection is the
+acceptance length over the measured cost ratio."""
 
 import json
 
@@ -27,9 +28,10 @@ def test_every_batch_and_k_is_measured_and_projected(tiny_llama, tmp_path):
     spec_batch1_result(accept, k=2)
     assert main(["--model", tiny_llama, "--dtype", "float32", "--device", "cpu",
                  "--batch-sizes", *map(str, BATCHES), "--ks", *map(str, KS), "--context", str(CONTEXT),
-                 "--warmup", "1", "--steps", "2", "--reps", "2", "--num-kv-blocks", "128",
+                 "--warmup", "1", "--steps", "2", "--reps", "2", "--num-kv-blocks", "128", "--async-scheduling",
                  "--acceptance", str(accept), "--acceptance-length", "1=1.5", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["engine"]["async_scheduling"] is True  # plain decodes overlap, as on a GPU
     decode = {r["batch"]: r for r in result["decode"]}
     assert sorted(decode) == BATCHES and sorted(r["batch"] for r in result["decode_sync"]) == BATCHES
     verify = {(r["batch"], r["k"]): r for r in result["verify"]}
@@ -56,3 +58,16 @@ def test_an_acceptance_length_for_an_unmeasured_k_is_refused_before_the_engine_s
         main(["--model", str(tmp_path / "missing"), "--ks", "1", "2", "--acceptance", str(accept)])
     with pytest.raises(SystemExit, match="K=L items"):
         main(["--acceptance-length", "4:2.5"])
+
+
+def test_a_timed_step_of_another_shape_is_an_error_not_a_figure(tiny_llama, tmp_path, monkeypatch):
+    from bench import spec_verify_cost
+
+    real = spec_verify_cost.ForcedDrafts.propose
+    monkeypatch.setattr(spec_verify_cost.ForcedDrafts, "propose",  # one draft short of k for every sequence
+                        lambda self, batch: real(spec_verify_cost.ForcedDrafts(self.k - 1), batch))
+    with pytest.raises(RuntimeError, match=r"expected 2 verify steps of 1 sequences and 3 tokens, the engine "
+                                           r"ran \{'verify': \{'steps': 2, 'mean_seqs': 1.0, 'mean_tokens': 2.0"):
+        main(["--model", tiny_llama, "--dtype", "float32", "--device", "cpu", "--batch-sizes", "1",
+              "--ks", "2", "--context", str(CONTEXT), "--warmup", "1", "--steps", "2", "--reps", "1",
+              "--num-kv-blocks", "64"])
