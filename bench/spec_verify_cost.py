@@ -21,9 +21,10 @@ timed between device synchronisations; ms = the median run's time / --steps. Eve
 checked to be of the expected kind with B sequences and B * (1 + k) tokens.
 
 Not included: drafting. The forced drafts cost nothing, so a draft model's or EAGLE-3 head's
-forward adds to verify_ms; n-gram lookup is host work of a few microseconds per sequence. The
-drafts (the last token repeated) are mostly rejected by random weights; acceptance moves only the
-KV rollback, not the verify forward, and the context grows by the tokens emitted (context_end).
+forward adds to verify_ms; n-gram lookup is host work of a few microseconds per sequence. How many
+of the drafts (the last token repeated) random weights accept is recorded (observed_acceptance_length):
+acceptance changes only the KV rollback and how fast the context grows (context_start ..
+context_end), not the verify forward.
 """
 
 from __future__ import annotations
