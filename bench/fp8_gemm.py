@@ -33,7 +33,6 @@ from kernels import reference as R  # noqa: E402
 SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
           "down_proj": (4096, 14336)}  # (N, K)
 MS = (1, 4, 16, 64, 256, 1024, 8192)
-SMALL_M = 64  # the small-M kernel is timed up to here
 GEMV = dict(path="gemv", block_n=16, block_k=512, split_k=2)
 
 
@@ -56,7 +55,7 @@ def _sets(n: int, k: int, m: int, device: str, quick: bool) -> tuple[list, list]
 
 def _fp8_calls(m: int) -> dict:
     """label -> fn(xq, xs, wq, ws, sa, sb) of every FP8 GEMM timed at this M."""
-    from kernels.fp8_gemm import fp8_linear
+    from kernels.fp8_gemm import SMALL_M_MAX, fp8_linear
 
     calls = {
         "fp8_rowwise": lambda xq, xs, wq, ws, _a, _b: torch._scaled_mm(
@@ -65,7 +64,7 @@ def _fp8_calls(m: int) -> dict:
             xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
         "fp8_linear": lambda xq, xs, wq, ws, _a, _b: fp8_linear(xq, xs, wq, ws),
     }
-    if m <= SMALL_M:
+    if m <= SMALL_M_MAX:
         from kernels.fp8_gemv import FP8SmallMConfig, fp8_linear_small_m
 
         calls["fp8_small_m"] = lambda xq, xs, wq, ws, _a, _b: fp8_linear_small_m(xq, xs, wq, ws)
@@ -102,7 +101,10 @@ def _sweep_configs(m: int):
 
     block_m = max(16, 1 << (m - 1).bit_length())
     cfgs = [FP8SmallMConfig("mma", block_m=block_m, block_n=bn, block_k=bk, split_k=s, num_stages=st)
-            for bn, bk, s, st in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8), (4,))]
+            for bn, bk, s, st in itertools.product((16, 32, 64, 128), (128, 256), (1, 2, 4, 8), (4,))]
+    # deeper pipelines: narrow tiles without split-K (no reduction pass), and the default's width
+    cfgs += [FP8SmallMConfig("mma", block_m=block_m, block_n=bn, block_k=256, split_k=1, num_stages=st)
+             for bn, st in itertools.product((16, 32), (6, 8))]
     cfgs += [FP8SmallMConfig("mma", block_m=block_m, block_n=64, block_k=256, split_k=s, num_stages=st)
              for s, st in itertools.product((2, 4), (3, 6))]
     if m <= 4:
@@ -122,11 +124,16 @@ def sweep(timer: Timer, device: str, name: str, n: int, k: int, m: int, copy_gbs
     for cfg in cfgs[:2] if quick else cfgs:
         if k % cfg.block_k:
             continue
+        row = dict(linear=name, M=m, N=n, K=k, config=cfg.__dict__)
         fn = rotating(q, lambda xq, xs, wq, ws, _a, _b, cfg=cfg: fp8_linear_small_m(xq, xs, wq, ws, config=cfg))
-        t = _time(timer, fn)
-        rows.append(dict(linear=name, M=m, N=n, K=k, config=cfg.__dict__,
-                         **_entry(t, 2 * m * n * k, n * k + 4 * (n + m) + m * k + 2 * m * n, copy_gbs)))
-    return sorted(rows, key=lambda r: r["ms"])
+        try:
+            t = _time(timer, fn)
+        except Exception as e:  # noqa: BLE001 - a config that fails (resources) is recorded, the sweep goes on
+            print(f"sweep {name} M={m} {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append(dict(row, ms=None, error=f"{type(e).__name__}: {e}"))
+            continue
+        rows.append(dict(row, **_entry(t, 2 * m * n * k, n * k + 4 * (n + m) + m * k + 2 * m * n, copy_gbs)))
+    return sorted(rows, key=lambda r: float("inf") if r["ms"] is None else r["ms"])  # failures last
 
 
 def _print(rows: list[dict], device_name: str, copy_gbs: float) -> None:
@@ -144,12 +151,14 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny run (CPU interpreter smoke)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the small-M kernel's tiles")
+    ap.add_argument("--linears", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                    help="which of the 8B's linears (default all)")
     args = ap.parse_args()
     quick, device, device_name, timer, copy_gbs = bench_env(args.quick)
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         print("fp8_gemm.py needs an sm_89+ GPU (FP8 tensor cores)", file=sys.stderr)
         return 1
-    shapes = {"tiny": (96, 512)} if quick else SHAPES
+    shapes = {"tiny": (96, 512)} if quick else {name: SHAPES[name] for name in args.linears}
     ms = args.ms or ([1, 4, 64] if quick else list(MS))
     rows, sweeps = [], []
     for name, (n, k) in shapes.items():
@@ -174,6 +183,8 @@ def _best(sweeps: list[dict], per_case: int = 5) -> list[dict]:
     seen: dict[tuple, int] = {}
     out = []
     for s in sweeps:
+        if s["ms"] is None:
+            continue
         key = (s["linear"], s["M"])
         seen[key] = seen.get(key, 0) + 1
         if seen[key] <= per_case:

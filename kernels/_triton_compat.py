@@ -59,7 +59,7 @@ def sm_count(device: torch.device) -> int:
 
 
 def patch_interpreter() -> None:
-    """Fix four defects of Triton 3.6's CPU interpreter; no effect on GPU runs.
+    """Fix two defects of Triton 3.6's CPU interpreter; no effect on GPU runs.
 
     1. tl.dot on bf16: the interpreter stores bf16 as uint16 and multiplies the raw integers. On
        the GPU a bf16 dot multiplies exactly and accumulates in fp32, as upcasting both does.
@@ -67,8 +67,7 @@ def patch_interpreter() -> None:
     3. A scalar loaded from memory is a 1-element array, and int() of it (range bounds) fails
        with numpy >= 2.3.
     4. Casts to and from float8e4nv (E4M3) flush subnormals to zero; the GPU (and torch) keep
-       them. Such casts go through torch's float8_e4m3fn conversion instead (round to nearest even),
-       and so do tl.dot's E4M3 operands (upcast to float32, as in 1).
+       them. Such casts go through torch's float8_e4m3fn conversion instead (round to nearest even).
     """
     import numpy as np
     import triton.language as tl
@@ -79,9 +78,7 @@ def patch_interpreter() -> None:
     original = interp.InterpreterBuilder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if tl.float8e4nv in (a.dtype.scalar, b.dtype.scalar):  # exact products, subnormals kept
-            a, b = (_fp8_cast(x, tl.float32) for x in (a, b))
-        elif a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
             up = [interp.TensorHandle(
                 (x.data.astype(np.uint32) << 16).view(np.float32), tl.float32) for x in (a, b)]
             a, b = up

@@ -1,8 +1,8 @@
 """Small-M FP8 W8A8 GEMM (M = 1 ... 64, decode): y[M, N] = (xq * x_scale) @ (w * w_scale[:, None]).T
 (+ bias). Reference: kernels.reference.fp8_linear; kernels.fp8_gemm.fp8_linear dispatches here.
 
-At small M the GEMM is bound by the weight's N * K bytes, and torch._scaled_mm's rowwise tiles
-waste most of them (bench/results/2026-12-01-callA-fp8-gemm-h200.json). Two paths (`choose_config`):
+At small M the GEMM is bound by reading the weight's N * K bytes, and torch._scaled_mm with rowwise
+scales is no faster there than BF16 F.linear (bench/results/2026-12-01-callA-fp8-gemm-h200.json). Two paths (`choose_config`):
 
 - mma: the product is computed transposed, y.T = W x.T, so a [BLOCK_N, BLOCK_K] weight tile
   fills the MMA's M side and x's tile (M padded to 16 ... 64) its small N side; both operands
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kernels import _triton_compat as C
 from kernels.fp8_gemm import check_gemm
-from kernels.w4a16 import _split, _split_k_reduce_kernel
+from kernels.w4a16 import _split, _split_k_reduce_kernel, store_tile
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_BLOCK_K = 256
@@ -62,20 +62,11 @@ class FP8SmallMConfig:
 @triton.jit
 def _epilogue(acc, m, n, M, N, xs_ptr, s_xs, ws_ptr, b_ptr, out_ptr, part_ptr, s_om,
               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """acc [BM, BN] f32 of rows m, columns n: scaled by x_scale[m] * w_scale[n], then written to
-    out (+ bias) with one split, else to this split's slice of the workspace."""
-    m_ok, n_ok = m < M, n < N
-    xs = tl.load(xs_ptr + m.to(tl.int64) * s_xs, mask=m_ok, other=0.0)
-    acc = acc * xs[:, None] * tl.load(ws_ptr + n, mask=n_ok, other=0.0)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        dst = out_ptr + m.to(tl.int64)[:, None] * s_om + n[None, :]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = part_ptr + (tl.program_id(2) * M + m.to(tl.int64))[:, None] * N + n[None, :]
-        tl.store(part, acc, mask=mask)
+    """acc [BM, BN] f32 of rows m, columns n, scaled by x_scale[m] * w_scale[n], then stored
+    (to out, or to this split's slice of the workspace)."""
+    xs = tl.load(xs_ptr + m.to(tl.int64) * s_xs, mask=m < M, other=0.0)
+    acc = acc * xs[:, None] * tl.load(ws_ptr + n, mask=n < N, other=0.0)[None, :]
+    store_tile(acc, m, n, M, N, b_ptr, out_ptr, part_ptr, s_om, tl.program_id(2), HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -78,7 +78,7 @@ def test_fp8_small_m_static_scale_and_short_k(device):
 
 
 def test_fp8_small_m_keeps_subnormal_codes(device):
-    """E4M3 subnormals (down to 2^-9) multiply exactly, on the GPU and in the patched interpreter."""
+    """E4M3 subnormals (down to 2^-9) multiply exactly: the GPU (and the interpreter) keep them."""
     m, n, k = 2, 16, 128
     tiny = 2.0**-9
     xq = torch.full((m, k), tiny, device=device).to(FP8)
@@ -139,3 +139,19 @@ def test_fp8_small_m_llama_8b_shapes_gpu(name, n, k, m):
     gemv = FP8SmallMConfig("gemv", block_n=16, block_k=512, split_k=2)
     if m <= 4:
         _close(fp8_linear_small_m(*ops, None, torch.bfloat16, config=gemv), ops, None, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_fp8_small_m_in_a_cuda_graph_gpu():
+    """Decode runs the linears inside CUDA graphs: the split-K workspace comes from the graph's pool."""
+    ops = _operands(1, 4096, 4096, "cuda", seed=11)
+    cfg = choose_config(1, 4096, 4096, torch.device("cuda"))
+    assert cfg.split_k > 1, cfg
+    eager = fp8_linear(*ops)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_linear(*ops)
+    ops[0].copy_(torch.flip(ops[0], dims=[1]))  # new input, same buffer
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fp8_linear(*ops)) and not torch.equal(out, eager)
