@@ -156,6 +156,7 @@ def _fp8_gemm_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
                                                    torch.ones(m, 1), w, ws, None, dtype, config=c)
 
     return [("fp8 mma m=1", run(1)), ("fp8 mma m=16", run(16)), ("fp8 mma m=64", run(64)),
+            ("fp8 mma last-split", run(1, FP8SmallMConfig(split_k=4, reduce="last_split"))),
             ("fp8 gemv m=1", run(1, FP8SmallMConfig("gemv", block_n=16, block_k=512, split_k=2)))]
 
 

@@ -2,8 +2,8 @@
 
 For each (linear, M): BF16 F.linear; FP8 W8A8 through torch._scaled_mm with rowwise scales (per
 token x per channel) and with tensorwise scales (cuBLASLt's per-tensor path, for comparison); for
-M <= 64 the small-M Triton kernel (kernels/fp8_gemv.py: its default mma path and, for M <= 4, the
-CUDA-core gemv path); fp8_linear as the model calls it (whichever it dispatches to); and the
+M <= 64 the small-M Triton kernel (kernels/fp8_gemv.py: its default mma path, the same with the
+split-K sum done in the kernel (reduce="last_split") and, for M <= 4, the CUDA-core gemv path); fp8_linear as the model calls it (whichever it dispatches to); and the
 per-token activation quantization (kernels/fp8.py) that o_proj's input takes. Median times
 (through a CUDA graph, as the engine runs decode; eager where a graph cannot be captured), inputs
 rotated past the L2; TFLOP/s; bytes moved (weight + scales + x + y) per second and as a share of
@@ -17,6 +17,7 @@ the device-to-device copy bandwidth measured in the same run; the speed-up over 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -65,14 +66,21 @@ def _fp8_calls(m: int) -> dict:
         "fp8_linear": lambda xq, xs, wq, ws, _a, _b: fp8_linear(xq, xs, wq, ws),
     }
     if m <= SMALL_M_MAX:
-        from kernels.fp8_gemv import FP8SmallMConfig, fp8_linear_small_m
+        from kernels.fp8_gemv import FP8SmallMConfig, choose_config, fp8_linear_small_m
 
         calls["fp8_small_m"] = lambda xq, xs, wq, ws, _a, _b: fp8_linear_small_m(xq, xs, wq, ws)
+        calls["fp8_small_m_last_split"] = lambda xq, xs, wq, ws, _a, _b: fp8_linear_small_m(
+            xq, xs, wq, ws, config=_last_split(choose_config(xq.shape[0], wq.shape[0], wq.shape[1], xq.device)))
         if m <= 4:
             gemv = FP8SmallMConfig(**GEMV)
             calls["fp8_gemv"] = lambda xq, xs, wq, ws, _a, _b: fp8_linear_small_m(
                 xq, xs, wq, ws, config=gemv)
     return calls
+
+
+def _last_split(cfg):
+    """cfg with its splits summed in the GEMM kernel (by each tile's last split), not by a second launch."""
+    return dataclasses.replace(cfg, reduce="last_split")
 
 
 def _entry(t: float, flop: int, nbytes: int, copy_gbs: float) -> dict:
@@ -107,6 +115,8 @@ def _sweep_configs(m: int):
              for bn, st in itertools.product((16, 32), (6, 8))]
     cfgs += [FP8SmallMConfig("mma", block_m=block_m, block_n=64, block_k=256, split_k=s, num_stages=st)
              for s, st in itertools.product((2, 4), (3, 6))]
+    cfgs += [FP8SmallMConfig("mma", block_m=block_m, block_n=bn, block_k=256, split_k=s, reduce="last_split")
+             for bn, s in itertools.product((32, 64, 128), (2, 4, 8))]
     if m <= 4:
         cfgs += [FP8SmallMConfig("gemv", block_n=bn, block_k=bk, split_k=s)
                  for bn, bk, s in itertools.product((8, 16, 32), (256, 512), (1, 2, 4))]

@@ -13,7 +13,7 @@ def test_fp8_gemm_benchmark_quick_run(run_quick_bench):
     rows = data["rows"]
     assert [r["M"] for r in rows] == [1, 4, 64]
     for r in rows:
-        timed = {"bf16", "fp8_rowwise", "fp8_tensorwise", "fp8_linear", "fp8_small_m"}
+        timed = {"bf16", "fp8_rowwise", "fp8_tensorwise", "fp8_linear", "fp8_small_m", "fp8_small_m_last_split"}
         timed |= {"fp8_gemv"} if r["M"] <= 4 else set()
         assert timed <= set(r)
         assert all(r[label]["ms"] > 0 and r[label]["copy_share"] > 0 for label in timed)

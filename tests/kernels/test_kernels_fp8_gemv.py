@@ -3,6 +3,8 @@ kernels.reference.fp8_linear; the CPU interpreter on small shapes, the GPU on Ll
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ pytest.importorskip("triton")
 
 from kernels import reference as R  # noqa: E402
 from kernels.fp8_gemm import fp8_linear  # noqa: E402
+from kernels import fp8_gemv  # noqa: E402
 from kernels.fp8_gemv import FP8SmallMConfig, choose_config, fp8_linear_small_m  # noqa: E402
 from kernels.testing import rel_err  # noqa: E402
 
@@ -55,16 +58,21 @@ CONFIGS = [
     FP8SmallMConfig("mma", block_m=32, block_n=64, block_k=128, split_k=4, num_stages=2),
     FP8SmallMConfig("gemv", block_n=16, block_k=128, split_k=1),
     FP8SmallMConfig("gemv", block_n=8, block_k=64, split_k=3),
+    FP8SmallMConfig("mma", block_m=32, block_n=32, block_k=64, split_k=3, reduce="last_split"),
+    FP8SmallMConfig("gemv", block_n=16, block_k=128, split_k=4, reduce="last_split"),
 ]
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.path}-m{c.block_m}-n{c.block_n}-s{c.split_k}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.path}-m{c.block_m}-n{c.block_n}-s{c.split_k}-{c.reduce}")
 def test_fp8_small_m_every_path_and_split(cfg, with_bias, device):
     m, n, k = 37, 45, 512  # M over two 32-row tiles, N not a multiple of any tile
     ops = _operands(m, n, k, device, seed=3)
     bias = _bias(n, torch.bfloat16, device) if with_bias else None
-    _close(fp8_linear_small_m(*ops, bias, torch.bfloat16, config=cfg), ops, bias, torch.bfloat16)
+    for _ in range(2):  # the second call finds the last_split counters reset
+        _close(fp8_linear_small_m(*ops, bias, torch.bfloat16, config=cfg), ops, bias, torch.bfloat16)
+    if cfg.reduce == "last_split":
+        assert not fp8_gemv._counters[ops[0].device].any(), "every tile's counter back at 0"
 
 
 def test_fp8_small_m_static_scale_and_short_k(device):
@@ -120,6 +128,10 @@ def test_fp8_small_m_rejects_bad_inputs(device):
         FP8SmallMConfig("gemv", block_n=48)
     with pytest.raises(ValueError, match="path must be mma or gemv"):
         FP8SmallMConfig("wgmma")
+    with pytest.raises(ValueError, match="reduce must be kernel or last_split"):
+        FP8SmallMConfig(reduce="atomic")
+    with pytest.raises(ValueError, match="counts at most 65536 tiles"):
+        fp8_gemv._tile_counters(torch.device(device), 1 << 17)
 
 
 # ---- GPU: Llama-3.1-8B shapes ----
@@ -142,16 +154,21 @@ def test_fp8_small_m_llama_8b_shapes_gpu(name, n, k, m):
 
 
 @pytest.mark.gpu
-def test_fp8_small_m_in_a_cuda_graph_gpu():
-    """Decode runs the linears inside CUDA graphs: the split-K workspace comes from the graph's pool."""
+@pytest.mark.parametrize("reduce", ["kernel", "last_split"])
+def test_fp8_small_m_in_a_cuda_graph_gpu(reduce):
+    """Decode runs the linears inside CUDA graphs: the split-K workspace comes from the graph's pool,
+    the last_split counters (made by the eager call first) reset themselves between replays."""
     ops = _operands(1, 4096, 4096, "cuda", seed=11)
-    cfg = choose_config(1, 4096, 4096, torch.device("cuda"))
+    cfg = dataclasses.replace(choose_config(1, 4096, 4096, torch.device("cuda")), reduce=reduce)
     assert cfg.split_k > 1, cfg
-    eager = fp8_linear(*ops)
+    eager = fp8_linear_small_m(*ops, config=cfg)
+    assert torch.equal(eager, fp8_linear(*ops)), "deterministic: same sums in the same order"
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fp8_linear(*ops)
-    ops[0].copy_(torch.flip(ops[0], dims=[1]))  # new input, same buffer
-    graph.replay()
+        out = fp8_linear_small_m(*ops, config=cfg)
+    codes = ops[0].view(torch.uint8)
+    codes.copy_(codes.flip(1))  # a new input in the same buffer
+    for _ in range(3):
+        graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fp8_linear(*ops)) and not torch.equal(out, eager)
