@@ -125,7 +125,8 @@ def _fp8_mma_kernel(
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, s_xs, s_om, k_per_split,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SPLIT_REDUCES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SPLIT_REDUCES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), M, SPLIT_K): row m of x against BLOCK_N weight rows, in float32 on
     CUDA cores; products are summed per lane and reduced across K once, after the loop."""
