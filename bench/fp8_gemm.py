@@ -3,8 +3,9 @@
 For each (linear, M): BF16 F.linear; FP8 W8A8 through torch._scaled_mm with rowwise scales (per
 token x per channel) and with tensorwise scales (cuBLASLt's per-tensor path, for comparison); for
 M <= 64 the small-M Triton kernel (kernels/fp8_gemv.py: its default mma path, the same with the
-split-K sum done in the kernel (reduce="last_split") and, for M <= 4, the CUDA-core gemv path); fp8_linear as the model calls it (whichever it dispatches to); and the
-per-token activation quantization (kernels/fp8.py) that o_proj's input takes. Median times
+split-K sum done in the kernel (reduce="last_split") and, for M <= 4, the CUDA-core gemv path);
+fp8_linear as the model calls it (whichever it dispatches to); and the per-token activation
+quantization (kernels/fp8.py) that o_proj's input takes. Median times
 (through a CUDA graph, as the engine runs decode; eager where a graph cannot be captured), inputs
 rotated past the L2; TFLOP/s; bytes moved (weight + scales + x + y) per second and as a share of
 the device-to-device copy bandwidth measured in the same run; the speed-up over BF16.

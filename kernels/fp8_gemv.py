@@ -2,7 +2,8 @@
 (+ bias). Reference: kernels.reference.fp8_linear; kernels.fp8_gemm.fp8_linear dispatches here.
 
 At small M the GEMM is bound by reading the weight's N * K bytes, and torch._scaled_mm with rowwise
-scales is no faster there than BF16 F.linear (bench/results/2026-12-01-callA-fp8-gemm-h200.json). Two paths (`choose_config`):
+scales is no faster there than BF16 F.linear (bench/results/2026-12-01-callA-fp8-gemm-h200.json).
+Two paths (`choose_config`):
 
 - mma: the product is computed transposed, y.T = W x.T, so a [BLOCK_N, BLOCK_K] weight tile
   fills the MMA's M side and x's tile (M padded to 16 ... 64) its small N side; both operands
