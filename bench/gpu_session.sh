@@ -58,8 +58,16 @@ for step in "$@"; do
     t1-2048) tp 2048 2048 500 ;;
     l1) phase l1 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 --out "$OUT/l1.json" ;;
     # FP8 W8A8 + FP8 KV (T2, L1 FP8): run each beside its BF16 phase in the same call.
-    fp8-tests) phase fp8-tests 400 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/gpu/test_gpu_fp8.py -m gpu ;;
-    fp8-gemm) phase fp8-gemm 300 python bench/fp8_gemm.py --out "$OUT/fp8-gemm.json" ;;
+    fp8-tests) phase fp8-tests 400 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/kernels/test_kernels_fp8_gemv.py tests/gpu/test_gpu_fp8.py -m gpu ;;
+    fp8-gemm) phase fp8-gemm 500 python bench/fp8_gemm.py --out "$OUT/fp8-gemm.json" ;;
+    # the small-M FP8 kernel (kernels/fp8_gemv.py): all its tests on the GPU, then its tiles swept at
+    # M = 1 and 16, two linears a call (each call under 10 minutes):
+    #   bash bench/gpu_session.sh fp8-gemv-tests fp8-gemm-sweep-a;  bash bench/gpu_session.sh fp8-gemm-sweep-b
+    fp8-gemv-tests) phase fp8-gemv-tests 300 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8_gemv.py ;;
+    fp8-gemm-sweep-a) phase fp8-gemm-sweep-a 560 python bench/fp8_gemm.py --ms 1 4 16 64 --sweep \
+      --linears qkv_proj o_proj --out "$OUT/fp8-gemm-sweep-a.json" ;;
+    fp8-gemm-sweep-b) phase fp8-gemm-sweep-b 560 python bench/fp8_gemm.py --ms 1 4 16 64 --sweep \
+      --linears gate_up_proj down_proj --out "$OUT/fp8-gemm-sweep-b.json" ;;
     t2-128) ID=t2 tp 128 128 3000 --quantization fp8 --kv-cache-dtype fp8 ;;
     t2-1000) ID=t2 tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 ;;
     t2-2048) ID=t2 tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 ;;
