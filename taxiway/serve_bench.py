@@ -174,6 +174,11 @@ def summarize(records: list[RequestRecord], cfg: ServeBenchConfig, concurrency: 
         "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl), "tpot_ms": _percentiles(tpot),
         "e2e_ms": _percentiles(e2e),
     })
+    if concurrency:
+        # how long the first `concurrency` requests took to all be sent: ~0 when the clients start
+        # together; a large value means a slow client stretched the run
+        first = sorted(r.start for r in records)[:concurrency]
+        run["ramp_ms"] = round((first[-1] - first[0]) * 1e3, 3)
     return run
 
 

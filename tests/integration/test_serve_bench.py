@@ -47,6 +47,7 @@ def test_summary_counts_tokens_and_times():
                RequestRecord(start=0.0, chunk_times=[0.3, 0.5], num_tokens=2),
                RequestRecord(start=0.0, error="UNAVAILABLE: x")]
     run = summarize(records, ServeBenchConfig(slo_ttft_ms=200, slo_tpot_ms=1000), concurrency=2)
+    assert run["ramp_ms"] == 0.0  # both requests of the first wave sent at once
     assert (run["completed"], run["errors"], run["output_tokens"]) == (2, 1, 6)
     assert run["output_tokens_per_s"] == pytest.approx(6 / 0.5)
     assert run["ttft_ms"]["p50"] == pytest.approx(200.0) and run["e2e_ms"]["mean"] == pytest.approx(450.0)
@@ -66,6 +67,8 @@ def test_grpc_gateway_runs_every_request(stack_factory, client_processes):
     for run in result["runs"]:
         assert (run["completed"], run["errors"], run["output_tokens"]) == (24, 0, 24 * 6), run
         assert run["ttft_ms"]["p50"] > 0 and run["output_tokens_per_s"] > 0
+        # the processes start together: the first wave goes out at once (concurrency 1: one request)
+        assert 0 <= run["ramp_ms"] < 250, run
     assert result["config"]["request_rate"] == "inf"
 
 
