@@ -39,9 +39,9 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """One captured forward per batch size, reading one static input buffer."""
 
-    def __init__(self, runner, max_num_seqs: int):
+    def __init__(self, runner, max_rows: int):
         self.runner = runner
-        self.sizes = batch_size_ladder(max_num_seqs)
+        self.sizes = batch_size_ladder(max_rows)
         dev = runner.device
         max_bs = self.sizes[-1]
         self.inputs = torch.zeros(3 * max_bs, dtype=torch.int64, device=dev)  # [3, size] per graph

@@ -146,8 +146,11 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(self.model_config, config, model, self.device, self.max_model_len,
                                   self.max_num_seqs, self.max_num_batched_tokens, self.driver)
-        if spec is not None and spec.method == "eagle3":  # every step keeps the head's inputs (no graphs)
+        if spec is not None and spec.method == "eagle3":  # every step keeps the head's inputs
             self.runner.aux_layers = drafter.cfg.aux_layers
+        if spec is not None:  # verify steps replay the decode graphs: one row per token
+            self.runner.graph_rows = min(self.max_num_seqs, spec.disable_above_batch_size) * (
+                1 + spec.num_speculative_tokens)
         self.num_kv_blocks = self.runner.num_blocks_for_memory()
         draft_bpb = drafter_bytes_per_block(spec, drafter, config.block_size) if spec else 0
         if draft_bpb and config.num_kv_blocks is None:  # one budget, as many tokens in both caches

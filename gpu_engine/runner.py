@@ -83,6 +83,7 @@ class ModelRunner:
         self.last_collect_parts: dict[str, float] = {}  # wait / collect of the last collect
         self.last_gpu: tuple[float, float | None] | None = None  # (device s, idle s before) of the last collect
         self.aux_layers: tuple[int, ...] = ()  # layers whose entering residual stream each step keeps (EAGLE-3)
+        self.graph_rows = 0  # decode graphs are captured up to max(max_num_seqs, this) rows (verify steps)
         self._last_end: torch.cuda.Event | None = None
 
     # -- KV cache memory --------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class ModelRunner:
         if self.driver is not None:
             log.warning("tensor parallelism runs decode steps eagerly: CUDA graphs over NCCL are not captured yet")
             return 0.0
-        self.graphs = DecodeGraphs(self, self.max_num_seqs)
+        self.graphs = DecodeGraphs(self, max(self.max_num_seqs, self.graph_rows))
         return self.graphs.capture()
 
     @torch.inference_mode()

@@ -175,24 +175,33 @@ class Sampler:
         -> token ids [R] int64 on the device; each slot's position and counts advance."""
         self._check_call(logits, slots)
         self._flush()
-        if not (self._counts[_SAMPLING] or self._counts[_SPECIAL]):
-            return logits.argmax(dim=-1)  # every active slot greedy, no penalties or bans
+        if self.plain_greedy():
+            return logits.argmax(dim=-1)
         if self._ws is None:
             return L.sample_slots(logits, slots.long(), self.tables, record=True)
         from kernels.sampling import sample_slots
 
         return sample_slots(logits, slots, self.tables, self._ws, filters=self._counts[_FILTERED] > 0)
 
+    def plain_greedy(self) -> bool:
+        """Every active slot is greedy with no penalty or ban: its token is the logits' argmax."""
+        return not (self._counts[_SAMPLING] or self._counts[_SPECIAL])
+
     def probs(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[R, V] float32: the distribution each row would be drawn from (after penalties, bans,
         temperature, top-k, top-p, min-p; one-hot for greedy slots). Nothing is recorded."""
         self._check_call(logits, slots)
         self._flush()
+        return self._probs(logits, slots, self.tables)
+
+    def _probs(self, logits: torch.Tensor, rows: torch.Tensor, tables: L.SlotTables) -> torch.Tensor:
+        """The distributions of logits' rows, row r under tables' row rows[r]: the Triton kernels
+        where there are (no host sync), else the torch reference."""
         if self._ws is None:
-            return L.probs_slots(logits, slots.long(), self.tables)
+            return L.probs_slots(logits, rows.long(), tables)
         from kernels.sampling import probs_slots
 
-        return probs_slots(logits, slots, self.tables, self._ws, filters=self._counts[_FILTERED] > 0)
+        return probs_slots(logits, rows, tables, self._ws, filters=self._counts[_FILTERED] > 0)
 
     def verify_probs(self, logits: torch.Tensor, row_slots: np.ndarray, row_offsets: np.ndarray,
                      prior: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
@@ -217,7 +226,7 @@ class Sampler:
                                torch.ones(len(rows), dtype=occ.dtype, device=occ.device), accumulate=True)
             ip[:, L.I_PEN_ROW] = self._upload(np.where(pen >= 0, np.arange(n), -1).astype(np.int32))
         rows_tables = L.SlotTables(fparams=t.fparams[dev], iparams=ip, stop_ids=t.stop_ids[dev], occ=occ)
-        return L.probs_slots(logits, torch.arange(n, device=self.device), rows_tables)
+        return self._probs(logits, torch.arange(n, device=self.device), rows_tables)
 
     def verify_params(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(greedy [S] bool, keys [S] int64, output positions [S] int64) of these slots ([S] int64

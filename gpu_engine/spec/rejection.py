@@ -19,6 +19,8 @@ so seeded requests are reproducible whatever else is batched. Pure torch, any de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +50,10 @@ class VerifyLayout:
     num_drafts_t: torch.Tensor  # [S] int64
 
     @classmethod
-    def build(cls, num_drafts: list[int] | tuple[int, ...], device: torch.device) -> "VerifyLayout":
+    def build(cls, num_drafts: list[int] | tuple[int, ...], device: torch.device,
+              upload: Callable[[np.ndarray], torch.Tensor] | None = None) -> "VerifyLayout":
+        """upload: how a host array reaches the device (the runner's pinned, non-blocking copies;
+        default a plain copy, which on a GPU waits for the stream)."""
         k = np.asarray(num_drafts, dtype=np.int64)
         if k.ndim != 1 or (k < 0).any():
             raise ValueError(f"num_drafts must be a list of non-negative ints, got {list(num_drafts)}")
@@ -63,7 +68,7 @@ class VerifyLayout:
         j = np.arange(max(kmax, 1), dtype=np.int64)[None, :]
         valid = j < k[:, None]
         seq_draft = np.minimum(draft_start[:, None] + j, max(int(k.sum()) - 1, 0))
-        up = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        up = upload or (lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device))  # noqa: E731
         return cls(
             num_drafts=tuple(int(x) for x in k), row_seq=up(row_seq), row_offset=up(row_offset),
             draft_row=up(draft_row), seq_draft=up(seq_draft[:, :kmax]), seq_valid=up(valid[:, :kmax]),
@@ -101,6 +106,7 @@ def rejection_sample(
     keys: torch.Tensor,
     positions: torch.Tensor,
     draft_probs: torch.Tensor | None = None,
+    all_greedy: bool = False,
 ) -> VerifyResult:
     """Accept or reject every sequence's drafts in one pass.
 
@@ -110,10 +116,18 @@ def rejection_sample(
     greedy [S] bool; keys [S] int64 (row_key of seed and sample index); positions [S] int64: output
       index of each sequence's first verified token (its bonus token sits at positions + k_i).
     draft_probs [D, V] f32 or None: the distribution each draft was drawn from (None: point masses).
+    all_greedy: every sequence is greedy (the host knows it): only the argmax of each row of
+      target_probs is used, so any scores with the target's argmax do (the logits, when no
+      penalty or ban applies), and no noise is drawn.
     """
     n, vocab = target_probs.shape
     num_seqs = len(layout.num_drafts)
     _check(target_probs, draft_token_ids, layout, greedy, keys, positions, draft_probs, n, vocab, num_seqs)
+    if all_greedy:  # accept while each draft is the target's argmax; then the argmax
+        drawn = target_probs.argmax(dim=-1)
+        drafted_at = drawn[layout.draft_row]
+        return _assemble(layout, draft_token_ids, drafted_at == draft_token_ids, drafted_at,
+                         drawn[layout.bonus_row])
     row_keys = keys[layout.row_seq]
     row_pos = positions[layout.row_seq] + layout.row_offset
     drawn = exponential_race(target_probs, row_keys, row_pos)  # [N]: a plain draw at every row

@@ -50,12 +50,15 @@ def launch_verify(
     rows = np.repeat(first, ks + 1) + offsets
     row_slots = np.repeat(slots, ks + 1)
     logits = compute_logits(hidden[upload(rows)])  # [N, V] f32
-    probs = sampler.verify_probs(logits, row_slots, offsets, _prior_drafts(entries, ks))
     greedy, keys, positions = sampler.verify_params(slots)
     drafts = upload(np.array([t for _, e, _ in entries for t in e.draft_token_ids], dtype=np.int64))
-    layout = VerifyLayout.build(ks.tolist(), dev)
-    result = rejection_sample(probs, drafts, layout, greedy, keys, positions,
-                              _draft_probs(entries, drafts, logits.shape[1]))
+    layout = VerifyLayout.build(ks.tolist(), dev, lambda a: upload(np.ascontiguousarray(a)))
+    if sampler.plain_greedy():  # the logits' argmax is every row's token: no distributions needed
+        result = rejection_sample(logits, drafts, layout, greedy, keys, positions, all_greedy=True)
+    else:
+        probs = sampler.verify_probs(logits, row_slots, offsets, _prior_drafts(entries, ks))
+        result = rejection_sample(probs, drafts, layout, greedy, keys, positions,
+                                  _draft_probs(entries, drafts, logits.shape[1]))
     sampler.advance(slots, result.token_ids, result.num_emitted)
     flight = VerifyFlight([i for i, _, _ in entries], download(result.token_ids), download(result.num_emitted))
     want = want_logprobs[row_slots]

@@ -19,6 +19,9 @@ from kernels.testing import rel_err  # noqa: E402
 FP8 = torch.float8_e4m3fn
 # float32: exact products, float32 sums (order differs); 16-bit outputs: one rounding of the result.
 TOL = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 1e-3}
+# On a GPU the FP8 tensor cores add a K tile's products at reduced precision (Hopper keeps about 14
+# bits before the float32 promotion after each tile): measured 2.2e-4 on an H200 at K = 512.
+GPU_FP32_TOL = 1e-3
 
 
 def _operands(m, n, k, device, seed=0):
@@ -40,7 +43,8 @@ def _close(out, ops, bias, dtype):
     assert out.dtype == dtype and not out.isnan().any()
     ref = R.fp8_linear(*ops, bias, torch.float32)
     err = rel_err(out.float().cpu(), ref.cpu())
-    assert err < TOL[dtype], f"{err:.2e}"
+    tol = GPU_FP32_TOL if out.is_cuda and dtype == torch.float32 else TOL[dtype]
+    assert err < tol, f"{err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

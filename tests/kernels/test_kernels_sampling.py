@@ -235,3 +235,23 @@ def test_gpu_chi_square_at_full_vocabulary():
         keep = exp > 5
         chi2 = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
         assert chi2 < 59.7, f"{params}: chi2={chi2}"
+
+
+def test_verify_probs_on_the_kernels_equal_the_reference(device):
+    """Speculative verify rows (each a slot's draw some tokens further on, earlier drafts counted for
+    penalties) through the sampling kernels, as on a GPU, equal the torch reference's."""
+    import numpy as np
+
+    vocab = 300
+    ref, ker = _pair(vocab, device, SMALL, max_slots=16)
+    params = PARAM_MIX[:9]
+    for s in (ref, ker):
+        fill(s, params, list(range(9)))
+    # four entries of 1 + 2 rows: greedy, top-p, penalties, presence penalty with min_tokens bans
+    row_slots = np.repeat(np.array([0, 3, 7, 8], dtype=np.int64), 3)
+    row_offsets = np.tile(np.arange(3, dtype=np.int64), 4)
+    prior = (np.array([1, 2, 2, 4, 5, 5], dtype=np.int64), np.array([7, 7, 9, 12, 30, 31], dtype=np.int64))
+    logits = _logits(len(row_slots), vocab, 7, device)
+    want = ref.verify_probs(logits, row_slots, row_offsets, prior)
+    got = ker.verify_probs(logits, row_slots, row_offsets, prior)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)

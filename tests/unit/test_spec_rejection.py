@@ -155,6 +155,10 @@ def test_greedy_accepts_while_the_draft_is_the_argmax():
         assert res.token_ids.tolist() == [[1, 0, 2, -1], [0, 2, 1, -1]]
         assert res.num_emitted.tolist() == [3, 3]
         assert res.num_accepted.tolist() == [2, 2]
+    # all greedy (the host knows): raw scores with the same argmax give the same tokens, no noise drawn
+    res = rejection_sample((p * 10).log() - 3.0, drafts, layout, torch.tensor([True, True]), _keys(2, 0),
+                           torch.tensor([0, 10]), all_greedy=True)
+    assert res.token_ids.tolist() == [[1, 0, 2, -1], [0, 2, 1, -1]] and res.num_emitted.tolist() == [3, 3]
 
 
 def test_sequences_without_drafts_draw_one_token():
