@@ -5,7 +5,7 @@ the real wrappers (a stand-in driver answers "sm_90", launches only compile), th
 reads registers, spills and shared memory from each cubin. Catches kernels that the
 interpreter accepts but the GPU compiler rejects, and register spills, before any GPU time.
 
-    python bench/compile_report.py [--out report.json]
+    python bench/compile_report.py [--out report.json] [--only w4a16]
 """
 
 from __future__ import annotations
@@ -136,9 +136,14 @@ def _w4a16_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
         return lambda: w4a16.w4a16_linear(torch.zeros(m, k, dtype=dtype), w, config=c)
 
     split = w4a16.W4A16Config("gemv", block_n=16, block_k=1024, split_k=4)
+    i2f = [("w4a16 gemv i2f", run(1, w4a16.W4A16Config("gemv", block_n=16, block_k=1024, unpack="i2f"))),
+           ("w4a16 mm m=16 i2f", run(16, w4a16.W4A16Config("mm", block_n=64, block_k=128, swap_ab=True,
+                                                           num_stages=4, unpack="i2f")))]
+    wide = w4a16.W4A16Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_stages=4)
     return [("w4a16 gemv m=1", run(1)), ("w4a16 gemv split-k", run(1, split)),
-            ("w4a16 mm m=16", run(16)), ("w4a16 mm m=256", run(256)),
-            ("w4a16 dequant", run(2048, w4a16.W4A16Config("dequant")))]
+            ("w4a16 mm m=1", run(1, cfg(2, n, k, 128, dev, dtype))), ("w4a16 mm m=1 bn128", run(1, wide)),
+            ("w4a16 mm m=16", run(16)), ("w4a16 mm m=64", run(64)), ("w4a16 mm m=256", run(256)),
+            ("w4a16 dequant", run(2048, w4a16.W4A16Config("dequant"))), *(i2f if dtype != torch.float32 else [])]
 
 
 def _sampling_calls() -> list[tuple[str, callable]]:
@@ -161,6 +166,7 @@ def _sampling_calls() -> list[tuple[str, callable]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--only", default="", help="compile only the cases whose name starts so (e.g. w4a16)")
     args = parser.parse_args()
     from kernels import _triton_compat
 
@@ -170,6 +176,8 @@ def main() -> None:
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for name, call in _calls(dtype):
+            if not name.startswith(args.only):
+                continue
             COMPILED.clear()
             call()
             for kname, kernel in COMPILED:

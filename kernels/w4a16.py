@@ -11,6 +11,21 @@ layout: kernels/w4a16_reference.py). Three paths, chosen by M (`choose_config`):
   16-row x tile the small side; the same split-K as above.
 - dequant (M >= DEQUANT_MIN_M, prefill-sized): dequantize W once into a dense [N, K] buffer and run
   cuBLAS through F.linear; the dequantization is a few percent of a GEMM this large.
+
+Decode is bandwidth-bound only if the SMs dequantize faster than HBM delivers codes: an H200 at
+4.8 TB/s feeds each of 132 SMs ~37 codes per clock, against 128 thread-instructions issued per
+clock, so every instruction per code counts, and int->float conversion (I2F, a fraction of the
+FP32 rate on Hopper) must go. The default (`unpack="fast"`) never converts: a code OR-ed into the
+mantissa of 2^23 (0x4B000000) is the float 2^23 + code, exactly, and one FADD removes 2^23.
+- gemv: codes masked in place, (p & 0xF << 4j) | 0x4B000000 is 2^23 + code * 16^j, so one LOP3
+  (inline PTX, as ptxas splits the and/or), one FADD and one FFMA with x * 16^-j (exact) per code,
+  and one shift per word for its high half.
+- mm on bf16 / fp16: two codes per 32-bit register (Marlin / FasterTransformer):
+  (p >> 4j) & 0x000F000F | 0x43004300 is the bf16 pair 128 + code (fp16: 0x64006400, 1024 +
+  code); sub.bf16x2 (128 + zero) is exact and mul.bf16x2 scale rounds once, the same value as
+  the reference's (code - zero) * scale rounded to x's dtype. Four instructions per two codes.
+The CPU interpreter cannot run inline PTX: it runs the same arithmetic in plain Triton (MAGIC).
+`unpack="i2f"` keeps the converting kernels for comparison (bench/w4a16.py).
 """
 
 from __future__ import annotations
@@ -18,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -26,6 +40,13 @@ from kernels import _triton_compat as C
 from kernels.w4a16_reference import W4A16Weight
 
 DEQUANT_MIN_M = 1024  # from M on, dequantize + cuBLAS (bench/w4a16.py measures every path at every M)
+UNPACK_MODES = ("fast", "i2f")
+# How a kernel turns codes into numbers (its UNPACK constexpr): I2F converts each code with an
+# int->float conversion (slow on Hopper); MAGIC ORs it into the mantissa of the float32 2^23 and
+# subtracts 2^23, in plain Triton (what the CPU interpreter runs); ASM is the same in inline PTX
+# (CUDA): one LOP3 per code in the gemv, and in the mm path on 16-bit x two codes per 32-bit
+# register (bf16 / fp16 pairs).
+I2F, MAGIC, ASM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @dataclass(frozen=True)
@@ -41,10 +62,13 @@ class W4A16Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    unpack: str = "fast"  # "fast": no int->float conversion (module docstring); "i2f": the old one
 
     def __post_init__(self) -> None:
         if self.path not in ("gemv", "mm", "dequant"):
             raise ValueError(f"path must be gemv, mm or dequant, got {self.path!r}")
+        if self.unpack not in UNPACK_MODES:
+            raise ValueError(f"unpack must be one of {UNPACK_MODES}, got {self.unpack!r}")
         for name in ("block_m", "block_n", "block_k", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -57,10 +81,8 @@ class W4A16Config:
 
 
 @triton.jit
-def _unpack8(p, R: tl.constexpr, C: tl.constexpr):
-    """p: [R, C] int32 words -> [R, 8 C] int32 codes, column 8 c + j = nibble j of word c."""
-    n0, n1, n2, n3 = p & 0xF, (p >> 4) & 0xF, (p >> 8) & 0xF, (p >> 12) & 0xF
-    n4, n5, n6, n7 = (p >> 16) & 0xF, (p >> 20) & 0xF, (p >> 24) & 0xF, (p >> 28) & 0xF
+def _interleave8(n0, n1, n2, n3, n4, n5, n6, n7, R: tl.constexpr, C: tl.constexpr):
+    """Eight [R, C] tensors -> [R, 8 C], column 8 c + j = n_j[:, c]."""
     # join puts its pair in a new minor dim; nested three deep, position 4a + 2b + c holds the
     # argument reached by (c, b, a), so the nibbles go in bit-reversed order to come out in order.
     w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
@@ -68,49 +90,175 @@ def _unpack8(p, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _unpack8(p, R: tl.constexpr, C: tl.constexpr):
+    """p: [R, C] int32 words -> [R, 8 C] int32 codes, column 8 c + j = nibble j of word c."""
+    return _interleave8(p & 0xF, (p >> 4) & 0xF, (p >> 8) & 0xF, (p >> 12) & 0xF, (p >> 16) & 0xF,
+                        (p >> 20) & 0xF, (p >> 24) & 0xF, (p >> 28) & 0xF, R, C)
+
+
+@triton.jit
+def _magic(bits):
+    """int32 bits holding v < 2^23 in the low 23 bits -> float32 2^23 + v, exactly (no I2F)."""
+    return (bits | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+def _pairs_asm(magic: int, sub: str, mul: str) -> str:
+    """PTX: word $4 -> four registers, register j = the 16-bit pair (nibble j, nibble j + 4) as
+    ((128 or 1024) + code - ((128 or 1024) + zero)) * scale; $6 = scale pair, $7 = biased zero pair.
+    The OR of a nibble into the mantissa of 128 (bf16) or 1024 (fp16) is exact, so is the sub;
+    the mul rounds once, as the reference's (code - zero) * scale rounded to x's dtype."""
+    lines = [".reg .b32 q<4>;", "mov.b32 q0, $4;"]
+    lines += [f"shr.u32 q{j}, $4, {4 * j};" for j in (1, 2, 3)]
+    for j in range(4):
+        lines += [f"lop3.b32 q{j}, q{j}, 0x000F000F, {magic:#x}, 0xEA;",  # (a & b) | c
+                  f"{sub} q{j}, q{j}, $7;", f"{mul} ${j}, q{j}, $6;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_ASM_BF16 = tl.constexpr(_pairs_asm(0x43004300, "sub.rn.bf16x2", "mul.rn.bf16x2"))  # sm_90
+_ASM_F16 = tl.constexpr(_pairs_asm(0x64006400, "sub.rn.f16x2", "mul.rn.f16x2"))
+
+
+@triton.jit
+def _dequant_pairs(p, s, z, R: tl.constexpr, C: tl.constexpr):
+    """p [R, C] int32, s [R] bf16 / fp16, z [R] int32 zero codes -> [R, 8 C] (code - z) * s in
+    s's dtype, two codes per instruction (CUDA only: inline PTX)."""
+    # Each asm instance takes one element pair of join(p, p) (both the same word: $4 = $5) and
+    # writes 16-bit pairs, element 0 = nibble j, element 1 = nibble j + 4 of that word; 16-bit
+    # inputs come packed in pairs (scale, scale) and (bias + z, bias + z).
+    BF16: tl.constexpr = s.dtype == tl.bfloat16
+    pp = tl.join(p, p)  # [R, C, 2]
+    if BF16:
+        zb = (z.to(tl.float32) + 128.0).to(s.dtype)[:, None, None]  # exact
+        t0, t1, t2, t3 = tl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r,r,r",
+                                                   [pp, s[:, None, None], zb], dtype=(s.dtype,) * 4,
+                                                   is_pure=True, pack=2)
+    else:
+        zb = (z.to(tl.float32) + 1024.0).to(s.dtype)[:, None, None]
+        t0, t1, t2, t3 = tl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r,r,r",
+                                                   [pp, s[:, None, None], zb], dtype=(s.dtype,) * 4,
+                                                   is_pure=True, pack=2)
+    # t_j = join(n_j, n_{j+4}); the join tree of _interleave8 puts them in k order.
+    return tl.reshape(tl.join(tl.join(t0, t2), tl.join(t1, t3)), (R, 8 * C))
+
+
+@triton.jit
+def _dequant_tile(p, s, z, R: tl.constexpr, C: tl.constexpr, UNPACK: tl.constexpr):
+    """p [R, C] int32 words, s [R] scales (x's dtype), z [R] int32 zero codes -> [R, 8 C] weights
+    (code - z) * s rounded to s's dtype, k in order."""
+    if UNPACK == ASM:
+        w = _dequant_pairs(p, s, z, R, C)
+    else:
+        if UNPACK == MAGIC:
+            off = (8388608.0 + z.to(tl.float32))[:, None]  # 2^23 + zero
+            q = _interleave8(_magic(p & 0xF) - off, _magic((p >> 4) & 0xF) - off,
+                             _magic((p >> 8) & 0xF) - off, _magic((p >> 12) & 0xF) - off,
+                             _magic((p >> 16) & 0xF) - off, _magic((p >> 20) & 0xF) - off,
+                             _magic((p >> 24) & 0xF) - off, _magic((p >> 28) & 0xF) - off, R, C)
+        else:
+            q = _unpack8(p, R, C).to(tl.float32) - z.to(tl.float32)[:, None]
+        w = (q * s.to(tl.float32)[:, None]).to(s.dtype)
+    return w
+
+
+_ASM_IN_PLACE = tl.constexpr("{\n.reg .b32 h;\nshr.u32 h, $8, 16;\n" + "".join(
+    f"lop3.b32 ${4 * half + j}, {'h' if half else '$8'}, {0xF << 4 * j:#x}, 0x4B000000, 0xEA;\n"
+    for half in (0, 1) for j in range(4)) + "}")
+
+
+@triton.jit
+def _nibbles_in_place(p, UNPACK: tl.constexpr):
+    """p int32 words -> 8 float32 tensors 2^23 + code * 16^j: c_j of nibble j (low half of p),
+    c_{4+j} of nibble 4 + j (the high half), for j < 4. One LOP3 each under ASM."""
+    if UNPACK == ASM:
+        c = tl.inline_asm_elementwise(_ASM_IN_PLACE, "=r," * 8 + "r", [p], dtype=(tl.int32,) * 8,
+                                      is_pure=True, pack=1)
+        f = tl.float32
+        return (c[0].to(f, bitcast=True), c[1].to(f, bitcast=True), c[2].to(f, bitcast=True),
+                c[3].to(f, bitcast=True), c[4].to(f, bitcast=True), c[5].to(f, bitcast=True),
+                c[6].to(f, bitcast=True), c[7].to(f, bitcast=True))
+    else:
+        hi = p >> 16
+        return (_magic(p & 0xF), _magic(p & 0xF0), _magic(p & 0xF00), _magic(p & 0xF000),
+                _magic(hi & 0xF), _magic(hi & 0xF0), _magic(hi & 0xF00), _magic(hi & 0xF000))
+
+
+@triton.jit
+def _word_dots(p, x_ptrs, x_ok, UNPACK: tl.constexpr):
+    """p [BN, W] int32 words; x_ptrs [W] -> x at each word's first k. Returns (sum_j code_j * x_j
+    [BN, W], sum_j x_j [W]) over the 8 codes of each word, in float32. The x side is computed
+    once per word and shared by the BN rows."""
+    dots = tl.zeros(p.shape, tl.float32)
+    xsum = tl.zeros(x_ptrs.shape, tl.float32)
+    if UNPACK == I2F:
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptrs + j, mask=x_ok, other=0.0).to(tl.float32)
+            dots += ((p >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
+            xsum += xj
+    else:
+        # Codes masked in place: nibble j (j < 4) of the low half, or of hi = p >> 16, is
+        # code * 16^j in a float32 mantissa: one LOP3, one FADD, one FFMA with x * 16^-j (exact).
+        c0, c1, c2, c3, c4, c5, c6, c7 = _nibbles_in_place(p, UNPACK)
+        x_scale = 1.0
+        for j in tl.static_range(4):
+            xa = tl.load(x_ptrs + j, mask=x_ok, other=0.0).to(tl.float32)
+            xb = tl.load(x_ptrs + j + 4, mask=x_ok, other=0.0).to(tl.float32)
+            if j == 0:
+                ca, cb = c0, c4
+            elif j == 1:
+                ca, cb = c1, c5
+            elif j == 2:
+                ca, cb = c2, c6
+            else:
+                ca, cb = c3, c7
+            dots += (ca - 8388608.0) * (xa * x_scale)[None, :]
+            dots += (cb - 8388608.0) * (xb * x_scale)[None, :]
+            xsum += xa + xb
+            x_scale *= 0.0625
+    return dots, xsum
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, N, K, s_qn, s_sn, s_zn, k_per_split,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), SPLIT_K); x is [K] (M = 1). BLOCK_K is a multiple of GROUP."""
+    """Grid (cdiv(N, BLOCK_N), SPLIT_K); x is [K] (M = 1). BLOCK_K is a multiple of GROUP.
+    Per group, y += s * (sum code * x - z * sum x); the x side is computed once per word."""
+    BW: tl.constexpr = BLOCK_K // 8  # packed words per block
     GPB: tl.constexpr = BLOCK_K // GROUP  # groups per block
-    WPG: tl.constexpr = GROUP // 8  # packed words per group
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     n64 = n.to(tl.int64)
+    wi = tl.arange(0, BW)
     gi = tl.arange(0, GPB)
-    wi = tl.arange(0, WPG)
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, GPB], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        g_ok = k0 + gi * GROUP < k_hi  # [GPB]; K is a multiple of GROUP
-        words = k0 // 8 + gi[:, None] * WPG + wi[None, :]  # [GPB, WPG]
-        words = tl.max_contiguous(tl.multiple_of(words, [1, WPG]), [1, WPG])  # 16-byte loads
-        m3 = n_ok[:, None, None] & g_ok[None, :, None]
-        p = tl.load(qw_ptr + n64[:, None, None] * s_qn + words[None, :, :], mask=m3, other=0)
-        xk = k0 + gi[:, None] * GROUP + wi[None, :] * 8  # first k of each word
-        dots = tl.zeros([BLOCK_N, GPB, WPG], tl.float32)
-        xsum = tl.zeros([GPB, WPG], tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + xk + j, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            dots += ((p >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :, :]
-            xsum += xj
+        words = tl.max_contiguous(tl.multiple_of(k0 // 8 + wi, BW), BW)  # 16-byte loads
+        w_ok = words * 8 < k_hi  # [BW]
+        p = tl.load(qw_ptr + n64[:, None] * s_qn + words[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                    other=0)
+        dots, xsum = _word_dots(p, x_ptr + words * 8, w_ok, UNPACK)
+        dots = tl.sum(tl.reshape(dots, (BLOCK_N, GPB, GROUP // 8)), axis=2)  # [BN, GPB]
+        xsum = tl.sum(tl.reshape(xsum, (GPB, GROUP // 8)), axis=1)  # [GPB]
         g = k0 // GROUP + gi
-        m2 = n_ok[:, None] & g_ok[None, :]
+        m2 = n_ok[:, None] & (g * GROUP < k_hi)[None, :]
         s = tl.load(s_ptr + n64[:, None] * s_sn + g[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + n64[:, None] * s_zn + g[None, :], mask=m2, other=0).to(tl.float32)
+            z = tl.load(z_ptr + n64[:, None] * s_zn + g[None, :], mask=m2, other=0).to(tl.int32)
+            acc += s * (dots - (_magic(z) - 8388608.0) * xsum[None, :])
         else:
-            z = tl.full([BLOCK_N, GPB], 8.0, tl.float32)
-        acc += tl.sum(s * (tl.sum(dots, axis=2) - z * tl.sum(xsum, axis=1)[None, :]), axis=1)
+            acc += s * (dots - 8.0 * xsum[None, :])
+    y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        tl.store(ws_ptr + tl.program_id(1) * N + n, acc, mask=n_ok)
+        tl.store(ws_ptr + tl.program_id(1) * N + n, y, mask=n_ok)
 
 
 @triton.jit
@@ -119,7 +267,7 @@ def _mm_kernel(
     k_per_split,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, IEEE: tl.constexpr, UNPACK: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). GROUP is a multiple of BLOCK_K, so a
     K tile has one scale (and zero) per row; tiles are visited GROUP_M row-tiles at a time (L2)."""
@@ -150,13 +298,12 @@ def _mm_kernel(
         kw0 = tl.max_contiguous(tl.multiple_of(k0 // 8 + kw, BLOCK_K // 8), BLOCK_K // 8)
         p = tl.load(w_rows + kw0[None, :], mask=n_ok[:, None], other=0)  # [BN, BK/8]
         g = k0 // GROUP
-        s = tl.load(s_ptr + n64 * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + n64 * s_sn + g, mask=n_ok, other=0.0)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + n64 * s_zn + g, mask=n_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + n64 * s_zn + g, mask=n_ok, other=0).to(tl.int32)
         else:
-            z = tl.full([BLOCK_N], 8.0, tl.float32)
-        q = _unpack8(p, BLOCK_N, BLOCK_K // 8).to(tl.float32)
-        w = ((q - z[:, None]) * s[:, None]).to(x.dtype)  # [BN, BK]
+            z = tl.full([BLOCK_N], 8, tl.int32)
+        w = _dequant_tile(p, s, z, BLOCK_N, BLOCK_K // 8, UNPACK)  # [BN, BK] x's dtype
         if SWAP_AB:
             if IEEE:
                 acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -224,16 +371,16 @@ def choose_config(
 ) -> W4A16Config:
     """The path and tiles for one call (static heuristics; bench/w4a16.py sweeps the alternatives)."""
     sms = C.sm_count(device)
-    if m == 1:
-        block_n, block_k = 16, min(1024, max(group_size, triton.next_power_of_2(k) // 4))
+    if m == 1:  # 32 rows x 1024 k: 16 KB of codes per program and step, 4 rows per thread
+        block_n, block_k = 32, min(1024, max(group_size, triton.next_power_of_2(k) // 4))
         return W4A16Config("gemv", block_n=block_n, block_k=block_k, num_warps=4,
                            split_k=_split(n, block_n, k, block_k, sms))
     if m >= DEQUANT_MIN_M:
         return W4A16Config("dequant", block_n=64, block_k=min(group_size, 128))
     block_k = min(group_size, 128)
-    if m <= 64:
+    if m <= 64:  # weight tile 8 KB (M <= 16) or 4 KB per stage, 4 stages
         block_m = max(16, triton.next_power_of_2(m))
-        block_n = 64
+        block_n = 128 if m <= 16 else 64
         return W4A16Config("mm", block_m=block_m, block_n=block_n, block_k=block_k, swap_ab=True,
                            num_warps=4, num_stages=4, split_k=_split(n, block_n, k, block_k, sms))
     if dtype == torch.float32:  # exact float32 dots (tests): smaller tiles keep registers
@@ -290,6 +437,15 @@ def _check_config(cfg: W4A16Config, m: int, group_size: int) -> None:
         raise ValueError(f"mm tiles need block_m, block_n >= 16, got {cfg.block_m}, {cfg.block_n}")
 
 
+def _unpack_mode(cfg: W4A16Config, dtype: torch.dtype) -> int:
+    """The kernels' UNPACK constexpr: ASM (inline PTX) on CUDA, for the mm path on 16-bit x; MAGIC
+    (the same arithmetic in plain Triton) where the CPU interpreter runs, which cannot run PTX."""
+    if cfg.unpack == "i2f":
+        return I2F.value
+    asm = not C.interpreting() and (cfg.path == "gemv" or dtype in (torch.float16, torch.bfloat16))
+    return ASM.value if asm else MAGIC.value
+
+
 def w4a16_linear(
     x: torch.Tensor,  # [M, K] float16 / bfloat16 / float32, last dim contiguous
     w: W4A16Weight,  # [N, K] 4-bit, scales in x's dtype
@@ -319,7 +475,7 @@ def w4a16_linear(
     s_zn = w.zeros.stride(0) if w.zeros is not None else 0
     common = dict(HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
                   GROUP=w.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  UNPACK=_unpack_mode(cfg, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv":
         _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
             x, w.qweight, w.scales, zeros, b, out, ws, n, k, w.qweight.stride(0), w.scales.stride(0),
