@@ -12,20 +12,8 @@ layout: kernels/w4a16_reference.py). Three paths, chosen by M (`choose_config`):
 - dequant (M >= DEQUANT_MIN_M, prefill-sized): dequantize W once into a dense [N, K] buffer and run
   cuBLAS through F.linear; the dequantization is a few percent of a GEMM this large.
 
-Decode is bandwidth-bound only if the SMs dequantize faster than HBM delivers codes: an H200 at
-4.8 TB/s feeds each of 132 SMs ~37 codes per clock, against 128 thread-instructions issued per
-clock, so every instruction per code counts, and int->float conversion (I2F, a fraction of the
-FP32 rate on Hopper) must go. The default (`unpack="fast"`) never converts: a code OR-ed into the
-mantissa of 2^23 (0x4B000000) is the float 2^23 + code, exactly, and one FADD removes 2^23.
-- gemv: codes masked in place, (p & 0xF << 4j) | 0x4B000000 is 2^23 + code * 16^j, so one LOP3
-  (inline PTX, as ptxas splits the and/or), one FADD and one FFMA with x * 16^-j (exact) per code,
-  and one shift per word for its high half.
-- mm on bf16 / fp16: two codes per 32-bit register (Marlin / FasterTransformer):
-  (p >> 4j) & 0x000F000F | 0x43004300 is the bf16 pair 128 + code (fp16: 0x64006400, 1024 +
-  code); sub.bf16x2 (128 + zero) is exact and mul.bf16x2 scale rounds once, the same value as
-  the reference's (code - zero) * scale rounded to x's dtype. Four instructions per two codes.
-The CPU interpreter cannot run inline PTX: it runs the same arithmetic in plain Triton (MAGIC).
-`unpack="i2f"` keeps the converting kernels for comparison (bench/w4a16.py).
+Decode-sized calls are bound by the instructions that unpack each code, not by HBM, unless the
+unpacking avoids int->float conversion: kernels/w4a16_unpack.py says how (`unpack="fast"`).
 """
 
 from __future__ import annotations
@@ -38,15 +26,9 @@ import triton.language as tl
 
 from kernels import _triton_compat as C
 from kernels.w4a16_reference import W4A16Weight
+from kernels.w4a16_unpack import ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, unpack8, word_dots
 
 DEQUANT_MIN_M = 1024  # from M on, dequantize + cuBLAS (bench/w4a16.py measures every path at every M)
-UNPACK_MODES = ("fast", "i2f")
-# How a kernel turns codes into numbers (its UNPACK constexpr): I2F converts each code with an
-# int->float conversion (slow on Hopper); MAGIC ORs it into the mantissa of the float32 2^23 and
-# subtracts 2^23, in plain Triton (what the CPU interpreter runs); ASM is the same in inline PTX
-# (CUDA): one LOP3 per code in the gemv, and in the mm path on 16-bit x two codes per 32-bit
-# register (bf16 / fp16 pairs).
-I2F, MAGIC, ASM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @dataclass(frozen=True)
@@ -81,150 +63,13 @@ class W4A16Config:
 
 
 @triton.jit
-def _interleave8(n0, n1, n2, n3, n4, n5, n6, n7, R: tl.constexpr, C: tl.constexpr):
-    """Eight [R, C] tensors -> [R, 8 C], column 8 c + j = n_j[:, c]."""
-    # join puts its pair in a new minor dim; nested three deep, position 4a + 2b + c holds the
-    # argument reached by (c, b, a), so the nibbles go in bit-reversed order to come out in order.
-    w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
-    return tl.reshape(w, (R, 8 * C))
-
-
-@triton.jit
-def _unpack8(p, R: tl.constexpr, C: tl.constexpr):
-    """p: [R, C] int32 words -> [R, 8 C] int32 codes, column 8 c + j = nibble j of word c."""
-    return _interleave8(p & 0xF, (p >> 4) & 0xF, (p >> 8) & 0xF, (p >> 12) & 0xF, (p >> 16) & 0xF,
-                        (p >> 20) & 0xF, (p >> 24) & 0xF, (p >> 28) & 0xF, R, C)
-
-
-@triton.jit
-def _magic(bits):
-    """int32 bits holding v < 2^23 in the low 23 bits -> float32 2^23 + v, exactly (no I2F)."""
-    return (bits | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-def _pairs_asm(magic: int, sub: str, mul: str) -> str:
-    """PTX: word $4 -> four registers, register j = the 16-bit pair (nibble j, nibble j + 4) as
-    ((128 or 1024) + code - ((128 or 1024) + zero)) * scale; $6 = scale pair, $7 = biased zero pair.
-    The OR of a nibble into the mantissa of 128 (bf16) or 1024 (fp16) is exact, so is the sub;
-    the mul rounds once, as the reference's (code - zero) * scale rounded to x's dtype."""
-    lines = [".reg .b32 q<4>;", "mov.b32 q0, $4;"]
-    lines += [f"shr.u32 q{j}, $4, {4 * j};" for j in (1, 2, 3)]
-    for j in range(4):
-        lines += [f"lop3.b32 q{j}, q{j}, 0x000F000F, {magic:#x}, 0xEA;",  # (a & b) | c
-                  f"{sub} q{j}, q{j}, $7;", f"{mul} ${j}, q{j}, $6;"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_ASM_BF16 = tl.constexpr(_pairs_asm(0x43004300, "sub.rn.bf16x2", "mul.rn.bf16x2"))  # sm_90
-_ASM_F16 = tl.constexpr(_pairs_asm(0x64006400, "sub.rn.f16x2", "mul.rn.f16x2"))
-
-
-@triton.jit
-def _dequant_pairs(p, s, z, R: tl.constexpr, C: tl.constexpr):
-    """p [R, C] int32, s [R] bf16 / fp16, z [R] int32 zero codes -> [R, 8 C] (code - z) * s in
-    s's dtype, two codes per instruction (CUDA only: inline PTX)."""
-    # Each asm instance takes one element pair of join(p, p) (both the same word: $4 = $5) and
-    # writes 16-bit pairs, element 0 = nibble j, element 1 = nibble j + 4 of that word; 16-bit
-    # inputs come packed in pairs (scale, scale) and (bias + z, bias + z).
-    BF16: tl.constexpr = s.dtype == tl.bfloat16
-    pp = tl.join(p, p)  # [R, C, 2]
-    if BF16:
-        zb = (z.to(tl.float32) + 128.0).to(s.dtype)[:, None, None]  # exact
-        t0, t1, t2, t3 = tl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r,r,r",
-                                                   [pp, s[:, None, None], zb], dtype=(s.dtype,) * 4,
-                                                   is_pure=True, pack=2)
-    else:
-        zb = (z.to(tl.float32) + 1024.0).to(s.dtype)[:, None, None]
-        t0, t1, t2, t3 = tl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r,r,r",
-                                                   [pp, s[:, None, None], zb], dtype=(s.dtype,) * 4,
-                                                   is_pure=True, pack=2)
-    # t_j = join(n_j, n_{j+4}); the join tree of _interleave8 puts them in k order.
-    return tl.reshape(tl.join(tl.join(t0, t2), tl.join(t1, t3)), (R, 8 * C))
-
-
-@triton.jit
-def _dequant_tile(p, s, z, R: tl.constexpr, C: tl.constexpr, UNPACK: tl.constexpr):
-    """p [R, C] int32 words, s [R] scales (x's dtype), z [R] int32 zero codes -> [R, 8 C] weights
-    (code - z) * s rounded to s's dtype, k in order."""
-    if UNPACK == ASM:
-        w = _dequant_pairs(p, s, z, R, C)
-    else:
-        if UNPACK == MAGIC:
-            off = (8388608.0 + z.to(tl.float32))[:, None]  # 2^23 + zero
-            q = _interleave8(_magic(p & 0xF) - off, _magic((p >> 4) & 0xF) - off,
-                             _magic((p >> 8) & 0xF) - off, _magic((p >> 12) & 0xF) - off,
-                             _magic((p >> 16) & 0xF) - off, _magic((p >> 20) & 0xF) - off,
-                             _magic((p >> 24) & 0xF) - off, _magic((p >> 28) & 0xF) - off, R, C)
-        else:
-            q = _unpack8(p, R, C).to(tl.float32) - z.to(tl.float32)[:, None]
-        w = (q * s.to(tl.float32)[:, None]).to(s.dtype)
-    return w
-
-
-_ASM_IN_PLACE = tl.constexpr("{\n.reg .b32 h;\nshr.u32 h, $8, 16;\n" + "".join(
-    f"lop3.b32 ${4 * half + j}, {'h' if half else '$8'}, {0xF << 4 * j:#x}, 0x4B000000, 0xEA;\n"
-    for half in (0, 1) for j in range(4)) + "}")
-
-
-@triton.jit
-def _nibbles_in_place(p, UNPACK: tl.constexpr):
-    """p int32 words -> 8 float32 tensors 2^23 + code * 16^j: c_j of nibble j (low half of p),
-    c_{4+j} of nibble 4 + j (the high half), for j < 4. One LOP3 each under ASM."""
-    if UNPACK == ASM:
-        c = tl.inline_asm_elementwise(_ASM_IN_PLACE, "=r," * 8 + "r", [p], dtype=(tl.int32,) * 8,
-                                      is_pure=True, pack=1)
-        f = tl.float32
-        return (c[0].to(f, bitcast=True), c[1].to(f, bitcast=True), c[2].to(f, bitcast=True),
-                c[3].to(f, bitcast=True), c[4].to(f, bitcast=True), c[5].to(f, bitcast=True),
-                c[6].to(f, bitcast=True), c[7].to(f, bitcast=True))
-    else:
-        hi = p >> 16
-        return (_magic(p & 0xF), _magic(p & 0xF0), _magic(p & 0xF00), _magic(p & 0xF000),
-                _magic(hi & 0xF), _magic(hi & 0xF0), _magic(hi & 0xF00), _magic(hi & 0xF000))
-
-
-@triton.jit
-def _word_dots(p, x_ptrs, x_ok, UNPACK: tl.constexpr):
-    """p [BN, W] int32 words; x_ptrs [W] -> x at each word's first k. Returns (sum_j code_j * x_j
-    [BN, W], sum_j x_j [W]) over the 8 codes of each word, in float32. The x side is computed
-    once per word and shared by the BN rows."""
-    dots = tl.zeros(p.shape, tl.float32)
-    xsum = tl.zeros(x_ptrs.shape, tl.float32)
-    if UNPACK == I2F:
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptrs + j, mask=x_ok, other=0.0).to(tl.float32)
-            dots += ((p >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
-            xsum += xj
-    else:
-        # Codes masked in place: nibble j (j < 4) of the low half, or of hi = p >> 16, is
-        # code * 16^j in a float32 mantissa: one LOP3, one FADD, one FFMA with x * 16^-j (exact).
-        c0, c1, c2, c3, c4, c5, c6, c7 = _nibbles_in_place(p, UNPACK)
-        x_scale = 1.0
-        for j in tl.static_range(4):
-            xa = tl.load(x_ptrs + j, mask=x_ok, other=0.0).to(tl.float32)
-            xb = tl.load(x_ptrs + j + 4, mask=x_ok, other=0.0).to(tl.float32)
-            if j == 0:
-                ca, cb = c0, c4
-            elif j == 1:
-                ca, cb = c1, c5
-            elif j == 2:
-                ca, cb = c2, c6
-            else:
-                ca, cb = c3, c7
-            dots += (ca - 8388608.0) * (xa * x_scale)[None, :]
-            dots += (cb - 8388608.0) * (xb * x_scale)[None, :]
-            xsum += xa + xb
-            x_scale *= 0.0625
-    return dots, xsum
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, N, K, s_qn, s_sn, s_zn, k_per_split,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), SPLIT_K); x is [K] (M = 1). BLOCK_K is a multiple of GROUP.
+    """Grid (cdiv(N, BLOCK_N), SPLIT_K); x is [K] (M = 1). BLOCK_K is a multiple of GROUP; EVEN_K:
+    BLOCK_K divides K (then also k_per_split, a multiple of BLOCK_K).
     Per group, y += s * (sum code * x - z * sum x); the x side is computed once per word."""
     BW: tl.constexpr = BLOCK_K // 8  # packed words per block
     GPB: tl.constexpr = BLOCK_K // GROUP  # groups per block
@@ -238,10 +83,14 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_N, GPB], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         words = tl.max_contiguous(tl.multiple_of(k0 // 8 + wi, BW), BW)  # 16-byte loads
-        w_ok = words * 8 < k_hi  # [BW]
+        if EVEN_K:  # every block lies inside [k_lo, k_hi): a mask along K would split the loads
+            w_ok = wi < BW
+        else:
+            w_ok = words * 8 < k_hi  # [BW]
         p = tl.load(qw_ptr + n64[:, None] * s_qn + words[None, :], mask=n_ok[:, None] & w_ok[None, :],
                     other=0)
-        dots, xsum = _word_dots(p, x_ptr + words * 8, w_ok, UNPACK)
+        xt = tl.load(x_ptr + words[:, None] * 8 + tl.arange(0, 8)[None, :], mask=w_ok[:, None], other=0.0)
+        dots, xsum = word_dots(p, xt.to(tl.float32), UNPACK)
         dots = tl.sum(tl.reshape(dots, (BLOCK_N, GPB, GROUP // 8)), axis=2)  # [BN, GPB]
         xsum = tl.sum(tl.reshape(xsum, (GPB, GROUP // 8)), axis=1)  # [GPB]
         g = k0 // GROUP + gi
@@ -249,7 +98,7 @@ def _gemv_kernel(
         s = tl.load(s_ptr + n64[:, None] * s_sn + g[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             z = tl.load(z_ptr + n64[:, None] * s_zn + g[None, :], mask=m2, other=0).to(tl.int32)
-            acc += s * (dots - (_magic(z) - 8388608.0) * xsum[None, :])
+            acc += s * (dots - (magic_f32(z) - 8388608.0) * xsum[None, :])
         else:
             acc += s * (dots - 8.0 * xsum[None, :])
     y = tl.sum(acc, axis=1)
@@ -303,7 +152,7 @@ def _mm_kernel(
             z = tl.load(z_ptr + n64 * s_zn + g, mask=n_ok, other=0).to(tl.int32)
         else:
             z = tl.full([BLOCK_N], 8, tl.int32)
-        w = _dequant_tile(p, s, z, BLOCK_N, BLOCK_K // 8, UNPACK)  # [BN, BK] x's dtype
+        w = dequant_tile(p, s, z, BLOCK_N, BLOCK_K // 8, UNPACK)  # [BN, BK] x's dtype
         if SWAP_AB:
             if IEEE:
                 acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -358,7 +207,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, s_qn, s_sn, s_zn, HAS_Z
         z = tl.load(z_ptr + n64 * s_zn + g, mask=n_ok, other=0).to(tl.float32)
     else:
         z = tl.full([BLOCK_N], 8.0, tl.float32)
-    w = (_unpack8(p, BLOCK_N, BLOCK_K // 8).to(tl.float32) - z[:, None]) * s[:, None]
+    w = (unpack8(p, BLOCK_N, BLOCK_K // 8).to(tl.float32) - z[:, None]) * s[:, None]
     dst = out_ptr + n64[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :]
     tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
@@ -479,7 +328,7 @@ def w4a16_linear(
     if cfg.path == "gemv":
         _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
             x, w.qweight, w.scales, zeros, b, out, ws, n, k, w.qweight.stride(0), w.scales.stride(0),
-            s_zn, k_per_split, **common)
+            s_zn, k_per_split, EVEN_K=k % cfg.block_k == 0, **common)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         _mm_kernel[grid](

@@ -87,6 +87,7 @@ def test_w4a16_every_path_and_split(cfg, dtype, device):
 ONE_HOT_CONFIGS = [
     W4A16Config("gemv", block_n=32, block_k=256, split_k=1),
     W4A16Config("gemv", block_n=16, block_k=128, split_k=4),
+    W4A16Config("gemv", block_n=16, block_k=1024, split_k=1),  # block_k > K: masked along K
     W4A16Config("mm", block_m=16, block_n=64, block_k=64, split_k=2, swap_ab=True),
     W4A16Config("mm", block_m=16, block_n=32, block_k=32, split_k=1, swap_ab=True),
     W4A16Config("mm", block_m=32, block_n=32, block_k=64, split_k=1, swap_ab=False),
