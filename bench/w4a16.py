@@ -6,7 +6,7 @@ path, and of F.linear on the BF16 weight, measured in the same run; achieved ban
 bytes actually read and written (packed weights + scales + zeros + x + y), as a share of the
 device-to-device copy bandwidth measured in the same run; TFLOP/s; the speed-up over BF16.
 Times: triton.testing.do_bench (median, L2 flushed) and, for M <= 64, through a CUDA graph (as the
-engine runs decode), on weight sets rotated past the L2 cache. Up to M = 64 each shape also times
+engine runs decode), on weight sets rotated past the L2 cache. Below M = 1024 each shape also times
 the int->float unpacking (label -i2f; gemv-i2f-bn16: the gemv tile that shipped with it) beside
 the default fast one. --sweep adds a sweep of the gemv and small-M mm tiles (M = 1, 16, 64) and
 prints the five best per shape with their copy-bandwidth share.
@@ -58,8 +58,8 @@ def _label(cfg) -> str:
 
 
 def _paths(m: int, n: int, k: int, device: torch.device):
-    """(label, config) of every path worth timing at this M; the default first. Up to M = 64 this
-    includes the default tiles with the int->float unpacking (-i2f) and, at M = 1, the 16-row gemv
+    """(label, config) of every path worth timing at this M; the default first. Below
+    DEQUANT_MIN_M this includes the default tiles with the int->float unpacking (-i2f) and, at M = 1, the 16-row gemv
     tile that shipped with it (gemv-i2f-bn16) and the mm path on a 16-row x tile (mm-swap)."""
     from dataclasses import replace
 
@@ -69,7 +69,7 @@ def _paths(m: int, n: int, k: int, device: torch.device):
     default = choose_config(m, n, k, GROUP, device, DT)
     out = [("default:" + _label(default), default)]
     alts = [W4A16Config("dequant")]
-    if m <= 64:
+    if default.path != "dequant":
         alts.append(replace(default, unpack="i2f"))
     if m == 1:  # the 16-row gemv tile that shipped with I2F, and the mm path on a 16-row x tile
         alts.append(replace(default, block_n=16, unpack="i2f",

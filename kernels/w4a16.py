@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kernels import _triton_compat as C
 from kernels.w4a16_reference import W4A16Weight
-from kernels.w4a16_unpack import ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, unpack8, word_dots
+from kernels.w4a16_unpack import ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, pair_order, unpack8, word_dots
 
 DEQUANT_MIN_M = 1024  # from M on, dequantize + cuBLAS (bench/w4a16.py measures every path at every M)
 
@@ -153,6 +153,8 @@ def _mm_kernel(
         else:
             z = tl.full([BLOCK_N], 8, tl.int32)
         w = dequant_tile(p, s, z, BLOCK_N, BLOCK_K // 8, UNPACK)  # [BN, BK] x's dtype
+        if UNPACK != I2F:  # the weight tile's columns come in pair order
+            x = pair_order(x, BLOCK_M, BLOCK_K)
         if SWAP_AB:
             if IEEE:
                 acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")

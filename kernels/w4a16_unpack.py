@@ -31,19 +31,14 @@ I2F, MAGIC, ASM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def interleave8(n0, n1, n2, n3, n4, n5, n6, n7, R: tl.constexpr, C: tl.constexpr):
-    """Eight [R, C] tensors -> [R, 8 C], column 8 c + j = n_j[:, c]."""
+def unpack8(p, R: tl.constexpr, C: tl.constexpr):
+    """p: [R, C] int32 words -> [R, 8 C] int32 codes, column 8 c + j = nibble j of word c."""
+    n0, n1, n2, n3 = p & 0xF, (p >> 4) & 0xF, (p >> 8) & 0xF, (p >> 12) & 0xF
+    n4, n5, n6, n7 = (p >> 16) & 0xF, (p >> 20) & 0xF, (p >> 24) & 0xF, (p >> 28) & 0xF
     # join puts its pair in a new minor dim; nested three deep, position 4a + 2b + c holds the
     # argument reached by (c, b, a), so the nibbles go in bit-reversed order to come out in order.
     w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
     return tl.reshape(w, (R, 8 * C))
-
-
-@triton.jit
-def unpack8(p, R: tl.constexpr, C: tl.constexpr):
-    """p: [R, C] int32 words -> [R, 8 C] int32 codes, column 8 c + j = nibble j of word c."""
-    return interleave8(p & 0xF, (p >> 4) & 0xF, (p >> 8) & 0xF, (p >> 12) & 0xF, (p >> 16) & 0xF,
-                        (p >> 20) & 0xF, (p >> 24) & 0xF, (p >> 28) & 0xF, R, C)
 
 
 @triton.jit
@@ -82,27 +77,49 @@ def _dequant_pairs(p, s, z, R: tl.constexpr, C: tl.constexpr):
     zb = (z.to(tl.float32) + BIAS).to(s.dtype)[:, None, None]  # exact
     t0, t1, t2, t3 = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r,r,r,r", [tl.join(p, p), s[:, None, None], zb],
                                                dtype=(s.dtype,) * 4, is_pure=True, pack=2)
-    # t_j = join(n_j, n_{j+4}); the join tree of interleave8 puts them in k order.
-    return tl.reshape(tl.join(tl.join(t0, t2), tl.join(t1, t3)), (R, 8 * C))
+    return _pairs_to_tile(t0, t1, t2, t3, R, C)
+
+
+@triton.jit
+def _pairs_to_tile(t0, t1, t2, t3, R: tl.constexpr, C: tl.constexpr):
+    """t_j [R, C, 2] = (nibble j, nibble j + 4) of each word -> [R, 8 C] in pair order (pair_order)."""
+    t01 = tl.permute(tl.join(t0, t1), (0, 1, 3, 2))  # [R, C, j, h]
+    t23 = tl.permute(tl.join(t2, t3), (0, 1, 3, 2))
+    return tl.reshape(tl.permute(tl.join(t01, t23), (0, 1, 4, 2, 3)), (R, 8 * C))  # [R, C, J, j, h]
+
+
+@triton.jit
+def pair_order(x, R: tl.constexpr, K: tl.constexpr):
+    """x [R, K] in k order -> the columns in the order of the ASM weight tile: column 8 c + 2 j + h
+    holds k = 8 c + j + 4 h (j < 4, h < 2), the two codes of one bf16x2 / f16x2 register side by side."""
+    return tl.reshape(tl.permute(tl.reshape(x, (R, K // 8, 2, 2, 2)), (0, 1, 3, 4, 2)), (R, K))
 
 
 @triton.jit
 def dequant_tile(p, s, z, R: tl.constexpr, C: tl.constexpr, UNPACK: tl.constexpr):
     """p [R, C] int32 words, s [R] scales (x's dtype), z [R] int32 zero codes -> [R, 8 C] weights
-    (code - z) * s rounded to s's dtype, k in order."""
+    (code - z) * s rounded to s's dtype: in k order under I2F, else in pair order (pair_order),
+    in which ASM writes two codes per register and MAGIC (its plain-Triton twin) the same."""
     if UNPACK == ASM:
         w = _dequant_pairs(p, s, z, R, C)
+    elif UNPACK == MAGIC:
+        off = (8388608.0 + z.to(tl.float32))[:, None]  # 2^23 + zero
+        sf = s.to(tl.float32)[:, None]
+        t0 = tl.join(_magic_w(p, 0, off, sf), _magic_w(p, 16, off, sf))
+        t1 = tl.join(_magic_w(p, 4, off, sf), _magic_w(p, 20, off, sf))
+        t2 = tl.join(_magic_w(p, 8, off, sf), _magic_w(p, 24, off, sf))
+        t3 = tl.join(_magic_w(p, 12, off, sf), _magic_w(p, 28, off, sf))
+        w = _pairs_to_tile(t0, t1, t2, t3, R, C).to(s.dtype)
     else:
-        if UNPACK == MAGIC:
-            off = (8388608.0 + z.to(tl.float32))[:, None]  # 2^23 + zero
-            q = interleave8(magic_f32(p & 0xF) - off, magic_f32((p >> 4) & 0xF) - off,
-                             magic_f32((p >> 8) & 0xF) - off, magic_f32((p >> 12) & 0xF) - off,
-                             magic_f32((p >> 16) & 0xF) - off, magic_f32((p >> 20) & 0xF) - off,
-                             magic_f32((p >> 24) & 0xF) - off, magic_f32((p >> 28) & 0xF) - off, R, C)
-        else:
-            q = unpack8(p, R, C).to(tl.float32) - z.to(tl.float32)[:, None]
+        q = unpack8(p, R, C).to(tl.float32) - z.to(tl.float32)[:, None]
         w = (q * s.to(tl.float32)[:, None]).to(s.dtype)
     return w
+
+
+@triton.jit
+def _magic_w(p, SHIFT: tl.constexpr, off, sf):
+    """(code at bit SHIFT of p - zero) * scale in float32, the code converted without I2F."""
+    return (magic_f32((p >> SHIFT) & 0xF) - off) * sf
 
 
 _ASM_IN_PLACE = tl.constexpr("{\n.reg .b32 h;\nshr.u32 h, $8, 16;\n" + "".join(

@@ -112,17 +112,15 @@ def test_w4a16_fast_unpack_is_exact(cfg, symmetric, dtype, device):
 @pytest.mark.parametrize("path", ["gemv", "mm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_w4a16_fast_and_i2f_unpack_agree(path, dtype, device):
-    """Both unpackings give the same weights; on the mm path, the same tiles, hence the same y."""
+    """Both unpackings give the same weights (the mm tile's columns in another order: the sums
+    differ in rounding only)."""
     w = _weight(48, 256, 64, False, dtype, device, seed=13)
     m = 1 if path == "gemv" else 24
     x = _x(m, 256, dtype, device, seed=14)
     cfg = dict(block_m=32, block_n=16, block_k=64, split_k=2, swap_ab=True) if path == "mm" else dict(block_n=16, block_k=128)
     fast = w4a16.w4a16_linear(x, w, config=W4A16Config(path, **cfg))
     i2f = w4a16.w4a16_linear(x, w, config=W4A16Config(path, **cfg, unpack="i2f"))
-    if path == "mm":
-        assert torch.equal(fast, i2f)
-    else:  # the gemv sums code * x in a different order (j, j + 4 paired)
-        _close(fast, i2f.float(), dtype)
+    _close(fast, i2f.float(), dtype)
 
 
 def test_w4a16_default_config_takes_the_fast_paths():
