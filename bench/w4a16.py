@@ -8,7 +8,7 @@ device-to-device copy bandwidth measured in the same run; TFLOP/s; the speed-up 
 Times: triton.testing.do_bench (median, L2 flushed) and, for M <= 64, through a CUDA graph (as the
 engine runs decode), on weight sets rotated past the L2 cache. Below M = 1024 each shape also times
 the int->float unpacking (label -i2f; gemv-i2f-bn16: the gemv tile that shipped with it) beside
-the default fast one. --sweep adds a sweep of the gemv and small-M mm tiles (M = 1, 16, 64) and
+the default fast one, and at M = 1 the gemv beside the default (mm on a 16-row x tile). --sweep adds a sweep of the gemv and small-M mm tiles (M = 1, 16, 64) and
 prints the five best per shape with their copy-bandwidth share.
 
     python bench/w4a16.py --out bench/results/w4a16-h200.json [--sweep]   # on the GPU machine
@@ -64,17 +64,17 @@ def _paths(m: int, n: int, k: int, device: torch.device):
     from dataclasses import replace
 
     from kernels._triton_compat import sm_count
-    from kernels.w4a16 import W4A16Config, _split, choose_config
+    from kernels.w4a16 import W4A16Config, _split, choose_config, gemv_config
 
     default = choose_config(m, n, k, GROUP, device, DT)
     out = [("default:" + _label(default), default)]
     alts = [W4A16Config("dequant")]
     if default.path != "dequant":
         alts.append(replace(default, unpack="i2f"))
-    if m == 1:  # the 16-row gemv tile that shipped with I2F, and the mm path on a 16-row x tile
-        alts.append(replace(default, block_n=16, unpack="i2f",
-                            split_k=_split(n, 16, k, default.block_k, sm_count(device))))
-        alts.append(choose_config(2, n, k, GROUP, device, DT))
+    if m == 1:  # the gemv, fast and I2F, and its 16-row tile that shipped with I2F
+        gemv = gemv_config(n, k, GROUP, device)
+        alts += [gemv, replace(gemv, unpack="i2f"),
+                 replace(gemv, block_n=16, unpack="i2f", split_k=_split(n, 16, k, gemv.block_k, sm_count(device)))]
     elif m <= 64:
         alts.append(choose_config(128, n, k, GROUP, device, DT))
     else:
@@ -82,7 +82,7 @@ def _paths(m: int, n: int, k: int, device: torch.device):
                     if default.path != "dequant" else choose_config(512, n, k, GROUP, device, DT))
     labels = {out[0][0]}
     for cfg in alts:
-        label = _label(cfg) + (f"-bn{cfg.block_n}" if cfg.path == default.path else "")
+        label = _label(cfg) + (f"-bn{cfg.block_n}" if cfg.unpack == "i2f" else "")
         if cfg != default and label not in labels:
             labels.add(label)
             out.append((label, cfg))

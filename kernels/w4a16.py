@@ -1,11 +1,11 @@
 """W4A16 GEMM: y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W 4-bit group-wise (reference and
-layout: kernels/w4a16_reference.py). Three paths, chosen by M (`choose_config`):
+layout: kernels/w4a16_reference.py). Three paths (`choose_config` picks by M and dtype):
 
-- gemv (M = 1): bandwidth-bound. Each program owns BLOCK_N output rows and reads them as long
-  coalesced runs; codes are dequantized in registers and never written: per group,
+- gemv (M = 1; the default on float32 x). Each program owns BLOCK_N output rows and reads them as
+  long coalesced runs; codes are dequantized in registers and never written: per group,
   y += scale * (sum_k code * x - zero * sum_k x). Optional split-K (partials in a float32
   workspace, then a reduction kernel) when the rows alone give too few programs.
-- mm (2 <= M < DEQUANT_MIN_M): tensor cores on tiles dequantized in registers
+- mm (M < DEQUANT_MIN_M; M = 1 too on 16-bit x): tensor cores on tiles dequantized in registers
   ((code - zero) * scale, rounded to x's dtype, as every AWQ kernel does). For small M the
   product is computed transposed (y.T = W x.T), so the weight tile fills the MMA's M side and a
   16-row x tile the small side; the same split-K as above.
@@ -222,10 +222,11 @@ def choose_config(
 ) -> W4A16Config:
     """The path and tiles for one call (static heuristics; bench/w4a16.py sweeps the alternatives)."""
     sms = C.sm_count(device)
-    if m == 1:  # 32 rows x 1024 k: 16 KB of codes per program and step, 4 rows per thread
-        block_n, block_k = 32, min(1024, max(group_size, triton.next_power_of_2(k) // 4))
-        return W4A16Config("gemv", block_n=block_n, block_k=block_k, num_warps=4,
-                           split_k=_split(n, block_n, k, block_k, sms))
+    # M = 1 on 16-bit x takes the mm path on a 16-row x tile, like M <= 16: its loop issues about
+    # 3.1 instructions per code on sm_90 against the gemv's 4.1 (bench/compile_report.py --sass),
+    # and issue, not HBM, is what bounds decode. bench/w4a16.py times the gemv beside it.
+    if m == 1 and dtype == torch.float32:
+        return gemv_config(n, k, group_size, device)
     if m >= DEQUANT_MIN_M:
         return W4A16Config("dequant", block_n=64, block_k=min(group_size, 128))
     block_k = min(group_size, 128)
@@ -239,6 +240,14 @@ def choose_config(
                            num_stages=2)
     return W4A16Config("mm", block_m=128, block_n=128, block_k=min(group_size, 64), num_warps=8,
                        num_stages=3)
+
+
+def gemv_config(n: int, k: int, group_size: int, device: torch.device) -> W4A16Config:
+    """The gemv path's tiles (M = 1): 32 rows x up to 1024 k, 16 KB of codes per program and step,
+    4 rows per thread; split-K to fill the multiprocessors."""
+    block_n, block_k = 32, min(1024, max(group_size, triton.next_power_of_2(k) // 4))
+    return W4A16Config("gemv", block_n=block_n, block_k=block_k, num_warps=4,
+                       split_k=_split(n, block_n, k, block_k, C.sm_count(device)))
 
 
 def _split(n: int, block_n: int, k: int, block_k: int, sms: int) -> int:

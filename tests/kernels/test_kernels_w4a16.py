@@ -127,7 +127,8 @@ def test_w4a16_default_config_takes_the_fast_paths():
     cpu = torch.device("cpu")
     for m in (1, 4, 16, 64):
         cfg = w4a16.choose_config(m, 4096, 4096, 128, cpu)
-        assert cfg.unpack == "fast" and cfg.path == ("gemv" if m == 1 else "mm")
+        assert cfg.unpack == "fast" and cfg.path == "mm" and cfg.swap_ab and cfg.block_m == max(16, m)
+    assert w4a16.choose_config(1, 4096, 4096, 128, cpu, torch.float32).path == "gemv"
     with pytest.raises(ValueError, match="unpack must be one of"):
         W4A16Config("gemv", unpack="lut")
 
