@@ -229,15 +229,15 @@ def choose_config(
         return gemv_config(n, k, group_size, device)
     if m >= DEQUANT_MIN_M:
         return W4A16Config("dequant", block_n=64, block_k=min(group_size, 128))
+    if dtype == torch.float32:  # exact float32 dots (tests): smaller tiles keep registers
+        return W4A16Config("mm", block_m=32, block_n=32, block_k=min(group_size, 32), num_warps=4,
+                           num_stages=2)
     block_k = min(group_size, 128)
     if m <= 64:  # weight tile 8 KB (M <= 16) or 4 KB per stage, 4 stages
         block_m = max(16, triton.next_power_of_2(m))
         block_n = 128 if m <= 16 else 64
         return W4A16Config("mm", block_m=block_m, block_n=block_n, block_k=block_k, swap_ab=True,
                            num_warps=4, num_stages=4, split_k=_split(n, block_n, k, block_k, sms))
-    if dtype == torch.float32:  # exact float32 dots (tests): smaller tiles keep registers
-        return W4A16Config("mm", block_m=32, block_n=32, block_k=min(group_size, 32), num_warps=4,
-                           num_stages=2)
     return W4A16Config("mm", block_m=128, block_n=128, block_k=min(group_size, 64), num_warps=8,
                        num_stages=3)
 
