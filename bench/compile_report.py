@@ -86,6 +86,14 @@ def _loop_sass(kernel) -> dict:
     return {"loop_instrs": len(body), **{f"loop_{op}": body.count(op) for op in SASS_OPS}}
 
 
+def _pair_asm_mismatches(kernel) -> int:
+    """Inline-asm calls on 16-bit pairs (kernels/w4a16_unpack.py, pack=2 over join(p, p)) whose two
+    32-bit word operands differ: the two elements of a packed pair must come from the same word."""
+    calls = re.findall(r'asm [^"]*"(?:[^"\\]|\\.)*", "[^"]*"\(([^)]*)\)', kernel.asm["llir"])
+    pairs = [[a.split()[-1] for a in c.split(",")] for c in calls if "<2 x" in c and c.count(",") == 3]
+    return sum(a[0] != a[1] for a in pairs)
+
+
 def _resources(kernel, sass: bool = False) -> dict:
     text = _cuobjdump(kernel, "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", text)
@@ -103,6 +111,7 @@ def _resources(kernel, sass: bool = False) -> dict:
         "mma_sync": ptx.count("mma.sync"),
         "cp_async": ptx.count("cp.async"),
         "ld_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+        "pair_asm_mismatches": _pair_asm_mismatches(kernel),
         **(_loop_sass(kernel) if sass else {}),
     }
 
