@@ -183,6 +183,13 @@ def main() -> None:
     shapes = [("tiny", 256, 512)] if quick else SHAPES
     ms = args.ms or ([1, 4, 64] if quick else MS)
     rows, sweeps = [], []
+    meta = run_meta(device_name, copy_gbs, quick, group_size=GROUP)
+
+    def save(complete: bool) -> None:  # after each shape: a run cut short keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(meta=meta, complete=complete, results=rows, sweep=sweeps), f, indent=1)
+
     for name, n, k in shapes:
         for m in ms:
             print(f"{name} M={m} ...", file=sys.stderr, flush=True)
@@ -191,18 +198,17 @@ def main() -> None:
             rows.append(r)
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if args.sweep:
-            for m in (1, 16, 64) if args.ms is None else sorted({1, 16, 64} & set(ms)):
-                sweeps.extend(sweep(timer, device, name, n, k, m, quick, copy_gbs)[:5])
+        save(False)
     _print(rows, copy_gbs, device_name)
-    for s in sweeps:
-        print(f"sweep {s['name']:8} M={s['m']:<3} {s['t_ms'] * 1e3:8.1f} us {100 * s['copy_share']:4.0f}%  "
-              f"{s['config']}")
-    if args.out:
-        meta = run_meta(device_name, copy_gbs, quick, group_size=GROUP)
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, results=rows, sweep=sweeps), f, indent=1)
-
+    for name, n, k in shapes if args.sweep else []:
+        for m in (1, 16, 64) if args.ms is None else sorted({1, 16, 64} & set(ms)):
+            best = sweep(timer, device, name, n, k, m, quick, copy_gbs)[:5]
+            for r in best:
+                print(f"sweep {r['name']:8} M={r['m']:<3} {r['t_ms'] * 1e3:8.1f} us "
+                      f"{100 * r['copy_share']:4.0f}%  {r['config']}", flush=True)
+            sweeps.extend(best)
+            save(False)
+    save(True)
 
 if __name__ == "__main__":
     main()
