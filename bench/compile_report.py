@@ -148,6 +148,7 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
             x.clone(), x.clone(), torch.ones(4096, dtype=dtype), 1e-6)),
         ("silu_and_mul", lambda: activation.silu_and_mul(torch.randn(4, 2 * 14336, dtype=dtype))),
         *_w4a16_calls(dtype),
+        *_fp8_gemm_calls(dtype),
         *(_sampling_calls() if dtype == torch.float32 else []),  # logits are float32
     ]
 
@@ -175,6 +176,24 @@ def _w4a16_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
     return [("w4a16 m=1", run(1)), ("w4a16 gemv m=1", run(1, gemv)), ("w4a16 gemv split-k", run(1, split)),
             ("w4a16 mm m=16", run(16)), ("w4a16 mm m=64", run(64)), ("w4a16 mm m=256", run(256)),
             ("w4a16 dequant", run(2048, w4a16.W4A16Config("dequant"))), *(i2f if dtype != torch.float32 else [])]
+
+
+def _fp8_gemm_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
+    """The small-M FP8 GEMM (kernels/fp8_gemv.py) at Llama-3.1-8B's o_proj shape (4096 x 4096)."""
+    from kernels import fp8_gemv
+    from kernels.fp8_gemv import FP8SmallMConfig
+
+    n = k = 4096
+    w, ws = torch.zeros(n, k, dtype=torch.float8_e4m3fn), torch.ones(n)
+
+    def run(m: int, c: FP8SmallMConfig | None = None):
+        c = c or fp8_gemv.choose_config(m, n, k, torch.device("cpu"))
+        return lambda: fp8_gemv.fp8_linear_small_m(torch.zeros(m, k, dtype=torch.float8_e4m3fn),
+                                                   torch.ones(m, 1), w, ws, None, dtype, config=c)
+
+    return [("fp8 mma m=1", run(1)), ("fp8 mma m=16", run(16)), ("fp8 mma m=64", run(64)),
+            ("fp8 mma last-split", run(1, FP8SmallMConfig(split_k=4, reduce="last_split"))),
+            ("fp8 gemv m=1", run(1, FP8SmallMConfig("gemv", block_n=16, block_k=512, split_k=2)))]
 
 
 def _sampling_calls() -> list[tuple[str, callable]]:

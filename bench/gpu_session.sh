@@ -60,8 +60,16 @@ for step in "$@"; do
     t1-2048) tp 2048 2048 500 ;;
     l1) phase l1 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 --out "$OUT/l1.json" ;;
     # FP8 W8A8 + FP8 KV (T2, L1 FP8): run each beside its BF16 phase in the same call.
-    fp8-tests) phase fp8-tests 400 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/gpu/test_gpu_fp8.py -m gpu ;;
-    fp8-gemm) phase fp8-gemm 300 python bench/fp8_gemm.py --out "$OUT/fp8-gemm.json" ;;
+    fp8-tests) phase fp8-tests 400 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/kernels/test_kernels_fp8_gemv.py tests/gpu/test_gpu_fp8.py -m gpu ;;
+    fp8-gemm) phase fp8-gemm 500 python bench/fp8_gemm.py --out "$OUT/fp8-gemm.json" ;;
+    # the small-M FP8 kernel (kernels/fp8_gemv.py): all its tests on the GPU, then its tiles swept at
+    # M = 1 and 16, two linears a call (each call under 10 minutes):
+    #   bash bench/gpu_session.sh fp8-gemv-tests fp8-gemm-sweep-a;  bash bench/gpu_session.sh fp8-gemm-sweep-b
+    fp8-gemv-tests) phase fp8-gemv-tests 300 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8_gemv.py ;;
+    fp8-gemm-sweep-a) phase fp8-gemm-sweep-a 560 python bench/fp8_gemm.py --ms 1 4 16 64 --sweep \
+      --linears qkv_proj o_proj --out "$OUT/fp8-gemm-sweep-a.json" ;;
+    fp8-gemm-sweep-b) phase fp8-gemm-sweep-b 560 python bench/fp8_gemm.py --ms 1 4 16 64 --sweep \
+      --linears gate_up_proj down_proj --out "$OUT/fp8-gemm-sweep-b.json" ;;
     t2-128) ID=t2 tp 128 128 3000 --quantization fp8 --kv-cache-dtype fp8 ;;
     t2-1000) ID=t2 tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 ;;
     t2-2048) ID=t2 tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 ;;
@@ -86,8 +94,18 @@ for step in "$@"; do
     hf-1000) phase hf-1000 400 python bench/hf_baseline.py --isl 1000 --osl 1000 --num-requests 48 --out "$OUT/hf-1000-1000.json" ;;
     hf-2048) phase hf-2048 400 python bench/hf_baseline.py --isl 2048 --osl 2048 --num-requests 16 --out "$OUT/hf-2048-2048.json" ;;
     spec-tests) phase spec-tests 400 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_spec_gpu.py tests/gpu/test_spec_engine_gpu.py tests/kernels/test_spec_proposers_triton.py ;;
-    # batch-1 per method on the default model; eagle3 reads the head the train-draft phase wrote (run it first)
-    spec-batch1) phase spec-batch1 560 python bench/spec_decode.py --eagle-head "$OUT/eagle3-smollm2" --out "$OUT/spec-batch1.json" ;;
+    # batch-1 per method on the default model; eagle3 reads the head the train-draft phase wrote (run it
+    # first), draft_model the draft make-draft wrote if it ran first:
+    #   bash bench/gpu_session.sh train-draft make-draft spec-batch1 spec-verify-cost
+    make-draft) phase make-draft 120 python bench/truncated_draft.py --layers 6 --out "$OUT/draft-smollm2-L6" ;;
+    spec-batch1) args=(--eagle-head "$OUT/eagle3-smollm2")
+      [ -d "$OUT/draft-smollm2-L6" ] && args+=(--draft-model "$OUT/draft-smollm2-L6")
+      phase spec-batch1 560 python bench/spec_decode.py "${args[@]}" --out "$OUT/spec-batch1.json" ;;
+    # verify step (k = 1..8 drafts) vs decode step, Llama-3.1-8B dummy, batch 1/8/32; the speedup is
+    # projected from spec-batch1.json's acceptance lengths when that phase ran first
+    spec-verify-cost) args=(--out "$OUT/spec-verify-cost.json")
+      [ -f "$OUT/spec-batch1.json" ] && args+=(--acceptance "$OUT/spec-batch1.json")
+      phase spec-verify-cost 300 python bench/spec_verify_cost.py "${args[@]}" ;;
     spec-tp256) phase spec-tp256 560 python -m taxiway.cli bench throughput --isl 128 --osl 128 --num-requests 2000 \
         --max-num-seqs 256 --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --out "$OUT/spec-tp256.json" ;;
     serve-bench) phase serve-bench 560 bash bench/serve_bench_gpu.sh "$OUT" ;;

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # S1 on the GPU machine: Llama-3.1-8B (random weights) behind `taxiway serve` (four tiers, embedded
 # Redis), driven by `taxiway bench serve` through gRPC and through the OpenAI endpoint at
-# concurrency 1, 64, 256, 1024 and a Poisson rate near saturation; then the same engine settings
-# in-process. One JSON per target under $1 (serve-grpc.json, serve-openai.json,
-# serve-inprocess.json), each run's figures inside.
+# concurrency 1, 64, 256, 1024 (one client invocation) and a Poisson rate near saturation; then the
+# same engine settings in-process (one engine for the four closed-loop points, one for Poisson).
+# One JSON per target under $1 (serve-grpc.json, serve-openai.json, serve-inprocess.json), each
+# run's figures inside.
 #   bash bench/serve_bench_gpu.sh OUT_DIR
 # Overrides (for a CPU smoke run): SB_ENGINE (engine flags), SB_ISL, SB_OSL, SB_SCALE (divides the
 # request counts), SB_RATE (Poisson requests/s), SB_CLIENTS (client processes).
@@ -22,12 +23,10 @@ bench() {  # bench TARGET NAME [args]: one `taxiway bench serve` invocation, JSO
   echo "$name rc=$? $(python -c "import json,sys; r=json.load(open('$OUT/$name.json')); print(' '.join(f\"c={x['concurrency']} {x.get('output_tokens_per_s')} tok/s ttft_p50={x.get('ttft_ms',{}).get('p50')} err={x['errors']}\" for x in r['runs']))" 2>/dev/null)"
 }
 
-sweep() {  # sweep TARGET ADDRESS_ARGS...: the S1 points, one JSON each
+sweep() {  # sweep TARGET ADDRESS_ARGS...: the closed-loop points in one invocation, then Poisson
   local target=$1; shift
-  bench "$target" "serve-$target-c1" --concurrency 1 --num-requests "$(n 16)" "$@"
-  bench "$target" "serve-$target-c64" --concurrency 64 --num-requests "$(n 256)" --client-processes "$CLIENTS" "$@"
-  bench "$target" "serve-$target-c256" --concurrency 256 --num-requests "$(n 1024)" --client-processes "$CLIENTS" "$@"
-  bench "$target" "serve-$target-c1024" --concurrency 1024 --num-requests "$(n 2048)" --client-processes "$CLIENTS" "$@"
+  bench "$target" "serve-$target-closed" --concurrency 1 64 256 1024 \
+    --num-requests "$(n 16)" "$(n 256)" "$(n 1024)" "$(n 2048)" --client-processes "$CLIENTS" "$@"
   bench "$target" "serve-$target-poisson" --concurrency 0 --request-rate "$RATE" --num-requests "$(n 2048)" --client-processes "$CLIENTS" "$@"
 }
 

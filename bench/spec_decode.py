@@ -13,10 +13,13 @@ speculation's on the same prompt.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from gpu_engine.engine import LLMEngine  # noqa: E402
 from gpu_engine.spec.train_data import encode_prompts, load_prompts  # noqa: E402
@@ -41,7 +44,7 @@ def pick_prompts(args) -> list[dict]:
 
 def run_method(args, spec: dict | None, prompts: list[dict]) -> list[dict]:
     engine = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       speculative_config=spec)
+                       num_kv_blocks=args.num_kv_blocks, speculative_config=spec)
     ids = encode_prompts(engine.tokenizer, prompts)
     run_requests(engine, ids[:1], min(args.osl, 16), stream=True)  # warm-up
     out = []
@@ -54,7 +57,17 @@ def run_method(args, spec: dict | None, prompts: list[dict]) -> list[dict]:
         if spec is not None:
             row["spec_decode"] = engine.scheduler.spec_stats.since(before).summary()
         out.append(row)
+    engine.shutdown()
+    del engine
+    free_memory()
     return out
+
+
+def free_memory() -> None:
+    """Give the last engine's GPU memory back before the next method's engine profiles what is free."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -67,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--osl", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--num-kv-blocks", type=int, default=None,
+                    help="a fixed KV cache per engine (default: sized from free memory, as the engine does)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)

@@ -1,5 +1,7 @@
 """CUDA graphs for decode steps: captured once at start-up for a ladder of batch sizes; a step is
-padded up to the next captured size and replayed. Prefill and mixed steps run eagerly.
+padded up to the next captured size and replayed. Steps of decodes and speculative verify entries
+replay them too, each of an entry's 1 + k tokens as a row of its own (StepLayout.decode_rows).
+Prefill and mixed steps run eagerly.
 
 A graph reads one static [3, size] int64 input (slot, position, host token or -1 per row) and the
 persistent batch's device buffers: inside it, the input ids come from the slots' last sampled
@@ -44,7 +46,8 @@ class DecodeGraphs:
         max_bs = self.sizes[-1]
         self.inputs = torch.zeros(3 * max_bs, dtype=torch.int64, device=dev)  # [3, size] per graph
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # size -> (graph, hidden [size, hidden], residual streams [size, A * hidden] or None)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
 
     def _view(self, size: int) -> torch.Tensor:
         return self.inputs[: 3 * size].view(3, size)
@@ -60,22 +63,27 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(size)
+                out, aux = self._forward(size)
             pool = graph.pool()
-            self.graphs[size] = (graph, out)
+            self.graphs[size] = (graph, out, aux)
         torch.cuda.synchronize(self.runner.device)
         return time.perf_counter() - start
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int, host_lists: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward of `size` rows read from the static input (captured; host_lists gives the
+        reference ops their host lists, for running it eagerly)."""
         r, batch = self.runner, self.runner.batch
         slot, pos, host = self._view(size)
+        seq_lens = (pos + 1).to(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=batch.slot_mapping(slot, pos), query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=(pos + 1).to(torch.int32), block_tables=batch.block_table.index_select(0, slot),
+            seq_lens=seq_lens, block_tables=batch.block_table.index_select(0, slot),
             num_decodes=size, max_query_len=1, max_seq_len=r.max_model_len,
-            query_start_loc_host=[], seq_lens_host=[],
+            query_start_loc_host=list(range(size + 1)) if host_lists else [],
+            seq_lens_host=seq_lens.tolist() if host_lists else [],
         )
-        return r.model(batch.input_ids(slot, host), pos.clamp(min=0), r.kv_caches, meta, r.cos_sin, r.ops)
+        return r.model.forward_aux(batch.input_ids(slot, host), pos.clamp(min=0), r.kv_caches, meta, r.cos_sin,
+                                   r.ops, r.aux_layers)
 
     def padded_size(self, batch: int) -> int | None:
         for size in self.sizes:
@@ -83,9 +91,10 @@ class DecodeGraphs:
                 return size
         return None
 
-    def run(self, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the graph for a decode-only step: (hidden [T, hidden], the rows' slots [T] int64
-        on the device)."""
+    def run(self, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replay the graph for a step of decode rows: (hidden [T, hidden], the rows' slots [T]
+        int64 on the device, the residual streams [T, A * hidden] for EAGLE-3 or None: a copy, as
+        the drafter reads them after the next replay may have begun)."""
         t = layout.num_tokens
         size = self.padded_size(t)
         stage = np.zeros((3, size), dtype=np.int64)
@@ -96,6 +105,10 @@ class DecodeGraphs:
         stage[2, t:] = -1
         view = self._view(size)
         self.runner.builder.upload_into(view, stage)
-        graph, out = self.graphs[size]
+        out, aux = self._replay(size)
+        return out[:t], view[0, :t], None if aux is None else aux[:t].clone()
+
+    def _replay(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        graph, out, aux = self.graphs[size]
         graph.replay()
-        return out[:t], view[0, :t]
+        return out, aux

@@ -39,6 +39,7 @@ class StepLayout:
     prompt_rows: dict[int, tuple[int, int]]  # index into plan.scheduled -> (first row, count)
     unsampled_slots: np.ndarray  # [U] int64: entries that drew nothing (their next input is on the host)
     verify: list[tuple[int, int]]  # (index into plan.entries, first token row) of each verify entry
+    rows_decodable: bool = False  # every sequence is a decode or a verify entry (see decode_rows)
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +48,15 @@ class StepLayout:
     @property
     def decode_only(self) -> bool:
         return self.num_decodes == len(self.seq_slot) and not self.prompt_rows
+
+    @property
+    def decode_rows(self) -> bool:
+        """The step can run as decode rows (the decode graphs' layout): each token row attends to
+        its slot's positions up to its own, so a verify entry's 1 + k rows see the KV its earlier
+        rows write in the same layer, exactly as the prefill path computes them. True for plain
+        decodes and verify entries; prompt chunks stay on the prefill path (a long chunk as rows
+        would read its context once per token)."""
+        return self.rows_decodable and not self.prompt_rows
 
     @property
     def rows_are_samples(self) -> bool:
@@ -150,6 +160,7 @@ class InputBatch:
             prompt_rows=prompt_rows,
             unsampled_slots=np.array([e.seq.slot for e in plan.entries if not e.sample], dtype=np.int64),
             verify=verify,
+            rows_decodable=all(e.is_verify or e.num_tokens == 1 for e in plan.entries),
             sample_rows=np.concatenate([np.arange(d, dtype=np.int64)]
                                        + [np.full(len(slots), r, dtype=np.int64) for r, slots in samples]),
             sample_slot=np.concatenate([d_slot] + [np.array(slots, dtype=np.int64) for _, slots in samples]),

@@ -162,9 +162,9 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self) -> float:
-        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager, and not when the steps
-        must return residual streams for EAGLE-3); returns seconds."""
-        if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton" or self.aux_layers:
+        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager; with the residual
+        streams EAGLE-3 drafts from when it runs); returns seconds."""
+        if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
             return 0.0
         if self.driver is not None:
             log.warning("tensor parallelism runs decode steps eagerly: CUDA graphs over NCCL are not captured yet")
@@ -189,12 +189,12 @@ class ModelRunner:
             start.record()
         self.batch.apply(plan, up)
         layout = self.batch.layout(plan)
-        graphed = self.graphs is not None and layout.decode_only and self.graphs.padded_size(layout.num_tokens)
+        graphed = self.graphs is not None and layout.decode_rows and self.graphs.padded_size(layout.num_tokens)
         t1 = time.perf_counter()
         self.copy_blocks(plan.blocks_to_copy)
         aux = None
         if graphed:
-            hidden, tok_slot = self.graphs.run(layout)
+            hidden, tok_slot, aux = self.graphs.run(layout)
         else:
             ids, positions, meta, tok_slot = self.batch.device_inputs(layout, up, self.ops.name == "torch")
             if self.driver is not None:

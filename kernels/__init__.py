@@ -9,7 +9,9 @@ callers import when they run on the GPU:
     kernels.norm              rms_norm, fused_add_rms_norm (and their *_quant_fp8 variants)
     kernels.activation        silu_and_mul (and silu_and_mul_quant_fp8)
     kernels.fp8               quantize_fp8 (E4M3 per token or static); norm/activation have FP8 variants
-    kernels.fp8_gemm          fp8_linear: torch._scaled_mm with rowwise scales (no triton)
+    kernels.fp8_gemm          fp8_linear: torch._scaled_mm with rowwise scales (no triton at import);
+                              M <= 64 on CUDA sm_89+ goes to kernels.fp8_gemv
+    kernels.fp8_gemv          fp8_linear_small_m: the small-M FP8 GEMM (FP8 MMA on y.T = W x.T, split-K)
     kernels.w4a16             w4a16_linear (INT4 weights x 16-bit activations), dequantize
     kernels.w4a16_reference   the W4A16 weight layout and its plain-torch reference (no triton)
     kernels.testing           random paged batches for tests and benchmarks (no triton)

@@ -1,16 +1,22 @@
-"""FP8 GEMM through torch._scaled_mm (cuBLASLt / CUTLASS on sm_89+; torch's CPU kernel elsewhere).
+"""FP8 GEMM: torch._scaled_mm (cuBLASLt / CUTLASS on sm_89+; torch's CPU kernel elsewhere), and for
+M <= SMALL_M_MAX on CUDA sm_89+ the small-M Triton kernel of kernels/fp8_gemv.py (at decode sizes
+_scaled_mm is no faster than BF16: bench/fp8_gemm.py).
 
 Reference: kernels.reference.fp8_linear. Rowwise scales: one per token of the activation ([M, 1]),
 one per output channel of the weight ([N]), so per-token x per-channel and static per-tensor
-schemes (a broadcast scale) all take the same call. No triton import.
+schemes (a broadcast scale) all take the same call. No triton import at module level (the CPU
+engine imports this module); kernels.fp8_gemv is imported on the first small-M CUDA call.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+SMALL_M_MAX = 64  # M up to this runs kernels/fp8_gemv.py on CUDA sm_89+ (bench/fp8_gemm.py measures both)
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -21,8 +27,9 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...
 
 
 def check_gemm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-               weight_scale: torch.Tensor) -> None:
-    """The layouts torch._scaled_mm takes with rowwise scales (sm_89+)."""
+               weight_scale: torch.Tensor, any_n: bool = False) -> None:
+    """The layouts torch._scaled_mm takes with rowwise scales (sm_89+); the small-M kernel takes
+    any N (any_n=True)."""
     for name, t in (("x_scale", x_scale), ("weight", weight), ("weight_scale", weight_scale)):
         if t.device != xq.device:
             raise ValueError(f"{name} is on {t.device}, expected {xq.device} like xq")
@@ -35,8 +42,9 @@ def check_gemm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
     (m, k), (n, kw) = xq.shape, weight.shape
     if k != kw:
         raise ValueError(f"xq is [M, {k}] but weight is [{n}, {kw}]: K differs")
-    if k % 16 or n % 16:
-        raise ValueError(f"FP8 GEMMs need K and N multiples of 16, got K={k}, N={n}")
+    if k % 16 or (n % 16 and not any_n):
+        need = "K a multiple of 16" if any_n else "K and N multiples of 16"
+        raise ValueError(f"FP8 GEMMs need {need}, got K={k}, N={n}")
     _check("x_scale", x_scale, torch.float32, (m, 1))
     _check("weight_scale", weight_scale, torch.float32, (n,))
 
@@ -50,6 +58,10 @@ def fp8_linear(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:  # [M, N] out_dtype
     """y = (xq * x_scale) @ (weight * weight_scale[:, None]).T + bias, accumulated in f32."""
+    if xq.is_cuda and xq.shape[0] <= SMALL_M_MAX and _has_fp8_mma(xq.device):
+        from kernels.fp8_gemv import fp8_linear_small_m
+
+        return fp8_linear_small_m(xq, x_scale, weight, weight_scale, bias, out_dtype)
     check_gemm(xq, x_scale, weight, weight_scale)
     if out_dtype == torch.float32:
         # Rowwise scaling outputs bfloat16 only. A float32 model (correctness runs, not speed) gets
@@ -66,3 +78,13 @@ def fp8_linear(
     if bias is not None:
         y += bias
     return y
+
+
+def _has_fp8_mma(device: torch.device) -> bool:
+    """FP8 tensor-core MMA (Ada sm_89, Hopper sm_90 and later)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from kernels import _triton_compat as C
 from kernels.w4a16_reference import W4A16Weight
-from kernels.w4a16_unpack import ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, pair_order, unpack8, word_dots
+from kernels.w4a16_unpack import (ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, pair_order, unpack8,
+                                  word_dots)
 
 DEQUANT_MIN_M = 1024  # from M on, dequantize + cuBLAS (bench/w4a16.py measures every path at every M)
 
@@ -167,14 +168,22 @@ def _mm_kernel(
                 acc = tl.dot(x, tl.trans(w), acc)
     if SWAP_AB:
         acc = tl.trans(acc)  # [BM, BN]
-    mask = m_ok[:, None] & n_ok[None, :]
+    store_tile(acc, m, n, M, N, b_ptr, out_ptr, ws_ptr, s_om, tl.program_id(1), HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def store_tile(acc, m, n, M, N, b_ptr, out_ptr, ws_ptr, s_om, split, HAS_BIAS: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """acc [BM, BN] f32 of rows m, columns n: into out (+ bias, in out's dtype) with one split,
+    else into slice `split` of the float32 workspace [SPLIT_K, M, N] (_split_k_reduce_kernel sums it)."""
+    mask = (m < M)[:, None] & (n < N)[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         dst = out_ptr + m.to(tl.int64)[:, None] * s_om + n[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        ws = ws_ptr + (tl.program_id(1) * M + m.to(tl.int64))[:, None] * N + n[None, :]
+        ws = ws_ptr + (split * M + m.to(tl.int64))[:, None] * N + n[None, :]
         tl.store(ws, acc, mask=mask)
 
 

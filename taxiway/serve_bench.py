@@ -39,7 +39,8 @@ class ServeBenchConfig:
     """PEM CA bundle that verifies the server's certificate (with tls; default: the system's)."""
     isl: int = 128
     osl: int = 128
-    num_requests: int = 256
+    num_requests: int | tuple[int, ...] = 256
+    """Requests per run: one count for every run, or one per concurrency value."""
     concurrency: tuple[int, ...] = (1,)
     """Runs, one per value: at most this many requests in flight (0 = no limit)."""
     request_rate: float = math.inf
@@ -63,14 +64,24 @@ class ServeBenchConfig:
             object.__setattr__(self, "address", DEFAULT_ADDRESS[self.target])
         if self.ca_file and not self.tls:
             raise ValueError("ca_file needs tls (--tls --ca FILE)")
-        if self.isl < 1 or self.osl < 1 or self.num_requests < 1:
+        counts = self.num_requests if isinstance(self.num_requests, tuple) else (self.num_requests,)
+        if self.isl < 1 or self.osl < 1 or min(counts) < 1:
             raise ValueError("isl, osl and num_requests must be positive")
+        if len(counts) not in (1, len(self.concurrency)):
+            raise ValueError(f"num_requests gives {len(counts)} counts for {len(self.concurrency)} "
+                             f"concurrency values: give one count, or one per value")
         if not self.request_rate > 0:
             raise ValueError(f"request_rate must be > 0 (inf: all at once), got {self.request_rate}")
         if any(c < 0 for c in self.concurrency) or not self.concurrency:
             raise ValueError(f"concurrency values must be >= 0, got {self.concurrency}")
         if self.client_processes < 1:
             raise ValueError(f"client_processes must be >= 1, got {self.client_processes}")
+
+    def requests_of_run(self, i: int) -> int:
+        """How many requests run i (concurrency[i]) sends."""
+        if isinstance(self.num_requests, tuple):
+            return self.num_requests[i] if len(self.num_requests) > 1 else self.num_requests[0]
+        return self.num_requests
 
 
 @dataclass
@@ -89,17 +100,19 @@ class Workload:
     send_at: list[float]
 
 
-def make_workload(cfg: ServeBenchConfig, vocab_size: int, seed: int) -> Workload:
+def make_workload(cfg: ServeBenchConfig, vocab_size: int, seed: int, run: int = 0) -> Workload:
+    """Run `run`'s prompts and send times."""
     rng = random.Random(seed)
+    count = cfg.requests_of_run(run)
     if cfg.dataset:
         with open(cfg.dataset, encoding="utf-8") as f:
             texts = [json.loads(line)["prompt"] for line in f if line.strip()]
         if not texts:
             raise ValueError(f"{cfg.dataset} holds no prompts")
-        prompts = [texts[i % len(texts)] for i in range(cfg.num_requests)]
+        prompts = [texts[i % len(texts)] for i in range(count)]
     else:
         prompts = [[rng.randrange(100, vocab_size - 100) for _ in range(cfg.isl)]
-                   for _ in range(cfg.num_requests)]
+                   for _ in range(count)]
     t, send_at = 0.0, []
     for _ in prompts:
         send_at.append(t)
@@ -161,6 +174,11 @@ def summarize(records: list[RequestRecord], cfg: ServeBenchConfig, concurrency: 
         "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl), "tpot_ms": _percentiles(tpot),
         "e2e_ms": _percentiles(e2e),
     })
+    if concurrency:
+        # how long the first `concurrency` requests took to all be sent: ~0 when the clients start
+        # together; a large value means a slow client stretched the run
+        first = sorted(r.start for r in records)[:concurrency]
+        run["ramp_ms"] = round((first[-1] - first[0]) * 1e3, 3)
     return run
 
 
@@ -196,7 +214,7 @@ def run_benchmark(cfg: ServeBenchConfig) -> dict:
             client.run(make_workload(warm, vocab, cfg.seed + 999), warm, cfg.warmup_requests)
         runs = []
         for i, concurrency in enumerate(cfg.concurrency):
-            workload = make_workload(cfg, vocab, cfg.seed + i)
+            workload = make_workload(cfg, vocab, cfg.seed + i, i)
             t0 = time.perf_counter()
             records = client.run(workload, cfg, concurrency)
             run = summarize(records, cfg, concurrency)

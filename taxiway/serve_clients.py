@@ -5,15 +5,15 @@ request, timed with time.monotonic() (one clock for every process of this machin
 from __future__ import annotations
 
 import asyncio
-import math
 import multiprocessing
 import time
 from collections import deque
 
 from taxiway.serve_bench import RequestRecord, ServeBenchConfig, Workload
 
-START_MARGIN_S = 1.0
-"""Client processes start together this long after being spawned."""
+START_MARGIN_S = 0.2
+"""Client processes start together this long after the last of them is ready."""
+READY_TIMEOUT_S = 120.0
 
 
 def make_client(cfg: ServeBenchConfig):
@@ -42,15 +42,22 @@ class StreamingClient:
         return self.info["vocab_size"]
 
     def run(self, workload: Workload, cfg: ServeBenchConfig, concurrency: int) -> list[RequestRecord]:
-        procs = min(cfg.client_processes, len(workload.prompts))
+        per = split_concurrency(concurrency, cfg.client_processes, len(workload.prompts))
+        procs = len(per)
         if procs == 1:
             return _run_sync(cfg, workload, concurrency, time.monotonic())
-        start = time.monotonic() + START_MARGIN_S + 0.5 * procs
-        per = math.ceil(concurrency / procs) if concurrency else 0
-        parts = [(cfg, Workload(workload.prompts[p::procs], workload.send_at[p::procs]), per, start)
+        parts = [(cfg, Workload(workload.prompts[p::procs], workload.send_at[p::procs]), per[p])
                  for p in range(procs)]
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            results = pool.starmap(_run_sync, parts)
+        ctx = multiprocessing.get_context("spawn")
+        ready, start = ctx.Barrier(procs + 1, timeout=READY_TIMEOUT_S), ctx.Value("d", 0.0)
+        with ctx.Pool(procs, initializer=_share_start, initargs=(ready, start)) as pool:
+            pending = pool.starmap_async(_run_part, parts, chunksize=1)
+            # every process has imported its client (a slow spawn would otherwise start late and
+            # stretch the run), then they all start at one time
+            ready.wait()
+            start.value = time.monotonic() + START_MARGIN_S
+            ready.wait()
+            results = pending.get()
         records: list[RequestRecord] = [None] * len(workload.prompts)  # type: ignore[list-item]
         for p, part in enumerate(results):
             records[p::procs] = part
@@ -64,12 +71,43 @@ class StreamingClient:
         pass
 
 
-def _run_sync(cfg, workload, concurrency, start) -> list[RequestRecord]:
+def split_concurrency(concurrency: int, processes: int, requests: int) -> list[int]:
+    """Each client process's in-flight limit: never more processes than requests or than the
+    run's concurrency, and the limits add up to it exactly (0: no limit, in every process)."""
+    procs = max(1, min(processes, requests, concurrency or processes))
+    return [concurrency // procs + (p < concurrency % procs) for p in range(procs)]
+
+
+_start_shared = None  # (barrier, start time) in a client process
+
+
+def _share_start(ready, start) -> None:
+    global _start_shared
+    _start_shared = (ready, start)
+
+
+def _run_part(cfg, workload, concurrency) -> list[RequestRecord]:
+    """One client process's share: ready (its client imported), then wait for the common start."""
+    ready, start = _start_shared
+    _client_run(cfg)
+    ready.wait()
+    ready.wait()  # the parent has set the start time
+    return _run_sync(cfg, workload, concurrency, start.value)
+
+
+def _client_run(cfg):
     if cfg.target == "grpc":
+        import grpc  # noqa: F401  (imported here, before the start, not by the first request)
+
+        from services.common.proto import Stub  # noqa: F401
         from taxiway.grpc_stream import run
     else:
         from taxiway.openai_stream import run
-    return asyncio.run(run(cfg, workload, concurrency, start))
+    return run
+
+
+def _run_sync(cfg, workload, concurrency, start) -> list[RequestRecord]:
+    return asyncio.run(_client_run(cfg)(cfg, workload, concurrency, start))
 
 
 class InProcessClient:

@@ -1,6 +1,7 @@
 """FP8 (E4M3) W8A8 linears: weights in FP8 with one scale per output channel, activations in FP8
-per token or with one static scale; GEMMs through torch._scaled_mm on a GPU, the dequantizing
-reference (kernels.reference.fp8_linear) elsewhere.
+per token or with one static scale; GEMMs through kernels.fp8_gemm.fp8_linear on a GPU
+(torch._scaled_mm, or the small-M Triton kernel up to 64 tokens), the dequantizing reference
+(kernels.reference.fp8_linear) elsewhere.
 
 Checkpoint schemes (gpu_engine/quant/detect.py): per-channel or per-tensor weight scales,
 dynamic per-token or static per-tensor input scales, or online (16/32-bit weights quantized per

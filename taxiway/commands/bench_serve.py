@@ -32,7 +32,8 @@ def add_kind(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--ca", default=None, help="PEM CA that verifies the server (with --tls)")
     p.add_argument("--isl", type=int, default=d.isl, help="prompt tokens (default: %(default)s)")
     p.add_argument("--osl", type=int, default=d.osl, help="output tokens (default: %(default)s)")
-    p.add_argument("--num-requests", type=int, default=d.num_requests, help="per run (default: %(default)s)")
+    p.add_argument("--num-requests", type=int, nargs="+", default=[d.num_requests],
+                   help="per run: one count, or one per --concurrency value (default: %(default)s)")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(d.concurrency),
                    help="one run per value: most requests in flight, 0 = no limit (default: 1)")
     p.add_argument("--request-rate", type=float, default=d.request_rate,
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--request-rate must be > 0 or inf, got {args.request_rate}")
     cfg = ServeBenchConfig(
         target=args.target, address=args.address, isl=args.isl, osl=args.osl,
-        num_requests=args.num_requests, concurrency=tuple(args.concurrency),
+        num_requests=args.num_requests[0] if len(args.num_requests) == 1 else tuple(args.num_requests),
+        concurrency=tuple(args.concurrency),
         request_rate=args.request_rate, dataset=args.dataset, warmup_requests=args.warmup_requests,
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
         seed=args.engine_seed, timeout_s=args.timeout_s, client_processes=args.client_processes,

@@ -26,11 +26,28 @@ def test_workload_is_poisson_or_all_at_once():
     assert make_workload(cfg, 1000, seed=1) == w  # reproducible
 
 
+def test_each_run_can_send_its_own_count():
+    cfg = ServeBenchConfig(num_requests=(2, 7), concurrency=(1, 64), isl=3)
+    assert [len(make_workload(cfg, 1000, seed=1, run=i).prompts) for i in (0, 1)] == [2, 7]
+    with pytest.raises(ValueError, match="2 counts for 3 concurrency values"):
+        ServeBenchConfig(num_requests=(2, 7), concurrency=(1, 8, 64))
+
+
+def test_client_processes_share_the_concurrency_exactly():
+    from taxiway.serve_clients import split_concurrency
+
+    assert split_concurrency(1, 4, 16) == [1]  # concurrency 1 stays one request in flight
+    assert split_concurrency(6, 4, 100) == [2, 2, 1, 1]
+    assert split_concurrency(64, 4, 256) == [16] * 4
+    assert split_concurrency(0, 4, 100) == [0] * 4 and split_concurrency(0, 4, 2) == [0] * 2
+
+
 def test_summary_counts_tokens_and_times():
     records = [RequestRecord(start=0.0, chunk_times=[0.1, 0.2, 0.4], num_tokens=4),
                RequestRecord(start=0.0, chunk_times=[0.3, 0.5], num_tokens=2),
                RequestRecord(start=0.0, error="UNAVAILABLE: x")]
     run = summarize(records, ServeBenchConfig(slo_ttft_ms=200, slo_tpot_ms=1000), concurrency=2)
+    assert run["ramp_ms"] == 0.0  # both requests of the first wave sent at once
     assert (run["completed"], run["errors"], run["output_tokens"]) == (2, 1, 6)
     assert run["output_tokens_per_s"] == pytest.approx(6 / 0.5)
     assert run["ttft_ms"]["p50"] == pytest.approx(200.0) and run["e2e_ms"]["mean"] == pytest.approx(450.0)
@@ -50,17 +67,19 @@ def test_grpc_gateway_runs_every_request(stack_factory, client_processes):
     for run in result["runs"]:
         assert (run["completed"], run["errors"], run["output_tokens"]) == (24, 0, 24 * 6), run
         assert run["ttft_ms"]["p50"] > 0 and run["output_tokens_per_s"] > 0
+        # the processes start together: the first wave goes out at once (concurrency 1: one request)
+        assert 0 <= run["ramp_ms"] < 250, run
     assert result["config"]["request_rate"] == "inf"
 
 
 def test_inprocess_engine_runs_the_same_workload(tiny_llama):
-    cfg = ServeBenchConfig(target="inprocess", isl=5, osl=4, num_requests=6, concurrency=(2, 0),
+    cfg = ServeBenchConfig(target="inprocess", isl=5, osl=4, num_requests=(6, 3), concurrency=(2, 0),
                            request_rate=200.0, warmup_requests=1,
                            engine={"model": tiny_llama, "device": "cpu", "num_kv_blocks": 64})
     result = run_benchmark(cfg)
     json.dumps(result, allow_nan=False)
+    assert [(r["completed"], r["output_tokens"]) for r in result["runs"]] == [(6, 24), (3, 12)]
     for run in result["runs"]:
-        assert (run["completed"], run["output_tokens"]) == (6, 24)
         assert math.isfinite(run["tpot_ms"]["p99"])
     assert result["target"]["num_kv_blocks"] == 64 and result["target"]["engine"]["model"] == tiny_llama
 

@@ -1,6 +1,6 @@
 """Every kernel compiles for sm_90 (H100/H200) through Triton's own ptxas, without a GPU, and
 keeps its registers: no spills to local memory (bf16/fp16; float32 attention, a test-only path,
-may spill), the prefill kernel on Hopper's wgmma."""
+may spill), the prefill, W4A16 mm and FP8 small-M kernels on Hopper's wgmma."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert {"decode_split_kernel", "decode_combine_kernel", "prefill_kernel",
             "_rope_write_kv_kernel", "_rms_norm_kernel", "_fused_add_rms_norm_kernel",
             "_silu_and_mul_kernel", "_gemv_kernel", "_mm_kernel", "_split_k_reduce_kernel",
-            "_dequant_kernel"} <= kernels
+            "_dequant_kernel", "_fp8_mma_kernel", "_fp8_gemv_kernel"} <= kernels
     assert {"stats_kernel", "pivot_kernel", "gather_kernel", "finalize_kernel", "probs_kernel"} <= kernels
     for r in rows:  # float32 attention (tests only) runs an exact FMA dot and may spill
         attention = r["case"].startswith(("decode", "prefill"))
@@ -36,5 +36,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
             assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, f"spills: {r}"
     assert all(r["wgmma"] > 0 for r in rows
                if r["kernel"] in ("prefill_kernel", "_mm_kernel") and r["dtype"] != "float32")
-    assert all(r["ld_v4"] > 0 for r in rows if r["kernel"] == "_gemv_kernel"), "16-byte weight loads"
+    assert all(r["wgmma"] > 0 for r in rows if r["kernel"] == "_fp8_mma_kernel"), "FP8 wgmma"
+    assert all(r["ld_v4"] > 0 for r in rows if r["kernel"] in ("_gemv_kernel", "_fp8_gemv_kernel")), \
+        "16-byte weight loads"
     assert not any(r["pair_asm_mismatches"] for r in rows), "a bf16x2 / f16x2 pair from two words"
