@@ -5,7 +5,7 @@ the real wrappers (a stand-in driver answers "sm_90", launches only compile), th
 reads registers, spills and shared memory from each cubin. Catches kernels that the
 interpreter accepts but the GPU compiler rejects, and register spills, before any GPU time.
 
-    python bench/compile_report.py [--out report.json]
+    python bench/compile_report.py [--out report.json] [--only w4a16] [--sass]
 """
 
 from __future__ import annotations
@@ -59,13 +59,43 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 _ORIGINAL_RUN = JITFunction.run
 
 
-def _resources(kernel) -> dict:
+SASS_OPS = ("I2F", "I2FP", "LOP3", "SHF", "PRMT", "FADD", "FFMA", "FMUL", "HADD2", "HMUL2", "HFMA2",
+            "LDG", "LDGSTS", "STS", "LDS", "LDSM", "HGMMA", "BAR", "SHFL")
+
+
+def _cuobjdump(kernel, *flags: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _loop_sass(kernel) -> dict:
+    """Opcode counts of the kernel's longest loop (a backward branch's span) in the SASS: the
+    instructions one thread issues per main-loop step ("loop_instrs"), and those of SASS_OPS."""
+    ins = []
+    for line in _cuobjdump(kernel, "-sass").splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[.\w]*(.*)", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = [(int(t.group(1), 16), addr) for addr, op, rest in ins if op == "BRA"
+             for t in [re.search(r"0x([0-9a-f]+)", rest)] if t and int(t.group(1), 16) < addr]
+    lo, hi = max(loops, key=lambda span: span[1] - span[0]) if loops else (0, -1)
+    body = [op for addr, op, _ in ins if lo <= addr <= hi]
+    return {"loop_instrs": len(body), **{f"loop_{op}": body.count(op) for op in SASS_OPS}}
+
+
+def _pair_asm_mismatches(kernel) -> int:
+    """Inline-asm calls on 16-bit pairs (kernels/w4a16_unpack.py, pack=2 over join(p, p)) whose two
+    32-bit word operands differ: the two elements of a packed pair must come from the same word."""
+    calls = re.findall(r'asm [^"]*"(?:[^"\\]|\\.)*", "[^"]*"\(([^)]*)\)', kernel.asm["llir"])
+    pairs = [[a.split()[-1] for a in c.split(",")] for c in calls if "<2 x" in c and c.count(",") == 3]
+    return sum(a[0] != a[1] for a in pairs)
+
+
+def _resources(kernel, sass: bool = False) -> dict:
+    text = _cuobjdump(kernel, "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", text)
     stack = re.search(r"STACK:(\d+)", text)
     local = re.search(r"LOCAL:(\d+)", text)
@@ -81,6 +111,8 @@ def _resources(kernel) -> dict:
         "mma_sync": ptx.count("mma.sync"),
         "cp_async": ptx.count("cp.async"),
         "ld_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+        "pair_asm_mismatches": _pair_asm_mismatches(kernel),
+        **(_loop_sass(kernel) if sass else {}),
     }
 
 
@@ -137,9 +169,13 @@ def _w4a16_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
         return lambda: w4a16.w4a16_linear(torch.zeros(m, k, dtype=dtype), w, config=c)
 
     split = w4a16.W4A16Config("gemv", block_n=16, block_k=1024, split_k=4)
-    return [("w4a16 gemv m=1", run(1)), ("w4a16 gemv split-k", run(1, split)),
-            ("w4a16 mm m=16", run(16)), ("w4a16 mm m=256", run(256)),
-            ("w4a16 dequant", run(2048, w4a16.W4A16Config("dequant")))]
+    gemv = w4a16.gemv_config(n, k, 128, dev)
+    i2f = [("w4a16 gemv i2f", run(1, w4a16.W4A16Config("gemv", block_n=gemv.block_n, block_k=1024, unpack="i2f"))),
+           ("w4a16 mm m=16 i2f", run(16, w4a16.W4A16Config("mm", block_n=128, block_k=128, swap_ab=True,
+                                                           num_stages=4, unpack="i2f")))]
+    return [("w4a16 m=1", run(1)), ("w4a16 gemv m=1", run(1, gemv)), ("w4a16 gemv split-k", run(1, split)),
+            ("w4a16 mm m=16", run(16)), ("w4a16 mm m=64", run(64)), ("w4a16 mm m=256", run(256)),
+            ("w4a16 dequant", run(2048, w4a16.W4A16Config("dequant"))), *(i2f if dtype != torch.float32 else [])]
 
 
 def _fp8_gemm_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
@@ -180,6 +216,8 @@ def _sampling_calls() -> list[tuple[str, callable]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--only", default="", help="compile only the cases whose name starts so (e.g. w4a16)")
+    parser.add_argument("--sass", action="store_true", help="also count the SASS of each kernel's main loop")
     args = parser.parse_args()
     from kernels import _triton_compat
 
@@ -189,13 +227,17 @@ def main() -> None:
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for name, call in _calls(dtype):
+            if not name.startswith(args.only):
+                continue
             COMPILED.clear()
             call()
             for kname, kernel in COMPILED:
                 rows.append({"case": name, "dtype": str(dtype).split(".")[1], "kernel": kname,
-                             **_resources(kernel)})
+                             **_resources(kernel, args.sass)})
     cols = ["case", "dtype", "kernel", "regs", "stack_bytes", "local_bytes", "shared_bytes",
             "num_warps", "num_stages", "wgmma", "mma_sync", "cp_async", "ld_v4"]
+    if args.sass:
+        cols += ["loop_instrs"] + [f"loop_{op}" for op in SASS_OPS]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))

@@ -42,6 +42,8 @@ for step in "$@"; do
     w4a16-tests) phase w4a16-tests 300 python -m pytest tests/kernels/test_kernels_w4a16.py -q -p no:cacheprovider ;;
     w4a16-bench) phase w4a16-bench 300 python bench/w4a16.py --out "$OUT/w4a16.json" ;;
     w4a16-sweep) phase w4a16-sweep 400 python bench/w4a16.py --sweep --out "$OUT/w4a16-sweep.json" ;;
+    # Decode-sized W4A16 (issue 9): fast vs i2f unpacking and the tile sweep at M = 1, 4, 16, 64
+    w4a16-decode) phase w4a16-decode 580 python bench/w4a16.py --ms 1 4 16 64 --sweep --out "$OUT/w4a16-decode.json" ;;
     sampling-tests) phase sampling-tests 500 python -m pytest tests/kernels/test_kernels_sampling.py tests/unit/test_sampler.py -q -p no:cacheprovider ;;
     sampling-table) phase sampling-table 450 python bench/sampling_throughput.py --out "$OUT/sampling-throughput.json" ;;
     sampling-bench) phase sampling-bench 550 python bench/sampling_kernels.py --out "$OUT/sampling-kernels.json" ;;

@@ -6,8 +6,10 @@ path, and of F.linear on the BF16 weight, measured in the same run; achieved ban
 bytes actually read and written (packed weights + scales + zeros + x + y), as a share of the
 device-to-device copy bandwidth measured in the same run; TFLOP/s; the speed-up over BF16.
 Times: triton.testing.do_bench (median, L2 flushed) and, for M <= 64, through a CUDA graph (as the
-engine runs decode), on weight sets rotated past the L2 cache. --sweep adds a sweep of the gemv and
-small-M mm tiles and prints the best per shape.
+engine runs decode), on weight sets rotated past the L2 cache. Below M = 1024 each shape also times
+the int->float unpacking (label -i2f; gemv-i2f-bn16: the gemv tile that shipped with it) beside
+the default fast one, and at M = 1 the gemv beside the default (mm on a 16-row x tile). --sweep adds a sweep of the gemv and small-M mm tiles (M = 1, 16, 64) and
+prints the five best per shape with their copy-bandwidth share.
 
     python bench/w4a16.py --out bench/results/w4a16-h200.json [--sweep]   # on the GPU machine
     TRITON_INTERPRET=1 python bench/w4a16.py --quick                      # CPU smoke test
@@ -51,23 +53,39 @@ def _copies(nbytes: int, quick: bool) -> int:
     return 2 if quick else max(2, min(16, -(-ROTATE_BYTES // max(1, nbytes))))
 
 
+def _label(cfg) -> str:
+    return cfg.path + ("-swap" if cfg.swap_ab else "") + ("-i2f" if cfg.unpack == "i2f" else "")
+
+
 def _paths(m: int, n: int, k: int, device: torch.device):
-    """(label, config) of every path worth timing at this M; the default first."""
-    from kernels.w4a16 import W4A16Config, choose_config
+    """(label, config) of every path worth timing at this M; the default first. Below
+    DEQUANT_MIN_M this includes the default tiles with the int->float unpacking (-i2f) and, at M = 1, the 16-row gemv
+    tile that shipped with it (gemv-i2f-bn16) and the mm path on a 16-row x tile (mm-swap)."""
+    from dataclasses import replace
+
+    from kernels._triton_compat import sm_count
+    from kernels.w4a16 import W4A16Config, _split, choose_config, gemv_config
 
     default = choose_config(m, n, k, GROUP, device, DT)
-    out = [("default:" + default.path, default)]
+    out = [("default:" + _label(default), default)]
     alts = [W4A16Config("dequant")]
-    if m == 1:
-        alts.append(choose_config(2, n, k, GROUP, device, DT))
+    if default.path != "dequant":
+        alts.append(replace(default, unpack="i2f"))
+    if m == 1:  # the gemv, fast and I2F, and its 16-row tile that shipped with I2F
+        gemv = gemv_config(n, k, GROUP, device)
+        alts += [gemv, replace(gemv, unpack="i2f"),
+                 replace(gemv, block_n=16, unpack="i2f", split_k=_split(n, 16, k, gemv.block_k, sm_count(device)))]
     elif m <= 64:
         alts.append(choose_config(128, n, k, GROUP, device, DT))
     else:
         alts.append(choose_config(m if m >= 1024 else 1024, n, k, GROUP, device, DT)
                     if default.path != "dequant" else choose_config(512, n, k, GROUP, device, DT))
+    labels = {out[0][0]}
     for cfg in alts:
-        if cfg != default:
-            out.append((cfg.path + ("-swap" if cfg.swap_ab else ""), cfg))
+        label = _label(cfg) + (f"-bn{cfg.block_n}" if cfg.unpack == "i2f" else "")
+        if cfg != default and label not in labels:
+            labels.add(label)
+            out.append((label, cfg))
     return out
 
 
@@ -91,26 +109,38 @@ def case(timer: Timer, device: str, name: str, n: int, k: int, m: int, quick: bo
     return res
 
 
-def sweep(timer: Timer, device: str, name: str, n: int, k: int, m: int, quick: bool) -> list[dict]:
-    """Tiles of the gemv (m = 1) or of the swapped mm (m > 1) at one shape; fastest first."""
-    from kernels import w4a16
+def _sweep_configs(m: int, quick: bool) -> list:
+    """gemv tiles (m = 1) and the swapped mm's tiles (16-row x tile at m = 1 as at m = 16)."""
     from kernels.w4a16 import W4A16Config
 
-    ws = _weights(n, k, device, _copies(_weights(n, k, "meta", 1)[0].nbytes(), quick))
-    x = torch.randn(m, k, device=device, dtype=DT)
+    cfgs = []
     if m == 1:
-        cfgs = [W4A16Config("gemv", block_n=bn, block_k=bk, split_k=s, num_warps=nw)
-                for bn in (8, 16, 32) for bk in (512, 1024) for s in (1, 2, 4) for nw in (4,)]
-    else:
-        cfgs = [W4A16Config("mm", block_m=max(16, m), block_n=bn, block_k=128, split_k=s, swap_ab=True,
-                            num_stages=st) for bn in (32, 64, 128) for s in (1, 2, 4) for st in (3, 4)]
-    if quick:
-        cfgs = cfgs[:2]
+        cfgs += [W4A16Config("gemv", block_n=bn, block_k=bk, split_k=s, num_warps=nw)
+                 for bn, bk, nw in ((16, 1024, 4), (32, 512, 4), (32, 1024, 4), (64, 512, 4),
+                                    (32, 1024, 8), (64, 1024, 8), (32, 2048, 8))
+                 for s in (1, 2, 4)]
+    cfgs += [W4A16Config("mm", block_m=max(16, m), block_n=bn, block_k=128, split_k=s, swap_ab=True,
+                         num_warps=nw, num_stages=st)
+             for bn, nw, st in ((64, 4, 4), (128, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3))
+             for s in (1, 2, 4, 8)]
+    return cfgs[:2] + cfgs[-1:] if quick else cfgs
+
+
+def sweep(timer: Timer, device: str, name: str, n: int, k: int, m: int, quick: bool,
+          copy_gbs: float) -> list[dict]:
+    """Tiles of the gemv and the swapped mm at one shape (CUDA-graph times); fastest first."""
+    from kernels import w4a16
+
+    wbytes = _weights(n, k, "meta", 1)[0].nbytes()
+    ws = _weights(n, k, device, _copies(wbytes, quick))
+    x = torch.randn(m, k, device=device, dtype=DT)
+    nbytes = wbytes + (m * k + m * n) * DT.itemsize
     rows = []
-    for cfg in cfgs:
+    for cfg in _sweep_configs(m, quick):
         fn = rotating([(w,) for w in ws], lambda w, cfg=cfg: w4a16.w4a16_linear(x, w, config=cfg))
         t = timer.graph(fn) or timer.eager(fn)
-        rows.append(dict(name=name, m=m, config=cfg.__dict__, t_ms=t))
+        gbs = nbytes / t / 1e6
+        rows.append(dict(name=name, m=m, config=cfg.__dict__, t_ms=t, gbs=gbs, copy_share=gbs / copy_gbs))
     return sorted(rows, key=lambda r: r["t_ms"])
 
 
@@ -146,11 +176,20 @@ def main() -> None:
     parser.add_argument("--out", help="write results as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny run (CPU interpreter smoke)")
     parser.add_argument("--sweep", action="store_true", help="also sweep gemv / small-M tiles")
+    parser.add_argument("--ms", type=int, nargs="+", help=f"batch sizes M (default {MS}); the sweep "
+                        "runs at those of 1, 16, 64")
     args = parser.parse_args()
     quick, device, device_name, timer, copy_gbs = bench_env(args.quick)
     shapes = [("tiny", 256, 512)] if quick else SHAPES
-    ms = [1, 4, 64] if quick else MS
+    ms = args.ms or ([1, 4, 64] if quick else MS)
     rows, sweeps = [], []
+    meta = run_meta(device_name, copy_gbs, quick, group_size=GROUP)
+
+    def save(complete: bool) -> None:  # after each shape: a run cut short keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(meta=meta, complete=complete, results=rows, sweep=sweeps), f, indent=1)
+
     for name, n, k in shapes:
         for m in ms:
             print(f"{name} M={m} ...", file=sys.stderr, flush=True)
@@ -159,17 +198,17 @@ def main() -> None:
             rows.append(r)
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if args.sweep:
-            for m in (1, 16):
-                sweeps.extend(sweep(timer, device, name, n, k, m, quick)[:5])
+        save(False)
     _print(rows, copy_gbs, device_name)
-    for s in sweeps:
-        print(f"sweep {s['name']:8} M={s['m']:<3} {s['t_ms'] * 1e3:8.1f} us  {s['config']}")
-    if args.out:
-        meta = run_meta(device_name, copy_gbs, quick, group_size=GROUP)
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, results=rows, sweep=sweeps), f, indent=1)
-
+    for name, n, k in shapes if args.sweep else []:
+        for m in (1, 16, 64) if args.ms is None else sorted({1, 16, 64} & set(ms)):
+            best = sweep(timer, device, name, n, k, m, quick, copy_gbs)[:5]
+            for r in best:
+                print(f"sweep {r['name']:8} M={r['m']:<3} {r['t_ms'] * 1e3:8.1f} us "
+                      f"{100 * r['copy_share']:4.0f}%  {r['config']}", flush=True)
+            sweeps.extend(best)
+            save(False)
+    save(True)
 
 if __name__ == "__main__":
     main()

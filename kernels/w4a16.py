@@ -1,16 +1,19 @@
 """W4A16 GEMM: y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W 4-bit group-wise (reference and
-layout: kernels/w4a16_reference.py). Three paths, chosen by M (`choose_config`):
+layout: kernels/w4a16_reference.py). Three paths (`choose_config` picks by M and dtype):
 
-- gemv (M = 1): bandwidth-bound. Each program owns BLOCK_N output rows and reads them as long
-  coalesced runs; codes are dequantized in registers and never written: per group,
+- gemv (M = 1; the default on float32 x). Each program owns BLOCK_N output rows and reads them as
+  long coalesced runs; codes are dequantized in registers and never written: per group,
   y += scale * (sum_k code * x - zero * sum_k x). Optional split-K (partials in a float32
   workspace, then a reduction kernel) when the rows alone give too few programs.
-- mm (2 <= M < DEQUANT_MIN_M): tensor cores on tiles dequantized in registers
+- mm (M < DEQUANT_MIN_M; M = 1 too on 16-bit x): tensor cores on tiles dequantized in registers
   ((code - zero) * scale, rounded to x's dtype, as every AWQ kernel does). For small M the
   product is computed transposed (y.T = W x.T), so the weight tile fills the MMA's M side and a
   16-row x tile the small side; the same split-K as above.
 - dequant (M >= DEQUANT_MIN_M, prefill-sized): dequantize W once into a dense [N, K] buffer and run
   cuBLAS through F.linear; the dequantization is a few percent of a GEMM this large.
+
+Decode-sized calls are bound by the instructions that unpack each code, not by HBM, unless the
+unpacking avoids int->float conversion: kernels/w4a16_unpack.py says how (`unpack="fast"`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import triton.language as tl
 
 from kernels import _triton_compat as C
 from kernels.w4a16_reference import W4A16Weight
+from kernels.w4a16_unpack import (ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, pair_order, unpack8,
+                                  word_dots)
 
 DEQUANT_MIN_M = 1024  # from M on, dequantize + cuBLAS (bench/w4a16.py measures every path at every M)
 
@@ -40,10 +45,13 @@ class W4A16Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    unpack: str = "fast"  # "fast": no int->float conversion (module docstring); "i2f": the old one
 
     def __post_init__(self) -> None:
         if self.path not in ("gemv", "mm", "dequant"):
             raise ValueError(f"path must be gemv, mm or dequant, got {self.path!r}")
+        if self.unpack not in UNPACK_MODES:
+            raise ValueError(f"unpack must be one of {UNPACK_MODES}, got {self.unpack!r}")
         for name in ("block_m", "block_n", "block_k", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -56,60 +64,51 @@ class W4A16Config:
 
 
 @triton.jit
-def _unpack8(p, R: tl.constexpr, C: tl.constexpr):
-    """p: [R, C] int32 words -> [R, 8 C] int32 codes, column 8 c + j = nibble j of word c."""
-    n0, n1, n2, n3 = p & 0xF, (p >> 4) & 0xF, (p >> 8) & 0xF, (p >> 12) & 0xF
-    n4, n5, n6, n7 = (p >> 16) & 0xF, (p >> 20) & 0xF, (p >> 24) & 0xF, (p >> 28) & 0xF
-    # join puts its pair in a new minor dim; nested three deep, position 4a + 2b + c holds the
-    # argument reached by (c, b, a), so the nibbles go in bit-reversed order to come out in order.
-    w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
-    return tl.reshape(w, (R, 8 * C))
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, N, K, s_qn, s_sn, s_zn, k_per_split,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), SPLIT_K); x is [K] (M = 1). BLOCK_K is a multiple of GROUP."""
+    """Grid (cdiv(N, BLOCK_N), SPLIT_K); x is [K] (M = 1). BLOCK_K is a multiple of GROUP; EVEN_K:
+    BLOCK_K divides K (then also k_per_split, a multiple of BLOCK_K).
+    Per group, y += s * (sum code * x - z * sum x); the x side is computed once per word."""
+    BW: tl.constexpr = BLOCK_K // 8  # packed words per block
     GPB: tl.constexpr = BLOCK_K // GROUP  # groups per block
-    WPG: tl.constexpr = GROUP // 8  # packed words per group
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     n64 = n.to(tl.int64)
+    wi = tl.arange(0, BW)
     gi = tl.arange(0, GPB)
-    wi = tl.arange(0, WPG)
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, GPB], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        g_ok = k0 + gi * GROUP < k_hi  # [GPB]; K is a multiple of GROUP
-        words = k0 // 8 + gi[:, None] * WPG + wi[None, :]  # [GPB, WPG]
-        words = tl.max_contiguous(tl.multiple_of(words, [1, WPG]), [1, WPG])  # 16-byte loads
-        m3 = n_ok[:, None, None] & g_ok[None, :, None]
-        p = tl.load(qw_ptr + n64[:, None, None] * s_qn + words[None, :, :], mask=m3, other=0)
-        xk = k0 + gi[:, None] * GROUP + wi[None, :] * 8  # first k of each word
-        dots = tl.zeros([BLOCK_N, GPB, WPG], tl.float32)
-        xsum = tl.zeros([GPB, WPG], tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + xk + j, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            dots += ((p >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :, :]
-            xsum += xj
+        words = tl.max_contiguous(tl.multiple_of(k0 // 8 + wi, BW), BW)  # 16-byte loads
+        if EVEN_K:  # every block lies inside [k_lo, k_hi): a mask along K would split the loads
+            w_ok = wi < BW
+        else:
+            w_ok = words * 8 < k_hi  # [BW]
+        p = tl.load(qw_ptr + n64[:, None] * s_qn + words[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                    other=0)
+        xt = tl.load(x_ptr + words[:, None] * 8 + tl.arange(0, 8)[None, :], mask=w_ok[:, None], other=0.0)
+        dots, xsum = word_dots(p, xt.to(tl.float32), UNPACK)
+        dots = tl.sum(tl.reshape(dots, (BLOCK_N, GPB, GROUP // 8)), axis=2)  # [BN, GPB]
+        xsum = tl.sum(tl.reshape(xsum, (GPB, GROUP // 8)), axis=1)  # [GPB]
         g = k0 // GROUP + gi
-        m2 = n_ok[:, None] & g_ok[None, :]
+        m2 = n_ok[:, None] & (g * GROUP < k_hi)[None, :]
         s = tl.load(s_ptr + n64[:, None] * s_sn + g[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + n64[:, None] * s_zn + g[None, :], mask=m2, other=0).to(tl.float32)
+            z = tl.load(z_ptr + n64[:, None] * s_zn + g[None, :], mask=m2, other=0).to(tl.int32)
+            acc += s * (dots - (magic_f32(z) - 8388608.0) * xsum[None, :])
         else:
-            z = tl.full([BLOCK_N, GPB], 8.0, tl.float32)
-        acc += tl.sum(s * (tl.sum(dots, axis=2) - z * tl.sum(xsum, axis=1)[None, :]), axis=1)
+            acc += s * (dots - 8.0 * xsum[None, :])
+    y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        tl.store(ws_ptr + tl.program_id(1) * N + n, acc, mask=n_ok)
+        tl.store(ws_ptr + tl.program_id(1) * N + n, y, mask=n_ok)
 
 
 @triton.jit
@@ -118,7 +117,7 @@ def _mm_kernel(
     k_per_split,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, IEEE: tl.constexpr, UNPACK: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). GROUP is a multiple of BLOCK_K, so a
     K tile has one scale (and zero) per row; tiles are visited GROUP_M row-tiles at a time (L2)."""
@@ -149,13 +148,14 @@ def _mm_kernel(
         kw0 = tl.max_contiguous(tl.multiple_of(k0 // 8 + kw, BLOCK_K // 8), BLOCK_K // 8)
         p = tl.load(w_rows + kw0[None, :], mask=n_ok[:, None], other=0)  # [BN, BK/8]
         g = k0 // GROUP
-        s = tl.load(s_ptr + n64 * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + n64 * s_sn + g, mask=n_ok, other=0.0)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + n64 * s_zn + g, mask=n_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + n64 * s_zn + g, mask=n_ok, other=0).to(tl.int32)
         else:
-            z = tl.full([BLOCK_N], 8.0, tl.float32)
-        q = _unpack8(p, BLOCK_N, BLOCK_K // 8).to(tl.float32)
-        w = ((q - z[:, None]) * s[:, None]).to(x.dtype)  # [BN, BK]
+            z = tl.full([BLOCK_N], 8, tl.int32)
+        w = dequant_tile(p, s, z, BLOCK_N, BLOCK_K // 8, UNPACK)  # [BN, BK] x's dtype
+        if UNPACK != I2F:  # the weight tile's columns come in pair order
+            x = pair_order(x, BLOCK_M, BLOCK_K)
         if SWAP_AB:
             if IEEE:
                 acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -218,7 +218,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, s_qn, s_sn, s_zn, HAS_Z
         z = tl.load(z_ptr + n64 * s_zn + g, mask=n_ok, other=0).to(tl.float32)
     else:
         z = tl.full([BLOCK_N], 8.0, tl.float32)
-    w = (_unpack8(p, BLOCK_N, BLOCK_K // 8).to(tl.float32) - z[:, None]) * s[:, None]
+    w = (unpack8(p, BLOCK_N, BLOCK_K // 8).to(tl.float32) - z[:, None]) * s[:, None]
     dst = out_ptr + n64[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :]
     tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
@@ -231,23 +231,32 @@ def choose_config(
 ) -> W4A16Config:
     """The path and tiles for one call (static heuristics; bench/w4a16.py sweeps the alternatives)."""
     sms = C.sm_count(device)
-    if m == 1:
-        block_n, block_k = 16, min(1024, max(group_size, triton.next_power_of_2(k) // 4))
-        return W4A16Config("gemv", block_n=block_n, block_k=block_k, num_warps=4,
-                           split_k=_split(n, block_n, k, block_k, sms))
+    # M = 1 on 16-bit x takes the mm path on a 16-row x tile, like M <= 16: its loop issues about
+    # 3.1 instructions per code on sm_90 against the gemv's 4.1 (bench/compile_report.py --sass),
+    # and issue, not HBM, is what bounds decode. bench/w4a16.py times the gemv beside it.
+    if m == 1 and dtype == torch.float32:
+        return gemv_config(n, k, group_size, device)
     if m >= DEQUANT_MIN_M:
         return W4A16Config("dequant", block_n=64, block_k=min(group_size, 128))
-    block_k = min(group_size, 128)
-    if m <= 64:
-        block_m = max(16, triton.next_power_of_2(m))
-        block_n = 64
-        return W4A16Config("mm", block_m=block_m, block_n=block_n, block_k=block_k, swap_ab=True,
-                           num_warps=4, num_stages=4, split_k=_split(n, block_n, k, block_k, sms))
     if dtype == torch.float32:  # exact float32 dots (tests): smaller tiles keep registers
         return W4A16Config("mm", block_m=32, block_n=32, block_k=min(group_size, 32), num_warps=4,
                            num_stages=2)
+    block_k = min(group_size, 128)
+    if m <= 64:  # weight tile 8 KB (M <= 16) or 4 KB per stage, 4 stages
+        block_m = max(16, triton.next_power_of_2(m))
+        block_n = 128 if m <= 16 else 64
+        return W4A16Config("mm", block_m=block_m, block_n=block_n, block_k=block_k, swap_ab=True,
+                           num_warps=4, num_stages=4, split_k=_split(n, block_n, k, block_k, sms))
     return W4A16Config("mm", block_m=128, block_n=128, block_k=min(group_size, 64), num_warps=8,
                        num_stages=3)
+
+
+def gemv_config(n: int, k: int, group_size: int, device: torch.device) -> W4A16Config:
+    """The gemv path's tiles (M = 1): 32 rows x up to 1024 k, 16 KB of codes per program and step,
+    4 rows per thread; split-K to fill the multiprocessors."""
+    block_n, block_k = 32, min(1024, max(group_size, triton.next_power_of_2(k) // 4))
+    return W4A16Config("gemv", block_n=block_n, block_k=block_k, num_warps=4,
+                       split_k=_split(n, block_n, k, block_k, C.sm_count(device)))
 
 
 def _split(n: int, block_n: int, k: int, block_k: int, sms: int) -> int:
@@ -297,6 +306,15 @@ def _check_config(cfg: W4A16Config, m: int, group_size: int) -> None:
         raise ValueError(f"mm tiles need block_m, block_n >= 16, got {cfg.block_m}, {cfg.block_n}")
 
 
+def _unpack_mode(cfg: W4A16Config, dtype: torch.dtype) -> int:
+    """The kernels' UNPACK constexpr: ASM (inline PTX) on CUDA, for the mm path on 16-bit x; MAGIC
+    (the same arithmetic in plain Triton) where the CPU interpreter runs, which cannot run PTX."""
+    if cfg.unpack == "i2f":
+        return I2F.value
+    asm = not C.interpreting() and (cfg.path == "gemv" or dtype in (torch.float16, torch.bfloat16))
+    return ASM.value if asm else MAGIC.value
+
+
 def w4a16_linear(
     x: torch.Tensor,  # [M, K] float16 / bfloat16 / float32, last dim contiguous
     w: W4A16Weight,  # [N, K] 4-bit, scales in x's dtype
@@ -326,11 +344,11 @@ def w4a16_linear(
     s_zn = w.zeros.stride(0) if w.zeros is not None else 0
     common = dict(HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
                   GROUP=w.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  UNPACK=_unpack_mode(cfg, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv":
         _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
             x, w.qweight, w.scales, zeros, b, out, ws, n, k, w.qweight.stride(0), w.scales.stride(0),
-            s_zn, k_per_split, **common)
+            s_zn, k_per_split, EVEN_K=k % cfg.block_k == 0, **common)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         _mm_kernel[grid](

@@ -39,3 +39,4 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert all(r["wgmma"] > 0 for r in rows if r["kernel"] == "_fp8_mma_kernel"), "FP8 wgmma"
     assert all(r["ld_v4"] > 0 for r in rows if r["kernel"] in ("_gemv_kernel", "_fp8_gemv_kernel")), \
         "16-byte weight loads"
+    assert not any(r["pair_asm_mismatches"] for r in rows), "a bf16x2 / f16x2 pair from two words"

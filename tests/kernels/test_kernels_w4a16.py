@@ -55,15 +55,22 @@ def test_w4a16_default_paths(dtype, m, group_size, symmetric, device):
 CONFIGS = [
     W4A16Config("gemv", block_n=16, block_k=128, split_k=1),
     W4A16Config("gemv", block_n=8, block_k=256, split_k=3),  # K = 512 not a multiple of 3 splits
+    W4A16Config("gemv", block_n=32, block_k=512, split_k=1),
+    W4A16Config("gemv", block_n=16, block_k=128, split_k=2, unpack="i2f"),
     W4A16Config("mm", block_m=16, block_n=16, block_k=64, split_k=4, swap_ab=True),
     W4A16Config("mm", block_m=32, block_n=32, block_k=32, split_k=1, swap_ab=False, group_m=2),
     W4A16Config("mm", block_m=16, block_n=64, block_k=64, split_k=2, swap_ab=False),
+    W4A16Config("mm", block_m=16, block_n=32, block_k=64, split_k=2, swap_ab=True, unpack="i2f"),
     W4A16Config("dequant", block_n=16, block_k=64),
 ]
 
 
+def _cfg_id(c: W4A16Config) -> str:
+    return f"{c.path}-n{c.block_n}-k{c.block_k}-s{c.split_k}-swap{int(c.swap_ab)}-{c.unpack}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.path}-s{c.split_k}-swap{int(c.swap_ab)}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
 def test_w4a16_every_path_and_split(cfg, dtype, device):
     n, k = 40, 512  # N not a multiple of the tiles: masked edges
     m = 1 if cfg.path == "gemv" else 37
@@ -71,6 +78,59 @@ def test_w4a16_every_path_and_split(cfg, dtype, device):
     x = _x(m, k, dtype, device, seed=4)
     bias = _x(1, n, dtype, device, seed=5)[0] if cfg.split_k > 1 else None
     _close(w4a16.w4a16_linear(x, w, bias, config=cfg), reference(x, w, bias), dtype)
+
+
+# The fast unpacking (magic-number floats; bf16 / fp16 pairs in PTX on CUDA) at M = 1 and the
+# small-M tiles: one-hot rows of x read single columns of the weight, so y must equal the
+# reference's dequantized weight rounded to x's dtype bit for bit (every product is w * 1, every
+# sum has one non-zero term, split-K too).
+ONE_HOT_CONFIGS = [
+    W4A16Config("gemv", block_n=32, block_k=256, split_k=1),
+    W4A16Config("gemv", block_n=16, block_k=128, split_k=4),
+    W4A16Config("gemv", block_n=16, block_k=1024, split_k=1),  # block_k > K: masked along K
+    W4A16Config("mm", block_m=16, block_n=64, block_k=64, split_k=2, swap_ab=True),
+    W4A16Config("mm", block_m=16, block_n=32, block_k=32, split_k=1, swap_ab=True),
+    W4A16Config("mm", block_m=32, block_n=32, block_k=64, split_k=1, swap_ab=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("cfg", ONE_HOT_CONFIGS, ids=_cfg_id)
+def test_w4a16_fast_unpack_is_exact(cfg, symmetric, dtype, device):
+    n, k, g = 40, 512, 64 if cfg.block_k >= 64 else 32  # odd N: masked rows
+    w = _weight(n, k, g, symmetric, dtype, device, seed=11)
+    m = 1 if cfg.path == "gemv" else 13
+    cols = torch.randperm(k, generator=torch.Generator().manual_seed(12))[:m]
+    x = torch.zeros(m, k, dtype=dtype)
+    x[torch.arange(m), cols] = 1.0
+    out = w4a16.w4a16_linear(x.to(device), w, config=cfg)
+    expect = dequantize_w4a16(w, torch.float32)[:, cols.to(device)].t().to(dtype)
+    assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("path", ["gemv", "mm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4a16_fast_and_i2f_unpack_agree(path, dtype, device):
+    """Both unpackings give the same weights (the mm tile's columns in another order: the sums
+    differ in rounding only)."""
+    w = _weight(48, 256, 64, False, dtype, device, seed=13)
+    m = 1 if path == "gemv" else 24
+    x = _x(m, 256, dtype, device, seed=14)
+    cfg = dict(block_m=32, block_n=16, block_k=64, split_k=2, swap_ab=True) if path == "mm" else dict(block_n=16, block_k=128)
+    fast = w4a16.w4a16_linear(x, w, config=W4A16Config(path, **cfg))
+    i2f = w4a16.w4a16_linear(x, w, config=W4A16Config(path, **cfg, unpack="i2f"))
+    _close(fast, i2f.float(), dtype)
+
+
+def test_w4a16_default_config_takes_the_fast_paths():
+    cpu = torch.device("cpu")
+    for m in (1, 4, 16, 64):
+        cfg = w4a16.choose_config(m, 4096, 4096, 128, cpu)
+        assert cfg.unpack == "fast" and cfg.path == "mm" and cfg.swap_ab and cfg.block_m == max(16, m)
+    assert w4a16.choose_config(1, 4096, 4096, 128, cpu, torch.float32).path == "gemv"
+    with pytest.raises(ValueError, match="unpack must be one of"):
+        W4A16Config("gemv", unpack="lut")
 
 
 def test_w4a16_strided_x_rows_and_out_view(device):
@@ -143,7 +203,7 @@ def test_w4a16_llama_8b_shapes_gpu(name, n, k, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.path}-s{c.split_k}-swap{int(c.swap_ab)}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
 def test_w4a16_every_path_gpu_real_k(cfg):
     dtype = torch.float16
     n, k = 4096, 14336
