@@ -59,8 +59,9 @@ def _label(cfg) -> str:
 
 def _paths(m: int, n: int, k: int, device: torch.device):
     """(label, config) of every path worth timing at this M; the default first. Below
-    DEQUANT_MIN_M this includes the default tiles with the int->float unpacking (-i2f) and, at M = 1, the 16-row gemv
-    tile that shipped with it (gemv-i2f-bn16) and the mm path on a 16-row x tile (mm-swap)."""
+    DEQUANT_MIN_M this includes the default tiles with the other unpacking (fast or -i2f) and, at
+    M = 1, the 16-row gemv tile that shipped with I2F (gemv-i2f-bn16) and the mm path on a 16-row
+    x tile, both unpackings (mm-swap, mm-swap-i2f)."""
     from dataclasses import replace
 
     from kernels._triton_compat import sm_count
@@ -70,11 +71,12 @@ def _paths(m: int, n: int, k: int, device: torch.device):
     out = [("default:" + _label(default), default)]
     alts = [W4A16Config("dequant")]
     if default.path != "dequant":
-        alts.append(replace(default, unpack="i2f"))
-    if m == 1:  # the gemv, fast and I2F, and its 16-row tile that shipped with I2F
-        gemv = gemv_config(n, k, GROUP, device)
+        alts.append(replace(default, unpack="i2f" if default.unpack == "fast" else "fast"))
+    if m == 1:  # the gemv, fast and I2F, its 16-row tile that shipped with I2F, the 16-row mm tile
+        gemv, small = gemv_config(n, k, GROUP, device), choose_config(16, n, k, GROUP, device, DT)
         alts += [gemv, replace(gemv, unpack="i2f"),
-                 replace(gemv, block_n=16, unpack="i2f", split_k=_split(n, 16, k, gemv.block_k, sm_count(device)))]
+                 replace(gemv, block_n=16, unpack="i2f", split_k=_split(n, 16, k, gemv.block_k, sm_count(device))),
+                 small, replace(small, unpack="fast")]
     elif m <= 64:
         alts.append(choose_config(128, n, k, GROUP, device, DT))
     else:

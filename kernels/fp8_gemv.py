@@ -57,9 +57,9 @@ class FP8SmallMConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
-        if self.path == "mma" and min(self.block_m, self.block_n, self.block_k) < 16:
-            raise ValueError(f"mma tiles need block_m, block_n, block_k >= 16, got "
-                             f"{self.block_m}, {self.block_n}, {self.block_k}")
+        if self.path == "mma" and (min(self.block_m, self.block_n) < 16 or self.block_k < MIN_MMA_BLOCK_K):
+            raise ValueError(f"mma tiles need block_m, block_n >= 16 and block_k >= {MIN_MMA_BLOCK_K} "
+                             f"(FP8 tensor-core dots), got {self.block_m}, {self.block_n}, {self.block_k}")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"split_k and num_stages must be positive, got {self.split_k}, {self.num_stages}")
 
@@ -150,6 +150,9 @@ def _fp8_gemv_kernel(
 # ---------------------------------------------------------------- host side
 
 
+MIN_MMA_BLOCK_K = 32  # Triton's FP8 dot on the GPU takes K tiles of 32 or more (the interpreter takes 16)
+
+
 def _block_k(k: int, cap: int = MAX_BLOCK_K) -> int:
     """The largest power of two <= cap that divides K (K is a multiple of 16)."""
     b = cap
@@ -159,9 +162,13 @@ def _block_k(k: int, cap: int = MAX_BLOCK_K) -> int:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> FP8SmallMConfig:
-    """Tiles for one small-M call (static heuristics; bench/fp8_gemm.py --sweep times the others)."""
+    """Tiles for one small-M call (static heuristics; bench/fp8_gemm.py --sweep times the others).
+    A K with no tile of 32 (an odd multiple of 16) takes the gemv path."""
     block_m = max(16, triton.next_power_of_2(m))
     block_n, block_k = 64, _block_k(k)
+    if block_k < MIN_MMA_BLOCK_K:
+        return FP8SmallMConfig("gemv", block_n=16, block_k=block_k,
+                               split_k=_split(triton.cdiv(n, 16) * m, 1, k, block_k, C.sm_count(device)))
     split = _split(triton.cdiv(n, block_n) * triton.cdiv(m, block_m), 1, k, block_k, C.sm_count(device))
     stages = 4 if block_m <= 32 else 3  # (64 + 64) x 256 bytes a stage at M = 64
     return FP8SmallMConfig("mma", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,

@@ -231,10 +231,11 @@ def choose_config(
 ) -> W4A16Config:
     """The path and tiles for one call (static heuristics; bench/w4a16.py sweeps the alternatives)."""
     sms = C.sm_count(device)
-    # M = 1 on 16-bit x takes the mm path on a 16-row x tile, like M <= 16: its loop issues about
-    # 3.1 instructions per code on sm_90 against the gemv's 4.1 (bench/compile_report.py --sass),
-    # and issue, not HBM, is what bounds decode. bench/w4a16.py times the gemv beside it.
-    if m == 1 and dtype == torch.float32:
+    # Measured on an H200 (bench/results/2026-12-01-callK1-w4a16-h200.json, Llama-3.1-8B's linears):
+    # at M = 1 the gemv with the fast unpack is the quickest path (1.6-2.1x BF16, 26-53% of the copy
+    # bandwidth; the 16-row mm tile 0.9-1.0x), and at M = 16 the mm tile with the I2F unpack beats
+    # the packed-pair asm (3-20%), though its loop issues fewer instructions per code.
+    if m == 1:
         return gemv_config(n, k, group_size, device)
     if m >= DEQUANT_MIN_M:
         return W4A16Config("dequant", block_n=64, block_k=min(group_size, 128))
@@ -246,7 +247,8 @@ def choose_config(
         block_m = max(16, triton.next_power_of_2(m))
         block_n = 128 if m <= 16 else 64
         return W4A16Config("mm", block_m=block_m, block_n=block_n, block_k=block_k, swap_ab=True,
-                           num_warps=4, num_stages=4, split_k=_split(n, block_n, k, block_k, sms))
+                           num_warps=4, num_stages=4, split_k=_split(n, block_n, k, block_k, sms),
+                           unpack="i2f")
     return W4A16Config("mm", block_m=128, block_n=128, block_k=min(group_size, 64), num_warps=8,
                        num_stages=3)
 

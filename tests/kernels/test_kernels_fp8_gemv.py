@@ -80,11 +80,13 @@ def test_fp8_small_m_every_path_and_split(cfg, with_bias, device):
 
 
 def test_fp8_small_m_static_scale_and_short_k(device):
-    """A static activation scale expanded to [M, 1] (row stride 0); K = 272 takes 16-wide K tiles."""
+    """A static activation scale expanded to [M, 1] (row stride 0); K = 272 has no K tile of 32 (what
+    FP8 tensor-core dots need on a GPU): the gemv path, 16-wide K tiles."""
     m, n, k = 5, 24, 272
     xq, _, wq, ws = _operands(m, n, k, device, seed=4)
     xs = torch.full((1, 1), 0.03, device=device).expand(m, 1)
-    assert choose_config(m, n, k, torch.device(device)).block_k == 16
+    cfg = choose_config(m, n, k, torch.device(device))
+    assert (cfg.path, cfg.block_k) == ("gemv", 16)
     out = fp8_linear_small_m(xq, xs, wq, ws, None, torch.float32)
     _close(out, (xq, xs, wq, ws), None, torch.float32)
 
@@ -126,8 +128,10 @@ def test_fp8_small_m_rejects_bad_inputs(device):
         fp8_linear_small_m(xq[:, :40].contiguous(), xs, wq[:, :40].contiguous(), ws)
     with pytest.raises(ValueError, match="weight has dtype"):
         fp8_linear_small_m(xq, xs, wq.float(), ws)
-    with pytest.raises(ValueError, match="mma tiles need block_m, block_n, block_k >= 16"):
+    with pytest.raises(ValueError, match="mma tiles need block_m, block_n >= 16 and block_k >= 32"):
         FP8SmallMConfig("mma", block_m=8)
+    with pytest.raises(ValueError, match="block_k >= 32"):
+        FP8SmallMConfig("mma", block_k=16)
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         FP8SmallMConfig("gemv", block_n=48)
     with pytest.raises(ValueError, match="path must be mma or gemv"):

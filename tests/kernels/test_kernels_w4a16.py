@@ -123,12 +123,14 @@ def test_w4a16_fast_and_i2f_unpack_agree(path, dtype, device):
     _close(fast, i2f.float(), dtype)
 
 
-def test_w4a16_default_config_takes_the_fast_paths():
+def test_w4a16_default_config_takes_the_measured_paths():
     cpu = torch.device("cpu")
-    for m in (1, 4, 16, 64):
+    for dtype in (torch.bfloat16, torch.float32):  # M = 1: the gemv with the fast unpack
+        cfg = w4a16.choose_config(1, 4096, 4096, 128, cpu, dtype)
+        assert cfg.path == "gemv" and cfg.unpack == "fast"
+    for m in (4, 16, 64):  # small M: the swapped mm tile with the I2F unpack (faster on an H200)
         cfg = w4a16.choose_config(m, 4096, 4096, 128, cpu)
-        assert cfg.unpack == "fast" and cfg.path == "mm" and cfg.swap_ab and cfg.block_m == max(16, m)
-    assert w4a16.choose_config(1, 4096, 4096, 128, cpu, torch.float32).path == "gemv"
+        assert cfg.unpack == "i2f" and cfg.path == "mm" and cfg.swap_ab and cfg.block_m == max(16, m)
     with pytest.raises(ValueError, match="unpack must be one of"):
         W4A16Config("gemv", unpack="lut")
 
