@@ -83,6 +83,13 @@ def write_head(folder: Path, cfg: dict, tensors: dict) -> Path:
     return folder
 
 
+def random_head(target_folder: str, folder: Path) -> str:
+    """A random EAGLE-3 head in the published layout (draft vocabulary 100) for a target, in folder/head."""
+    cfg = ModelConfig.from_folder(target_folder)
+    hcfg = head_config(cfg, 100)
+    return str(write_head(folder / "head", hcfg, published_tensors(hcfg, cfg)))
+
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 

@@ -6,11 +6,10 @@ streams then come from that forward too), and verify steps did take that path.""
 
 import pytest
 
-from gpu_engine.config import ModelConfig
 from gpu_engine.cuda_graphs import DecodeGraphs
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
-from tests.engine.spec_helpers import generate_checked, head_config, published_tensors, tokens_of, write_head
+from tests.engine.spec_helpers import generate_checked, random_head, tokens_of
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 9, 17, 3, 88, 41, 7, 120] * 3, [200, 201, 202] * 6] + random_prompts(
@@ -49,9 +48,7 @@ def baseline(tiny_llama):
 
 @pytest.fixture(scope="module")
 def eagle_head(tiny_llama, tmp_path_factory):
-    cfg = ModelConfig.from_folder(tiny_llama)
-    hcfg = head_config(cfg, 100)
-    return str(write_head(tmp_path_factory.mktemp("eagle") / "head", hcfg, published_tensors(hcfg, cfg)))
+    return random_head(tiny_llama, tmp_path_factory.mktemp("eagle"))
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])

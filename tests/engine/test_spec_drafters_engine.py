@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import chi2_contingency
 
-from gpu_engine.config import ModelConfig
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
-from tests.engine.spec_helpers import generate_checked, head_config, published_tensors, tokens_of, write_head
+from tests.engine.spec_helpers import generate_checked, random_head, tokens_of
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 PROMPTS = random_prompts(5, 320, seed=11, lengths=[4, 13, 16, 29, 50])
@@ -30,9 +29,7 @@ def baseline(tiny_llama):
 
 @pytest.fixture(scope="module")
 def eagle_head(tiny_llama, tmp_path_factory):
-    cfg = ModelConfig.from_folder(tiny_llama)
-    hcfg = head_config(cfg, 100)
-    return str(write_head(tmp_path_factory.mktemp("eagle") / "head", hcfg, published_tensors(hcfg, cfg)))
+    return random_head(tiny_llama, tmp_path_factory.mktemp("eagle"))
 
 
 def test_the_target_as_its_own_draft_accepts_every_draft(tiny_llama, baseline):

@@ -9,10 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gpu_engine.config import ModelConfig
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
-from tests.engine.spec_helpers import generate_checked, head_config, published_tensors, tokens_of, write_head
+from tests.engine.spec_helpers import generate_checked, random_head, tokens_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
@@ -29,10 +28,8 @@ def _spec(tiny_llama, tmp_path_factory, method):
         return {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
     if method == "draft_model":
         return {"method": "draft_model", "num_speculative_tokens": 4, "model": tiny_llama}
-    cfg = ModelConfig.from_folder(tiny_llama)
-    hcfg = head_config(cfg, 100)
-    head = write_head(tmp_path_factory.mktemp("eagle") / "head", hcfg, published_tensors(hcfg, cfg))
-    return {"method": "eagle3", "num_speculative_tokens": 3, "model": str(head)}
+    return {"method": "eagle3", "num_speculative_tokens": 3,
+            "model": random_head(tiny_llama, tmp_path_factory.mktemp("eagle"))}
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])
