@@ -9,7 +9,7 @@ import pytest
 from gpu_engine.cuda_graphs import DecodeGraphs
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
-from tests.engine.spec_helpers import generate_checked, random_head, tokens_of
+from tests.engine.spec_helpers import generate_checked, tokens_of
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 9, 17, 3, 88, 41, 7, 120] * 3, [200, 201, 202] * 6] + random_prompts(
@@ -44,11 +44,6 @@ def rows_llm(path, spec, **kw):
 @pytest.fixture(scope="module")
 def baseline(tiny_llama):
     return tokens_of(LLM(tiny_llama, num_kv_blocks=128, max_model_len=256).generate(PROMPTS, GREEDY))
-
-
-@pytest.fixture(scope="module")
-def eagle_head(tiny_llama, tmp_path_factory):
-    return random_head(tiny_llama, tmp_path_factory.mktemp("eagle"))
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])

@@ -10,7 +10,7 @@ from scipy.stats import chi2_contingency
 
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
-from tests.engine.spec_helpers import generate_checked, random_head, tokens_of
+from tests.engine.spec_helpers import generate_checked, tokens_of
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 PROMPTS = random_prompts(5, 320, seed=11, lengths=[4, 13, 16, 29, 50])
@@ -25,11 +25,6 @@ def spec_llm(path, method, model, k=3, **kw):
 @pytest.fixture(scope="module")
 def baseline(tiny_llama):
     return tokens_of(LLM(tiny_llama, num_kv_blocks=128, max_model_len=256).generate(PROMPTS, GREEDY))
-
-
-@pytest.fixture(scope="module")
-def eagle_head(tiny_llama, tmp_path_factory):
-    return random_head(tiny_llama, tmp_path_factory.mktemp("eagle"))
 
 
 def test_the_target_as_its_own_draft_accepts_every_draft(tiny_llama, baseline):
