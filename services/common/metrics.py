@@ -83,6 +83,16 @@ def _registry(registry: CollectorRegistry | None) -> CollectorRegistry:
     return new_registry() if registry is None else registry
 
 
+def _per_model(registry: CollectorRegistry, model_name: str):
+    """A maker of one model's metrics: make(kind, name, doc, **kw) is the Gauge / Counter /
+    Histogram PREFIX + name in registry, its model_name label set."""
+
+    def make(kind, name: str, doc: str, **kw):
+        return kind(PREFIX + name, doc, ["model_name"], registry=registry, **kw).labels(model_name)
+
+    return make
+
+
 class GatewayMetrics:
     """What the client sees, measured where the stream leaves the gateway."""
 
@@ -90,20 +100,17 @@ class GatewayMetrics:
         self.model_name = model_name
         self.registry = _registry(registry)
         r, m = self.registry, ["model_name"]
-        self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Request arrival to first streamed token, seconds.",
-            m, registry=r, buckets=TTFT_BUCKETS).labels(model_name)
-        self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds", "Time between two streamed tokens, seconds.",
-            m, registry=r, buckets=ITL_BUCKETS).labels(model_name)
-        self.e2e_request_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds", "Request arrival to last token, seconds.",
-            m, registry=r, buckets=REQUEST_LATENCY_BUCKETS).labels(model_name)
-        self.prompt_tokens = Counter(
-            PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", m, registry=r).labels(model_name)
-        self.generation_tokens = Counter(
-            PREFIX + "generation_tokens", "Generated tokens of finished requests.", m, registry=r
-        ).labels(model_name)
+        one = _per_model(r, model_name)
+        self.time_to_first_token = one(Histogram, "time_to_first_token_seconds",
+                                       "Request arrival to first streamed token, seconds.",
+                                       buckets=TTFT_BUCKETS)
+        self.inter_token_latency = one(Histogram, "inter_token_latency_seconds",
+                                       "Time between two streamed tokens, seconds.", buckets=ITL_BUCKETS)
+        self.e2e_request_latency = one(Histogram, "e2e_request_latency_seconds",
+                                       "Request arrival to last token, seconds.",
+                                       buckets=REQUEST_LATENCY_BUCKETS)
+        self.prompt_tokens = one(Counter, "prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = one(Counter, "generation_tokens", "Generated tokens of finished requests.")
         self.request_success = Counter(
             PREFIX + "request_success", "Requests that finished, by finish reason (stop, length, abort).",
             m + ["finished_reason"], registry=r)
@@ -148,15 +155,13 @@ class SchedulerMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.model_name = model_name
         self.registry = _registry(registry)
-        r, m = self.registry, ["model_name"]
-        self.num_requests_waiting = Gauge(
-            PREFIX + "num_requests_waiting", "Requests waiting in the scheduler's queue.",
-            m, registry=r).labels(model_name)
-        self.request_queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds", "Time from enqueue to admission to an executor, seconds.",
-            m, registry=r, buckets=QUEUE_TIME_BUCKETS).labels(model_name)
-        self.num_executors = Gauge(
-            PREFIX + "num_executors", "Live executors registered in Redis.", m, registry=r).labels(model_name)
+        one = _per_model(self.registry, model_name)
+        self.num_requests_waiting = one(Gauge, "num_requests_waiting",
+                                        "Requests waiting in the scheduler's queue.")
+        self.request_queue_time = one(Histogram, "request_queue_time_seconds",
+                                      "Time from enqueue to admission to an executor, seconds.",
+                                      buckets=QUEUE_TIME_BUCKETS)
+        self.num_executors = one(Gauge, "num_executors", "Live executors registered in Redis.")
 
 
 def scheduler_is_leader_gauge(registry: CollectorRegistry) -> Gauge:
@@ -176,34 +181,25 @@ class ExecutorMetrics:
         self.model_name = model_name
         self.registry = _registry(registry)
         r, m = self.registry, ["model_name"]
-        self.num_requests_running = Gauge(
-            PREFIX + "num_requests_running", "Requests in this executor's running batch.",
-            m, registry=r).labels(model_name)
-        self.kv_cache_usage = Gauge(
-            PREFIX + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use, 0 to 1 (1 = full).",
-            m, registry=r).labels(model_name)
-        self.prefix_cache_queries = Counter(
-            PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-            m, registry=r).labels(model_name)
-        self.prefix_cache_hits = Counter(
-            PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-            m, registry=r).labels(model_name)
-        self.num_preemptions = Counter(
-            PREFIX + "num_preemptions", "Requests preempted because KV blocks ran out.",
-            m, registry=r).labels(model_name)
-        self.step_seconds = Histogram(
-            PREFIX + "executor_step_seconds", "Duration of one executor step, seconds.",
-            m, registry=r, buckets=STEP_BUCKETS).labels(model_name)
+        one = _per_model(r, model_name)
+        self.num_requests_running = one(Gauge, "num_requests_running",
+                                        "Requests in this executor's running batch.")
+        self.kv_cache_usage = one(Gauge, "kv_cache_usage_perc",
+                                  "Fraction of KV-cache blocks in use, 0 to 1 (1 = full).")
+        self.prefix_cache_queries = one(Counter, "prefix_cache_queries",
+                                        "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = one(Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.num_preemptions = one(Counter, "num_preemptions",
+                                   "Requests preempted because KV blocks ran out.")
+        self.step_seconds = one(Histogram, "executor_step_seconds",
+                                "Duration of one executor step, seconds.", buckets=STEP_BUCKETS)
         # Speculative decoding, as vLLM names it (spec_decode_*).
-        self.spec_decode_num_drafts = Counter(
-            PREFIX + "spec_decode_num_drafts", "Verify entries run (one per speculating request and step).",
-            m, registry=r).labels(model_name)
-        self.spec_decode_num_draft_tokens = Counter(
-            PREFIX + "spec_decode_num_draft_tokens", "Drafted tokens verified.",
-            m, registry=r).labels(model_name)
-        self.spec_decode_num_accepted_tokens = Counter(
-            PREFIX + "spec_decode_num_accepted_tokens", "Drafted tokens accepted.",
-            m, registry=r).labels(model_name)
+        self.spec_decode_num_drafts = one(Counter, "spec_decode_num_drafts",
+                                          "Verify entries run (one per speculating request and step).")
+        self.spec_decode_num_draft_tokens = one(Counter, "spec_decode_num_draft_tokens",
+                                                "Drafted tokens verified.")
+        self.spec_decode_num_accepted_tokens = one(Counter, "spec_decode_num_accepted_tokens",
+                                                   "Drafted tokens accepted.")
         self._accepted_per_pos = Counter(
             PREFIX + "spec_decode_num_accepted_tokens_per_pos",
             "Accepted drafted tokens by their position in the draft (0-based).",
