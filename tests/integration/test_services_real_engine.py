@@ -17,6 +17,26 @@ pytestmark = pytest.mark.timeout(300)
 PROMPTS = ["Hello, world", "The capital of France is", "héllo 😀"]
 
 
+def _streams_equal(stack_factory, engine, prompts, expected, max_tokens):
+    """Greedy streams of `prompts` through a stack whose one executor runs `engine` (byte
+    tokenizer): each equals its LLM.generate output in tokens, text and usage. Returns the
+    streams' chunks."""
+    tok = ByteTokenizer()
+    stack = stack_factory(executors=0)
+    stack.add_executor(engine=engine)
+    stack.wait_executors(1)
+    streams = []
+    for prompt, want in zip(prompts, expected):
+        chunks = stack.generate(prompt, max_tokens=max_tokens, temperature=0.0)
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == list(want.outputs[0].token_ids)
+        assert "".join(c.text for c in chunks) == tok.decode(tokens)
+        assert chunks[-1].usage.completion_tokens == len(tokens)
+        streams.append(chunks)
+    stack.wait_idle()
+    return streams
+
+
 def test_stream_equals_llm_generate_tiny_model(stack_factory, byte_llama):
     from gpu_engine.llm import LLM
     from gpu_engine.sampling_params import SamplingParams
@@ -24,16 +44,7 @@ def test_stream_equals_llm_generate_tiny_model(stack_factory, byte_llama):
     tok = ByteTokenizer()
     expected = LLM(model=byte_llama, device="cpu", dtype="float32").generate(
         [tok.encode(p) for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=24))
-    stack = stack_factory(executors=0)
-    stack.add_executor(engine=_engine(byte_llama))
-    stack.wait_executors(1)
-    for prompt, want in zip(PROMPTS, expected):
-        chunks = stack.generate(prompt, max_tokens=24, temperature=0.0)
-        tokens = [t for c in chunks for t in c.token_ids]
-        assert tokens == list(want.outputs[0].token_ids)
-        assert "".join(c.text for c in chunks) == tok.decode(tokens)
-        assert chunks[-1].usage.completion_tokens == len(tokens)
-    stack.wait_idle()
+    _streams_equal(stack_factory, _engine(byte_llama), PROMPTS, expected, 24)
 
 
 def test_stream_equals_llm_generate_default_model(stack_factory):
@@ -89,16 +100,6 @@ def test_speculative_steps_stream_several_tokens_exactly(stack_factory, byte_lla
         [tok.encode(p) for p in prompts], SamplingParams(temperature=0.0, max_tokens=32))
     engine = _engine(byte_llama, speculative_config={
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3})
-    stack = stack_factory(executors=0)
-    stack.add_executor(engine=engine)
-    stack.wait_executors(1)
-    sizes = []
-    for prompt, want in zip(prompts, expected):
-        chunks = stack.generate(prompt, max_tokens=32, temperature=0.0)
-        tokens = [t for c in chunks for t in c.token_ids]
-        assert tokens == list(want.outputs[0].token_ids)
-        assert "".join(c.text for c in chunks) == tok.decode(tokens)
-        assert chunks[-1].usage.completion_tokens == len(tokens)
-        sizes += [len(c.token_ids) for c in chunks]
+    streams = _streams_equal(stack_factory, engine, prompts, expected, 32)
+    sizes = [len(c.token_ids) for chunks in streams for c in chunks]
     assert engine.scheduler.spec_stats.num_accepted_tokens > 0 and max(sizes) > 1
-    stack.wait_idle()
