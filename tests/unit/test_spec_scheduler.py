@@ -23,6 +23,15 @@ def continuation(tokens, n, index=0):
     return out
 
 
+def prefilled_request(max_tokens=20):
+    """A scheduler with one request "a" whose prompt step has run: (scheduler, request, its sequence)."""
+    sched = make_scheduler()
+    req = make_request("a", [1, 2, 3], max_tokens=max_tokens)
+    sched.add(req)
+    run_step(sched, FakeRunner())
+    return sched, req, req.seqs[0]
+
+
 def check(sched):
     sched.block_manager.check_integrity([b for s in sched.running for b in s.block_table])
     sched.batch.check(sched.running)
@@ -89,11 +98,7 @@ def test_outputs_equal_plain_decoding_whatever_is_drafted():
 
 
 def test_a_stop_token_inside_an_accepted_run_ends_the_sequence_there():
-    sched = make_scheduler()
-    req = make_request("a", [1, 2, 3], max_tokens=20)
-    sched.add(req)
-    run_step(sched, FakeRunner())
-    seq = req.seqs[0]
+    sched, req, seq = prefilled_request()
     right = continuation(seq.token_ids, 5)
     req.params = req.params.__class__(max_tokens=20, ignore_eos=True, stop_token_ids=[right[1]])
     sched.set_drafts(seq, right[:4])
@@ -104,11 +109,7 @@ def test_a_stop_token_inside_an_accepted_run_ends_the_sequence_there():
 
 
 def test_a_finished_sequence_holds_no_drafts():
-    sched = make_scheduler()
-    req = make_request("a", [1, 2, 3], max_tokens=20)
-    sched.add(req)
-    run_step(sched, FakeRunner())
-    seq = req.seqs[0]
+    sched, req, seq = prefilled_request()
     sched.set_drafts(seq, [7, 8])
     assert sched.batch.drafting[seq.slot]
     sched.abort(req)
