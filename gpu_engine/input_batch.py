@@ -46,10 +46,6 @@ class StepLayout:
         return len(self.tok_slot)
 
     @property
-    def decode_only(self) -> bool:
-        return self.num_decodes == len(self.seq_slot) and not self.prompt_rows
-
-    @property
     def decode_rows(self) -> bool:
         """The step can run as decode rows (the decode graphs' layout): each token row attends to
         its slot's positions up to its own, so a verify entry's 1 + k rows see the KV its earlier

@@ -52,7 +52,7 @@ def launch_verify(
     logits = compute_logits(hidden[upload(rows)])  # [N, V] f32
     greedy, keys, positions = sampler.verify_params(slots)
     drafts = upload(np.array([t for _, e, _ in entries for t in e.draft_token_ids], dtype=np.int64))
-    layout = VerifyLayout.build(ks.tolist(), dev, lambda a: upload(np.ascontiguousarray(a)))
+    layout = VerifyLayout.build(ks.tolist(), dev, upload)
     if sampler.plain_greedy():  # the logits' argmax is every row's token: no distributions needed
         result = rejection_sample(logits, drafts, layout, greedy, keys, positions, all_greedy=True)
     else:
