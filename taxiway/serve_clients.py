@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import threading
 import time
 from collections import deque
 
@@ -54,9 +55,15 @@ class StreamingClient:
             pending = pool.starmap_async(_run_part, parts, chunksize=1)
             # every process has imported its client (a slow spawn would otherwise start late and
             # stretch the run), then they all start at one time
-            ready.wait()
-            start.value = time.monotonic() + START_MARGIN_S
-            ready.wait()
+            try:
+                ready.wait()
+                start.value = time.monotonic() + START_MARGIN_S
+                ready.wait()
+            except threading.BrokenBarrierError:  # a process failed before it was ready: its error
+                pending.wait(READY_TIMEOUT_S)  # (the broken barrier ends the others at once)
+                if pending.ready() and not pending.successful():
+                    pending.get()
+                raise
             results = pending.get()
         records: list[RequestRecord] = [None] * len(workload.prompts)  # type: ignore[list-item]
         for p, part in enumerate(results):
