@@ -5,7 +5,9 @@ Prompts: the last --per-kind prompts of each kind (chat questions, summarisation
 repeat their input, code) of gpu_engine/spec/data/prompts.jsonl or --prompts, through the model's
 chat template; greedy, --osl tokens each (EOS ignored), one request at a time. Each method gets its
 own engine (one load), one warm-up request, then every prompt; speedup = its decode tokens/s over no
-speculation's on the same prompt.
+speculation's on the same prompt. Each method runs as configured by default (the gate turns
+speculation off where it measures slower: gpu_engine/spec/gate.py) and, as "<method>-always", with
+`disable_when_slower: false` (speculation's own speed); --gate picks one of the two.
 
     python bench/spec_decode.py --draft-model DIR --eagle-head DIR --out bench/results/spec-batch1.json
 """
@@ -27,12 +29,18 @@ from taxiway.benchmarks import machine_info, run_requests, write_result  # noqa:
 
 
 def methods(args) -> list[tuple[str, dict | None]]:
-    out = [("none", None), ("ngram", {"method": "ngram", "num_speculative_tokens": args.k})]
+    specs = [("ngram", {"method": "ngram", "num_speculative_tokens": args.k})]
     if args.draft_model:
-        out.append(("draft_model", {"method": "draft_model", "num_speculative_tokens": args.k,
-                                    "model": args.draft_model}))
+        specs.append(("draft_model", {"method": "draft_model", "num_speculative_tokens": args.k,
+                                      "model": args.draft_model}))
     if args.eagle_head:
-        out.append(("eagle3", {"method": "eagle3", "num_speculative_tokens": args.k, "model": args.eagle_head}))
+        specs.append(("eagle3", {"method": "eagle3", "num_speculative_tokens": args.k, "model": args.eagle_head}))
+    out: list[tuple[str, dict | None]] = [("none", None)]
+    for name, spec in specs:
+        if args.gate in ("both", "on"):
+            out.append((name, spec))
+        if args.gate in ("both", "off"):
+            out.append((f"{name}-always", {**spec, "disable_when_slower": False}))
     return out
 
 
@@ -42,7 +50,7 @@ def pick_prompts(args) -> list[dict]:
     return [r for kind in kinds for r in [x for x in rows if x["kind"] == kind][-args.per_kind:]]
 
 
-def run_method(args, spec: dict | None, prompts: list[dict]) -> list[dict]:
+def run_method(args, spec: dict | None, prompts: list[dict]) -> tuple[list[dict], dict | None]:
     engine = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                        num_kv_blocks=args.num_kv_blocks, speculative_config=spec)
     ids = encode_prompts(engine.tokenizer, prompts)
@@ -57,10 +65,11 @@ def run_method(args, spec: dict | None, prompts: list[dict]) -> list[dict]:
         if spec is not None:
             row["spec_decode"] = engine.scheduler.spec_stats.since(before).summary()
         out.append(row)
+    gate = engine.spec.gate.summary() if engine.spec is not None and engine.spec.gate is not None else None
     engine.shutdown()
     del engine
     free_memory()
-    return out
+    return out, gate
 
 
 def free_memory() -> None:
@@ -82,12 +91,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--num-kv-blocks", type=int, default=None,
                     help="a fixed KV cache per engine (default: sized from free memory, as the engine does)")
+    ap.add_argument("--gate", choices=("both", "on", "off"), default="both",
+                    help="on: each method as configured by default (speculation turns itself off where it "
+                         "measures slower); off: always speculate; both: each method both ways")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     prompts = pick_prompts(args)
-    results = {name: run_method(args, spec, prompts) for name, spec in methods(args)}
+    runs = {name: run_method(args, spec, prompts) for name, spec in methods(args)}
+    results = {name: rows for name, (rows, _) in runs.items()}
     base = results["none"]
     for name, rows in results.items():
         for row, ref in zip(rows, base):
@@ -98,8 +111,9 @@ def main(argv=None) -> int:
                                                           for r in rows) / len(rows), 3)
                       if name != "none" else None}
                for name, rows in results.items()}
+    gates = {name: gate for name, (_, gate) in runs.items() if gate is not None}
     write_result({"benchmark": "spec_decode_batch1", "config": vars(args), "machine": machine_info(),
-                  "summary": summary, "per_prompt": results}, args.out)
+                  "summary": summary, "gate": gates, "per_prompt": results}, args.out)
     return 0
 
 

@@ -189,6 +189,7 @@ class LLMEngine:
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._inflight = None  # the launched step not yet collected (async scheduling)
+        self._finished = None  # (plan, tokens emitted) of the step this step() collected
         self._rng = random.Random(config.seed)
         log.info("engine ready: %s on %s (%s, %s), %d KV blocks in %s (%d in %s), max_num_seqs %d, "
                  "max_num_batched_tokens %d", self.model_config.name, self.device, self.dtype,
@@ -293,7 +294,9 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         parts = dict.fromkeys(("wait", "collect", "update", "output"), 0.0)
+        speculated = self.spec is not None and self.spec.active(len(self.scheduler.running))
         overlap = self.async_scheduling and not self._speculating()
+        self._finished = None
         outputs: list[RequestOutput] = []
         if not overlap and self._inflight is not None:
             outputs = self._finish(self._inflight, parts)
@@ -317,6 +320,9 @@ class LLMEngine:
             launch = self.runner.last_parts
             self.step_times.add(step_kind(plan), plan.num_plain_decodes + len(plan.entries), plan.num_tokens,
                                 time.perf_counter() - t0, schedule=t2 - t1, **launch, **parts)
+        if self._finished is not None:
+            finished, emitted = self._finished
+            self.spec.observe(finished, speculated, emitted, time.perf_counter() - t0)
         return outputs
 
     def _finish(self, flight, parts: dict[str, float]) -> list[RequestOutput]:
@@ -325,7 +331,14 @@ class LLMEngine:
         if self.runner.last_gpu is not None:
             self.step_times.add_gpu(step_kind(flight.plan), *self.runner.last_gpu)
         t0 = time.perf_counter()
+        spec = self.scheduler.spec_stats
+        verified, accepted = spec.num_drafts, spec.num_accepted_tokens
         touched = self.scheduler.update(flight.plan, result)
+        if self.spec is not None:  # the tokens the step emitted, for the speculation gate
+            plan = flight.plan
+            emitted = plan.num_plain_decodes + spec.num_drafts - verified + spec.num_accepted_tokens - accepted
+            emitted += sum(e.num_samples for e in plan.entries if e.sample and not e.is_verify)
+            self._finished = (plan, emitted)
         t1 = time.perf_counter()
         outputs = self._process(touched)
         if self.spec is not None:  # drafts for the next step, from the tokens just read back

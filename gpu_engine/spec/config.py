@@ -32,6 +32,10 @@ class SpeculativeConfig:
     disable_above_batch_size: int = DEFAULT_DISABLE_ABOVE_BATCH_SIZE
     """A step with more running sequences than this runs without speculation (large batches are
     compute-bound, so verifying drafts costs more than it saves)."""
+    disable_when_slower: bool = True
+    """Measure, per batch size, the output tokens per second of steps that speculate and of steps
+    that do not, and speculate only where it is faster (gpu_engine/spec/gate.py); False: always
+    speculate up to disable_above_batch_size."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,6 +57,8 @@ class SpeculativeConfig:
         b = self.disable_above_batch_size
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"disable_above_batch_size must be a positive integer, got {b!r}")
+        if not isinstance(self.disable_when_slower, bool):
+            raise ValueError(f"disable_when_slower must be true or false, got {self.disable_when_slower!r}")
 
     def _fill_lookup_bounds(self) -> None:
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max

@@ -4,8 +4,9 @@ next step as a verify entry of 1 + k tokens (gpu_engine/scheduler.py), which the
 with the rejection sampler (gpu_engine/spec/verify.py).
 
 Drafting needs the accepted tokens on the host, so while speculation is on the engine runs its
-steps synchronously (no host/device overlap); above `disable_above_batch_size` running sequences
-nothing is drafted and the overlapped loop resumes.
+steps synchronously (no host/device overlap); above `disable_above_batch_size` running sequences,
+and at batch sizes where the gate (gpu_engine/spec/gate.py) measured speculating steps to emit
+fewer tokens per second than plain ones, nothing is drafted and the overlapped loop resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 
 from gpu_engine.sampler import row_key
 from gpu_engine.spec.config import SpeculativeConfig
+from gpu_engine.spec.gate import SpecGate
 from gpu_engine.spec.proposer import DraftBatch, DraftRequest, Proposer
 
 log = logging.getLogger(__name__)
@@ -25,13 +27,25 @@ class SpecDecoder:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer):
         self.config = config
         self.proposer = proposer
+        self.gate = SpecGate() if config.disable_when_slower else None
         log.info("speculative decoding: %s, %d tokens per step; steps run synchronously (no host/device "
-                 "overlap) while at most %d sequences run, above that nothing is drafted",
-                 config.method, config.num_speculative_tokens, config.disable_above_batch_size)
+                 "overlap) while at most %d sequences run, above that nothing is drafted%s",
+                 config.method, config.num_speculative_tokens, config.disable_above_batch_size,
+                 "; nor where speculating measures slower" if self.gate else "")
 
     def active(self, num_running: int) -> bool:
         """Whether a step with this many running sequences speculates."""
-        return 0 < num_running <= self.config.disable_above_batch_size
+        if not 0 < num_running <= self.config.disable_above_batch_size:
+            return False
+        return self.gate is None or self.gate.speculate(num_running)
+
+    def observe(self, plan, speculated: bool, tokens: int, seconds: float) -> None:
+        """A collected step's figures, for the gate: only decode steps (no prefill chunk) count."""
+        if self.gate is None or not all(e.is_verify or e.num_tokens == 1 for e in plan.entries):
+            return
+        num_seqs = plan.num_plain_decodes + len(plan.entries)
+        if num_seqs <= self.config.disable_above_batch_size:
+            self.gate.observe(num_seqs, speculated, tokens, seconds)
 
     @property
     def needs_hidden(self) -> bool:

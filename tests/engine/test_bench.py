@@ -123,7 +123,8 @@ def test_cli_throughput_awq_dummy(tiny_llama, tmp_path):
 
 def test_cli_latency_with_speculation_reports_acceptance(tiny_llama, tmp_path):
     out = tmp_path / "latency.json"
-    spec = json.dumps({"method": "draft_model", "num_speculative_tokens": 3, "model": tiny_llama})
+    spec = json.dumps({"method": "draft_model", "num_speculative_tokens": 3, "model": tiny_llama,
+                       "disable_when_slower": False})
     proc = subprocess.run(
         [sys.executable, "-m", "taxiway.cli", "bench", "latency", "--model", tiny_llama, "--load-format", "auto",
          "--device", "cpu",

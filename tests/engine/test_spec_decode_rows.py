@@ -9,7 +9,7 @@ import pytest
 from gpu_engine.cuda_graphs import DecodeGraphs
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
-from tests.engine.spec_helpers import generate_checked, tokens_of
+from tests.engine.spec_helpers import ALWAYS, generate_checked, tokens_of
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 9, 17, 3, 88, 41, 7, 120] * 3, [200, 201, 202] * 6] + random_prompts(
@@ -48,7 +48,7 @@ def baseline(tiny_llama):
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])
 def test_verify_steps_as_decode_rows_are_token_identical(tiny_llama, baseline, eagle_head, method):
-    spec = {"method": method, "num_speculative_tokens": 3}
+    spec = {"method": method, "num_speculative_tokens": 3, **ALWAYS}
     if method == "ngram":
         spec.update(prompt_lookup_min=1, prompt_lookup_max=3)
     else:

@@ -1,5 +1,6 @@
 """bench/spec_decode.py (batch-1 speculative decoding per method) runs end to end on the default model
-(no speculation, n-gram, a random EAGLE-3 head; the draft-model path is the same engine code)."""
+(no speculation, n-gram, a random EAGLE-3 head, each gated and always speculating; the draft-model
+path is the same engine code)."""
 
 import json
 import subprocess
@@ -21,9 +22,11 @@ def test_spec_decode_script_writes_every_method(default_model_dir, tmp_path):
          "--device", "cpu", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert list(result["per_prompt"]) == ["none", "ngram", "eagle3"]
+    assert list(result["per_prompt"]) == ["none", "ngram", "ngram-always", "eagle3", "eagle3-always"]
     assert [r["kind"] for r in result["per_prompt"]["none"]] == ["code", "chat", "summarize"]
-    eagle = result["per_prompt"]["eagle3"]
+    eagle = result["per_prompt"]["eagle3-always"]
     assert all(r["spec_decode"]["num_draft_tokens"] > 0 for r in eagle)
-    assert 1.0 <= result["summary"]["eagle3"]["mean_acceptance_length"] <= 3.0
+    assert 1.0 <= result["summary"]["eagle3-always"]["mean_acceptance_length"] <= 3.0
+    assert set(result["gate"]) == {"ngram", "eagle3"}  # the gated runs say what their gate measured
+    assert result["gate"]["eagle3"]["1"]["spec_tokens_per_s"] > 0
     assert all(r["decode_tokens_per_s"] > 0 for rows in result["per_prompt"].values() for r in rows)

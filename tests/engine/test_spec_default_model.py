@@ -5,6 +5,7 @@ an accepted run cut the output there, streamed and final; n-gram on prompts that
 import pytest
 
 from taxiway import LLM, OutputKind, SamplingParams
+from tests.engine.spec_helpers import ALWAYS
 
 pytest.importorskip("transformers")
 
@@ -25,7 +26,7 @@ def plain(default_model_dir):
 @pytest.fixture(scope="module")
 def self_draft(default_model_dir):
     return LLM(str(default_model_dir), max_model_len=512, num_kv_blocks=96, speculative_config={
-        "method": "draft_model", "num_speculative_tokens": 4, "model": str(default_model_dir)})
+        "method": "draft_model", "num_speculative_tokens": 4, "model": str(default_model_dir), **ALWAYS})
 
 
 def test_the_default_model_as_its_own_draft_accepts_everything(plain, self_draft):
@@ -60,7 +61,7 @@ def test_stop_strings_inside_accepted_runs_cut_the_output_there(plain, self_draf
 
 def test_ngram_on_prompts_that_repeat_their_input(default_model_dir, plain):
     llm = LLM(str(default_model_dir), max_model_len=512, num_kv_blocks=96, speculative_config={
-        "method": "ngram", "num_speculative_tokens": 4})
+        "method": "ngram", "num_speculative_tokens": 4, **ALWAYS})
     want = plain.generate(PROMPTS, PLAIN)
     got = llm.generate(PROMPTS, PLAIN)
     assert [g.outputs[0].text for g in got] == [w.outputs[0].text for w in want]

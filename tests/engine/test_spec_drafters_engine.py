@@ -10,7 +10,7 @@ from scipy.stats import chi2_contingency
 
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
-from tests.engine.spec_helpers import generate_checked, tokens_of
+from tests.engine.spec_helpers import ALWAYS, generate_checked, tokens_of
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 PROMPTS = random_prompts(5, 320, seed=11, lengths=[4, 13, 16, 29, 50])
@@ -19,7 +19,8 @@ PROMPTS = random_prompts(5, 320, seed=11, lengths=[4, 13, 16, 29, 50])
 def spec_llm(path, method, model, k=3, **kw):
     kw.setdefault("num_kv_blocks", 128)
     kw.setdefault("max_model_len", 256)
-    return LLM(path, speculative_config={"method": method, "num_speculative_tokens": k, "model": model}, **kw)
+    return LLM(path, speculative_config={"method": method, "num_speculative_tokens": k, "model": model, **ALWAYS},
+               **kw)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_sampled_speculation_keeps_the_target_distribution(tiny_llama, tiny_chec
     plain = LLM(tiny_llama, num_kv_blocks=512, max_model_len=64, max_num_seqs=600).generate([prompt] * 600, params)
     llm = LLM(tiny_llama, num_kv_blocks=512, max_model_len=64, max_num_seqs=600, speculative_config={
         "method": "draft_model", "num_speculative_tokens": 2, "model": tiny_checkpoints["qwen2"],
-        "disable_above_batch_size": 600})
+        "disable_above_batch_size": 600, **ALWAYS})
     spec = llm.generate([prompt] * 600, [SamplingParams(**{**p.__dict__, "seed": p.seed + 10_000}) for p in params])
     assert sum(o.num_draft_tokens for o in spec) >= 600  # every request verified drafts
     for pos in (1, 2):

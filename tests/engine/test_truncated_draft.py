@@ -24,7 +24,8 @@ def test_truncated_draft_keeps_the_first_layers_and_decodes_exactly(tiny_llama, 
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     plain = LLM(tiny_llama, device="cpu", num_kv_blocks=64).generate(prompt, params)[0].outputs[0].token_ids
     spec = LLM(tiny_llama, device="cpu", num_kv_blocks=64,
-               speculative_config={"method": "draft_model", "num_speculative_tokens": 3, "model": str(out)})
+               speculative_config={"method": "draft_model", "num_speculative_tokens": 3, "model": str(out),
+                                   "disable_when_slower": False})
     got = spec.generate(prompt, params)[0]
     assert got.outputs[0].token_ids == plain
     assert got.num_draft_tokens > 0

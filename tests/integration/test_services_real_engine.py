@@ -99,7 +99,8 @@ def test_speculative_steps_stream_several_tokens_exactly(stack_factory, byte_lla
     expected = LLM(model=byte_llama, device="cpu", dtype="float32").generate(
         [tok.encode(p) for p in prompts], SamplingParams(temperature=0.0, max_tokens=32))
     engine = _engine(byte_llama, speculative_config={
-        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+        "disable_when_slower": False})
     streams = _streams_equal(stack_factory, engine, prompts, expected, 32)
     sizes = [len(c.token_ids) for chunks in streams for c in chunks]
     assert engine.scheduler.spec_stats.num_accepted_tokens > 0 and max(sizes) > 1
