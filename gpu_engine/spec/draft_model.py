@@ -34,16 +34,19 @@ class _Work:
 
 def load_draft_model(folder: str | Path, target: ModelConfig, dtype: torch.dtype,
                      device: torch.device) -> CausalLM:
-    from gpu_engine.weights import build_model, load_checkpoint
+    """The draft checkpoint in `folder`, as published: a pre-quantized one (FP8, INT4 AWQ: its
+    config.json says so) is served quantized, as the target would be."""
+    from gpu_engine.quant import read_checkpoint_quant, resolve_quantization
+    from gpu_engine.weights import load_model
 
     folder = Path(folder).expanduser()
     cfg = ModelConfig.from_folder(folder)
     if abs(cfg.vocab_size - target.vocab_size) > 1024:
         raise ModelLoadError(f"draft model {folder} has vocab_size {cfg.vocab_size}, the target "
                              f"{target.vocab_size}: a draft must share the target's tokenizer")
-    model = build_model(cfg, dtype, device)
-    load_checkpoint(model, folder, cfg, progress=False)
-    return model
+    quant = resolve_quantization(None, read_checkpoint_quant(folder), dummy=False)
+    return load_model(cfg, folder, dtype, device, quant, load_format="auto", seed=0, kv_fp8=False,
+                      progress=False)
 
 
 class DraftModelProposer:

@@ -4,15 +4,21 @@ a random EAGLE-3 head), with chunked prefill, preemption, prefix hits and penalt
 caches follow the accepted tokens; a chi-square test that sampled speculation keeps the target's
 distribution."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.stats import chi2_contingency
 
+from gpu_engine.quant.awq_method import AwqLinear
+from gpu_engine.quant.fp8 import Fp8Linear
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
 from tests.engine.spec_helpers import ALWAYS, generate_checked, tokens_of
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+DATA = Path(__file__).resolve().parent.parent / "data"
+QUANTIZED = {"tiny-llama-fp8-dynamic": Fp8Linear, "tiny-llama-autoawq": AwqLinear}  # written by llm-compressor, AutoAWQ
 PROMPTS = random_prompts(5, 320, seed=11, lengths=[4, 13, 16, 29, 50])
 
 
@@ -46,6 +52,24 @@ def test_a_random_draft_accepts_almost_nothing_and_changes_nothing(tiny_llama, t
     assert tokens_of(outs) == baseline
     stats = llm.engine.scheduler.spec_stats
     assert stats.num_draft_tokens > 50 and stats.num_accepted_tokens / stats.num_draft_tokens < 0.2
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZED))
+def test_a_quantized_draft_model_is_served_as_published(tiny_llama, baseline, name):
+    llm = spec_llm(tiny_llama, "draft_model", str(DATA / name))
+    draft = llm.engine.spec.proposer.model
+    assert isinstance(draft.layers[0].qkv_proj, QUANTIZED[name])  # not dequantized to 16 bits
+    outs = generate_checked(llm, PROMPTS, GREEDY)
+    assert tokens_of(outs) == baseline
+    assert llm.engine.scheduler.spec_stats.num_draft_tokens > 0
+
+
+def test_a_quantized_target_as_its_own_draft_accepts_every_draft():
+    folder = str(DATA / "tiny-llama-fp8-dynamic")
+    want = tokens_of(LLM(folder, num_kv_blocks=128, max_model_len=256).generate(PROMPTS, GREEDY))
+    outs = generate_checked(spec_llm(folder, "draft_model", folder), PROMPTS, GREEDY)
+    assert tokens_of(outs) == want
+    assert all(o.num_draft_tokens > 0 and o.num_accepted_tokens == o.num_draft_tokens for o in outs)
 
 
 @pytest.mark.parametrize("setting", [
