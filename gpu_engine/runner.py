@@ -76,7 +76,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cfg.block_size
         self.graphs: DecodeGraphs | None = None
-        self.builder = InputBuilder(device, model_cfg.vocab_size)
+        self.builder = InputBuilder(device)
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // cfg.block_size), cfg.block_size,
                                 model_cfg.vocab_size, device)
         self.last_parts: dict[str, float] = {}  # prepare / forward / sample of the last launch

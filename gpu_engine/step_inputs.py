@@ -23,9 +23,8 @@ class InputBuilder:
     (two slots: the step being prepared and the one in flight), so no step allocates pinned memory
     (cudaHostAlloc can stall the host until the GPU is idle, defeating the overlap)."""
 
-    def __init__(self, device: torch.device, vocab_size: int):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.vocab_size = vocab_size
         self.pinned = device.type == "cuda"
         self._buffers: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
         self._events: list[torch.cuda.Event | None] = [None, None]

@@ -21,6 +21,10 @@ import torch
 
 from gpu_engine.block_manager import BlockManager, hash_token_blocks
 from gpu_engine.ops import AttentionMetadata
+from gpu_engine.step_inputs import InputBuilder
+
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
 
 
 def padded_tables(tables: list[list[int]]) -> np.ndarray:
@@ -63,6 +67,9 @@ class DraftKVCache:
         cache = torch.zeros(shape, dtype=dtype, device=device)
         self.kv = [(cache[i, 0], cache[i, 1]) for i in range(num_layers)]
         self.device = device
+        self.inputs = InputBuilder(device)
+        """The drafter's uploads: pinned and non-blocking on a GPU, so that a proposal's forwards
+        queue up behind each other instead of each copy waiting for the GPU (begin() / end())."""
         self._seqs: dict[int, _SeqState] = {}
 
     @staticmethod
@@ -70,6 +77,10 @@ class DraftKVCache:
                         dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * num_kv_heads * block_size * head_dim * elem
+
+    def upload(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """A host list or array on the device, through the pinned staging of this proposal."""
+        return self.inputs.upload(np.asarray(values, dtype=_NUMPY[dtype]))
 
     # -- per-sequence state -----------------------------------------------------------------------
     def start(self, seq_id: int) -> int:
@@ -198,7 +209,7 @@ class DraftKVCache:
             if count != 1:
                 break
             num_decodes += 1
-        up = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        up = lambda a: self.inputs.upload(np.ascontiguousarray(a))  # noqa: E731
         qsl_a, lens_a = np.asarray(qsl, dtype=np.int32), np.asarray(lens, dtype=np.int32)
         meta = AttentionMetadata(
             slot_mapping=up(np.concatenate(slots)), query_start_loc=up(qsl_a), seq_lens=up(lens_a),

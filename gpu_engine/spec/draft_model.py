@@ -74,6 +74,13 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> Proposal:
+        self.cache.inputs.begin_step()
+        try:
+            return self._propose(batch)
+        finally:
+            self.cache.inputs.end_step()
+
+    def _propose(self, batch: DraftBatch) -> Proposal:
         works = [w for w in (self._plan(i, r) for i, r in enumerate(batch.requests)) if w is not None]
         out: list[list[int]] = [[] for _ in batch.requests]
         if not works:
@@ -86,7 +93,7 @@ class DraftModelProposer:
         for w in works:
             end += w.last + 1 - w.first
             ends.append(end - 1)
-        tokens, probs = self._chain(works, hidden[torch.tensor(ends, device=self.device)])
+        tokens, probs = self._chain(works, hidden[self.cache.upload(ends, torch.int64)])
         for w, toks in zip(works, tokens):
             toks = toks[: w.drafts]
             out[w.index] = toks
@@ -110,7 +117,7 @@ class DraftModelProposer:
         return _Work(index, req, valid, n, req.num_drafts)
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
-        t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        t = self.cache.upload(ids, torch.int64)
         return t.clamp_(max=self.model.cfg.vocab_size - 1)  # ids past a smaller draft vocabulary
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -123,10 +130,10 @@ class DraftModelProposer:
         return torch.cat([logits, pad], dim=1)
 
     def _chain(self, works: list[_Work], hidden: torch.Tensor):
-        dev = self.device
-        temps = torch.tensor([w.req.temperature for w in works], dtype=torch.float32, device=dev)
-        keys = torch.tensor([w.req.key for w in works], dtype=torch.int64, device=dev)
-        base = torch.tensor([w.last + 1 for w in works], dtype=torch.int64, device=dev)
+        up = self.cache.upload
+        temps = up([w.req.temperature for w in works], torch.float32)
+        keys = up([w.req.key for w in works], torch.int64)
+        base = up([w.last + 1 for w in works], torch.int64)
         sampled = any(w.req.temperature > 0 for w in works)
         steps = max(w.drafts for w in works)
         tokens, probs = [], []
@@ -138,7 +145,7 @@ class DraftModelProposer:
                 break
             live = [i for i, w in enumerate(works) if w.drafts > j + 1]
             meta, positions = self.cache.metadata([(works[i].req.seq_id, works[i].last + 1 + j, 1) for i in live])
-            idx = torch.tensor(live, device=dev)
+            idx = up(live, torch.int64)
             out = self.model(tok[idx], positions, self.cache.kv, meta, self.cos_sin, self.ops)
             hidden = hidden.clone()
             hidden[idx] = out

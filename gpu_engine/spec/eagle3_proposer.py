@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +66,13 @@ class Eagle3Proposer:
 
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> Proposal:
+        self.cache.inputs.begin_step()
+        try:
+            return self._propose(batch)
+        finally:
+            self.cache.inputs.end_step()
+
+    def _propose(self, batch: DraftBatch) -> Proposal:
         works = [w for w in (self._plan(i, r) for i, r in enumerate(batch.requests)) if w is not None]
         out: list[list[int]] = [[] for _ in batch.requests]
         if not works:
@@ -79,7 +87,7 @@ class Eagle3Proposer:
             self.cache.commit(w.req.seq_id, w.first, new_keys, final_end=n - 1, parent=self._parent(toks))
         if not drafting:
             return Proposal(out)
-        last_rows = torch.tensor(_last_rows(works), device=self.device)[drafting]
+        last_rows = self.cache.upload(_last_rows(works), torch.int64)[drafting]
         chain = [works[i] for i in drafting]
         tokens, probs = self._chain(chain, normed[last_rows], prenorm[last_rows])
         for w, toks in zip(chain, tokens):
@@ -123,9 +131,9 @@ class Eagle3Proposer:
 
     # -- forwards -----------------------------------------------------------------------------------
     def _prefill(self, works: list[_Work], target_hidden: torch.Tensor):
-        rows = torch.cat([torch.arange(w.row, w.row + w.count) for w in works]).to(self.device)
+        rows = self.cache.upload(np.concatenate([np.arange(w.row, w.row + w.count) for w in works]), torch.int64)
         keys = [t for w in works for t in w.req.token_ids[w.first + 1 : w.first + w.count + 1]]
-        ids = torch.tensor(keys, dtype=torch.int64, device=self.device)
+        ids = self.cache.upload(keys, torch.int64)
         hidden = self.head.fc(target_hidden[rows].to(self.dtype))
         meta, positions = self.cache.metadata([(w.req.seq_id, w.first, w.count) for w in works])
         return self._forward(ids, hidden, positions, meta)
@@ -136,10 +144,10 @@ class Eagle3Proposer:
 
     def _chain(self, works: list[_Work], normed: torch.Tensor, prenorm: torch.Tensor):
         """k drafts per work, feeding each draft and the head's own output back."""
-        dev = self.device
-        temps = torch.tensor([w.req.temperature for w in works], dtype=torch.float32, device=dev)
-        keys = torch.tensor([w.req.key for w in works], dtype=torch.int64, device=dev)
-        base = torch.tensor([len(w.req.token_ids) for w in works], dtype=torch.int64, device=dev)
+        up = self.cache.upload
+        temps = up([w.req.temperature for w in works], torch.float32)
+        keys = up([w.req.key for w in works], torch.int64)
+        base = up([len(w.req.token_ids) for w in works], torch.int64)
         sampled = any(w.req.temperature > 0 for w in works)
         steps = max(w.drafts for w in works)
         tokens, probs = [], []
@@ -152,7 +160,7 @@ class Eagle3Proposer:
             live = [i for i, w in enumerate(works) if w.drafts > j + 1]
             entries = [(works[i].req.seq_id, len(works[i].req.token_ids) - 1 + j, 1) for i in live]
             meta, positions = self.cache.metadata(entries)
-            idx = torch.tensor(live, device=dev)
+            idx = up(live, torch.int64)
             n_out, p_out = self._forward(tok[idx], prenorm[idx], positions, meta)
             normed = normed.clone()
             prenorm = prenorm.clone()

@@ -68,7 +68,7 @@ def test_device_inputs_match_the_plan_through_chunking_preemption_and_slot_reuse
     for r in reqs:
         sched.add(r)
     batch = InputBatch(3, 64, BS, VOCAB, torch.device("cpu"))
-    builder = InputBuilder(torch.device("cpu"), VOCAB)
+    builder = InputBuilder(torch.device("cpu"))
     last_sampled: dict[int, int] = {}
     inflight = None
     for _ in range(200):
@@ -91,13 +91,13 @@ def test_slots_start_sampling_where_their_sequences_are_and_forks_draw_their_own
     resumed = make_request("resumed", [1, 2, 3], max_tokens=6, temperature=0.0, min_tokens=4, stop_token_ids=[11])
     forked = make_request("forked", [4, 5, 6], max_tokens=4, temperature=1.0, n=3, seed=7)
     batch = InputBatch(8, 16, BS, VOCAB, torch.device("cpu"))
-    builder = InputBuilder(torch.device("cpu"), VOCAB)
+    builder = InputBuilder(torch.device("cpu"))
     sched.add(resumed, prior_output_token_ids=[20, 21])
     sched.add(forked)
     plan = sched.schedule()
     batch.apply(plan, builder.upload)
     layout = batch.layout(plan)
-    r_slot, f_slot = resumed.seqs[0].slot, forked.seqs[0].slot
+    r_slot = resumed.seqs[0].slot
     assert batch.sampler.slot_state(r_slot)[0] == 2  # it draws its third output token next
     assert [s.index for s in forked.seqs] == [0, 1, 2]  # forked as the prompt was planned
     fork_slots = [s.slot for s in forked.seqs]
