@@ -3,13 +3,17 @@ LLM.generate, the max_num_seqs sweep in one process, and the latency roofline's 
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from taxiway import benchmarks
 from taxiway.benchmarks import BenchConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -95,6 +99,28 @@ def test_cli_sweep_writes_one_json(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["benchmark"] == "sweep" and [r["max_num_seqs"] for r in result["runs"]] == [2, 3]
+
+
+def test_gpu_session_api_defaults_phase_runs_the_api_and_the_bench_on_one_workload(tiny_llama, tmp_path):
+    """The phase on the CPU with a tiny model: LLM.generate on the engine's defaults and the bench on
+    its own settings, each writing its JSON whole."""
+    env = {**os.environ, "OUT": str(tmp_path),
+           "API_DEFAULTS_ARGS": f"--model {tiny_llama} --device cpu --isl 8 --osl 4 --num-requests 6"}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "api-defaults"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ran = [line.split() for line in proc.stdout.splitlines() if line.startswith("api-defaults")]
+    assert [(r[0], r[1]) for r in ran] == [("api-defaults-llm", "rc=0"), ("api-defaults-bench", "rc=0")], proc.stdout
+    api = json.loads((tmp_path / "api-defaults-llm.json").read_text())
+    bench = json.loads((tmp_path / "api-defaults-bench.json").read_text())
+    assert api["api"] == "llm" and api["engine_settings"]["enable_prefix_caching"] is True
+    assert api["engine_settings"]["admission_policy"] == "max_utilization"
+    assert bench["engine_settings"]["enable_prefix_caching"] is False
+    assert bench["engine_settings"]["admission_policy"] == "guaranteed_no_evict"
+    for result in (api, bench):
+        assert result["config"]["num_requests"] == 6 and result["output_tokens_per_s"] > 0
+        assert result["machine"]["card"] == "cpu" and result["machine"]["commit"]
+        assert result["command"].startswith("taxiway bench throughput") and "--isl 8" in result["command"]
 
 
 def test_awq_dummy_latency_counts_int4_bytes(cfg):
