@@ -9,7 +9,9 @@ and a [hidden, 64] matmul). This is the work the overlapped loop must hide under
 guaranteed_no_evict); `--settings api` with the engine's own defaults, as `LLM(...)` users get them
 (prefix caching on, max_utilization). `--driver engine` steps the engine directly, as the bench's
 loop does; `--driver llm` runs `LLM.generate` (its own loop and output assembly) to the end and
-times the interval between successive steps, so the loop's work between steps counts too.
+times the interval between successive steps, so the loop's work between steps counts too. Pool,
+batch size, budget and context length are the run's own in every mode, and the stand-in has no
+tokenizer (a preset such as llama-3.1-8b has none either: no text is decoded).
 
     python bench/cpu_step.py --seqs 256 1024 --settings api --driver llm
 
@@ -72,9 +74,19 @@ def stand_in_model(device):
     return StandIn()
 
 
-SETTINGS = {"bench": {"enable_prefix_caching": False, "admission_policy": "guaranteed_no_evict"},
-            "api": {}}
-"""The engine settings of each --settings choice: the bench's own, or none (the engine's defaults)."""
+SETTINGS = ("bench", "api")
+
+
+def settings_kwargs(name: str) -> dict:
+    """The engine settings of a --settings choice: the bench's own (taxiway.benchmarks, less its
+    model), or none (the engine's defaults)."""
+    if name == "api":
+        return {}
+    from taxiway.benchmarks import GPU_ENGINE_DEFAULTS
+
+    return {k: v for k, v in GPU_ENGINE_DEFAULTS.items() if k not in ("model", "load_format")}
+
+
 WARM_STEPS = 8  # the prefill, then a few decode steps, before timing
 
 
@@ -85,7 +97,7 @@ def engine_kwargs(num_seqs: int, context: int, steps: int, device_name: str, ove
     return {"model": folder, "load_format": "dummy", "device": device_name,
             "num_kv_blocks": num_seqs * (-(-max_len // 16) + 1), "max_num_seqs": num_seqs,
             "max_num_batched_tokens": max(8192, num_seqs * context), "max_model_len": max_len,
-            "async_scheduling": overlap, **SETTINGS[settings]}
+            "async_scheduling": overlap, **settings_kwargs(settings)}
 
 
 def use_stand_in(engine) -> None:
@@ -225,7 +237,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sync", action="store_true", help="no async scheduling (the CPU engine's default); "
                     "by default the loop overlaps as on a GPU, feeding decodes from the device")
-    ap.add_argument("--settings", choices=sorted(SETTINGS), default="bench",
+    ap.add_argument("--settings", choices=SETTINGS, default="bench",
                     help="bench: no prefix caching, guaranteed_no_evict (taxiway bench throughput); api: the "
                          "engine's defaults (prefix caching, max_utilization), as LLM(...) has them")
     ap.add_argument("--driver", choices=("engine", "llm"), default="engine",

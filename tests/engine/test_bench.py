@@ -1,7 +1,9 @@
 """The benchmark drivers on a tiny model on the CPU: throughput through the engine and through
-LLM.generate, the max_num_seqs sweep in one process, and the latency roofline's byte count."""
+LLM.generate, the max_num_seqs sweep in one process, the latency roofline's byte count, the
+api-defaults GPU phase and bench/cpu_step.py's settings and drivers."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -121,6 +123,18 @@ def test_gpu_session_api_defaults_phase_runs_the_api_and_the_bench_on_one_worklo
         assert result["config"]["num_requests"] == 6 and result["output_tokens_per_s"] > 0
         assert result["machine"]["card"] == "cpu" and result["machine"]["commit"]
         assert result["command"].startswith("taxiway bench throughput") and "--isl 8" in result["command"]
+
+
+@pytest.mark.parametrize("settings, driver", [("bench", "engine"), ("api", "llm")])
+def test_cpu_step_times_the_engine_and_llm_generate_on_either_settings(settings, driver):
+    spec = importlib.util.spec_from_file_location("cpu_step", REPO / "bench" / "cpu_step.py")
+    cpu_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_step)
+    row = cpu_step.measure(16, 20, 6, "cpu", overlap=True, settings=settings, driver=driver)
+    assert (row["settings"], row["driver"], row["running"]) == (settings, driver, 16)
+    assert row["host_ms"] > 0 and row["parts"]["update_ms"] >= 0
+    if driver == "llm":  # generate ran to the end: every request's max_tokens
+        assert row["generated_tokens"] == 16 * (6 + 2 * cpu_step.WARM_STEPS)
 
 
 def test_awq_dummy_latency_counts_int4_bytes(cfg):
