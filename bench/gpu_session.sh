@@ -11,6 +11,8 @@ OUT=${OUT:-/tmp/taxiway-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
 summary=()
+# The api-defaults phases' model and workload (tests give a tiny model on the CPU).
+API_DEFAULTS_ARGS=${API_DEFAULTS_ARGS:---model llama-3.1-8b --load-format dummy --dtype bfloat16 --isl 128 --osl 128 --num-requests 3000}
 
 phase() {  # phase NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
@@ -53,6 +55,18 @@ for step in "$@"; do
       --sizes 256 512 1024 2048 4096 --out "$OUT/sweep-128-128.json" ;;
     llm-128) phase llm-128 400 python -m taxiway.cli bench throughput --api llm --isl 128 --osl 128 \
       --num-requests 3000 --out "$OUT/llm-128-128.json" ;;
+    # The public API on its defaults beside the bench on its settings, same workload, same call:
+    # LLM(...).generate (prefix caching, max_utilization, the offline token budget, max_model_len of
+    # the model) vs `taxiway bench throughput` (no prefix caching, guaranteed_no_evict, ISL + OSL),
+    # Llama-3.1-8B dummy BF16, 3000 x 128/128, greedy, EOS ignored; one JSON each. api-defaults-8192
+    # adds LLM.generate at the engine's 8192-token budget (the offline default's A/B):
+    #   bash bench/gpu_session.sh api-defaults api-defaults-8192
+    api-defaults) read -ra args <<<"$API_DEFAULTS_ARGS"
+      phase api-defaults-llm 180 python -m taxiway.cli bench throughput --api llm "${args[@]}" --out "$OUT/api-defaults-llm.json"
+      phase api-defaults-bench 180 python -m taxiway.cli bench throughput "${args[@]}" --out "$OUT/api-defaults-bench.json" ;;
+    api-defaults-8192) read -ra args <<<"$API_DEFAULTS_ARGS"
+      phase api-defaults-8192 180 python -m taxiway.cli bench throughput --api llm "${args[@]}" \
+        --max-num-batched-tokens 8192 --out "$OUT/api-defaults-llm-8192.json" ;;
     t1-quick) tp 128 128 1000 ;;
     t1-quick-sync) TAG=-sync tp 128 128 1000 --no-async-scheduling ;;
     t1-128) tp 128 128 3000 ;;

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpu_engine.block_manager import hash_block
 from gpu_engine.sequence import Sequence
 from gpu_engine.step_plan import SampledToken, ScheduledSeq, StepPlan, StepResult
 
@@ -72,9 +73,7 @@ def update_plain_decodes(sched: "Scheduler", plan: StepPlan, result: StepResult)
     else:
         rows = None
     if sched.block_manager.enable_prefix_caching:
-        known = np.minimum(b.num_computed[slots], b.num_tokens[slots] - b.num_pending[slots])
-        for i in np.flatnonzero(known // sched.block_size > b.num_registered[slots]).tolist():
-            sched._register_full_blocks(seqs[i])
+        register_decode_blocks(sched, seqs, slots)
     pos = b.num_tokens[slots] - b.num_pending[slots]  # each one's oldest placeholder
     for tokens, p, t in zip(b.token_lists[slots].tolist(), pos.tolist(), toks.tolist()):
         tokens[p] = t
@@ -96,3 +95,24 @@ def update_plain_decodes(sched: "Scheduler", plan: StepPlan, result: StepResult)
     for i in np.flatnonzero(due).tolist():
         sched._apply_stops(seqs[i], int(toks[i]), int(pos[i]))
     return touched + [seqs[i] for i in np.flatnonzero(report | due).tolist() if report[i] or seqs[i].is_finished]
+
+
+def register_decode_blocks(sched: "Scheduler", seqs: list[Sequence], slots: np.ndarray) -> None:
+    """Offer the prefix cache the blocks these decodes filled (about one sequence in block_size
+    each step): counters read from the rows once for all, rather than through each sequence's
+    properties, and hashed in place: this was most of a decode step's update with prefix
+    caching on."""
+    b, bs, bm = sched.batch, sched.block_size, sched.block_manager
+    full = np.minimum(b.num_computed[slots], b.num_tokens[slots] - b.num_pending[slots]) // bs
+    due = np.flatnonzero(full > b.num_registered[slots])
+    if not len(due):
+        return
+    register = bm.register
+    for i, have, n in zip(due.tolist(), b.num_registered[slots[due]].tolist(), full[due].tolist()):
+        seq = seqs[i]
+        hashes, tokens, table = seq.block_hashes, seq.token_ids, seq.block_table
+        for k in range(len(hashes), n):  # chained to the block before, as _extend_hashes does
+            hashes.append(hash_block(hashes[-1] if hashes else b"", tokens[k * bs : (k + 1) * bs]))
+        for k in range(have, n):
+            register(table[k], hashes[k])
+    b.num_registered[slots[due]] = full[due]

@@ -213,7 +213,10 @@ class EngineConfig:
         None, "force the number of KV blocks (tests, tiny pools); overrides the two settings above")
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of identical prompt prefixes")
     max_num_batched_tokens: int | None = setting(
-        None, "token budget of one step (decodes + prefill chunks); default 8192")
+        None, "token budget of one step (decodes + prefill chunks); default 8192, and 16384 for "
+              "LLM(...) on a GPU with at least 70 GiB other than an A100 (vLLM's LLM-class default: "
+              "an offline batch prefills in fewer, larger steps; a server keeps 8192, as a step's "
+              "length is the inter-token latency of every stream)")
     max_num_seqs: int | None = setting(
         None, "most sequences running at once (the persistent batch's slots; decode CUDA graphs are "
               "captured up to min(this, 4096)); default by the device: 1024 on a GPU with at least "
@@ -300,15 +303,24 @@ class EngineConfig:
 
 BIG_GPU_BYTES = 70 * 2**30
 """A GPU with this much memory (H100, H200 class) gets the larger default batch, as vLLM does."""
+OFFLINE_BIG_GPU_TOKENS = 16384
+"""The offline LLM class's token budget on a big GPU other than an A100: vLLM's LLM-class default
+there (its server keeps 8192, as the executor does here: a step's length is the inter-token
+latency of every stream it serves); vLLM leaves A100s at 8192, where the larger budget measured
+slower (vLLM PR #17885)."""
 
 
-def batch_limits(config: EngineConfig, device_memory_bytes: int | None) -> tuple[int, int]:
+def batch_limits(config: EngineConfig, device_memory_bytes: int | None, device_name: str = "",
+                 offline: bool = False) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens): the configured values, else defaults for the
     device: 1024 sequences on a GPU with >= 70 GiB, 256 on smaller GPUs and on the CPU
-    (device_memory_bytes None); a budget of 8192 tokens everywhere."""
+    (device_memory_bytes None); a budget of 8192 tokens, 16384 for the offline LLM class
+    (`offline`) on a GPU with >= 70 GiB that is not an A100."""
+    big = device_memory_bytes is not None and device_memory_bytes >= BIG_GPU_BYTES
     seqs = config.max_num_seqs
     if seqs is None:
-        big = device_memory_bytes is not None and device_memory_bytes >= BIG_GPU_BYTES
         seqs = 1024 if big else 256
-    tokens = config.max_num_batched_tokens if config.max_num_batched_tokens is not None else 8192
+    tokens = config.max_num_batched_tokens
+    if tokens is None:
+        tokens = OFFLINE_BIG_GPU_TOKENS if offline and big and "a100" not in device_name.lower() else 8192
     return seqs, tokens

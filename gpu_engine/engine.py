@@ -87,7 +87,9 @@ def resolve_model(config: EngineConfig) -> tuple[Path | None, ModelConfig]:
 class LLMEngine:
     """Paged-KV, in-flight-batching engine for one model on one device."""
 
-    def __init__(self, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, *, offline: bool = False, **kwargs):
+        """`kwargs` replace fields of `config`; `offline`: sized as the offline LLM class is (a
+        larger default token budget on a big GPU, see config.batch_limits)."""
         config = replace(config, **kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
         spec = config.speculative
@@ -105,8 +107,9 @@ class LLMEngine:
         check_tensor_parallel(self.model_config, config.tensor_parallel_size)
         if spec is not None and config.tensor_parallel_size > 1:
             raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet")
-        memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        self.max_num_seqs, self.max_num_batched_tokens = batch_limits(config, memory)
+        card = torch.cuda.get_device_properties(self.device) if self.device.type == "cuda" else None
+        self.max_num_seqs, self.max_num_batched_tokens = batch_limits(
+            config, card.total_memory if card else None, card.name if card else "", offline=offline)
         self.driver = self._start_ranks(folder) if config.tensor_parallel_size > 1 else None
         try:
             self._start(folder)

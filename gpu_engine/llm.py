@@ -20,14 +20,16 @@ class LLM:
     """One model on one device, for batch generation in-process.
 
     `LLM()` serves the default model (SmolLM2-135M-Instruct) on the GPU if there is one, else the CPU.
-    Keyword arguments are EngineConfig fields (dtype, device, load_format, max_model_len, ...).
+    Keyword arguments are EngineConfig fields (dtype, device, load_format, max_model_len, ...);
+    the ones not given take the offline defaults (config.batch_limits: a larger token budget on a
+    big GPU than the serving executor's).
     """
 
     def __init__(self, model: str | None = None, **kwargs):
         unknown = set(kwargs) - EngineConfig.field_names()
         if unknown:
             raise TypeError(f"unknown LLM arguments: {sorted(unknown)}")
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs), offline=True)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -448,8 +448,8 @@ class Scheduler:
         have = len(seq.block_hashes)
         if num_blocks > have:
             parent = seq.block_hashes[-1] if have else b""
-            tokens = seq.token_ids[: num_blocks * self.block_size]
-            seq.block_hashes.extend(hash_token_blocks(tokens, self.block_size, parent, have))
+            tokens = seq.token_ids[have * self.block_size : num_blocks * self.block_size]  # the new blocks only
+            seq.block_hashes.extend(hash_token_blocks(tokens, self.block_size, parent))
 
 
 def _decode_first(entry: ScheduledSeq) -> int:

@@ -185,11 +185,26 @@ def throughput(cfg: BenchConfig) -> dict:
     t0 = time.perf_counter()
     engine = LLMEngine(**cfg.engine_kwargs())
     startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
     warm_up(engine, cfg)
+    warm = time.perf_counter() - t0
     result = timed_run(engine, cfg)
     return {"benchmark": "throughput", "config": cfg.to_dict(), "machine": machine_info(),
-            "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
+            "engine_settings": engine_settings(engine, detokenize=False),
+            "startup_s": round(startup, 2), "warmup_s": round(warm, 2), "num_kv_blocks": engine.num_kv_blocks,
             "graph_capture_s": round(engine.graph_capture_s, 2), **result}
+
+
+def engine_settings(engine: LLMEngine, detokenize: bool) -> dict:
+    """The settings a run was served with, as the engine resolved them (defaults included);
+    text is decoded only where `detokenize` is asked for and the model has a tokenizer (a preset
+    has none)."""
+    ec = engine.config
+    return {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
+            "admission_policy": ec.admission_policy, "enable_prefix_caching": ec.enable_prefix_caching,
+            "max_model_len": engine.max_model_len, "async_scheduling": engine.async_scheduling,
+            "dtype": str(engine.dtype).removeprefix("torch."), "detokenize": detokenize,
+            "tokenizer": engine.tokenizer is not None}
 
 
 def warm_up(engine: LLMEngine, cfg: BenchConfig) -> None:
@@ -226,8 +241,10 @@ def throughput_llm(cfg: BenchConfig) -> dict:
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=cfg.osl, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
     llm.generate(random_prompts(min(engine.max_num_seqs, 64, cfg.requests), cfg.isl, vocab, cfg.seed + 1),
                  replace(params, max_tokens=min(cfg.osl, 16)))
+    warm = time.perf_counter() - t0
     prompts = random_prompts(cfg.requests, cfg.isl, vocab, cfg.seed)
     engine.step_times.reset()
     start = time.perf_counter()
@@ -236,14 +253,11 @@ def throughput_llm(cfg: BenchConfig) -> dict:
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     if generated != cfg.requests * cfg.osl:
         raise RuntimeError(f"generated {generated} tokens, expected {cfg.requests * cfg.osl}")
-    ec = engine.config
     return {
         "benchmark": "throughput", "api": "llm", "config": cfg.to_dict(), "machine": machine_info(),
-        "engine_settings": {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
-                            "admission_policy": ec.admission_policy, "enable_prefix_caching": ec.enable_prefix_caching,
-                            "max_model_len": engine.max_model_len, "async_scheduling": engine.async_scheduling,
-                            "detokenize": params.detokenize},
-        "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks, "elapsed_s": round(elapsed, 3),
+        "engine_settings": engine_settings(engine, params.detokenize),
+        "startup_s": round(startup, 2), "warmup_s": round(warm, 2), "num_kv_blocks": engine.num_kv_blocks,
+        "elapsed_s": round(elapsed, 3),
         "output_tokens_per_s": round(generated / elapsed, 1),
         "total_tokens_per_s": round(cfg.requests * (cfg.isl + cfg.osl) / elapsed, 1),
         "preemptions": engine.scheduler.num_preemptions, "step_times": engine.step_times.summary(),

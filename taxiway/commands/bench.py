@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 
 from taxiway.benchmarks import APIS, CPU_ENGINE_DEFAULTS, GPU_ENGINE_DEFAULTS, BenchConfig
 from taxiway.commands.engine_flags import add_engine_arguments, engine_overrides
@@ -64,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
         result = benchmarks.throughput(cfg)
     else:
         result = benchmarks.latency(cfg)
+    result["command"] = "taxiway " + shlex.join(sys.argv[1:])  # run as `taxiway bench ...` (or -m taxiway.cli)
     benchmarks.write_result(result, args.out)
     return 0

@@ -1,15 +1,21 @@
 """The benchmark drivers on a tiny model on the CPU: throughput through the engine and through
-LLM.generate, the max_num_seqs sweep in one process, and the latency roofline's byte count."""
+LLM.generate, the max_num_seqs sweep in one process, the latency roofline's byte count, the
+api-defaults GPU phase and bench/cpu_step.py's settings and drivers."""
 
 import dataclasses
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from taxiway import benchmarks
 from taxiway.benchmarks import BenchConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -95,6 +101,40 @@ def test_cli_sweep_writes_one_json(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["benchmark"] == "sweep" and [r["max_num_seqs"] for r in result["runs"]] == [2, 3]
+
+
+def test_gpu_session_api_defaults_phase_runs_the_api_and_the_bench_on_one_workload(tiny_llama, tmp_path):
+    """The phase on the CPU with a tiny model: LLM.generate on the engine's defaults and the bench on
+    its own settings, each writing its JSON whole."""
+    env = {**os.environ, "OUT": str(tmp_path),
+           "API_DEFAULTS_ARGS": f"--model {tiny_llama} --device cpu --isl 8 --osl 4 --num-requests 6"}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "api-defaults"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ran = [line.split() for line in proc.stdout.splitlines() if line.startswith("api-defaults")]
+    assert [(r[0], r[1]) for r in ran] == [("api-defaults-llm", "rc=0"), ("api-defaults-bench", "rc=0")], proc.stdout
+    api = json.loads((tmp_path / "api-defaults-llm.json").read_text())
+    bench = json.loads((tmp_path / "api-defaults-bench.json").read_text())
+    assert api["api"] == "llm" and api["engine_settings"]["enable_prefix_caching"] is True
+    assert api["engine_settings"]["admission_policy"] == "max_utilization"
+    assert bench["engine_settings"]["enable_prefix_caching"] is False
+    assert bench["engine_settings"]["admission_policy"] == "guaranteed_no_evict"
+    for result in (api, bench):
+        assert result["config"]["num_requests"] == 6 and result["output_tokens_per_s"] > 0
+        assert result["machine"]["card"] == "cpu" and result["machine"]["commit"]
+        assert result["command"].startswith("taxiway bench throughput") and "--isl 8" in result["command"]
+
+
+@pytest.mark.parametrize("settings, driver", [("bench", "engine"), ("api", "llm")])
+def test_cpu_step_times_the_engine_and_llm_generate_on_either_settings(settings, driver):
+    spec = importlib.util.spec_from_file_location("cpu_step", REPO / "bench" / "cpu_step.py")
+    cpu_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_step)
+    row = cpu_step.measure(16, 20, 6, "cpu", overlap=True, settings=settings, driver=driver)
+    assert (row["settings"], row["driver"], row["running"]) == (settings, driver, 16)
+    assert row["host_ms"] > 0 and row["parts"]["update_ms"] >= 0
+    if driver == "llm":  # generate ran to the end: every request's max_tokens
+        assert row["generated_tokens"] == 16 * (6 + 2 * cpu_step.WARM_STEPS)
 
 
 def test_awq_dummy_latency_counts_int4_bytes(cfg):

@@ -262,6 +262,18 @@ def test_dummy_weights_from_a_config_folder(tiny_llama):
     assert len(out.outputs[0].token_ids) == 3
 
 
+def test_llm_is_sized_as_the_offline_class_and_the_engine_as_a_server(tiny_llama, monkeypatch):
+    import gpu_engine.engine as engine_module
+
+    asked = []
+    real = engine_module.batch_limits
+    monkeypatch.setattr(engine_module, "batch_limits",
+                        lambda *args, offline=False: asked.append(offline) or real(*args, offline=offline))
+    LLM(tiny_llama, load_format="dummy", num_kv_blocks=16, max_model_len=128)
+    LLMEngine(model=tiny_llama, load_format="dummy", num_kv_blocks=16, max_model_len=128)
+    assert asked == [True, False]
+
+
 def test_kv_pool_smaller_than_the_context_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="lower max_model_len"):
         LLMEngine(model=tiny_llama, num_kv_blocks=4, max_model_len=256)

@@ -134,7 +134,8 @@ def test_packed_results_give_the_same_outputs_and_blocks_as_per_entry_results(ov
             sched.add(r)
         drive(sched, runner, overlap=overlap)
         runs.append((outputs_of(reqs), [[p.decode_slots.tolist() for p in runner.plans]],
-                     sched.num_preemptions, sched.block_manager.prefix_hits))
+                     sched.num_preemptions, sched.block_manager.prefix_hits,
+                     sched.block_manager.take_events()))  # the same blocks cached, under the same hashes
     assert runs[0] == runs[1]
     if num_blocks == 14:
         assert runs[0][2] > 0  # preemption was exercised

@@ -15,6 +15,16 @@ def test_defaults_serve_a_big_gpu_with_a_larger_batch(memory, want):
     assert batch_limits(EngineConfig(), memory) == want
 
 
+@pytest.mark.parametrize("memory, name, want", [(None, "", 8192), (24 * GIB, "NVIDIA L4", 8192),
+                                                (80 * GIB, "NVIDIA A100-SXM4-80GB", 8192),
+                                                (80 * GIB, "NVIDIA H100 80GB HBM3", 16384),
+                                                (141 * GIB, "NVIDIA H200", 16384)])
+def test_the_offline_llm_class_takes_a_larger_token_budget_on_a_big_gpu(memory, name, want):
+    assert batch_limits(EngineConfig(), memory, name, offline=True)[1] == want
+    assert batch_limits(EngineConfig(), memory, name)[1] == 8192  # the engine the services wrap
+    assert batch_limits(EngineConfig(max_num_batched_tokens=4096), memory, name, offline=True)[1] == 4096
+
+
 def test_given_limits_win_over_the_defaults():
     assert batch_limits(EngineConfig(max_num_seqs=4096, max_num_batched_tokens=16384), 141 * GIB) == (4096, 16384)
 
