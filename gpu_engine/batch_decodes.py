@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpu_engine.block_manager import hash_block
 from gpu_engine.sequence import Sequence
 from gpu_engine.step_plan import SampledToken, ScheduledSeq, StepPlan, StepResult
 
@@ -100,19 +99,15 @@ def update_plain_decodes(sched: "Scheduler", plan: StepPlan, result: StepResult)
 def register_decode_blocks(sched: "Scheduler", seqs: list[Sequence], slots: np.ndarray) -> None:
     """Offer the prefix cache the blocks these decodes filled (about one sequence in block_size
     each step): counters read from the rows once for all, rather than through each sequence's
-    properties, and hashed in place: this was most of a decode step's update with prefix
-    caching on."""
-    b, bs, bm = sched.batch, sched.block_size, sched.block_manager
-    full = np.minimum(b.num_computed[slots], b.num_tokens[slots] - b.num_pending[slots]) // bs
+    properties: this was most of a decode step's update with prefix caching on."""
+    b, bm = sched.batch, sched.block_manager
+    full = np.minimum(b.num_computed[slots], b.num_tokens[slots] - b.num_pending[slots]) // sched.block_size
     due = np.flatnonzero(full > b.num_registered[slots])
     if not len(due):
         return
-    register = bm.register
     for i, have, n in zip(due.tolist(), b.num_registered[slots[due]].tolist(), full[due].tolist()):
         seq = seqs[i]
-        hashes, tokens, table = seq.block_hashes, seq.token_ids, seq.block_table
-        for k in range(len(hashes), n):  # chained to the block before, as _extend_hashes does
-            hashes.append(hash_block(hashes[-1] if hashes else b"", tokens[k * bs : (k + 1) * bs]))
+        sched._extend_hashes(seq, n)
         for k in range(have, n):
-            register(table[k], hashes[k])
+            bm.register(seq.block_table[k], seq.block_hashes[k])
     b.num_registered[slots[due]] = full[due]
