@@ -4,6 +4,8 @@ stream and its own output stream in Redis (redis.asyncio). Each implements an in
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import json
 import logging
 import time
@@ -59,6 +61,8 @@ class GrpcTokenizerClient:
         self._info: tuple[float, ModelInfo] | None = None
         self._strings: dict[int, str] = {}
         """token id -> its text, as DecodeTokens gave it (for logprobs)."""
+        self._mux: DetokenizeMux | None = None
+        """Every request's detokenizer, on one stream (made on first use, on the client's loop)."""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The internal credential and the current trace context (the request's span)."""
@@ -81,9 +85,9 @@ class GrpcTokenizerClient:
         setup = pb.DetokenizeSetup(prompt_token_ids=list(prompt_token_ids),
                                    skip_special_tokens=skip_special_tokens, stop=list(stop),
                                    include_stop_str_in_output=include_stop_str_in_output)
-        detok = _AioDetokenizer(self._stub, setup, self.metadata())
-        await detok.open()
-        return detok
+        if self._mux is None:
+            self._mux = DetokenizeMux(self._stub, self._auth)
+        return self._mux.session(setup, inject_context())
 
     async def model_info(self) -> ModelInfo:
         now = time.monotonic()
@@ -111,20 +115,23 @@ class GrpcTokenizerClient:
         return [self._strings[t] for t in token_ids]
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.close()
         await self.channel.close()
 
 
 REOPEN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                           grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
-"""A Detokenize stream that ends with one of these lost its replica (killed, connection reset):
-it is opened again, on another replica if the first is gone."""
+"""A detokenizer session that fails with one of these lost its replica (killed, connection reset,
+draining): it is opened again, on another replica if the first is gone."""
 REOPEN_BACKOFF_S = (0.0, 0.1, 0.3, 0.6, 1.2, 2.0)
-"""Waits before each try to reopen a lost Detokenize stream (about 4 s in all: a replica that
-went away is dropped from the channel's picks, another one may still be connecting)."""
+"""Waits before each try to reopen a lost session (about 4 s in all: a replica that went away is
+dropped from the channel's picks, another one may still be connecting)."""
 
 
 class _StreamEnded(Exception):
-    """The Detokenize stream ended before answering (its replica went away, or it failed)."""
+    """A DetokenizeMany stream or one of its sessions ended before answering (its replica went away,
+    drains, or the session failed there)."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
@@ -137,84 +144,199 @@ class _StreamEnded(Exception):
         return self._details
 
 
-class _AioDetokenizer:
-    """One Detokenize stream: each add() writes the tokens and reads their text.
+class DetokenizeMux:
+    """Every detokenizer session of a gateway on one DetokenizeMany stream to the tokenizer tier.
 
-    When the tokenizer replica goes away mid-stream, the stream is opened again (the channel
-    balances it onto a replica that answers) and fed every token so far at once; of the text that
-    comes back, what the client already has is dropped: no gap, no duplicate. Text is a pure
-    function of the token ids, so the replayed text begins with what was sent (checked)."""
+    The items that the request tasks add in one turn of the event loop (a step's tokens for every
+    stream that step reached) leave as one message and come back as one: an exchange costs the
+    same for one session as for hundreds. New sessions start on the current stream; one that
+    ended (its replica went away) or retires (its replica drains) is replaced by a new one, which
+    the channel balances onto a replica that answers."""
 
-    def __init__(self, stub: Stub, setup, metadata):
-        self._stub = stub
-        self._setup = setup
-        self._metadata = metadata
+    def __init__(self, stub: Stub, metadata: tuple[tuple[str, str], ...]):
+        self._stub, self._metadata = stub, metadata
+        self._stream: _MuxStream | None = None
+        self._ids = itertools.count(1)
+
+    def stream(self) -> tuple[_MuxStream, int]:
+        """The stream a session (re)starts on, and the session's number there."""
+        if self._stream is None or not self._stream.usable:
+            self._stream = _MuxStream(self._stub.DetokenizeMany(metadata=self._metadata))
+        return self._stream, next(self._ids)
+
+    def session(self, setup, trace_context: dict[str, str]) -> _MuxSession:
+        return _MuxSession(self, setup, trace_context)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+
+
+class _MuxStream:
+    """One DetokenizeMany call: a writer task sends what is pending as one batch, a reader task
+    hands each answer's results to the items of the batch it answers (in order)."""
+
+    def __init__(self, call):
+        self._call = call
+        self._pending: list[tuple[object, asyncio.Future | None]] = []
+        self._inflight: collections.deque[list[asyncio.Future]] = collections.deque()
+        self._wake = asyncio.Event()
+        self.ended: _StreamEnded | None = None
+        self.retiring = False
+        self._tasks = [asyncio.create_task(self._write(), name="detokenize-write"),
+                       asyncio.create_task(self._read(), name="detokenize-read")]
+
+    @property
+    def usable(self) -> bool:
+        return self.ended is None and not self.retiring
+
+    def send(self, item, answer: bool = True) -> asyncio.Future | None:
+        """Queue an item for the next batch; its future gets the item's DetokenizeResult (or the
+        stream's end)."""
+        future = asyncio.get_running_loop().create_future() if answer else None
+        if self.ended is not None:
+            if future is not None:
+                future.set_exception(self.ended)
+            return future
+        self._pending.append((item, future))
+        self._wake.set()
+        return future
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._pending = self._pending, []
+                if not batch:
+                    continue
+                self._inflight.append([f for _, f in batch if f is not None])
+                await self._call.write(pb.DetokenizeBatch(items=[item for item, _ in batch]))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the call failed: every session on it reopens
+            self._end(exc)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                resp = await self._call.read()
+                if resp is grpc.aio.EOF:
+                    code = await self._call.code()
+                    details = await self._call.details() or "the DetokenizeMany stream ended"
+                    raise _StreamEnded(grpc.StatusCode.UNAVAILABLE if code is grpc.StatusCode.OK else code,
+                                       details)
+                futures = self._inflight.popleft()
+                if len(futures) != len(resp.results):
+                    raise _StreamEnded(grpc.StatusCode.INTERNAL, f"{len(resp.results)} results for "
+                                       f"{len(futures)} items")
+                for future, result in zip(futures, resp.results):
+                    if not future.done():
+                        future.set_result(result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._end(exc)
+
+    def _end(self, exc: Exception) -> None:
+        if self.ended is None:
+            code = exc.code() if isinstance(exc, (grpc.RpcError, _StreamEnded)) else grpc.StatusCode.UNKNOWN
+            details = exc.details() if isinstance(exc, (grpc.RpcError, _StreamEnded)) else repr(exc)
+            self.ended = _StreamEnded(code, details)
+            if code in REOPEN_CODES:
+                log.warning("DetokenizeMany stream lost (%s: %s); its sessions reopen", code.name, details)
+        waiting = [f for batch in self._inflight for f in batch] + [f for _, f in self._pending if f is not None]
+        self._inflight.clear()
+        self._pending = []
+        for future in waiting:
+            if not future.done():
+                future.set_exception(self.ended)
+        self._call.cancel()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def close(self) -> None:
+        self._end(_StreamEnded(grpc.StatusCode.CANCELLED, "the gateway closed its tokenizer client"))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _MuxSession:
+    """One request sample's detokenizer on a DetokenizeMux (DetokenizerSession): each add() sends
+    the tokens and returns their text; the first carries the set-up.
+
+    When its stream is lost or its replica drains, the session starts again on a new stream with
+    every token so far at once; of the text that comes back, what the client already has is
+    dropped: no gap, no duplicate. Text is a pure function of the token ids, so the replayed text
+    begins with what was sent (checked)."""
+
+    def __init__(self, mux: DetokenizeMux, setup, trace_context: dict[str, str]):
+        self._mux, self._setup, self._trace = mux, setup, trace_context
+        self._stream: _MuxStream | None = None
+        self._id = 0
         self._tokens: list[int] = []
         self._text = ""
-        """Everything this stream released so far."""
+        """Everything this session released so far."""
+        self._ended = False
         self.reopened = 0
 
-    async def open(self) -> None:
-        self._call = self._stub.Detokenize(metadata=self._metadata)
-        await self._call.write(pb.DetokenizeRequest(setup=self._setup))
-
     async def _exchange(self, token_ids: Sequence[int], flush: bool):
-        request = pb.DetokenizeRequest(tokens=pb.TokenIds(ids=list(token_ids)), flush=flush)
-        try:
-            await self._call.write(request)
-            resp = await self._call.read()
-        except asyncio.InvalidStateError:  # the call had ended already
-            resp = grpc.aio.EOF
-        if resp is grpc.aio.EOF:
-            code = await self._call.code()
-            details = await self._call.details() or "the Detokenize stream ended"
-            raise _StreamEnded(grpc.StatusCode.UNAVAILABLE if code is grpc.StatusCode.OK else code,
-                               details)
-        return resp
+        first = self._stream is None
+        if first:
+            self._stream, self._id = self._mux.stream()
+        item = pb.DetokenizeItem(session=self._id, tokens=pb.TokenIds(ids=list(token_ids)), flush=flush)
+        if first:
+            item.setup.CopyFrom(self._setup)
+            item.trace_context.update(self._trace)
+        result = await self._stream.send(item)
+        if result.error_code:
+            code = getattr(grpc.StatusCode, result.error_code, grpc.StatusCode.UNKNOWN)
+            if code is grpc.StatusCode.UNAVAILABLE:
+                self._stream.retiring = True  # it drains: later sessions start elsewhere
+            raise _StreamEnded(code, result.error)
+        if flush:
+            self._ended = True
+        return result
 
     async def add(self, token_ids: Sequence[int], flush: bool = False) -> tuple[str, str | None]:
         try:
-            resp = await self._exchange(token_ids, flush)
-        except (grpc.RpcError, _StreamEnded) as exc:
+            result = await self._exchange(token_ids, flush)
+        except _StreamEnded as exc:
             if exc.code() not in REOPEN_CODES:
                 raise errors.from_rpc_error(exc, "tokenizer tier") from None
             return await self._reopen(token_ids, flush, exc)
         self._tokens.extend(token_ids)
-        self._text += resp.new_text
-        return resp.new_text, resp.stop or None
+        self._text += result.new_text
+        return result.new_text, result.stop or None
 
-    async def _reopen(self, token_ids: Sequence[int], flush: bool, exc):
+    async def _reopen(self, token_ids: Sequence[int], flush: bool, exc: _StreamEnded):
         tokens = [*self._tokens, *token_ids]
         for attempt, wait_s in enumerate(REOPEN_BACKOFF_S, 1):
-            log.warning("Detokenize stream lost (%s: %s); reopening with %d tokens (try %d)",
+            log.warning("detokenizer session lost (%s: %s); reopening with %d tokens (try %d)",
                         exc.code().name, exc.details(), len(tokens), attempt)
-            self._call.cancel()
             await asyncio.sleep(wait_s)
+            self._stream = None
             try:
-                await self.open()
-                resp = await self._exchange(tokens, flush)
-            except (grpc.RpcError, _StreamEnded) as again:
+                result = await self._exchange(tokens, flush)
+            except _StreamEnded as again:
                 exc = again
                 if again.code() not in REOPEN_CODES:
                     break
                 continue
-            if not resp.new_text.startswith(self._text):
-                raise errors.TaxiwayError("the reopened Detokenize stream disagrees with the text "
+            if not result.new_text.startswith(self._text):
+                raise errors.TaxiwayError("the reopened detokenizer session disagrees with the text "
                                           "already sent")
-            new = resp.new_text[len(self._text):]
-            self._tokens, self._text = tokens, resp.new_text
+            new = result.new_text[len(self._text):]
+            self._tokens, self._text = tokens, result.new_text
             self.reopened += 1
-            return new, resp.stop or None
-        raise errors.from_rpc_error(exc, "tokenizer tier (Detokenize reopened)") from None
+            return new, result.stop or None
+        raise errors.from_rpc_error(exc, "tokenizer tier (detokenizer reopened)") from None
 
     async def aclose(self) -> None:
-        """Half-closes the stream (the tokenizer's handler ends on its own)."""
-        if self._call.done():
-            return
-        try:
-            await self._call.done_writing()
-        except Exception:  # noqa: BLE001 - the stream failed already: nothing to close
-            self._call.cancel()
+        """Forgets the session on the tier (a flushed one is gone there already)."""
+        if self._stream is not None and not self._ended and self._stream.ended is None:
+            self._stream.send(pb.DetokenizeItem(session=self._id, close=True), answer=False)
+        self._ended = True
 
 
 class RedisIntake:

@@ -1,22 +1,24 @@
 """The tokenizer tier's gRPC shell: taxiway.v1.Tokenizer over TokenizerCore, with a span and a
 latency observation per call (per Detokenize message for the streams).
 
-It serves on grpc.aio (an event loop in a thread of its own): each gateway request holds one
-Detokenize stream here for its whole life, so thousands of them must not cost a thread each.
-Detokenizing a step's tokens takes microseconds and runs on the loop; Tokenize (a long prompt, a
-chat template) runs in the loop's thread pool."""
+It serves on grpc.aio (an event loop in a thread of its own). A gateway keeps one DetokenizeMany
+stream here for all its requests (each message: a step's tokens of many of them; each request a
+session with a span of its own); the older Detokenize holds one stream per request. Detokenizing
+a step's tokens takes microseconds and runs on the loop; Tokenize (a long prompt, a chat template)
+runs in the loop's thread pool."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from gpu_engine.errors import InvalidRequest
+from gpu_engine.errors import InvalidRequest, NotReady
 from services.common import convert
 from services.common.aio import LoopThread
 from services.common.drain import AioGatedServicer, Gate
@@ -31,11 +33,18 @@ from services.tokenizer.core import TokenizerCore, load_core
 log = logging.getLogger(__name__)
 
 
+DRAIN_POLL_S = 0.25
+"""How often an idle DetokenizeMany stream looks whether its replica drains (it then ends once it
+holds no session)."""
+
+
 class TokenizerServicer:
-    def __init__(self, core: TokenizerCore, tracer: trace.Tracer, metrics: TokenizerMetrics):
+    def __init__(self, core: TokenizerCore, tracer: trace.Tracer, metrics: TokenizerMetrics,
+                 draining: Callable[[], bool] = lambda: False):
         self.core = core
         self._tracer = tracer
         self._metrics = metrics
+        self._draining = draining
 
     async def Tokenize(self, request, context):
         with self._span("Tokenize", context), self._timed("Tokenize"):
@@ -58,6 +67,67 @@ class TokenizerServicer:
                 yield pb.DetokenizeResponse(new_text=text, stop=stop or "")
         finally:
             span.end()
+
+    async def DetokenizeMany(self, request_iterator, context):
+        sessions: dict[int, tuple[object, trace.Span]] = {}
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            async for batch in request_iterator:
+                inbox.put_nowait(batch)
+            inbox.put_nowait(None)
+
+        reader = asyncio.create_task(pump())
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(inbox.get(), DRAIN_POLL_S)
+                except TimeoutError:
+                    if self._draining() and not sessions:
+                        return  # the gateway opens its next sessions on another replica
+                    continue
+                if batch is None:
+                    if reader.done() and reader.exception() is not None:
+                        raise reader.exception()
+                    return
+                results = (self._detokenize_item(item, sessions) for item in batch.items)
+                yield pb.DetokenizeBatchResult(results=[r for r in results if r is not None])
+                if self._draining() and not sessions:
+                    return
+        finally:
+            reader.cancel()
+            for _, span in sessions.values():
+                span.end()
+
+    def _detokenize_item(self, item, sessions: dict) -> pb.DetokenizeResult | None:
+        """One item of a DetokenizeMany batch: its result (None for a close)."""
+        if item.close:
+            _, span = sessions.pop(item.session, (None, None))
+            if span is not None:
+                span.end()
+            return None
+        try:
+            if item.HasField("setup"):
+                if self._draining():
+                    raise NotReady("tokenizer is draining")
+                span = self._tracer.start_span("Detokenize", extract_context(item.trace_context),
+                                               kind=SpanKind.SERVER)
+                sessions[item.session] = (self.core.detokenizer(**convert.detokenize_setup_from_pb(item.setup)), span)
+            elif item.session not in sessions:
+                raise InvalidRequest(f"session {item.session} was never set up on this stream (or has ended)")
+            detok, span = sessions[item.session]
+            with self._timed("Detokenize"):
+                text, stop = detok.add(item.tokens.ids, flush=item.flush)
+        except (NotReady, InvalidRequest, ValueError) as exc:
+            _, span = sessions.pop(item.session, (None, None))
+            if span is not None:
+                span.end()
+            code = "UNAVAILABLE" if isinstance(exc, NotReady) else "INVALID_ARGUMENT"
+            return pb.DetokenizeResult(session=item.session, error_code=code, error=str(exc))
+        if item.flush:
+            sessions.pop(item.session)
+            span.end()
+        return pb.DetokenizeResult(session=item.session, new_text=text, stop=stop or "")
 
     async def GetModelInfo(self, request, context):
         return convert.model_info_to_pb(self.core.info)
@@ -106,7 +176,8 @@ class TokenizerService:
             self.obs.close()
             raise
         metrics = TokenizerMetrics(model_label(core.info.name), registry=self.obs.registry)
-        gated.target = TokenizerServicer(core, self.obs.tracer, metrics)
+        gated.target = TokenizerServicer(core, self.obs.tracer, metrics,
+                                         draining=lambda: not self.gate.is_open)
         self.gate.open()
         self._loop.run(self.server.set_serving(True))
         log.info("tokenizer tier serving %s on %s", core.info.name, self.server.address)

@@ -182,6 +182,54 @@ def test_gateway_skips_a_draining_tokenizer_replica():
         second.stop()
 
 
+def test_a_draining_tokenizer_keeps_its_sessions_and_new_ones_start_elsewhere():
+    """The gateway's one DetokenizeMany stream sits on the replica that drains: the session it holds
+    runs to its end there; a new session is refused there (UNAVAILABLE) and starts on the other
+    replica; once no session is left the stream ends and the drain completes."""
+    from services.common.aio import LoopThread
+    from services.gateway.clients import GrpcTokenizerClient
+    from services.tokenizer.config import TokenizerConfig
+    from services.tokenizer.service import build
+
+    config = TokenizerConfig(port=0, metrics_port=0, fake_engine=True, internal_token=INTERNAL_TOKEN)
+    tiers = build(config), build(config)
+    loop = LoopThread("test-client")
+    ids = lambda text: [b + 3 for b in text.encode()]  # noqa: E731 - the byte tokenizer's ids
+
+    def served(tier) -> float:
+        return tier.obs.registry.get_sample_value(
+            "taxiway:tokenizer_request_seconds_count", {"model_name": "fake-bytes", "method": "Detokenize"}) or 0
+
+    async def connect():
+        return GrpcTokenizerClient(f"ipv4:127.0.0.1:{tiers[0].port},127.0.0.1:{tiers[1].port}",
+                                   credential=INTERNAL_TOKEN)
+
+    async def session():
+        return await client.detokenizer([1], skip_special_tokens=True, stop=(), include_stop_str_in_output=False)
+
+    client = loop.run(connect())
+    try:
+        old = loop.run(session())
+        assert loop.run(old.add(ids("held "))) == ("held ", None)
+        draining, other = tiers if served(tiers[0]) else tiers[::-1]
+        drained: list[bool] = []
+        drain = threading.Thread(target=lambda: drained.append(draining.drain(20)))
+        drain.start()
+        wait_for(lambda: not draining.gate.is_open, 5, "the drain to start")
+        new = loop.run(session())
+        before = served(other)
+        assert loop.run(new.add(ids("elsewhere"), flush=True)) == ("elsewhere", None)
+        assert served(other) == before + 1 and new.reopened == 1
+        assert loop.run(old.add(ids("to the end"), flush=True)) == ("to the end", None)
+        drain.join(10)
+        assert drained == [True] and draining.gate.busy == 0
+    finally:
+        loop.run(client.close())
+        loop.stop()
+        for tier in tiers:
+            tier.stop()
+
+
 def _only_second_answers(tokenize, first) -> bool:
     before = first.obs.registry.get_sample_value(
         "taxiway:tokenizer_request_seconds_count", {"model_name": "fake-bytes", "method": "Tokenize"})

@@ -37,6 +37,8 @@ def internal_calls(stack) -> dict:
         "Tokenizer/Detokenize": (f"127.0.0.1:{stack.tokenizer.port}", lambda ch: Stub(ch, "Tokenizer")
                                  .Detokenize(iter([pb.DetokenizeRequest(
                                      setup=pb.DetokenizeSetup())]), timeout=5)),
+        "Tokenizer/DetokenizeMany": (f"127.0.0.1:{stack.tokenizer.port}", lambda ch: Stub(ch, "Tokenizer")
+                                     .DetokenizeMany(iter([pb.DetokenizeBatch()]), timeout=5)),
         "Scheduler/GetState": (stack.scheduler.server.address, lambda ch: Stub(ch, "Scheduler")
                                .GetState(pb.GetSchedulerStateRequest(), timeout=5)),
         "Executor/WatchState": (info["address"], lambda ch: next(Stub(ch, "Executor").WatchState(
