@@ -69,3 +69,22 @@ def _brute(t, k, lo, hi):
             if t[start:start + n] == suffix:
                 return t[start + n:start + n + k]
     return []
+
+
+def test_the_proposer_keeps_each_sequence_as_an_array_and_follows_changes():
+    """Grown a token or several at a time, cut short, or changed at its end: each proposal equals
+    the stateless lookup over the tokens given."""
+    rng = np.random.default_rng(1)
+    p = NgramProposer(1, 4)
+    seqs = {0: [], 1: []}
+    for step in range(400):
+        for seq_id, tokens in seqs.items():
+            if step % 97 == 96:
+                del tokens[len(tokens) // 2:]  # shorter (a stop cut the output)
+            elif step % 89 == 88 and tokens:
+                tokens[-1] = int(rng.integers(0, 5))  # its last token replaced
+            tokens.extend(int(t) for t in rng.integers(0, 5, size=int(rng.integers(1, 4))))
+            got = p.propose(DraftBatch([DraftRequest(seq_id, tokens, 3)])).token_ids[0]
+            assert got == _brute(tokens, 3, 1, 4), (step, seq_id)
+    p.release(0)
+    assert list(p._known) == [1]
