@@ -14,6 +14,7 @@ that a later call could write again, so a cached block's KV always matches its h
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +78,15 @@ class DraftKVCache:
                         dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * num_kv_heads * block_size * head_dim * elem
+
+    @contextmanager
+    def staging(self):
+        """Around one proposal: its uploads use the staging slot the proposal before last used."""
+        self.inputs.begin_step()
+        try:
+            yield
+        finally:
+            self.inputs.end_step()
 
     def upload(self, values, dtype: torch.dtype) -> torch.Tensor:
         """A host list or array on the device, through the pinned staging of this proposal."""

@@ -66,11 +66,8 @@ class Eagle3Proposer:
 
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> Proposal:
-        self.cache.inputs.begin_step()
-        try:
+        with self.cache.staging():
             return self._propose(batch)
-        finally:
-            self.cache.inputs.end_step()
 
     def _propose(self, batch: DraftBatch) -> Proposal:
         works = [w for w in (self._plan(i, r) for i, r in enumerate(batch.requests)) if w is not None]
