@@ -15,6 +15,10 @@ tokenizer (a preset such as llama-3.1-8b has none either: no text is decoded).
 
     python bench/cpu_step.py --seqs 256 1024 --settings api --driver llm
 
+`--output-kind delta` (engine driver) streams every request's new tokens every step, as the
+executor of `taxiway serve` asks for them; the default, final, reports each request once at the end
+(the offline bench).
+
 `--before REV` runs the same measurement on the code of git revision REV (exported to a temporary
 folder) in a subprocess, and writes both figures into one JSON. On a CUDA machine the stand-in runs
 on the GPU (real pinned uploads, CUDA-graph replays of the input preparation); `host_ms` is the
@@ -117,26 +121,30 @@ def prompts(num_seqs: int, context: int) -> list[list[int]]:
 
 
 def measure(num_seqs: int, context: int, steps: int, device_name: str, overlap: bool, settings: str = "bench",
-            driver: str = "engine") -> dict:
+            driver: str = "engine", output_kind: str = "final") -> dict:
     import torch
 
     torch.set_num_threads(1)  # tiny ops: threads only add contention on a shared machine
     with tempfile.TemporaryDirectory() as tmp:
         tiny_config(Path(tmp))
         kwargs = engine_kwargs(num_seqs, context, steps, device_name, overlap, settings, tmp)
-        run = drive_llm if driver == "llm" else drive_engine
-        walls, parts, extra = run(kwargs, num_seqs, context, steps)
+        if driver == "llm":
+            walls, parts, extra = drive_llm(kwargs, num_seqs, context, steps)
+        else:
+            walls, parts, extra = drive_engine(kwargs, num_seqs, context, steps, output_kind)
     wall_ms = sorted(walls)[len(walls) // 2] * 1e3  # median: the machine may be shared
     host_ms = wall_ms - parts.get("wait_ms", 0.0)
     return {"seqs": num_seqs, "context": context, "steps": steps, "settings": settings, "driver": driver,
+            "output_kind": output_kind,
             "running": extra.pop("running"), "mean_wall_ms": round(sum(walls) / len(walls) * 1e3, 3),
             "wall_ms": round(wall_ms, 3), "host_ms": round(host_ms, 3),
             "us_per_seq": round(host_ms * 1e3 / num_seqs, 2),
             "parts": {k: v for k, v in parts.items() if k.endswith("_ms")}, **extra}
 
 
-def drive_engine(kwargs: dict, num_seqs: int, context: int, steps: int):
-    """The bench's loop: requests added to the engine, engine.step() timed call by call."""
+def drive_engine(kwargs: dict, num_seqs: int, context: int, steps: int, output_kind: str = "final"):
+    """The bench's loop: requests added to the engine, engine.step() timed call by call; each
+    request reports at the end (final) or streams its new tokens every step (delta)."""
     import torch
 
     from gpu_engine.engine import LLMEngine
@@ -145,7 +153,7 @@ def drive_engine(kwargs: dict, num_seqs: int, context: int, steps: int):
     engine = LLMEngine(**kwargs)
     use_stand_in(engine)
     params = SamplingParams(max_tokens=steps + 32, temperature=0.0, ignore_eos=True, detokenize=False,
-                            output_kind=OutputKind.FINAL_ONLY)
+                            output_kind=OutputKind.DELTA if output_kind == "delta" else OutputKind.FINAL_ONLY)
     for i, prompt in enumerate(prompts(num_seqs, context)):
         engine.add_request(f"r{i}", prompt, params)
     for _ in range(WARM_STEPS):
@@ -204,7 +212,8 @@ def drive_llm(kwargs: dict, num_seqs: int, context: int, steps: int):
 def run_rows(args) -> list[dict]:
     rows = []
     for n in args.seqs:
-        row = measure(n, args.context, args.steps, args.device, not args.sync, args.settings, args.driver)
+        row = measure(n, args.context, args.steps, args.device, not args.sync, args.settings, args.driver,
+                      args.output_kind)
         rows.append(row)
         print(f"{n:5d} seqs: {row['host_ms']:8.2f} ms host/step  {row['us_per_seq']:6.2f} us/seq  "
               + "  ".join(f"{k}={v:.2f}" for k, v in row["parts"].items()), file=sys.stderr)
@@ -220,7 +229,8 @@ def before_rows(rev: str, args) -> dict:
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--code-root", tmp, "--rows-only",
                "--context", str(args.context), "--steps", str(args.steps), "--device", args.device,
-               "--settings", args.settings, "--driver", args.driver, "--seqs", *map(str, args.seqs)] + (["--sync"] if args.sync else [])
+               "--settings", args.settings, "--driver", args.driver, "--output-kind", args.output_kind,
+               "--seqs", *map(str, args.seqs)] + (["--sync"] if args.sync else [])
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         if out.returncode != 0:
@@ -242,11 +252,16 @@ def main() -> None:
                          "engine's defaults (prefix caching, max_utilization), as LLM(...) has them")
     ap.add_argument("--driver", choices=("engine", "llm"), default="engine",
                     help="engine: engine.step() in a loop (the bench's); llm: LLM.generate to the end")
+    ap.add_argument("--output-kind", choices=("final", "delta"), default="final",
+                    help="final: each request reports once, at the end; delta: every request streams its "
+                         "new tokens every step (what the executor of taxiway serve asks for); engine driver")
     ap.add_argument("--before", default=None, metavar="REV", help="also measure git revision REV")
     ap.add_argument("--out", default=None)
     ap.add_argument("--code-root", default=str(REPO), help=argparse.SUPPRESS)
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.driver == "llm" and args.output_kind == "delta":
+        ap.error("--output-kind delta takes the engine driver (LLM.generate returns final outputs)")
     _import_root(args.code_root)
     if args.rows_only:
         print(json.dumps(run_rows(args)))
@@ -257,6 +272,7 @@ def main() -> None:
               "what": "host ms per decode step (median wall of LLMEngine.step() minus its mean device wait) "
                       "with a stand-in model (no math); parts are the engine's StepTimes (means)",
               "async_scheduling": not args.sync, "settings": args.settings, "driver": args.driver,
+              "output_kind": args.output_kind,
               "load_average_at_start": os.getloadavg()}
     if args.before:
         result["before"] = before_rows(args.before, args)

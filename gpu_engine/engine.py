@@ -84,6 +84,10 @@ def resolve_model(config: EngineConfig) -> tuple[Path | None, ModelConfig]:
     )
 
 
+def _sample_index(seq: Seq) -> int:
+    return seq.index
+
+
 class LLMEngine:
     """Paged-KV, in-flight-batching engine for one model on one device."""
 
@@ -370,12 +374,13 @@ class LLMEngine:
             changed[request.request_id] = request
         outputs = []
         for request in changed.values():
-            if request.finished:
+            finished = request.finished
+            if finished:
                 request.metrics["finished"] = now
-            out = self._output(request)
+            out = self._output(request, finished=finished)
             if out is not None:
                 outputs.append(out)
-            if request.finished:
+            if finished:
                 self._forget(request)
         return outputs
 
@@ -395,15 +400,26 @@ class LLMEngine:
         if seq.is_finished:
             state.detok.flush()
 
-    def _output(self, request: Request, force: bool = False) -> RequestOutput | None:
-        kind = request.params.output_kind
-        if kind is OutputKind.FINAL_ONLY and not request.finished and not force:
+    def _output(self, request: Request, force: bool = False, finished: bool | None = None) -> RequestOutput | None:
+        """The request's output now (None: FINAL_ONLY and not finished, unless forced). Runs for
+        every streamed request every step, so it reads each sequence's counters once and slices
+        only the tokens it reports. `finished`: request.finished, when the caller has it."""
+        if finished is None:
+            finished = request.finished
+        params = request.params
+        kind = params.output_kind
+        if kind is OutputKind.FINAL_ONLY and not finished and not force:
             return None
         delta = kind is OutputKind.DELTA
+        with_logprobs = params.logprobs is not None
+        seqs = request.seqs if len(request.seqs) == 1 else sorted(request.seqs, key=_sample_index)
         outs = []
-        for seq in sorted(request.seqs, key=lambda s: s.index):
+        drafted = accepted = 0
+        for seq in seqs:
+            tokens, prompt = seq.token_ids, seq.num_prompt_tokens
+            end = len(tokens) - seq.num_pending  # placeholders are not reported
             first = seq.num_reported_tokens if delta else request.num_prior_output_tokens
-            token_ids = seq.output_token_ids[first:]
+            token_ids = tokens[prompt + first : end]
             n_lp = len(token_ids) if seq.logprobs else 0
             state = self._texts.get(seq.seq_id)
             text = ""
@@ -411,22 +427,23 @@ class LLMEngine:
                 full = state.detok.text
                 text = full[state.reported:] if delta else full
                 state.reported = len(full)
-            elif self.tokenizer is not None and request.params.detokenize:
+            elif self.tokenizer is not None and params.detokenize:
                 text = self._final_text(seq)  # FINAL_ONLY without stop strings: decoded once, here
             outs.append(CompletionOutput(
                 index=seq.index, token_ids=token_ids, text=text, finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
-                logprobs=seq.logprobs[len(seq.logprobs) - n_lp:] if request.params.logprobs is not None else None,
-                cumulative_logprob=seq.cumulative_logprob if request.params.logprobs is not None else None,
+                logprobs=seq.logprobs[len(seq.logprobs) - n_lp:] if with_logprobs else None,
+                cumulative_logprob=seq.cumulative_logprob if with_logprobs else None,
             ))
-            seq.num_reported_tokens = seq.num_output_tokens - seq.num_pending
+            seq.num_reported_tokens = end - prompt
+            drafted += seq.num_draft_tokens
+            accepted += seq.num_accepted_tokens
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids, outputs=outs, finished=request.finished,
-            prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
+            prompt_token_ids=request.prompt_token_ids, outputs=outs, finished=finished,
+            prompt_logprobs=request.prompt_logprobs if params.prompt_logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens, metrics=dict(request.metrics),
-            num_draft_tokens=sum(s.num_draft_tokens for s in request.seqs),
-            num_accepted_tokens=sum(s.num_accepted_tokens for s in request.seqs),
+            num_draft_tokens=drafted, num_accepted_tokens=accepted,
         )
 
     def _forget(self, request: Request) -> None:

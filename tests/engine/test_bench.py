@@ -125,13 +125,16 @@ def test_gpu_session_api_defaults_phase_runs_the_api_and_the_bench_on_one_worklo
         assert result["command"].startswith("taxiway bench throughput") and "--isl 8" in result["command"]
 
 
-@pytest.mark.parametrize("settings, driver", [("bench", "engine"), ("api", "llm")])
-def test_cpu_step_times_the_engine_and_llm_generate_on_either_settings(settings, driver):
+@pytest.mark.parametrize("settings, driver, kind", [("bench", "engine", "final"), ("api", "llm", "final"),
+                                                   ("bench", "engine", "delta")])
+def test_cpu_step_times_the_engine_and_llm_generate_on_either_settings(settings, driver, kind):
     spec = importlib.util.spec_from_file_location("cpu_step", REPO / "bench" / "cpu_step.py")
     cpu_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpu_step)
-    row = cpu_step.measure(16, 20, 6, "cpu", overlap=True, settings=settings, driver=driver)
-    assert (row["settings"], row["driver"], row["running"]) == (settings, driver, 16)
+    row = cpu_step.measure(16, 20, 6, "cpu", overlap=True, settings=settings, driver=driver, output_kind=kind)
+    assert (row["settings"], row["driver"], row["running"], row["output_kind"]) == (settings, driver, 16, kind)
+    if kind == "delta":  # every request reported every step: output assembly took time
+        assert row["parts"]["output_ms"] > 0
     assert row["host_ms"] > 0 and row["parts"]["update_ms"] >= 0
     if driver == "llm":  # generate ran to the end: every request's max_tokens
         assert row["generated_tokens"] == 16 * (6 + 2 * cpu_step.WARM_STEPS)
