@@ -180,4 +180,9 @@ class Request:
     def finished(self) -> bool:
         if self.aborted:
             return True
-        return self.pending_forks == 0 and all(s.is_finished for s in self.seqs)
+        if self.pending_forks:
+            return False
+        for s in self.seqs:  # a loop, not all(generator): asked of every streamed request every step
+            if not s.is_finished:
+                return False
+        return True
