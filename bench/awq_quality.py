@@ -1,5 +1,6 @@
 """Quality of INT4 AWQ on the default model (SmolLM2-135M-Instruct): perplexity, unquantized vs
-taxiway's AWQ (and round-to-nearest INT4 without AWQ, to show what the search buys), on text no
+taxiway's AWQ rounding to nearest and with GPTQ (and round-to-nearest INT4 without AWQ, to show
+what the search buys), all in one run, on text no
 calibration or test tunes on (gpu_engine.quant.calib_text.evaluation_text: the odd-numbered topics
 of CPython's Language Reference; AWQ calibrates on the even-numbered ones).
 
@@ -9,6 +10,9 @@ Perplexity runs our CausalLM's parameters through the CPU references on whole wi
 engine load INT4 checkpoints itself. Writes a JSON result when --out is given.
 
     python bench/awq_quality.py --out bench/results/awq-quality-cpu.json
+
+--gptq static dynamic actorder compares GPTQ's ways of choosing group scales and column order; --n-grid and
+--num-samples make a cheaper calibration for such comparisons.
 """
 
 from __future__ import annotations
@@ -29,13 +33,20 @@ import torch  # noqa: E402
 
 from gpu_engine.config import ModelConfig  # noqa: E402
 from gpu_engine.default_model import default_model_path  # noqa: E402
-from gpu_engine.quant.awq import quantize_awq  # noqa: E402
+from gpu_engine.quant.awq import AwqSettings, quantize_awq  # noqa: E402
 from gpu_engine.quant.awq_forward import dense_logits  # noqa: E402
 from gpu_engine.quant.calib_text import evaluation_text, token_windows  # noqa: E402
 from gpu_engine.quant.int4 import fake_quantize_int4  # noqa: E402
 from gpu_engine.quant.int4_checkpoint import load_dequantized  # noqa: E402
 from gpu_engine.tokenizer import Tokenizer  # noqa: E402
 from gpu_engine.weights import build_model, load_checkpoint  # noqa: E402
+
+
+GPTQ_VARIANTS = {  # AwqSettings of each --gptq variant
+    "static": dict(gptq_static_groups=True),
+    "dynamic": dict(gptq_static_groups=False),
+    "actorder": dict(gptq_static_groups=True, gptq_act_order=True),
+}
 
 
 @torch.no_grad()
@@ -74,6 +85,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--format", default="autoawq", choices=("autoawq", "compressed-tensors"))
     parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--gptq", nargs="+", default=["static"], choices=tuple(GPTQ_VARIANTS),
+                        help="AWQ+GPTQ variants: group scales from the clipped weights (static, and in act "
+                             "order: actorder), or as GPTQ reaches each group (dynamic)")
+    parser.add_argument("--n-grid", type=int, default=AwqSettings.n_grid, help="AWQ's scale and clip grids")
+    parser.add_argument("--num-samples", type=int, default=AwqSettings.num_samples, help="calibration windows")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -83,16 +99,21 @@ def main() -> None:
     zero_point = not args.symmetric
     res = {"float32": perplexity(_float_model(path), ids)}
     res["int4_rtn"] = perplexity(_rtn_model(path, args.group_size, zero_point), ids)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        quantize_awq(path, tmp, group_size=args.group_size, zero_point=zero_point, out_format=args.format,
-                     device="cpu", progress=False)
-        calib_s = time.perf_counter() - t0
-        res["int4_awq"] = perplexity(load_dequantized(tmp)[0], ids)
+    variants = {"int4_awq": dict(gptq=False)}
+    variants.update({f"int4_awq_gptq_{v}": dict(gptq=True, **GPTQ_VARIANTS[v]) for v in args.gptq})
+    calib_s = {}
+    for name, settings in variants.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            quantize_awq(path, tmp, group_size=args.group_size, zero_point=zero_point, out_format=args.format,
+                         num_samples=args.num_samples, n_grid=args.n_grid, device="cpu", progress=False,
+                         **settings)
+            calib_s[name] = time.perf_counter() - t0
+            res[name] = perplexity(load_dequantized(tmp)[0], ids)
+        print(f"{name}: perplexity {res[name]:.3f}, calibration {calib_s[name]:.0f} s", flush=True)
     rel = {k: v / res["float32"] - 1 for k, v in res.items()}
     for k, v in res.items():
-        print(f"{k:10} perplexity {v:8.3f}  ({100 * rel[k]:+.2f}% vs float32)")
-    print(f"AWQ calibration took {calib_s:.0f} s on the CPU")
+        print(f"{k:22} perplexity {v:8.3f}  ({100 * rel[k]:+.2f}% vs float32)")
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = dict(device=f"CPU ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads",
