@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--format", default="autoawq", choices=("autoawq", "compressed-tensors"))
     parser.add_argument("--symmetric", action="store_true")
-    parser.add_argument("--gptq", nargs="+", default=["static"], choices=tuple(GPTQ_VARIANTS),
+    parser.add_argument("--gptq", nargs="+", default=["actorder"], choices=tuple(GPTQ_VARIANTS),
                         help="AWQ+GPTQ variants: group scales from the clipped weights (static, and in act "
                              "order: actorder), or as GPTQ reaches each group (dynamic)")
     parser.add_argument("--n-grid", type=int, default=AwqSettings.n_grid, help="AWQ's scale and clip grids")

@@ -58,12 +58,13 @@ class AwqSettings:
     quantized_inputs: bool = True
     """Each layer calibrates on the outputs of the layers before it as quantized (llm-compressor's
     sequential pipeline); False: on the float model's outputs (AutoAWQ)."""
-    gptq: bool = False
-    """Round with GPTQ (gptq.py) on each linear's calibration inputs; False: round to nearest."""
+    gptq: bool = True
+    """Round with GPTQ (gptq.py) on each linear's calibration inputs (the float layer's, scaled);
+    False: round to nearest. bench/awq_quality.py measures both."""
     gptq_static_groups: bool = True
     """GPTQ takes each group's scale and zero from the clipped weights before it runs (keeps the
     clipping search's ranges); False: from the updated weights as each group is reached."""
-    gptq_act_order: bool = False
+    gptq_act_order: bool = True
     """GPTQ rounds the input channels in order of decreasing activation energy (needs static groups)."""
 
     def __post_init__(self) -> None:
