@@ -43,8 +43,8 @@ from gpu_engine.weights import build_model, load_checkpoint  # noqa: E402
 
 
 GPTQ_VARIANTS = {  # AwqSettings of each --gptq variant
-    "static": dict(gptq_static_groups=True),
-    "dynamic": dict(gptq_static_groups=False),
+    "static": dict(gptq_static_groups=True, gptq_act_order=False),
+    "dynamic": dict(gptq_static_groups=False, gptq_act_order=False),
     "actorder": dict(gptq_static_groups=True, gptq_act_order=True),
 }
 

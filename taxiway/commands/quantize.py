@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="awq: input channels per INT4 group (32, 64, 128 or a multiple of 128; default 128)")
     p.add_argument("--symmetric", action="store_true",
                    help="awq: symmetric INT4 (zero point 8, no zero points stored); default: asymmetric")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="awq: round with GPTQ's error compensation (static groups, act order), or with "
+                        "--no-gptq to nearest (default: AwqSettings.gptq, on)")
     p.add_argument("--format", dest="out_format", default="autoawq", choices=["autoawq", "compressed-tensors"],
                    help="awq: the output layout, AutoAWQ GEMM or compressed-tensors pack-quantized "
                         "(default autoawq); fp8 always writes compressed-tensors float-quantized")
@@ -80,9 +83,10 @@ def _awq(args: argparse.Namespace, src: Path, out: Path) -> int:
 
     if read_checkpoint_quant(src) is not None:
         raise ValueError(f"{src} is already quantized")
+    settings = {} if args.gptq is None else {"gptq": args.gptq}
     quantize_awq(src, out, group_size=args.group_size, zero_point=not args.symmetric,
                  calib_text=read_text(args.calibration_text), num_samples=args.num_samples,
                  seq_len=args.seq_len, out_format=args.out_format,
-                 device=None if args.device == "auto" else args.device)
+                 device=None if args.device == "auto" else args.device, **settings)
     print(f"wrote {out}")
     return 0

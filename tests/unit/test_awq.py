@@ -199,3 +199,5 @@ def test_quantize_awq_rejects_bad_settings(tiny, tmp_path):
                        seq_len=256, device="cpu")
     with pytest.raises(ValueError, match="n_grid must be positive"):
         A.AwqSettings(n_grid=0)
+    with pytest.raises(ValueError, match="gptq_act_order needs gptq_static_groups=True"):
+        A.AwqSettings(gptq_static_groups=False)
