@@ -1,14 +1,15 @@
 """GPTQ rounding (gpu_engine/quant/gptq.py) on small random linears: it gives quantize_int4's format,
 beats round-to-nearest on the output error where inputs are correlated, equals it where they are
 not (H = I), and leaves never-firing input channels at weight 0; act order (static groups)
-helps where input channels differ in scale."""
+helps where input channels differ in scale. The same for FP8 with per-channel scales."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpu_engine.quant.gptq import gptq_int4, hessian
+from gpu_engine.quant.fp8 import quantize_weight_per_channel
+from gpu_engine.quant.gptq import gptq_fp8, gptq_int4, hessian
 from gpu_engine.quant.int4 import Int4Weight, quantize_int4
 
 N, K, G = 48, 256, 32  # K spans two of GPTQ's 128-column blocks
@@ -24,8 +25,10 @@ def _correlated_inputs(t: int = 1024, seed: int = 1) -> torch.Tensor:  # [t, K]
     return torch.randn(t, K, generator=g) @ mix + 0.1 * torch.randn(t, K, generator=g)
 
 
-def _output_error(x: torch.Tensor, w: torch.Tensor, q: Int4Weight) -> float:
-    return float((x @ w.t() - x @ q.dequantize().t()).norm())
+def _output_error(x: torch.Tensor, w: torch.Tensor, q: Int4Weight | tuple[torch.Tensor, torch.Tensor]) -> float:
+    """||x w^T - x q^T|| for an INT4 weight or an FP8 (weight, per-channel scale) pair."""
+    dq = q.dequantize() if isinstance(q, Int4Weight) else q[0].float() * q[1][:, None]
+    return float((x @ w.t() - x @ dq.t()).norm())
 
 
 VARIANTS = [dict(static_groups=True), dict(static_groups=False), dict(static_groups=True, act_order=True)]
@@ -85,6 +88,18 @@ def test_act_order_rounds_high_energy_channels_first_and_beats_natural_order():
     natural = _output_error(x, w, gptq_int4(w, hessian(x), G))
     ordered = _output_error(x, w, gptq_int4(w, hessian(x), G, act_order=True))
     assert ordered < 0.8 * natural, (ordered, natural)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_fp8_is_per_channel_fp8_that_beats_round_to_nearest(act_order):
+    w, x = _weight(), _correlated_inputs()
+    q, scale = gptq_fp8(w, hessian(x), act_order=act_order)
+    ref_q, ref_scale = quantize_weight_per_channel(w)
+    assert q.dtype == ref_q.dtype == torch.float8_e4m3fn and q.shape == ref_q.shape
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    assert _output_error(x, w, (q, scale)) < 0.8 * _output_error(x, w, (ref_q, ref_scale))
+    identity, _ = gptq_fp8(w, torch.eye(K), act_order=act_order)
+    assert torch.equal(identity.view(torch.uint8), ref_q.view(torch.uint8))
 
 
 def test_gptq_rejects_mismatched_shapes_and_settings():
