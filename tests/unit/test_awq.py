@@ -201,3 +201,5 @@ def test_quantize_awq_rejects_bad_settings(tiny, tmp_path):
         A.AwqSettings(n_grid=0)
     with pytest.raises(ValueError, match="gptq_act_order needs gptq_static_groups=True"):
         A.AwqSettings(gptq_static_groups=False)
+    with pytest.raises(ValueError, match="gptq_damp must be positive, got 0"):
+        A.AwqSettings(gptq_damp=0)
