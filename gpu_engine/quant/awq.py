@@ -29,7 +29,7 @@ from gpu_engine.model import DecoderLayer, rope_cos_sin_cache
 from gpu_engine.quant import awq_forward as AF
 from gpu_engine.quant.awq_export import OUT_FORMATS, write_checkpoint
 from gpu_engine.quant.calib_text import calibration_text, token_windows
-from gpu_engine.quant.gptq import gptq_int4, hessian
+from gpu_engine.quant.gptq import DAMP, gptq_int4, hessian
 from gpu_engine.quant.int4 import Int4Weight, fake_quantize_int4, quantize_int4
 from gpu_engine.tokenizer import Tokenizer
 from gpu_engine.weights import build_model, load_checkpoint
@@ -66,9 +66,8 @@ class AwqSettings:
     clipping search's ranges); False: from the updated weights as each group is reached."""
     gptq_act_order: bool = True
     """GPTQ rounds the input channels in order of decreasing activation energy (needs static groups)."""
-    gptq_damp: float = 0.1
-    """GPTQ's dampening (percdamp): H += gptq_damp * mean(diag H) * I. GPTQ's usual 0.01 fitted the
-    calibration text's domain more closely and did worse on other text (docs/awq.md)."""
+    gptq_damp: float = DAMP
+    """GPTQ's dampening (percdamp): H += gptq_damp * mean(diag H) * I (gptq.DAMP says why not 0.01)."""
 
     def __post_init__(self) -> None:
         if self.group_size < 8 or self.group_size % 8:
