@@ -54,7 +54,8 @@ def gptq_int4(
     the range that a clipping search chose); False: from the error-updated weights when the group
     is reached (AutoGPTQ's default). act_order: round the columns in order of decreasing diag h
     (the inputs with the most energy first, while the most columns are left to absorb their
-    errors); needs static_groups, so that groups stay contiguous and no g_idx is needed.
+    errors; llm-compressor's actorder "weight"); needs static_groups, so that groups stay
+    contiguous and no g_idx is needed.
     block_size is rounded up to whole groups. Input channels that never fire (diag h == 0) get
     weight 0, as in GPTQ. percdamp: h += percdamp * mean(diag h) * I before it is inverted.
     With h = I no error propagates and the result is quantize_int4's.
