@@ -59,8 +59,8 @@ class AwqSettings:
     """Each layer calibrates on the outputs of the layers before it as quantized (llm-compressor's
     sequential pipeline); False: on the float model's outputs (AutoAWQ)."""
     gptq: bool = True
-    """Round with GPTQ (gptq.py) on each linear's calibration inputs (the float layer's, scaled);
-    False: round to nearest. bench/awq_quality.py measures both."""
+    """Round with GPTQ (gptq.py) on each linear's calibration inputs as the scaled float layer
+    computes them; False: round to nearest. bench/awq_quality.py measures both (docs/awq.md)."""
     gptq_static_groups: bool = True
     """GPTQ takes each group's scale and zero from the clipped weights before it runs (keeps the
     clipping search's ranges); False: from the updated weights as each group is reached."""
