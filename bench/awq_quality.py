@@ -13,8 +13,9 @@ engine load INT4 checkpoints itself. Writes a JSON result when --out is given.
 
     python bench/awq_quality.py --out bench/results/awq-quality-cpu.json
 
---gptq static dynamic actorder compares GPTQ's ways of choosing group scales and column order; --n-grid and
---num-samples make a cheaper calibration for such comparisons.
+--gptq actorder actorder_damp001 static dynamic compares GPTQ's ways of choosing group scales,
+column order and dampening (actorder alone: the default settings); --n-grid and --num-samples
+make a cheaper calibration for such comparisons.
 """
 
 from __future__ import annotations
