@@ -1,7 +1,10 @@
 """Quality of INT4 AWQ on the default model (SmolLM2-135M-Instruct): perplexity, unquantized vs
-taxiway's AWQ (and round-to-nearest INT4 without AWQ, to show what the search buys), on text no
+taxiway's AWQ rounding to nearest and with GPTQ (and round-to-nearest INT4 without AWQ, to show
+what the search buys), all in one run, on text no
 calibration or test tunes on (gpu_engine.quant.calib_text.evaluation_text: the odd-numbered topics
-of CPython's Language Reference; AWQ calibrates on the even-numbered ones).
+of CPython's Language Reference; AWQ calibrates on the even-numbered ones), and on a second text
+of another kind (bench/data/quality_eval.txt, bench/quality.py's), which shows what fits the
+calibration text's domain rather than the model.
 
 Perplexity runs our CausalLM's parameters through the CPU references on whole windows
 (gpu_engine.quant.awq_forward.dense_logits), with each checkpoint's weights dequantized
@@ -9,6 +12,10 @@ Perplexity runs our CausalLM's parameters through the CPU references on whole wi
 engine load INT4 checkpoints itself. Writes a JSON result when --out is given.
 
     python bench/awq_quality.py --out bench/results/awq-quality-cpu.json
+
+--gptq actorder actorder_damp001 static dynamic compares GPTQ's ways of choosing group scales,
+column order and dampening (actorder alone: the default settings); --n-grid and --num-samples
+make a cheaper calibration for such comparisons.
 """
 
 from __future__ import annotations
@@ -16,26 +23,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from gpu_engine.config import ModelConfig  # noqa: E402
 from gpu_engine.default_model import default_model_path  # noqa: E402
-from gpu_engine.quant.awq import quantize_awq  # noqa: E402
+from gpu_engine.quant.awq import AwqSettings, quantize_awq  # noqa: E402
 from gpu_engine.quant.awq_forward import dense_logits  # noqa: E402
 from gpu_engine.quant.calib_text import evaluation_text, token_windows  # noqa: E402
 from gpu_engine.quant.int4 import fake_quantize_int4  # noqa: E402
 from gpu_engine.quant.int4_checkpoint import load_dequantized  # noqa: E402
 from gpu_engine.tokenizer import Tokenizer  # noqa: E402
 from gpu_engine.weights import build_model, load_checkpoint  # noqa: E402
+
+
+OTHER_TEXT = ROOT / "bench" / "data" / "quality_eval.txt"
+OTHER_SEQ_LEN = 256  # the text has about 1.7k tokens
+GPTQ_VARIANTS = {  # AwqSettings of each --gptq variant
+    "static": dict(gptq_static_groups=True, gptq_act_order=False),
+    "dynamic": dict(gptq_static_groups=False, gptq_act_order=False),
+    "actorder": dict(gptq_static_groups=True, gptq_act_order=True),
+    "actorder_damp001": dict(gptq_static_groups=True, gptq_act_order=True, gptq_damp=0.01),
+}
 
 
 @torch.no_grad()
@@ -74,32 +92,56 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--format", default="autoawq", choices=("autoawq", "compressed-tensors"))
     parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--gptq", nargs="+", default=["actorder"], choices=tuple(GPTQ_VARIANTS),
+                        help="AWQ+GPTQ variants: group scales from the clipped weights (static, and in act "
+                             "order: actorder, with GPTQ's usual 1%% dampening: actorder_damp001), or as "
+                             "GPTQ reaches each group (dynamic)")
+    parser.add_argument("--n-grid", type=int, default=AwqSettings.n_grid, help="AWQ's scale and clip grids")
+    parser.add_argument("--num-samples", type=int, default=AwqSettings.num_samples, help="calibration windows")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     path = default_model_path()
     tok = Tokenizer.from_folder(path)
     ids = token_windows(tok.encode(evaluation_text(), add_special_tokens=False), args.windows, args.seq_len)
+    other = tok.encode(OTHER_TEXT.read_text(), add_special_tokens=False)
+    other_ids = token_windows(other, len(other) // OTHER_SEQ_LEN, OTHER_SEQ_LEN)
     zero_point = not args.symmetric
-    res = {"float32": perplexity(_float_model(path), ids)}
-    res["int4_rtn"] = perplexity(_rtn_model(path, args.group_size, zero_point), ids)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        quantize_awq(path, tmp, group_size=args.group_size, zero_point=zero_point, out_format=args.format,
-                     device="cpu", progress=False)
-        calib_s = time.perf_counter() - t0
-        res["int4_awq"] = perplexity(load_dequantized(tmp)[0], ids)
-    rel = {k: v / res["float32"] - 1 for k, v in res.items()}
-    for k, v in res.items():
-        print(f"{k:10} perplexity {v:8.3f}  ({100 * rel[k]:+.2f}% vs float32)")
-    print(f"AWQ calibration took {calib_s:.0f} s on the CPU")
+    res, res_other = {}, {}
+
+    def score(name: str, model) -> None:
+        res[name], res_other[name] = perplexity(model, ids), perplexity(model, other_ids)
+        print(f"{name:24} perplexity {res[name]:8.3f}  ({100 * (res[name] / res['float32'] - 1):+.2f}%), "
+              f"other text {res_other[name]:8.3f}  ({100 * (res_other[name] / res_other['float32'] - 1):+.2f}%)",
+              flush=True)
+
+    score("float32", _float_model(path))
+    score("int4_rtn", _rtn_model(path, args.group_size, zero_point))
+    variants = {"int4_awq": dict(gptq=False)}
+    variants.update({f"int4_awq_gptq_{v}": dict(gptq=True, **GPTQ_VARIANTS[v]) for v in args.gptq})
+    calib_s = {}
+    for name, settings in variants.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            quantize_awq(path, tmp, group_size=args.group_size, zero_point=zero_point, out_format=args.format,
+                         num_samples=args.num_samples, n_grid=args.n_grid, device="cpu", progress=False,
+                         **settings)
+            calib_s[name] = time.perf_counter() - t0
+            score(name, load_dequantized(tmp)[0])
+        print(f"  calibration {calib_s[name]:.0f} s", flush=True)
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = dict(device=f"CPU ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads",
                     commit=commit, command=" ".join(sys.argv), model=str(path), torch=torch.__version__,
-                    text="calib_text.evaluation_text()", tokens=ids.numel(), **vars(args))
+                    text="calib_text.evaluation_text()", tokens=ids.numel(),
+                    other_text=str(OTHER_TEXT.relative_to(ROOT)), other_tokens=other_ids.numel(), **vars(args))
         with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, perplexity=res, relative=rel, calibration_s=calib_s), f, indent=1)
+            json.dump(dict(meta=meta, perplexity=res, relative=_relative(res), calibration_s=calib_s,
+                           other_text=dict(perplexity=res_other, relative=_relative(res_other))), f, indent=1)
+
+
+def _relative(ppl: dict[str, float]) -> dict[str, float]:
+    return {k: v / ppl["float32"] - 1 for k, v in ppl.items()}
 
 
 if __name__ == "__main__":

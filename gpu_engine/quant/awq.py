@@ -9,7 +9,8 @@ Layer by layer, on calibration text run through the unquantized model:
 3. fold s into what precedes the group: 1 / s into the RMSNorm weight (qkv, gate_up), into v's
    rows (o, only without grouped-query attention, as AutoAWQ) or up's rows (down); W *= s;
 4. optionally search, per output row and group, the clipping range that minimises the group's
-   output error (all linears but q and k), then round to INT4.
+   output error (all linears but q and k), then round to INT4: to nearest, or with GPTQ's error
+   compensation on the inputs the scaled linear sees (gptq.py).
 The next layer sees the float layer's output. The result is a standard checkpoint (awq_export).
 """
 
@@ -28,6 +29,7 @@ from gpu_engine.model import DecoderLayer, rope_cos_sin_cache
 from gpu_engine.quant import awq_forward as AF
 from gpu_engine.quant.awq_export import OUT_FORMATS, write_checkpoint
 from gpu_engine.quant.calib_text import calibration_text, token_windows
+from gpu_engine.quant.gptq import DAMP, gptq_int4, hessian
 from gpu_engine.quant.int4 import Int4Weight, fake_quantize_int4, quantize_int4
 from gpu_engine.tokenizer import Tokenizer
 from gpu_engine.weights import build_model, load_checkpoint
@@ -56,6 +58,16 @@ class AwqSettings:
     quantized_inputs: bool = True
     """Each layer calibrates on the outputs of the layers before it as quantized (llm-compressor's
     sequential pipeline); False: on the float model's outputs (AutoAWQ)."""
+    gptq: bool = True
+    """Round with GPTQ (gptq.py) on each linear's calibration inputs as the scaled float layer
+    computes them; False: round to nearest. bench/awq_quality.py measures both (docs/awq.md)."""
+    gptq_static_groups: bool = True
+    """GPTQ takes each group's scale and zero from the clipped weights before it runs (keeps the
+    clipping search's ranges); False: from the updated weights as each group is reached."""
+    gptq_act_order: bool = True
+    """GPTQ rounds the input channels in order of decreasing activation energy (needs static groups)."""
+    gptq_damp: float = DAMP
+    """GPTQ's dampening (percdamp): H += gptq_damp * mean(diag H) * I (gptq.DAMP says why not 0.01)."""
 
     def __post_init__(self) -> None:
         if self.group_size < 8 or self.group_size % 8:
@@ -63,6 +75,11 @@ class AwqSettings:
         for name in ("num_samples", "seq_len", "loss_tokens", "clip_tokens", "n_grid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.gptq_damp > 0:
+            raise ValueError(f"gptq_damp must be positive, got {self.gptq_damp}")
+        if self.gptq_act_order and not self.gptq_static_groups:
+            raise ValueError("gptq_act_order needs gptq_static_groups=True (act-ordered dynamic groups "
+                             "are not contiguous, and no INT4 format here stores a g_idx)")
 
 
 def quantize_awq(
@@ -138,14 +155,28 @@ def calibrate(
         _scale_layer(layer, acts, cos_sin, st)
         if st.clip:
             _clip_layer(layer, acts, st)
-        out.append({name: quantize_int4(getattr(layer, name).weight, st.group_size, st.zero_point)
-                    for name in _LINEARS})
+        out.append(_round_layer(layer, acts, st))
         if st.quantized_inputs:
             for name in _LINEARS:
                 getattr(layer, name).weight.data = out[-1][name].dequantize(torch.float32)
             stream = AF.run_layer(layer, stream, cos_sin).out
         else:
             stream = acts.out
+    return out
+
+
+def _round_layer(layer: DecoderLayer, a: AF.LayerInputs, st: AwqSettings) -> dict[str, Int4Weight]:
+    """Each linear of the (scaled, clipped) layer as INT4, GPTQ on the inputs it sees or to nearest."""
+    inputs = dict(qkv_proj=a.qkv_in, o_proj=a.o_in, gate_up_proj=a.gate_up_in, down_proj=a.down_in)
+    out = {}
+    for name in _LINEARS:
+        w = getattr(layer, name).weight.data
+        if st.gptq:
+            out[name] = gptq_int4(w, hessian(inputs[name]), st.group_size, st.zero_point,
+                                  static_groups=st.gptq_static_groups, act_order=st.gptq_act_order,
+                                  percdamp=st.gptq_damp)
+        else:
+            out[name] = quantize_int4(w, st.group_size, st.zero_point)
     return out
 
 

@@ -1,5 +1,6 @@
 """Calibration for static FP8 scales: run the unquantized model on fixed text and record the
-largest magnitude each linear's input and each layer's K and V reach.
+largest magnitude each linear's input and each layer's K and V reach (and, for GPTQ rounding of
+the weights, each linear's input Gram matrix).
 
 Calibration text: by default the Python documentation topics that ship with CPython
 (`pydoc_data.topics`, the text `help()` shows): offline, fixed for a Python version, English prose
@@ -47,6 +48,25 @@ class Amax:
         table[key] = max(table.get(key, 0.0), float(x.detach().abs().amax()))
 
 
+class Hessians:
+    """Per linear (our module name): the sum of x^T x over its calibration inputs, and their count;
+    hessian(name) is GPTQ's H = 2 X^T X / n."""
+
+    def __init__(self) -> None:
+        self.gram: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def see(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if name not in self.gram:
+            self.gram[name], self.rows[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device), 0
+        self.gram[name].addmm_(x.t(), x)
+        self.rows[name] += x.shape[0]
+
+    def hessian(self, name: str) -> torch.Tensor:  # [K, K] float32
+        return 2 * self.gram[name] / self.rows[name]
+
+
 class _RecordingOps:
     """Wraps the runner's ops: records K (rotated) and V of the layer that runs, then delegates."""
 
@@ -64,8 +84,10 @@ class _RecordingOps:
         return self.inner.rope_and_write_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, kv_scale)
 
 
-def collect_amax(llm, samples: list[list[int]], batch: int = 8, progress: bool = True) -> Amax:
-    """Run every sample through `llm` (an unquantized taxiway.LLM), one prefill each."""
+def collect_amax(llm, samples: list[list[int]], batch: int = 8, progress: bool = True,
+                 hessians: Hessians | None = None) -> Amax:
+    """Run every sample through `llm` (an unquantized taxiway.LLM), one prefill each; with
+    `hessians`, also sum each linear's input Gram matrix into it (for GPTQ rounding)."""
     from gpu_engine.sampling_params import SamplingParams
 
     model, runner = llm.engine.runner.model, llm.engine.runner
@@ -78,6 +100,9 @@ def collect_amax(llm, samples: list[list[int]], batch: int = 8, progress: bool =
         if isinstance(module, DenseLinear) and name.startswith("layers."):
             hooks.append(module.register_forward_pre_hook(
                 lambda _m, args, name=name: amax.see(amax.inputs, name, args[0])))
+            if hessians is not None:
+                hooks.append(module.register_forward_pre_hook(
+                    lambda _m, args, name=name: hessians.see(name, args[0])))
     runner.ops = ops
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     try:

@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from gpu_engine.quant.calibrate import Amax
+from gpu_engine.quant.calibrate import Amax, Hessians
 from gpu_engine.quant.fp8 import quantize_weight_per_channel
+from gpu_engine.quant.gptq import gptq_fp8
 from gpu_engine.weights import checkpoint_files
 
 _LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
@@ -51,9 +52,11 @@ def _scale(amax: float) -> torch.Tensor:
     return torch.tensor([max(amax, 1e-12) / 448.0], dtype=torch.float32)
 
 
-def export_fp8(src: Path, out: Path, amax: Amax | None, static: bool, kv: bool, progress: bool = True) -> None:
+def export_fp8(src: Path, out: Path, amax: Amax | None, static: bool, kv: bool, progress: bool = True,
+               hessians: Hessians | None = None) -> None:
     """Quantize every decoder linear of the checkpoint in `src` per channel and write `out`.
-    `amax` (from calibrate.collect_amax) is needed for static activation scales and KV scales."""
+    `amax` (from calibrate.collect_amax) is needed for static activation scales and KV scales;
+    with `hessians` (from the same calibration) the weights are GPTQ-rounded, else to nearest."""
     if (static or kv) and amax is None:
         raise ValueError("static activation scales and KV scales need calibration (amax)")
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,7 @@ def export_fp8(src: Path, out: Path, amax: Amax | None, static: bool, kv: bool, 
         for path in files:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    _add(tensors, name, f.get_tensor(name), amax if static else None)
+                    _add(tensors, name, f.get_tensor(name), amax if static else None, hessians)
                     bar.update(1)
     if kv:
         for layer in sorted(amax.k):
@@ -83,17 +86,24 @@ def export_fp8(src: Path, out: Path, amax: Amax | None, static: bool, kv: bool, 
             shutil.copy2(extra, out / extra.name)
 
 
-def _add(tensors: dict[str, torch.Tensor], name: str, t: torch.Tensor, amax: Amax | None) -> None:
+def _add(tensors: dict[str, torch.Tensor], name: str, t: torch.Tensor, amax: Amax | None,
+         hessians: Hessians | None) -> None:
     """One checkpoint tensor into the output: decoder linears' weights quantized, the rest as is."""
     m = _LINEAR.fullmatch(name)
     if m is None:
         tensors[name] = t
         return
     prefix = name.removesuffix(".weight")
-    q, scale = quantize_weight_per_channel(t)
+    linear = f"layers.{m.group(1)}.{_FUSED[m.group(2)]}"  # our module, whose input this part sees
+    if hessians is None:
+        q, scale = quantize_weight_per_channel(t)
+    else:
+        h = hessians.hessian(linear)
+        q, scale = gptq_fp8(t.to(h.device), h)
+        q, scale = q.cpu(), scale.cpu()
     tensors[name], tensors[prefix + ".weight_scale"] = q, scale.view(-1, 1)
     if amax is not None:
-        tensors[prefix + ".input_scale"] = _scale(amax.inputs[f"layers.{m.group(1)}.{_FUSED[m.group(2)]}"])
+        tensors[prefix + ".input_scale"] = _scale(amax.inputs[linear])
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], out: Path) -> None:

@@ -88,19 +88,30 @@ class Int4Weight:
         return (q * self.scales.float().unsqueeze(-1)).view(n, k).to(dtype)
 
 
+def int4_group_params(w: torch.Tensor, zero_point: bool):
+    """(scales, zeros) of the groups w [..., g] as float [..., 1] and [..., 1] | None (symmetric)."""
+    if zero_point:
+        wmax, wmin = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
+        scales = (wmax - wmin).clamp(min=1e-5) / 15
+        return scales, (-torch.round(wmin / scales)).clamp(0, 15)
+    return w.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 7, None
+
+
+def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """Codes 0..15 (as float) of w rounded to the grid of (scales, zeros) that broadcast against it."""
+    if zeros is not None:
+        return (torch.round(w / scales) + zeros).clamp(0, 15)
+    return torch.round(w / scales).clamp(-8, 7) + SYMMETRIC_ZERO
+
+
 def _round_int4(w: torch.Tensor, group_size: int, zero_point: bool):
     """(codes, scales, zeros) of w [N, K] as float [N, K/g, g], [N, K/g, 1], [N, K/g, 1] | None."""
     n, k = w.shape
     if k % group_size:
         raise Int4FormatError(f"group_size {group_size} does not divide in_features {k}")
     wg = w.float().reshape(n, k // group_size, group_size)
-    if zero_point:
-        wmax, wmin = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
-        scales = (wmax - wmin).clamp(min=1e-5) / 15
-        zeros = (-torch.round(wmin / scales)).clamp(0, 15)
-        return (torch.round(wg / scales) + zeros).clamp(0, 15), scales, zeros
-    scales = wg.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 7
-    return torch.round(wg / scales).clamp(-8, 7) + SYMMETRIC_ZERO, scales, None
+    scales, zeros = int4_group_params(wg, zero_point)
+    return int4_codes(wg, scales, zeros), scales, zeros
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool = True) -> Int4Weight:

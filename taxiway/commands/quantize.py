@@ -27,6 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="awq: input channels per INT4 group (32, 64, 128 or a multiple of 128; default 128)")
     p.add_argument("--symmetric", action="store_true",
                    help="awq: symmetric INT4 (zero point 8, no zero points stored); default: asymmetric")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="round the weights with GPTQ's error compensation on calibration text, or with "
+                        "--no-gptq to nearest; awq: static groups in act order (default: AwqSettings.gptq, "
+                        "on); fp8: act order (default off)")
     p.add_argument("--format", dest="out_format", default="autoawq", choices=["autoawq", "compressed-tensors"],
                    help="awq: the output layout, AutoAWQ GEMM or compressed-tensors pack-quantized "
                         "(default autoawq); fp8 always writes compressed-tensors float-quantized")
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             return _awq(args, src, out)
         quantize_fp8(src, out, static=args.static_activations, kv=args.kv_cache,
                      text_file=args.calibration_text, num_samples=args.num_samples, seq_len=args.seq_len,
-                     device=args.device)
+                     device=args.device, gptq=bool(args.gptq))
     except (TaxiwayError, ValueError, OSError) as exc:
         print(f"taxiway quantize: {exc}", file=sys.stderr)
         return 1
@@ -53,24 +57,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def quantize_fp8(src: Path, out: Path, *, static: bool, kv: bool, text_file: str | None = None,
-                 num_samples: int = 64, seq_len: int = 512, device: str = "auto") -> None:
-    from gpu_engine.quant.calibrate import calibration_samples, collect_amax, read_text
+                 num_samples: int = 64, seq_len: int = 512, device: str = "auto", gptq: bool = False) -> None:
+    from gpu_engine.quant.calibrate import Hessians, calibration_samples, collect_amax, read_text
     from gpu_engine.quant.export import export_fp8
     from gpu_engine.quant.detect import read_checkpoint_quant
 
     if read_checkpoint_quant(src) is not None:
         raise ValueError(f"{src} is already quantized")
-    amax = None
-    if static or kv:
+    amax, hessians = None, Hessians() if gptq else None
+    if static or kv or gptq:
         from taxiway import LLM
 
         llm = LLM(str(src), device=device, enable_prefix_caching=False, max_model_len=seq_len + 1)
         if llm.get_tokenizer() is None:
             raise ValueError(f"{src} has no tokenizer.json to tokenize the calibration text with")
         samples = calibration_samples(llm.get_tokenizer(), read_text(text_file), num_samples, seq_len)
-        amax = collect_amax(llm, samples)
+        amax = collect_amax(llm, samples, hessians=hessians)
         del llm
-    export_fp8(src, out, amax, static=static, kv=kv)
+    export_fp8(src, out, amax, static=static, kv=kv, hessians=hessians)
 
 
 def _awq(args: argparse.Namespace, src: Path, out: Path) -> int:
@@ -80,9 +84,10 @@ def _awq(args: argparse.Namespace, src: Path, out: Path) -> int:
 
     if read_checkpoint_quant(src) is not None:
         raise ValueError(f"{src} is already quantized")
+    settings = {} if args.gptq is None else {"gptq": args.gptq}
     quantize_awq(src, out, group_size=args.group_size, zero_point=not args.symmetric,
                  calib_text=read_text(args.calibration_text), num_samples=args.num_samples,
                  seq_len=args.seq_len, out_format=args.out_format,
-                 device=None if args.device == "auto" else args.device)
+                 device=None if args.device == "auto" else args.device, **settings)
     print(f"wrote {out}")
     return 0

@@ -1,5 +1,6 @@
 """`taxiway quantize --method fp8`: its compressed-tensors output loads in HF transformers (with
-compressed-tensors) and in taxiway, and the two agree; static and KV scales come from calibration."""
+compressed-tensors) and in taxiway, and the two agree; static and KV scales come from calibration,
+and so does GPTQ rounding of the weights (--gptq)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,21 @@ def test_quantize_refuses_a_quantized_checkpoint(tmp_path, capsys):
     rc = main(["quantize", "--method", "fp8", "--model", str(DATA / "tiny-llama-fp8-dynamic"),
                "--out", str(tmp_path / "x")])
     assert rc == 1 and "already quantized" in capsys.readouterr().err
+
+
+def test_gptq_weights_keep_the_format_and_load(source, tmp_path):
+    """--gptq: the same per-channel weight scales as rounding to nearest (the format is unchanged),
+    other FP8 values, and it loads in taxiway and transformers alike. (On this random tiny model
+    it does not track the float model more closely than rounding to nearest: bench/quality.py
+    measures that on the default model.)"""
+    src, text = source
+    rtn, gptq = quantize(src, text, tmp_path / "rtn"), quantize(src, text, tmp_path / "gptq", "--gptq")
+    assert json.loads((gptq / "config.json").read_text()) == json.loads((rtn / "config.json").read_text())
+    a, b = load_file(str(rtn / "model.safetensors")), load_file(str(gptq / "model.safetensors"))
+    assert set(a) == set(b)
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(a[name + ".weight_scale"], b[name + ".weight_scale"])
+    assert b[name + ".weight"].dtype == torch.float8_e4m3fn and not torch.equal(
+        a[name + ".weight"].view(torch.uint8), b[name + ".weight"].view(torch.uint8))
+    ours = prompt_logprobs(LLM(str(gptq), device="cpu", num_kv_blocks=64), PROMPTS)
+    assert (ours - hf_logprobs(gptq, PROMPTS)).abs().max() < 1e-4

@@ -126,20 +126,21 @@ def _our_dequantized(folder) -> dict[str, torch.Tensor]:
     return {prefix: wt.dequantize() for prefix, wt in linears.items()}
 
 
-@pytest.mark.parametrize("zero_point", [True, False])
-def test_compressed_tensors_output_against_compressed_tensors(tiny, tmp_path, zero_point):
+@pytest.mark.parametrize("zero_point,gptq", [(True, False), (False, False), (False, True)])
+def test_compressed_tensors_output_against_compressed_tensors(tiny, tmp_path, zero_point, gptq):
     """Our pack-quantized output decompresses, through compressed-tensors' own compressor, to the
     weights our reader sees; its config validates as compressed-tensors'. Symmetric checkpoints
     also load in transformers and give our logits (transformers 5 with compressed-tensors 0.20
     cannot load asymmetric pack-quantized checkpoints from anyone: its skeleton keeps the zero
-    point unpacked, [N, K // g] against the packed [N // 8, K // g] that the compressor writes)."""
+    point unpacked, [N, K // g] against the packed [N // 8, K // g] that the compressor writes).
+    GPTQ rounding writes the same format."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
     out = A.quantize_awq(tiny["qwen3"], tmp_path / "ct", group_size=GROUP, zero_point=zero_point,
                          calib_ids=_ids(8, 32), num_samples=8, seq_len=32, out_format="compressed-tensors",
-                         device="cpu", progress=False, n_grid=4)
+                         device="cpu", progress=False, n_grid=4, gptq=gptq)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     parsed = QuantizationConfig.model_validate(qc)
     assert parsed.format == "pack-quantized"
@@ -160,16 +161,17 @@ def test_compressed_tensors_output_against_compressed_tensors(tiny, tmp_path, ze
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("zero_point", [True, False])
-def test_autoawq_output_against_compressed_tensors_converter(tiny, tmp_path, zero_point):
+@pytest.mark.parametrize("zero_point,gptq", [(True, False), (False, False), (True, True)])
+def test_autoawq_output_against_compressed_tensors_converter(tiny, tmp_path, zero_point, gptq):
     """compressed-tensors' AutoAWQ converter reads our AutoAWQ output as we do, symmetric included
-    (codes offset by 8; its converter ignores qzeros then, vLLM's awq reads our qzeros of 8)."""
+    (codes offset by 8; its converter ignores qzeros then, vLLM's awq reads our qzeros of 8), GPTQ
+    rounding included."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
     from safetensors.torch import load_file
 
     kw = dict(group_size=GROUP, zero_point=zero_point, calib_ids=_ids(8, 32), num_samples=8, seq_len=32,
-              device="cpu", progress=False, n_grid=4, clip=False)
+              device="cpu", progress=False, n_grid=4, clip=False, gptq=gptq)
     awq_dir = A.quantize_awq(tiny["llama"], tmp_path / "awq", **kw)
     qc = json.loads((awq_dir / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": zero_point,
@@ -197,3 +199,7 @@ def test_quantize_awq_rejects_bad_settings(tiny, tmp_path):
                        seq_len=256, device="cpu")
     with pytest.raises(ValueError, match="n_grid must be positive"):
         A.AwqSettings(n_grid=0)
+    with pytest.raises(ValueError, match="gptq_act_order needs gptq_static_groups=True"):
+        A.AwqSettings(gptq_static_groups=False)
+    with pytest.raises(ValueError, match="gptq_damp must be positive, got 0"):
+        A.AwqSettings(gptq_damp=0)
