@@ -8,9 +8,10 @@ verify step on this card, and what the synchronous loop that speculation needs c
 overlapped one. So the gate measures it. Steps are grouped into buckets by running sequences (1,
 2-3, 4-7, ...). Per bucket it keeps a moving rate (output tokens over step wall time, the last
 `window` steps weighing most) for each mode; it runs the faster one and, for a bounded share of
-the time, probes the other for `window` steps (a probe that confirms the choice doubles the wait
-before the next). A bucket starts by speculating (what the user asked for), then measures the plain
-loop once. Only steps without prefill chunks are counted (a prefill step's time says nothing about
+the time, probes the other afresh for `probe_steps` steps, ending a probe after two when the probed
+mode runs at less than half the chosen one's rate (a probe that confirms the choice doubles the
+wait before the next). A bucket starts by speculating (what the user asked for) for `probe_steps`
+steps, then measures the plain loop, so a draft that only costs is off after about ten steps. Only steps without prefill chunks are counted (a prefill step's time says nothing about
 decoding), and the first step after a change of mode is skipped (it drains the other mode's
 pipeline).
 
@@ -79,12 +80,15 @@ class SpecGate:
     (observe)."""
 
     def __init__(self, window: int = 8, probe_share: float = 0.02, hysteresis: float = 0.02,
-                 clock: Callable[[], float] = time.perf_counter):
+                 probe_steps: int = 4, clock: Callable[[], float] = time.perf_counter):
         if window < 1:
             raise ValueError(f"window must be positive, got {window}")
+        if probe_steps < 2:
+            raise ValueError(f"probe_steps must be at least 2, got {probe_steps}")
         if not 0.0 < probe_share < 1.0:
             raise ValueError(f"probe_share must be in (0, 1), got {probe_share}")
         self.window, self.probe_share, self.hysteresis = window, probe_share, hysteresis
+        self.probe_steps = probe_steps
         self.decay = 1.0 - 1.0 / window
         self.clock = clock
         self.buckets: dict[int, _Bucket] = {}
@@ -114,16 +118,21 @@ class SpecGate:
         now = self.clock()
         if b.probe_left:
             b.probe_left -= 1
-            if b.probe_left == 0:
+            ran = self.probe_steps - b.probe_left
+            hopeless = ran >= 2 and b.rates[speculated].per_second < 0.5 * b.rates[b.choice].per_second
+            if b.probe_left == 0 or hopeless:
+                b.probe_left = 0
                 self._choose(b, now, after_probe=True)
             return
         b.samples += 1
-        if b.samples < self.window:
+        measured = b.rates[not b.choice].measured
+        if b.samples < (self.window if measured else self.probe_steps):
             return
-        if b.rates[not b.choice].measured and self._choose(b, now, after_probe=False):
+        if measured and self._choose(b, now, after_probe=False):
             return
-        if not b.rates[not b.choice].measured or now >= b.next_probe:
-            b.probe_left, b.skip = self.window, True
+        if not measured or now >= b.next_probe:
+            b.rates[not b.choice] = _Rate()  # measured afresh: what it did long ago says little
+            b.probe_left, b.skip = self.probe_steps, True
 
     def _choose(self, b: _Bucket, now: float, after_probe: bool) -> bool:
         """Run the faster mode (the chosen one keeps ties within the hysteresis); after a probe,
@@ -141,7 +150,7 @@ class SpecGate:
         else:
             b.backoff *= 2.0  # the probe confirmed the choice: wait longer before the next
         b.skip = switch != after_probe  # the mode running next differs from the one that just ran
-        probe_cost = self.window * b.rates[not b.choice].step_seconds
+        probe_cost = self.probe_steps * b.rates[not b.choice].step_seconds
         b.next_probe = now + b.backoff * probe_cost / self.probe_share
         return switch
 

@@ -48,15 +48,25 @@ def test_speculation_that_pays_stays_on_and_plain_probes_take_a_bounded_share():
     assert rate > 0.97 * 3 / 1.2
 
 
-def test_speculation_that_costs_turns_itself_off_within_two_windows():
+def test_speculation_that_costs_turns_itself_off_within_ten_steps():
     clock = Clock()
     gate = SpecGate(window=8, probe_share=0.02, clock=clock)
-    run(gate, clock, 17, costs(spec_tokens=1, spec_seconds=2.0))  # 8 speculating, 1 skipped, 8 plain
+    run(gate, clock, 9, costs(spec_tokens=1, spec_seconds=2.0))  # 4 speculating, 1 skipped, 4 plain
     assert gate.speculate(1) is False
     spent = run(gate, clock, 20000, costs(spec_tokens=1, spec_seconds=2.0))
     total = spent[True][0] + spent[False][0]
     assert spent[True][0] / total < 0.03  # only probes speculate
     assert (spent[True][1] + spent[False][1]) / total > 0.95  # tokens/s within 5% of plain's 1.0
+
+
+def test_a_probe_of_a_mode_at_less_than_half_the_rate_ends_after_two_steps():
+    clock = Clock()
+    gate = SpecGate(window=8, probe_steps=4, clock=clock)
+    # 4 speculating, then the plain probe: one step skipped (the change of mode), one counted
+    run(gate, clock, 6, costs(spec_tokens=5, spec_seconds=1.0))
+    assert gate.speculate(1) is False
+    run(gate, clock, 1, costs(spec_tokens=5, spec_seconds=1.0))  # plain runs at a fifth of the rate
+    assert gate.speculate(1) is True and gate.buckets[1].probe_left == 0  # after 2 of its 4 steps
 
 
 def test_a_drop_in_acceptance_switches_to_plain_within_a_few_windows():
