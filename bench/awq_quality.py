@@ -4,7 +4,9 @@ what the search buys), all in one run, on text no
 calibration or test tunes on (gpu_engine.quant.calib_text.evaluation_text: the odd-numbered topics
 of CPython's Language Reference; AWQ calibrates on the even-numbered ones), and on a second text
 of another kind (bench/data/quality_eval.txt, bench/quality.py's), which shows what fits the
-calibration text's domain rather than the model.
+calibration text's domain rather than the model. A third, validation, text is the calibration
+source's tail that no calibration reads (VALIDATION_START): settings are chosen on it, so the two
+evaluation texts stay untuned.
 
 Perplexity runs our CausalLM's parameters through the CPU references on whole windows
 (gpu_engine.quant.awq_forward.dense_logits), with each checkpoint's weights dequantized
@@ -39,7 +41,7 @@ from gpu_engine.config import ModelConfig  # noqa: E402
 from gpu_engine.default_model import default_model_path  # noqa: E402
 from gpu_engine.quant.awq import AwqSettings, quantize_awq  # noqa: E402
 from gpu_engine.quant.awq_forward import dense_logits  # noqa: E402
-from gpu_engine.quant.calib_text import evaluation_text, token_windows  # noqa: E402
+from gpu_engine.quant.calib_text import calibration_text, evaluation_text, token_windows  # noqa: E402
 from gpu_engine.quant.int4 import fake_quantize_int4  # noqa: E402
 from gpu_engine.quant.int4_checkpoint import load_dequantized  # noqa: E402
 from gpu_engine.tokenizer import Tokenizer  # noqa: E402
@@ -48,6 +50,10 @@ from gpu_engine.weights import build_model, load_checkpoint  # noqa: E402
 
 OTHER_TEXT = ROOT / "bench" / "data" / "quality_eval.txt"
 OTHER_SEQ_LEN = 256  # the text has about 1.7k tokens
+VALIDATION_START = 40_000
+"""The validation text: the calibration source's tokens from here on, which no calibration reads
+(`taxiway quantize` takes its first 64 x 512 = 32,768, this bench its first 32 x 256). Settings are
+chosen on it, never on the evaluation texts."""
 GPTQ_VARIANTS = {  # AwqSettings of each --gptq variant
     "static": dict(gptq_static_groups=True, gptq_act_order=False),
     "dynamic": dict(gptq_static_groups=False, gptq_act_order=False),
@@ -107,13 +113,17 @@ def main() -> None:
     ids = token_windows(tok.encode(evaluation_text(), add_special_tokens=False), args.windows, args.seq_len)
     other = tok.encode(OTHER_TEXT.read_text(), add_special_tokens=False)
     other_ids = token_windows(other, len(other) // OTHER_SEQ_LEN, OTHER_SEQ_LEN)
+    val = tok.encode(calibration_text(), add_special_tokens=False)[VALIDATION_START:]
+    val_ids = token_windows(val, args.windows, args.seq_len)
     zero_point = not args.symmetric
-    res, res_other = {}, {}
+    res, res_other, res_val = {}, {}, {}
 
     def score(name: str, model) -> None:
         res[name], res_other[name] = perplexity(model, ids), perplexity(model, other_ids)
+        res_val[name] = perplexity(model, val_ids)
         print(f"{name:24} perplexity {res[name]:8.3f}  ({100 * (res[name] / res['float32'] - 1):+.2f}%), "
-              f"other text {res_other[name]:8.3f}  ({100 * (res_other[name] / res_other['float32'] - 1):+.2f}%)",
+              f"other text {res_other[name]:8.3f}  ({100 * (res_other[name] / res_other['float32'] - 1):+.2f}%), "
+              f"validation {res_val[name]:8.3f}  ({100 * (res_val[name] / res_val['float32'] - 1):+.2f}%)",
               flush=True)
 
     score("float32", _float_model(path))
@@ -134,10 +144,13 @@ def main() -> None:
         meta = dict(device=f"CPU ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads",
                     commit=commit, command=" ".join(sys.argv), model=str(path), torch=torch.__version__,
                     text="calib_text.evaluation_text()", tokens=ids.numel(),
-                    other_text=str(OTHER_TEXT.relative_to(ROOT)), other_tokens=other_ids.numel(), **vars(args))
+                    other_text=str(OTHER_TEXT.relative_to(ROOT)), other_tokens=other_ids.numel(),
+                    validation_text=f"calib_text.calibration_text() from token {VALIDATION_START}",
+                    validation_tokens=val_ids.numel(), **vars(args))
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, perplexity=res, relative=_relative(res), calibration_s=calib_s,
-                           other_text=dict(perplexity=res_other, relative=_relative(res_other))), f, indent=1)
+                           other_text=dict(perplexity=res_other, relative=_relative(res_other)),
+                           validation=dict(perplexity=res_val, relative=_relative(res_val))), f, indent=1)
 
 
 def _relative(ppl: dict[str, float]) -> dict[str, float]:
