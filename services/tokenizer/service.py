@@ -73,22 +73,27 @@ class TokenizerServicer:
         inbox: asyncio.Queue = asyncio.Queue()
 
         async def pump() -> None:
-            async for batch in request_iterator:
-                inbox.put_nowait(batch)
-            inbox.put_nowait(None)
+            """Feeds the inbox; then None (the gateway half-closed) or the read's exception."""
+            try:
+                async for batch in request_iterator:
+                    inbox.put_nowait(batch)
+            except Exception as exc:  # noqa: BLE001 - handed to the handler, which raises it
+                inbox.put_nowait(exc)
+            else:
+                inbox.put_nowait(None)
 
         reader = asyncio.create_task(pump())
         try:
             while True:
                 try:
                     batch = await asyncio.wait_for(inbox.get(), DRAIN_POLL_S)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
                     if self._draining() and not sessions:
                         return  # the gateway opens its next sessions on another replica
                     continue
+                if isinstance(batch, Exception):
+                    raise batch  # the stream failed: the gateway's sessions reopen elsewhere
                 if batch is None:
-                    if reader.done() and reader.exception() is not None:
-                        raise reader.exception()
                     return
                 results = (self._detokenize_item(item, sessions) for item in batch.items)
                 yield pb.DetokenizeBatchResult(results=[r for r in results if r is not None])
