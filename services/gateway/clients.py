@@ -243,9 +243,10 @@ class _MuxStream:
             code = exc.code() if isinstance(exc, (grpc.RpcError, _StreamEnded)) else grpc.StatusCode.UNKNOWN
             details = exc.details() if isinstance(exc, (grpc.RpcError, _StreamEnded)) else repr(exc)
             self.ended = _StreamEnded(code, details)
-            if code in REOPEN_CODES:
-                log.warning("DetokenizeMany stream lost (%s: %s); its sessions reopen", code.name, details)
         waiting = [f for batch in self._inflight for f in batch] + [f for _, f in self._pending if f is not None]
+        if waiting and self.ended.code() in REOPEN_CODES:  # an idle stream's end (drain, shutdown) loses nothing
+            log.warning("DetokenizeMany stream lost (%s: %s) with %d items unanswered; their sessions "
+                        "reopen", self.ended.code().name, self.ended.details(), len(waiting))
         self._inflight.clear()
         self._pending = []
         for future in waiting:
