@@ -120,7 +120,10 @@ for step in "$@"; do
     spec-verify-cost) args=(--out "$OUT/spec-verify-cost.json")
       [ -f "$OUT/spec-batch1.json" ] && args+=(--acceptance "$OUT/spec-batch1.json")
       phase spec-verify-cost 300 python bench/spec_verify_cost.py "${args[@]}" ;;
-    spec-tp256) phase spec-tp256 560 python -m taxiway.cli bench throughput --isl 128 --osl 128 --num-requests 2000 \
+    # 256 concurrent requests with and without n-gram speculation (the threshold must keep them within 3%)
+    spec-tp256) phase tp256-none 300 python -m taxiway.cli bench throughput --isl 128 --osl 128 --num-requests 2000 \
+        --max-num-seqs 256 --out "$OUT/tp256-none.json"
+      phase spec-tp256 300 python -m taxiway.cli bench throughput --isl 128 --osl 128 --num-requests 2000 \
         --max-num-seqs 256 --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --out "$OUT/spec-tp256.json" ;;
     serve-bench) phase serve-bench 560 bash bench/serve_bench_gpu.sh "$OUT" ;;
     # Tensor parallelism (issue 12), on a machine of 2 GPUs (nvidia-h200-x2), in one call:

@@ -55,6 +55,7 @@ def run_method(args, spec: dict | None, prompts: list[dict]) -> tuple[list[dict]
                        num_kv_blocks=args.num_kv_blocks, speculative_config=spec)
     ids = encode_prompts(engine.tokenizer, prompts)
     run_requests(engine, ids[:1], min(args.osl, 16), stream=True)  # warm-up
+    engine.step_times.reset()
     out = []
     for p, prompt in zip(prompts, ids):
         before = engine.scheduler.spec_stats.snapshot()
@@ -66,10 +67,11 @@ def run_method(args, spec: dict | None, prompts: list[dict]) -> tuple[list[dict]
             row["spec_decode"] = engine.scheduler.spec_stats.since(before).summary()
         out.append(row)
     gate = engine.spec.gate.summary() if engine.spec is not None and engine.spec.gate is not None else None
+    steps = engine.step_times.summary()
     engine.shutdown()
     del engine
     free_memory()
-    return out, gate
+    return out, {"gate": gate, "step_times": steps}
 
 
 def free_memory() -> None:
@@ -111,9 +113,10 @@ def main(argv=None) -> int:
                                                           for r in rows) / len(rows), 3)
                       if name != "none" else None}
                for name, rows in results.items()}
-    gates = {name: gate for name, (_, gate) in runs.items() if gate is not None}
+    gates = {name: info["gate"] for name, (_, info) in runs.items() if info["gate"] is not None}
+    steps = {name: info["step_times"] for name, (_, info) in runs.items()}
     write_result({"benchmark": "spec_decode_batch1", "config": vars(args), "machine": machine_info(),
-                  "summary": summary, "gate": gates, "per_prompt": results}, args.out)
+                  "summary": summary, "gate": gates, "step_times": steps, "per_prompt": results}, args.out)
     return 0
 
 

@@ -300,7 +300,7 @@ class LLMEngine:
         the step's tokens.
         """
         t0 = time.perf_counter()
-        parts = dict.fromkeys(("wait", "collect", "update", "output"), 0.0)
+        parts = dict.fromkeys(("wait", "collect", "update", "output", "propose"), 0.0)
         speculated = self.spec is not None and self.spec.active(len(self.scheduler.running))
         overlap = self.async_scheduling and not self._speculating()
         self._finished = None
@@ -348,10 +348,12 @@ class LLMEngine:
             self._finished = (plan, emitted)
         t1 = time.perf_counter()
         outputs = self._process(touched)
+        t2 = time.perf_counter()
         if self.spec is not None:  # drafts for the next step, from the tokens just read back
             self.spec.propose(self.scheduler, flight.plan, result)
         parts["update"] += t1 - t0
-        parts["output"] += time.perf_counter() - t1
+        parts["output"] += t2 - t1
+        parts["propose"] += time.perf_counter() - t2
         return outputs
 
     def _speculating(self) -> bool:

@@ -9,6 +9,7 @@ Host parts of one `LLMEngine.step()` (seconds, summed per kind):
   collect   reading the tokens back into a result
   update    scheduler.update: tokens filled in, stops, blocks registered
   output    detokenization and RequestOutputs
+  propose   speculative drafts for the next step (speculative decoding only)
 `host` is their sum without `wait`; `step` is the wall time of step() (with async scheduling a
 step's host parts belong to two device steps: it launches one and collects the previous one).
 On a GPU, each collected step also reports `gpu` (device time between the step's first and last
@@ -18,7 +19,7 @@ enqueued work, CUDA events) and `gpu_idle` (how long the device sat idle before 
 
 from __future__ import annotations
 
-HOST_PARTS = ("schedule", "prepare", "forward", "sample", "collect", "update", "output")
+HOST_PARTS = ("schedule", "prepare", "forward", "sample", "collect", "update", "output", "propose")
 
 
 class StepTimes:

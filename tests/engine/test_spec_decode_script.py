@@ -30,3 +30,6 @@ def test_spec_decode_script_writes_every_method(default_model_dir, tmp_path):
     assert set(result["gate"]) == {"ngram", "eagle3"}  # the gated runs say what their gate measured
     assert result["gate"]["eagle3"]["1"]["spec_tokens_per_s"] > 0
     assert all(r["decode_tokens_per_s"] > 0 for rows in result["per_prompt"].values() for r in rows)
+    steps = result["step_times"]  # where each method's steps spent their time, drafting included
+    assert set(steps) == set(result["per_prompt"]) and steps["eagle3-always"]["verify"]["propose_ms"] > 0
+    assert steps["none"]["decode"]["propose_ms"] < 0.01  # nothing to draft
