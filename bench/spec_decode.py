@@ -74,6 +74,16 @@ def run_method(args, spec: dict | None, prompts: list[dict]) -> tuple[list[dict]
     return out, {"gate": gate, "step_times": steps}
 
 
+def acceptance(rows: list[dict]) -> dict:
+    """Over all prompts of one method: tokens per verify entry (None where nothing was verified:
+    no speculation, or a gate that kept it off) and how many drafts were verified."""
+    stats = [r["spec_decode"] for r in rows if "spec_decode" in r]
+    drafts = sum(s["num_drafts"] for s in stats)
+    accepted = sum(s["num_accepted_tokens"] for s in stats)
+    return {"mean_acceptance_length": round(1 + accepted / drafts, 3) if drafts else None,
+            "num_drafts": drafts if stats else None}
+
+
 def free_memory() -> None:
     """Give the last engine's GPU memory back before the next method's engine profiles what is free."""
     gc.collect()
@@ -108,10 +118,7 @@ def main(argv=None) -> int:
         for row, ref in zip(rows, base):
             row["speedup"] = round(row["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
     summary = {name: {"mean_speedup": round(sum(r["speedup"] for r in rows) / len(rows), 3),
-                      "min_speedup": min(r["speedup"] for r in rows),
-                      "mean_acceptance_length": round(sum(r["spec_decode"]["mean_acceptance_length"]
-                                                          for r in rows) / len(rows), 3)
-                      if name != "none" else None}
+                      "min_speedup": min(r["speedup"] for r in rows), **acceptance(rows)}
                for name, rows in results.items()}
     gates = {name: info["gate"] for name, (_, info) in runs.items() if info["gate"] is not None}
     steps = {name: info["step_times"] for name, (_, info) in runs.items()}

@@ -186,7 +186,9 @@ def measure_all(engine: LLMEngine, args) -> tuple[dict[int, dict], dict[int, dic
 # -- projection -------------------------------------------------------------------------------------
 def acceptance_from_file(path: str) -> list[dict]:
     """Acceptance lengths of a bench/spec_decode.py result: per method, over all prompts and per
-    prompt kind (the mean of the prompts' mean acceptance lengths, as its summary has it)."""
+    prompt kind (the mean of the prompts' mean acceptance lengths). A prompt that verified no draft
+    has none and is left out; a gated method whose "-always" run is there is left out too (the gate
+    speculated only where it paid, and the projection is for speculating every step)."""
     data = json.loads(Path(path).read_text())
     try:
         k, per_prompt = data["config"]["k"], data["per_prompt"]
@@ -196,7 +198,9 @@ def acceptance_from_file(path: str) -> list[dict]:
     model = data["config"].get("model") or "the default model"
     out = []
     for method, rows in per_prompt.items():
-        rows = [r for r in rows if "spec_decode" in r]
+        if f"{method}-always" in per_prompt:
+            continue
+        rows = [r for r in rows if "spec_decode" in r and r["spec_decode"].get("num_drafts", 1) > 0]
         for kind in ["all", *dict.fromkeys(r["kind"] for r in rows)]:
             picked = [r["spec_decode"]["mean_acceptance_length"] for r in rows if kind in ("all", r["kind"])]
             if picked:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.spec_verify_cost import main
+from bench.spec_verify_cost import acceptance_from_file, main
 
 BATCHES, KS, CONTEXT = [1, 3], [1, 2], 24
 
@@ -71,3 +71,17 @@ def test_a_timed_step_of_another_shape_is_an_error_not_a_figure(tiny_llama, tmp_
         main(["--model", tiny_llama, "--dtype", "float32", "--device", "cpu", "--batch-sizes", "1",
               "--ks", "2", "--context", str(CONTEXT), "--warmup", "1", "--steps", "2", "--reps", "1",
               "--num-kv-blocks", "64"])
+
+
+def test_the_projection_reads_speculation_s_own_acceptance_and_skips_prompts_that_verified_nothing(tmp_path):
+    path = tmp_path / "spec-batch1.json"
+
+    def row(kind, drafts, length):
+        return {"kind": kind, "spec_decode": {"num_drafts": drafts, "mean_acceptance_length": length}}
+
+    path.write_text(json.dumps({"config": {"k": 4}, "per_prompt": {
+        "none": [{"kind": "chat"}, {"kind": "code"}],
+        "ngram": [row("chat", 0, 0.0), row("code", 3, 2.0)],  # gated: kept off on the chat prompt
+        "ngram-always": [row("chat", 20, 1.5), row("code", 0, 0.0)]}}))  # no n-gram match on code
+    got = {(s["method"], s["kind"]): s["acceptance_length"] for s in acceptance_from_file(str(path))}
+    assert got == {("ngram-always", "all"): 1.5, ("ngram-always", "chat"): 1.5}
