@@ -25,6 +25,7 @@ from gpu_engine.sampling_params import OutputKind, SamplingParams
 from gpu_engine.scheduler import Scheduler, SchedulerConfig
 from gpu_engine.spec.decoding import SpecDecoder, drafter_bytes_per_block, load_drafter, make_proposer
 from gpu_engine.spec.draft_cache import blocks_for_budget
+from gpu_engine.spec.verify import warm_up_verify
 from gpu_engine.sequence import Request, Sequence as Seq
 from gpu_engine.step_times import StepTimes, step_kind
 from gpu_engine.weights import load_model
@@ -190,6 +191,9 @@ class LLMEngine:
             spec, drafter, target_model=model, num_blocks=self.num_kv_blocks, block_size=config.block_size,
             max_model_len=self.max_model_len, device=self.device,
             enable_prefix_caching=config.enable_prefix_caching))
+        if spec is not None:
+            warm_up_verify(self.runner.compute_logits, self.model_config.hidden_size, spec.num_speculative_tokens,
+                           self.device, self.dtype)
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
         self.step_times = StepTimes()

@@ -236,12 +236,15 @@ class Sampler:
         keys = self._upload(self._i[slots, L.I_KEY].astype(np.int64) & _M32)
         return greedy, keys, self.tables.iparams[self._upload(slots), L.I_POS].long()
 
-    def advance(self, slots: np.ndarray, token_ids: torch.Tensor, counts: torch.Tensor) -> None:
-        """Record several drawn tokens per slot: slots [S] int64 (host), token_ids [S, K] int64 and
-        counts [S] int64 (device): slot s drew token_ids[s, :counts[s]] (the rest is -1)."""
+    def advance(self, slots: np.ndarray, token_ids: torch.Tensor, counts: torch.Tensor,
+                device_slots: torch.Tensor | None = None) -> None:
+        """Record several drawn tokens per slot: slots [S] int64 (host; device_slots, if given, the
+        same on the device), token_ids [S, K] int64 and counts [S] int64 (device): slot s drew
+        token_ids[s, :counts[s]] (the rest is -1)."""
         self._flush()
         t = self.tables
-        t.iparams[self._upload(slots), L.I_POS] += counts.to(torch.int32)
+        dev = self._upload(slots) if device_slots is None else device_slots
+        t.iparams[dev, L.I_POS] += counts.to(torch.int32)
         pen = self._i[slots, L.I_PEN_ROW]
         if (pen >= 0).any():
             rows = self._upload(pen.astype(np.int64))[:, None].expand_as(token_ids)

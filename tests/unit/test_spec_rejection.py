@@ -203,3 +203,36 @@ def test_bad_inputs_name_the_value_and_the_expectation():
                          positions=args["positions"])
     with pytest.raises(ValueError, match="non-negative"):
         VerifyLayout.build([1, -1], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_point_mass_assembly_matches_the_general_rule(seed):
+    """Point-mass drafts take a short path (emit the drawn tokens up to the first mismatch); it
+    agrees with the general accept / correct / bonus assembly on random draws, uneven k (zeros too)."""
+    from gpu_engine.spec.rejection import _assemble, _assemble_point_mass
+
+    g = torch.Generator().manual_seed(seed)
+    ks = torch.randint(0, 5, (7,), generator=g).tolist()
+    layout = VerifyLayout.build(ks, torch.device("cpu"))
+    drafts = torch.randint(0, 3, (sum(ks),), generator=g)
+    drawn = torch.randint(0, 3, (sum(ks) + len(ks),), generator=g)  # 3 tokens: many partial accepts
+    at = drawn[layout.draft_row]
+    want = _assemble(layout, drafts, at == drafts, at, drawn[layout.bonus_row])
+    got = _assemble_point_mass(layout, drafts, drawn)
+    assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.num_emitted, want.num_emitted)
+
+
+def test_one_upload_carries_the_layout_and_the_step_s_arrays():
+    calls = []
+
+    def upload(a):
+        calls.append(a.shape)
+        return torch.from_numpy(a)
+
+    layout, (rows, ids) = VerifyLayout.build_with([2, 0, 1], torch.device("cpu"), upload,
+                                                  (np.array([4, 5, 6, 9, 10, 11]), np.array([[7, 8, 3]])))
+    assert len(calls) == 1
+    assert rows.tolist() == [4, 5, 6, 9, 10, 11] and ids.tolist() == [[7, 8, 3]]
+    assert layout.seq_row.tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 5]]
+    assert layout.seq_valid.tolist() == [[True, True], [False, False], [True, False]]
+    assert layout.columns.tolist() == [0, 1, 2] and layout.bonus_row.tolist() == [2, 3, 5]
