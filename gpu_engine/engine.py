@@ -325,8 +325,8 @@ class LLMEngine:
             if self._inflight is not None:
                 outputs = self._finish(self._inflight, parts)
             self._inflight = launched
-        elif launched is not None:
-            outputs = self._finish(launched, parts)
+        elif launched is not None:  # (after the in-flight step's outputs, if one was finished first)
+            outputs += self._finish(launched, parts)
         if launched is not None:
             launch = self.runner.last_parts
             self.step_times.add(step_kind(plan), plan.num_plain_decodes + len(plan.entries), plan.num_tokens,
@@ -362,9 +362,14 @@ class LLMEngine:
 
     def _speculating(self) -> bool:
         """Whether the next step may verify drafts, or draft after it: it then runs synchronously
-        (a verify entry's tokens must be read back before the sequence is planned again)."""
-        return self.spec is not None and (self.spec.active(len(self.scheduler.running))
-                                          or bool(self.scheduler.batch.drafting.any()))
+        (a verify entry's tokens must be read back before the sequence is planned again). N-gram
+        lookup drafts only where the proposer's look at the known tokens found a match
+        (SpecDecoder.sync_next): the steps between overlap."""
+        if self.spec is None:
+            return False
+        if self.scheduler.batch.drafting.any():
+            return True
+        return self.spec.active(len(self.scheduler.running)) and self.spec.sync_next
 
     def _process(self, touched: list[Seq]) -> list[RequestOutput]:
         """Outputs for the sequences update() says are due: finished ones, and streamed ones."""

@@ -3,10 +3,15 @@ the proposer drafts up to k tokens for every running decode, and the scheduler p
 next step as a verify entry of 1 + k tokens (gpu_engine/scheduler.py), which the runner verifies
 with the rejection sampler (gpu_engine/spec/verify.py).
 
-Drafting needs the accepted tokens on the host, so while speculation is on the engine runs its
-steps synchronously (no host/device overlap); above `disable_above_batch_size` running sequences,
-and at batch sizes where the gate (gpu_engine/spec/gate.py) measured speculating steps to emit
-fewer tokens per second than plain ones, nothing is drafted and the overlapped loop resumes.
+Drafting needs the accepted tokens on the host, so a step that may verify drafts, or draft after
+it, runs synchronously (no host/device overlap). A draft model or an EAGLE-3 head drafts at every
+step, so with them every step is synchronous while speculation is on. N-gram lookup finds drafts
+only where the tokens repeat: between such stretches the loop overlaps, and at each overlapped
+step the proposer looks up the tokens the host already has (one step behind); a match there
+makes the next step synchronous, so that it drafts (`sync_next`). Above
+`disable_above_batch_size` running sequences, and at batch sizes where the gate
+(gpu_engine/spec/gate.py) measured speculating steps to emit fewer tokens per second than plain
+ones, nothing is drafted and the overlapped loop resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class SpecDecoder:
         self.config = config
         self.proposer = proposer
         self.gate = SpecGate() if config.disable_when_slower else None
+        self.sync_next = True
+        """Whether the next step must run synchronously to draft (see the module's docstring)."""
         log.info("speculative decoding: %s, %d tokens per step; steps run synchronously (no host/device "
                  "overlap) while at most %d sequences run, above that nothing is drafted%s",
                  config.method, config.num_speculative_tokens, config.disable_above_batch_size,
@@ -62,9 +69,13 @@ class SpecDecoder:
         rows, hidden = {}, None
         if self.needs_hidden and result is not None and result.aux_hidden is not None:
             rows, hidden = _hidden_rows(plan, result), result.aux_hidden
+        lookahead = getattr(self.proposer, "lookahead", None)
+        self.sync_next = lookahead is None  # drafters that draft every step need every step synchronous
         seqs, requests = [], []
         for seq in running:
             k = self._num_drafts(seq)
+            if not k and not self.sync_next and self._drafts_later(seq):
+                self.sync_next = lookahead(seq.seq_id, seq.token_ids, seq.num_tokens - seq.num_pending)
             span = rows.get(seq.seq_id)
             if (span is None) if self.needs_hidden else k == 0:
                 continue  # EAGLE-3 brings its cache in step even where it drafts nothing
@@ -93,6 +104,13 @@ class SpecDecoder:
             return 0  # a prefill chunk, or a token not read back (overlapped step)
         room = seq.num_prompt_tokens + seq.request.max_tokens - seq.num_tokens - 1
         return max(0, min(self.config.num_speculative_tokens, room))
+
+    def _drafts_later(self, seq) -> bool:
+        """Whether a decoding sequence would be given drafts once its pending tokens are read back
+        (an overlapped step: it decodes, and max_tokens leaves room)."""
+        if not seq.num_pending or seq.num_uncomputed_tokens > 1:
+            return False
+        return seq.num_prompt_tokens + seq.request.max_tokens - seq.num_tokens > 1
 
     def release(self, seq_id: int) -> None:
         self.proposer.release(seq_id)

@@ -45,10 +45,10 @@ class _Known:
         self.buf = np.empty(256, dtype=np.int64)
         self.n = 0
 
-    def sync(self, token_ids) -> np.ndarray:
-        """The array of `token_ids`: only the tokens beyond what it holds are copied, unless the
-        sequence is shorter or its last held token changed (then it is copied whole)."""
-        length = len(token_ids)
+    def sync(self, token_ids, length: int | None = None) -> np.ndarray:
+        """The array of `token_ids[:length]` (default all): only the tokens beyond what it holds are
+        copied, unless the sequence is shorter or its last held token changed (then it is copied whole)."""
+        length = len(token_ids) if length is None else length
         n = self.n
         if length < n or (n and token_ids[n - 1] != self.buf[n - 1]):
             n = 0
@@ -84,6 +84,15 @@ class NgramProposer:
                 known = self._known[r.seq_id] = _Known()
             out.append(ngram_lookup(known.sync(r.token_ids), r.num_drafts, self.n_min, self.n_max))
         return Proposal(out)
+
+    def lookahead(self, seq_id: int, token_ids, length: int) -> bool:
+        """Whether the first `length` of a sequence's tokens (those known on the host while later
+        ones are still being computed) end in an n-gram that recurs: then the sequence is likely to
+        get drafts once it is in step, and the engine runs the next step synchronously."""
+        known = self._known.get(seq_id)
+        if known is None:
+            known = self._known[seq_id] = _Known()
+        return bool(ngram_lookup(known.sync(token_ids, length), 1, self.n_min, self.n_max))
 
     def release(self, seq_id: int) -> None:
         self._known.pop(seq_id, None)

@@ -3,8 +3,11 @@ speculation (alone, batched, with chunked prefill, preemption and prefix-cache h
 integrity after every step, stops / max_tokens / min_tokens / penalties / logprobs as without
 speculation, seeded sampling reproducible, the batch-size threshold."""
 
+from dataclasses import replace
+
 import pytest
 
+from gpu_engine.sampling_params import OutputKind
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
 from tests.engine.spec_helpers import NGRAM, generate_checked, tokens_of
@@ -132,6 +135,38 @@ def test_the_overlapped_loop_hands_over_to_synchronous_speculation(tiny_llama, b
     got = tokens_of(generate_checked(spec, PROMPTS, params))
     assert got == baseline[:2] + [b[:6] for b in baseline[2:]]
     assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def _overlapped_share(engine, prompts, params) -> tuple[list, float]:
+    """Run prompts to the end, checking the pool after every step; also the share of steps that
+    left a step in flight (overlapped) rather than running synchronously."""
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, replace(params, output_kind=OutputKind.FINAL_ONLY))
+    done, steps, overlapped = {}, 0, 0
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+        steps += 1
+        overlapped += engine._inflight is not None
+        engine.block_manager.check_integrity([b for s in engine.scheduler.running for b in s.block_table])
+    assert sorted(done) == sorted(map(str, range(len(prompts)))), "a finished request's output was lost"
+    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))], overlapped / steps
+
+
+def test_n_gram_overlaps_the_steps_where_it_has_nothing_to_draft(tiny_llama, baseline):
+    """Where the tokens do not repeat, n-gram speculation leaves the loop overlapped (it looks up
+    the tokens known one step behind); where they do, it turns synchronous and verifies drafts.
+    The hand-overs lose nothing: a request finishing in the step still in flight when the loop
+    turns synchronous gets its output (it was dropped before)."""
+    spec = llm(tiny_llama, spec={**NGRAM, "disable_when_slower": False, "prompt_lookup_min": 4,
+                                 "prompt_lookup_max": 4}, async_scheduling=True)
+    random_tokens, share = _overlapped_share(spec.engine, PROMPTS[2:], GREEDY)
+    assert random_tokens == baseline[2:]
+    assert share > 0.5, share  # a draft model (every step synchronous) would be at 0
+    drafts = spec.engine.scheduler.spec_stats.num_drafts
+    repeating, _ = _overlapped_share(spec.engine, PROMPTS[:1], GREEDY)
+    assert repeating == baseline[:1]
+    stats = spec.engine.scheduler.spec_stats
+    assert stats.num_drafts > drafts and stats.num_accepted_tokens > 0
 
 
 def test_arrivals_above_the_threshold_after_drafting_change_nothing(tiny_llama, baseline):
