@@ -83,12 +83,13 @@ def build_engine(args) -> LLMEngine:
         max_num_seqs=max(args.batch_sizes), max_model_len=args.context + output_budget(args),
         num_kv_blocks=args.num_kv_blocks, async_scheduling=args.async_scheduling,
         speculative_config={"method": "ngram", "num_speculative_tokens": max(args.ks),
-                            "disable_above_batch_size": max(args.batch_sizes)})
+                            "disable_above_batch_size": max(args.batch_sizes), "disable_when_slower": False})
 
 
 def set_mode(engine: LLMEngine, k: int | None) -> None:
-    """k None: no speculation; 0: speculating, nothing drafted; k > 0: k drafts every step."""
-    base = engine.config.speculative
+    """k None: no speculation; 0: speculating, nothing drafted; k > 0: k drafts every step (no
+    gate: a measured verify step must not be turned off for being slower)."""
+    base = replace(engine.config.speculative, disable_when_slower=False)
     engine.spec = None if k is None else SpecDecoder(replace(base, num_speculative_tokens=max(k, 1)),
                                                      ForcedDrafts(k))
 

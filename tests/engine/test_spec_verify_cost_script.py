@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.spec_verify_cost import acceptance_from_file, main
+from bench.spec_verify_cost import acceptance_from_file, main, set_mode
 
 BATCHES, KS, CONTEXT = [1, 3], [1, 2], 24
 
@@ -85,3 +85,18 @@ def test_the_projection_reads_speculation_s_own_acceptance_and_skips_prompts_tha
         "ngram-always": [row("chat", 20, 1.5), row("code", 0, 0.0)]}}))  # no n-gram match on code
     got = {(s["method"], s["kind"]): s["acceptance_length"] for s in acceptance_from_file(str(path))}
     assert got == {("ngram-always", "all"): 1.5, ("ngram-always", "chat"): 1.5}
+
+
+def test_the_measured_decoders_have_no_gate():
+    """The speculation gate would turn the forced drafts off where verify steps measure slower
+    (on the H200 it did after 2 of 50 steps): every mode runs ungated."""
+    from types import SimpleNamespace
+
+    from gpu_engine.spec.config import SpeculativeConfig
+
+    engine = SimpleNamespace(config=SimpleNamespace(speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=4)))
+    for k in (0, 3):
+        set_mode(engine, k)
+        assert engine.spec.gate is None and engine.spec.active(1)
+    set_mode(engine, None)
+    assert engine.spec is None
