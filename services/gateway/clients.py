@@ -370,6 +370,10 @@ class OutputReader:
 
     CHECK_S = 1.0
     """Seconds between looks at the server id."""
+    TRIM_S = 1.0
+    """Seconds between trims of the stream up to what was read: a trim after every read put a
+    second Redis round trip (two turns of a busy loop) between one step's XREAD and the next's,
+    and the next step's entry then waited (bench/serve_itl.py)."""
 
     def __init__(self, redis, gateway_id: str, router: Router, *,
                  on_restart: Callable[[], object] = lambda: None,
@@ -392,6 +396,7 @@ class OutputReader:
     async def _run(self) -> None:
         last = "0-0"
         next_check = time.monotonic() + self.CHECK_S
+        next_trim = time.monotonic() + self.TRIM_S
         down_since: float | None = None
         while True:
             try:
@@ -413,7 +418,8 @@ class OutputReader:
                         self._router.dispatch(convert.output_batch_from_bytes(fields[streams.FIELD]))
                     except Exception:  # noqa: BLE001
                         log.exception("bad entry %s in %s", entry_id, self._key)
-            if got:
+            if got and time.monotonic() >= next_trim:
+                next_trim = time.monotonic() + self.TRIM_S
                 await self._trim(last)
 
     async def _check_server(self, down_since: float | None) -> None:

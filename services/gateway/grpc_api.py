@@ -70,7 +70,11 @@ def generate_input_from_pb(msg) -> GenerateInput:
 
 def chunk_to_pb(chunk: Chunk):
     msg = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids,
-                              text=chunk.text, stop_reason=chunk.stop_reason, index=chunk.index)
+                              index=chunk.index)
+    if chunk.text:  # fields left at their zero value are not set (the same bytes, less work)
+        msg.text = chunk.text
+    if chunk.stop_reason:
+        msg.stop_reason = chunk.stop_reason
     if chunk.finish_reason:
         msg.finish_reason = pb.FinishReason.Value(convert.FINISH_REASONS[chunk.finish_reason])
     if chunk.usage:

@@ -110,6 +110,8 @@ def coalesce(items: list) -> list:
     """Merges runs of deltas of one request and attempt that follow each other exactly (what the
     executor sent over several steps while this request's task was busy); anything else (errors,
     notices, markers, gaps) stays as it is."""
+    if len(items) == 1:  # the usual case: one step's delta
+        return items
     out: list = []
     for item in items:
         prev = out[-1] if out else None

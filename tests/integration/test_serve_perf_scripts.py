@@ -39,3 +39,19 @@ def test_serve_hops_splits_ttft_into_hops(tmp_path):
                           "engine_first_token", "to_client"]
     assert hops["engine_first_token"] >= 1.0  # the fake engine's 1 ms step
     assert r["hops_sum_ms"] == pytest.approx(r["ttft_ms_p50"], rel=0.5)
+
+
+def test_serve_itl_measures_the_output_path_and_the_grpc_floor(tmp_path):
+    r = run_script("serve_itl.py", tmp_path / "i.json", "--streams", "8", "--step-ms", "5",
+                   "--osl", "6", "--rounds", "1")
+    run = r["runs"][0]
+    assert run["errors"] == 0 and run["streams"] == 8
+    assert 1.0 <= run["tokens_per_message"] <= 6.0  # every token streamed, one message or more
+    assert run["step_interval_ms"]["p50"] >= 5.0  # the fake engine's step
+    assert run["gateway"]["entries_per_xread"]["count"] >= 1
+    assert run["gateway"]["items_per_mailbox_handover"]["count"] >= 8
+    assert run["cpu_us_per_token"]["gateway_process"] > 0
+    floor = run_script("serve_itl.py", tmp_path / "f.json", "--floor", "yield", "--streams", "4",
+                       "--step-ms", "5", "--osl", "6", "--rounds", "1")["runs"][0]
+    assert floor["errors"] == 0 and floor["tokens_per_message"] == 1.0
+    assert floor["server_loop_cpu_us_per_message"] > 0

@@ -154,3 +154,61 @@ def test_a_started_tier_freezes_its_heap_out_of_full_collections():
         assert len(gc.get_objects()) < alive * 0.1
     finally:
         gc.unfreeze()
+
+
+class _StreamRedis:
+    """The calls OutputReader makes of redis.asyncio, over a list of output-stream entries that
+    one XREAD each hands over; XTRIMs are recorded."""
+
+    def __init__(self, entries: list[tuple[bytes, bytes]]):
+        self.entries = list(entries)
+        self.trims: list[bytes] = []
+
+    async def delete(self, key):
+        pass
+
+    async def info(self, section):
+        return {"run_id": "one"}
+
+    async def xread(self, streams_, count, block):
+        if not self.entries:
+            await asyncio.sleep(block / 1e3)
+            return None
+        key = next(iter(streams_))
+        return [(key, [self.entries.pop(0)])]
+
+    async def xtrim(self, key, minid, approximate):
+        self.trims.append(minid)
+
+    async def aclose(self):
+        pass
+
+
+def test_the_output_reader_routes_every_entry_and_trims_once_per_interval():
+    from services.gateway.clients import OutputReader
+    from services.gateway.router import Router
+
+    entries = [(f"{i + 1}-0".encode(), {streams.FIELD: convert.output_batch_to_bytes(
+        "exec", [Delta("r", 0, i, [10 + i])])}) for i in range(20)]
+
+    async def run() -> tuple[list[int], list[bytes]]:
+        redis = _StreamRedis(entries)
+        router = Router()
+        box = router.open("r")
+        reader = OutputReader(redis, "gw", router)
+        reader.TRIM_S = 0.5
+        await reader.start()
+        got: list[int] = []
+        while len(got) < 20:
+            got += [t for d in await box.get_all(5.0) for t in d.token_ids]
+        assert redis.trims == []  # 20 reads within the first interval: no trim yet
+        await asyncio.sleep(0.6)  # the interval passed: the next read trims up to what it read
+        redis.entries.append((b"21-0", {streams.FIELD: convert.output_batch_to_bytes(
+            "exec", [Delta("r", 0, 20, [30])])}))
+        got += [t for d in await box.get_all(5.0) for t in d.token_ids]
+        await reader.stop()
+        return got, redis.trims
+
+    got, trims = asyncio.run(run())
+    assert got == [*range(10, 30), 30]
+    assert trims == [b"21-0"]
