@@ -102,18 +102,20 @@ class SpecDecoder:
         known; never more than fit before max_tokens (a verify emits up to k + 1)."""
         if seq.num_uncomputed_tokens != 1 or seq.num_pending:
             return 0  # a prefill chunk, or a token not read back (overlapped step)
-        room = seq.num_prompt_tokens + seq.request.max_tokens - seq.num_tokens - 1
-        return max(0, min(self.config.num_speculative_tokens, room))
+        return max(0, min(self.config.num_speculative_tokens, _room(seq)))
 
     def _drafts_later(self, seq) -> bool:
         """Whether a decoding sequence would be given drafts once its pending tokens are read back
         (an overlapped step: it decodes, and max_tokens leaves room)."""
-        if not seq.num_pending or seq.num_uncomputed_tokens > 1:
-            return False
-        return seq.num_prompt_tokens + seq.request.max_tokens - seq.num_tokens > 1
+        return bool(seq.num_pending) and seq.num_uncomputed_tokens <= 1 and _room(seq) > 0
 
     def release(self, seq_id: int) -> None:
         self.proposer.release(seq_id)
+
+
+def _room(seq) -> int:
+    """Drafts that fit before max_tokens (a verify emits up to k + 1 tokens)."""
+    return seq.num_prompt_tokens + seq.request.max_tokens - seq.num_tokens - 1
 
 
 def _hidden_rows(plan, result) -> dict[int, tuple[int, int, int]]:
