@@ -7,7 +7,9 @@
 # run's figures inside.
 #   bash bench/serve_bench_gpu.sh OUT_DIR
 # Overrides (for a CPU smoke run): SB_ENGINE (engine flags), SB_ISL, SB_OSL, SB_SCALE (divides the
-# request counts), SB_RATE (Poisson requests/s), SB_CLIENTS (client processes).
+# request counts), SB_RATE (Poisson requests/s), SB_CLIENTS (client processes), SB_GATEWAYS
+# (gateway processes sharing the ports: `--gateway-replicas`; the kernel spreads connections, so
+# give at least as many client processes, e.g. SB_GATEWAYS=4 SB_CLIENTS=16).
 set -u
 OUT=${1:?usage: serve_bench_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -32,7 +34,7 @@ sweep() {  # sweep TARGET ADDRESS_ARGS...: the closed-loop points in one invocat
 
 t0=$SECONDS
 python -m services.serve "${ENGINE[@]}" --port "$GRPC_PORT" --openai-port "$OPENAI_PORT" \
-  --metrics-port 0 --max-waiting 8192 > "$OUT/serve-stack.log" 2>&1 &
+  --metrics-port 0 --max-waiting 8192 --gateway-replicas "${SB_GATEWAYS:-1}" > "$OUT/serve-stack.log" 2>&1 &
 SERVER=$!
 until grep -q "taxiway is serving at" "$OUT/serve-stack.log"; do
   if ! kill -0 "$SERVER" 2>/dev/null || (( SECONDS - t0 > 300 )); then

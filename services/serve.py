@@ -97,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
     if role != "all":
         from services.run import run_role
 
-        return run_role(role, resolve(CONFIGS[role], role, cli=cli, env=env, file=file, known=known))
+        config = resolve(CONFIGS[role], role, cli=cli, env=env, file=file, known=known)
+        if getattr(config, "gateway_replicas", 1) > 1:
+            print("taxiway serve: gateway_replicas is for --role all; with --role gateway, run more "
+                  "replicas of it (the Deployment's replicas)", file=sys.stderr)
+            return 2
+        return run_role(role, config)
     return run_all(cli, env, file, known)
 
 
@@ -146,7 +151,7 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
 
     from services.common.lifetime import busy_ports, die_with_parent, run_dir
 
-    configs = embedded_security(role_configs(cli, env, file, known))
+    configs = shared_gateway_ports(embedded_security(role_configs(cli, env, file, known)))
     busy = busy_ports(serve_ports(configs))
     if busy:
         print(f"taxiway serve: {busy[0]} is in use: is another `taxiway serve` running? Stop it, "
@@ -170,17 +175,21 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
     signals = Signals()
     stop = signals.first
     try:
-        for role in START_ORDER:
-            path = folder / f"{role}.yaml"
+        for name, role, config in children(configs):
+            path = folder / f"{name}.yaml"
             with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                yaml.safe_dump({role: flat_dict(configs[role])}, f)
-            procs[role] = subprocess.Popen(
+                yaml.safe_dump({role: flat_dict(config)}, f)
+            procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.serve", "--role", role, "--config", str(path)],
                 env=child_env, process_group=0, preexec_fn=die_with_parent(os.getpid()))
         gw = configs["gateway"]
         address = f"{'127.0.0.1' if gw.host in ('0.0.0.0', '::') else gw.host}:{gw.port}"
         if not _wait_ready(address, configs["gateway"], procs, stop):
             return 1 if not stop.is_set() else 0
+        if gw.gateway_replicas > 1:
+            print(f"taxiway: {gw.gateway_replicas} gateway processes share {address}"
+                  + (f" and the OpenAI port {gw.openai_port}" if gw.openai_port != -1 else ""),
+                  file=sys.stderr)
         print(f"taxiway is serving at {address}  (try: taxiway client --address {address} "
               f"\"What is the capital of France?\"; Ctrl-C stops)", flush=True)
         while not stop.wait(0.5):
@@ -197,6 +206,36 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
             redis.stop()
         shutil.rmtree(folder, ignore_errors=True)
         print("taxiway: stopped", file=sys.stderr)
+
+
+def shared_gateway_ports(configs: dict) -> dict:
+    """With gateway_replicas > 1 the gateways share their gRPC and OpenAI ports (reuse_port); a
+    port given as 0 is picked here, once for all of them."""
+    from services.common.redis_server import free_port
+
+    gw = configs["gateway"]
+    if gw.gateway_replicas == 1:
+        return configs
+    pick = {name: free_port(gw.host) for name in ("port", "openai_port") if getattr(gw, name) == 0}
+    return {**configs, "gateway": dataclasses.replace(gw, reuse_port=True, **pick)}
+
+
+def children(configs: dict) -> list[tuple[str, str, object]]:
+    """(process name, role, config) of every child, in start order: with gateway_replicas N,
+    N gateways ("gateway", "gateway-2", ...), each with its own id and metrics port (the first
+    keeps the configured ones)."""
+    out = []
+    for role in START_ORDER:
+        config = configs[role]
+        n = getattr(config, "gateway_replicas", 1)
+        for i in range(n):
+            own = {"gateway_replicas": 1} if n > 1 else {}  # each child is one of them
+            if i:
+                own["metrics_port"] = 0
+            if i and config.gateway_id:
+                own["gateway_id"] = f"{config.gateway_id}-{i + 1}"
+            out.append((role if i == 0 else f"{role}-{i + 1}", role, dataclasses.replace(config, **own)))
+    return out
 
 
 def serve_ports(configs: dict) -> list[tuple[str, str, int]]:
@@ -250,7 +289,8 @@ def _drain_children(procs: dict, grace_s: float, interrupted) -> None:
     print(f"taxiway: draining (up to {grace_s:.0f}s; Ctrl-C again to stop at once)",
           file=sys.stderr)
     budget = grace_s + 5.0  # + the gateway's own stop
-    for group in (["gateway"], [r for r in reversed(START_ORDER) if r != "gateway"]):
+    gateways = [name for name in procs if _role(name) == "gateway"]
+    for group in (gateways, [r for r in reversed(START_ORDER) if r != "gateway"]):
         alive = [procs[r] for r in group if r in procs and procs[r].poll() is None]
         for p in alive:
             p.terminate()
@@ -259,10 +299,16 @@ def _drain_children(procs: dict, grace_s: float, interrupted) -> None:
         budget = DRAIN_REST_S
 
 
+def _role(name: str) -> str:
+    """A child's role from its process name ("gateway-2" is a gateway)."""
+    return name.split("-")[0]
+
+
 def _stop_children(procs: dict) -> None:
-    for role in reversed(START_ORDER):  # gateway first: no new requests
-        p = procs.get(role)
-        if p is not None and p.poll() is None:
+    order = {role: i for i, role in enumerate(reversed(START_ORDER))}  # gateways first: no new requests
+    for name in sorted(procs, key=lambda n: order[_role(n)]):
+        p = procs[name]
+        if p.poll() is None:
             p.terminate()
             try:
                 p.wait(15)

@@ -154,11 +154,14 @@ class AioGrpcServer:
 
     def __init__(self, host: str, port: int, services: dict[str, object], *,
                  security: ServerSecurity | None = None,
-                 max_receive_bytes: int = MAX_MESSAGE_BYTES, request_limit: int | None = None):
+                 max_receive_bytes: int = MAX_MESSAGE_BYTES, request_limit: int | None = None,
+                 reuse_port: bool = False):
+        """reuse_port: share the port with other processes that listen with it (gateway replicas)."""
         sec = security or ServerSecurity()
+        options = [("grpc.so_reuseport", 1)] if reuse_port else OPTIONS
         self._server = grpc.aio.server(
             interceptors=[AioErrorInterceptor(), AioAuthInterceptor(sec.keys)],
-            options=[*OPTIONS, *AIO_OPTIONS,
+            options=[*options, *AIO_OPTIONS,
                      ("grpc.max_receive_message_length", max_receive_bytes)])
         self._health = health.aio.HealthServicer()
         self._names = _add_services(self._server, services, self._health, sec, request_limit, aio=True)

@@ -40,6 +40,14 @@ class GatewayConfig(RedisOptions, SecurityOptions):
                                     "host and API keys as gRPC; 0 picks a free one, -1 turns it off")
     metrics_port: int = metrics_port_option(9091)
     drain_timeout_s: float = option(DRAIN_TIMEOUT_S, DRAIN_HELP)
+    gateway_replicas: int = option(
+        1, "`taxiway serve` (every tier): gateway processes sharing the gRPC and OpenAI ports "
+           "(SO_REUSEPORT: the kernel spreads connections over them), each with its own output "
+           "stream and metrics port (the first keeps metrics_port, the others pick free ones). One "
+           "gateway process streams about 7,000 messages/s (docs/serving-performance.md); with "
+           "--role gateway, scale the Deployment instead")
+    reuse_port: bool = option(False, "listen with SO_REUSEPORT, sharing the ports with other gateway "
+                                     "processes (`taxiway serve` sets it for its gateway replicas)")
 
     def __post_init__(self) -> None:
         check_serving(self)
@@ -57,3 +65,5 @@ class GatewayConfig(RedisOptions, SecurityOptions):
                 f"{self.openai_port!r}")
         require(self.openai_port in (0, -1) or self.openai_port != self.port,
                 f"openai_port and port must differ, both are {self.port}")
+        require(isinstance(self.gateway_replicas, int) and 1 <= self.gateway_replicas <= 64,
+                f"gateway_replicas must be in 1..64, got {self.gateway_replicas!r}")

@@ -72,7 +72,7 @@ class GatewayService:
         servicer = AioGatedServicer(self.gate, target=GatewayServicer(self.core))
         self.server = AioGrpcServer(cfg.host, cfg.port, {"Gateway": servicer}, security=security,
                                     max_receive_bytes=4 * cfg.max_request_bytes,
-                                    request_limit=cfg.max_request_bytes)
+                                    request_limit=cfg.max_request_bytes, reuse_port=cfg.reuse_port)
         if cfg.openai_port != -1:
             from services.gateway.openai.server import OpenAIServer
 

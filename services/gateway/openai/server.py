@@ -52,7 +52,7 @@ class OpenAIServer:
 
     async def start(self) -> OpenAIServer:
         cfg = self.config
-        sock = _listen(cfg.host, cfg.openai_port)
+        sock = _listen(cfg.host, cfg.openai_port, cfg.reuse_port)
         self.port = sock.getsockname()[1]
         uv = uvicorn.Config(self.app, lifespan="off", log_level="warning", access_log=False,
                             ssl_certfile=cfg.tls_cert_file, ssl_keyfile=cfg.tls_key_file,
@@ -215,10 +215,12 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # several gateway processes share the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -124,3 +124,22 @@ def test_json_settings_parse_or_name_the_problem():
         parse_value("[1, 2]", dict | None)
     with pytest.raises(ValueError, match="expected JSON"):
         parse_value("{nope", dict)
+
+
+def test_gateway_replicas_are_children_of_serve_all_only(capsys):
+    from services.serve import children, main, shared_gateway_ports
+
+    with pytest.raises(ValueError, match="gateway_replicas must be in 1..64"):
+        GatewayConfig(gateway_replicas=0)
+    assert main(["--role", "gateway", "--gateway-replicas", "2"]) == 2  # refused before anything starts
+    assert "gateway_replicas is for --role all" in capsys.readouterr().err
+    configs = shared_gateway_ports(role_configs({"gateway_replicas": 3, "port": 0, "gateway_id": "gw"}, {}, {},
+                                                setting_names()))
+    kids = children(configs)
+    gateways = [(name, c) for name, role, c in kids if role == "gateway"]
+    assert [n for n, _ in gateways] == ["gateway", "gateway-2", "gateway-3"]
+    assert len({c.port for _, c in gateways}) == 1 and gateways[0][1].port != 0  # one port, picked once
+    assert all(c.reuse_port and c.gateway_replicas == 1 for _, c in gateways)
+    assert [c.gateway_id for _, c in gateways] == ["gw", "gw-2", "gw-3"]
+    assert [c.metrics_port for _, c in gateways] == [9091, 0, 0]
+    assert [role for _, role, _ in kids if role != "gateway"] == ["tokenizer", "executor", "scheduler"]
