@@ -18,10 +18,10 @@ from tests.integration.svc_stack import ROOT
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_serve_all_then_client_then_ctrl_c(tmp_path):
-    if find_redis_server() is None:
-        pytest.skip("no redis-server binary for the embedded Redis")
-    port = free_port()
+def start_serve(tmp_path, port: int, **sections):
+    """`python -m services.serve` on the fake engine with free ports, the gateway on `port`, and
+    `sections` added to its YAML file (the environment's TAXIWAY_* settings left out): (process,
+    its output lines as they come, an Event set once it says it is serving, the environment)."""
     config = tmp_path / "taxiway.yaml"
     config.write_text(yaml.safe_dump({
         "fake_engine": True,
@@ -30,6 +30,7 @@ def test_serve_all_then_client_then_ctrl_c(tmp_path):
         "tokenizer": {"port": 0},
         "scheduler": {"port": 0, "heartbeat_timeout_s": 2.0},
         "executor": {"port": 0, "fake_step_s": 0.001},
+        **sections,
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAXIWAY_") and k != "REDIS_URL"}
     env["TAXIWAY_PORT"] = str(port)  # the environment reaches the gateway only
@@ -46,6 +47,14 @@ def test_serve_all_then_client_then_ctrl_c(tmp_path):
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
+    return proc, lines, ready, env
+
+
+def test_serve_all_then_client_then_ctrl_c(tmp_path):
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary for the embedded Redis")
+    port = free_port()
+    proc, lines, ready, env = start_serve(tmp_path, port)
     try:
         assert ready.wait(120), "".join(lines)
         assert f"127.0.0.1:{port}" in next(l for l in lines if "serving at" in l)
@@ -79,28 +88,8 @@ def test_gateway_replicas_share_the_ports_and_each_serves(tmp_path):
     if find_redis_server() is None:
         pytest.skip("no redis-server binary for the embedded Redis")
     port, metrics = free_port(), free_port()
-    config = tmp_path / "taxiway.yaml"
-    config.write_text(yaml.safe_dump({
-        "fake_engine": True, "metrics_port": 0, "openai_port": 0,
-        "gateway": {"gateway_replicas": 2, "metrics_port": metrics, "gateway_id": "gw"},
-        "tokenizer": {"port": 0},
-        "scheduler": {"port": 0, "heartbeat_timeout_s": 2.0},
-        "executor": {"port": 0, "fake_step_s": 0.001},
-    }))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TAXIWAY_") and k != "REDIS_URL"}
-    env["TAXIWAY_PORT"] = str(port)
-    proc = subprocess.Popen([sys.executable, "-m", "services.serve", "--config", str(config)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line)
-            if "taxiway is serving at" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    proc, lines, ready, _ = start_serve(
+        tmp_path, port, gateway={"gateway_replicas": 2, "metrics_port": metrics, "gateway_id": "gw"})
     try:
         assert ready.wait(120), "".join(lines)
         assert any("2 gateway processes share" in l for l in lines), "".join(lines)
