@@ -1,0 +1,135 @@
+"""Where a speculative step's host time goes, batch 1: each method (no speculation, n-gram, a draft
+model, an EAGLE-3 head; always speculating, and EAGLE-3 as configured by default) decodes one
+prompt under torch.profiler. Per method: steps, wall ms per output token, the CUDA runtime calls per
+step (kernel launches, graph replays, copies, synchronizations), the same counted inside the
+proposer's propose() alone, and the operators taking the most host time.
+
+    python bench/spec_profile.py --draft-model DIR --eagle-head DIR --out spec-profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from bench.spec_decode import free_memory
+from gpu_engine.engine import LLMEngine
+from gpu_engine.spec.decoding import SpecDecoder
+from gpu_engine.spec.train_data import encode_prompts, load_prompts
+from taxiway.benchmarks import machine_info, run_requests, write_result
+
+RUNTIME = {"launch": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),
+           "graph": ("cudaGraphLaunch",), "copy": ("cudaMemcpyAsync", "cudaMemcpy", "cudaMemsetAsync"),
+           "sync": ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize",
+                    "cudaStreamWaitEvent", "cudaEventQuery")}
+PROPOSE = "spec.propose"
+
+
+def _wrap_propose() -> None:
+    """Mark each proposal in the trace (SpecDecoder.propose inside a record_function)."""
+    inner = SpecDecoder.propose
+
+    def propose(self, *a, **kw):
+        with record_function(PROPOSE):
+            return inner(self, *a, **kw)
+
+    SpecDecoder.propose = propose
+
+
+def runtime_calls(events, within: list[tuple[int, int]] | None) -> dict[str, int]:
+    """CUDA runtime calls by kind, all of them or only those starting inside `within` intervals."""
+    out = Counter()
+    for e in events:
+        kind = next((k for k, names in RUNTIME.items() if e.name in names), None)
+        if kind is None:
+            continue
+        if within is not None and not any(a <= e.time_range.start < b for a, b in within):
+            continue
+        out[kind] += 1
+    return dict(out)
+
+
+def profile_method(args, name: str, spec: dict | None, prompt: list[int]) -> dict:
+    engine = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                       speculative_config=spec)
+    run_requests(engine, [prompt], args.osl, stream=True)  # warm-up: kernels, the gate's first choice
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    engine.step_times.reset()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        r = run_requests(engine, [prompt], args.osl, stream=True)
+        wall = time.perf_counter() - t0
+    steps = max(r["steps"], 1)
+    events = prof.events()
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == PROPOSE]
+    total = runtime_calls(events, None)
+    inside = runtime_calls(events, spans)
+    table = prof.key_averages()
+    top = sorted((e for e in table if not e.key.startswith(("cuda", "cu", PROPOSE, "ProfilerStep"))),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
+    propose_us = sum(b - a for a, b in spans)
+    row = {"method": name, "steps": r["steps"], "output_tokens": len(r["token_times"]),
+           "wall_ms_per_token": round(wall * 1e3 / max(len(r["token_times"]), 1), 3),
+           "runtime_calls_per_step": {k: round(v / steps, 1) for k, v in sorted(total.items())},
+           "proposals": len(spans), "propose_ms_per_proposal": round(propose_us / 1e3 / max(len(spans), 1), 3),
+           "runtime_calls_per_proposal": {k: round(v / max(len(spans), 1), 1) for k, v in sorted(inside.items())},
+           "top_host_ops": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                             "self_cpu_us_per_step": round(e.self_cpu_time_total / steps, 1)} for e in top],
+           "step_times": engine.step_times.summary()}
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace_dir) / f"{name}.json"))
+    engine.shutdown()
+    del engine
+    free_memory()
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="target folder (default: the default model)")
+    ap.add_argument("--draft-model", default=None)
+    ap.add_argument("--eagle-head", default=None)
+    ap.add_argument("--kind", default="chat", help="the shipped prompt set's kind to decode")
+    ap.add_argument("--osl", type=int, default=48)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--trace-dir", default=None, help="also write each method's Chrome trace here")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    _wrap_propose()
+    always = {"num_speculative_tokens": args.k, "disable_when_slower": False}
+    runs = [("none", None), ("ngram-always", {"method": "ngram", **always})]
+    if args.draft_model:
+        runs.append(("draft_model-always", {"method": "draft_model", "model": args.draft_model, **always}))
+    if args.eagle_head:
+        runs.append(("eagle3-always", {"method": "eagle3", "model": args.eagle_head, **always}))
+        runs.append(("eagle3", {"method": "eagle3", "model": args.eagle_head, "num_speculative_tokens": args.k}))
+    probe = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    rows = [r for r in load_prompts(None) if r["kind"] == args.kind][-1:]
+    prompt = encode_prompts(probe.tokenizer, rows)[0]
+    probe.shutdown()
+    del probe
+    free_memory()
+    results = [profile_method(args, name, spec, prompt) for name, spec in runs]
+    write_result({"benchmark": "spec_profile_batch1", "config": vars(args), "machine": machine_info(),
+                  "results": results}, args.out)
+    for r in results:
+        print(f"{r['method']:20s} {r['wall_ms_per_token']:7.3f} ms/token  calls/step {r['runtime_calls_per_step']}  "
+              f"propose {r['propose_ms_per_proposal']} ms {r['runtime_calls_per_proposal']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
