@@ -1,6 +1,8 @@
 """Runs one tier in this process until SIGTERM/SIGINT (or until the `taxiway serve` parent that
 started it is gone), then drains it: NOT_SERVING, new calls UNAVAILABLE, running requests finish
-within the tier's drain_timeout_s, exit 0. A second signal stops at once."""
+within the tier's drain_timeout_s, exit 0. A second signal stops at once. A service that cannot
+go on after start-up says why in its `failed` attribute (an exception; None while it is well): the
+process then stops it and exits 1 with that one line."""
 
 from __future__ import annotations
 
@@ -64,17 +66,21 @@ def run_role(role: str, config) -> int:
         print(f"taxiway serve --role {role}: {exc}", file=sys.stderr)
         return 1
     freeze_startup_heap()
-    parent_gone = False
+    parent_gone, failed = False, None
     while not signals.first.wait(0.5):
+        failed = getattr(service, "failed", None)
+        if failed is not None:
+            print(f"taxiway serve --role {role}: {failed}", file=sys.stderr)
+            break
         if parent and os.getppid() != parent:
             log.warning("%s: the taxiway serve parent is gone; stopping", role)
             parent_gone = True
             break
-    if not parent_gone:
+    if not (parent_gone or failed):
         drain(role, service, config.drain_timeout_s, signals.second)
     log.info("%s stopping", role)
     service.stop()
-    return 0
+    return 1 if failed else 0
 
 
 def drain(role: str, service, timeout_s: float, interrupted: threading.Event) -> bool:

@@ -47,7 +47,8 @@ class GatewayConfig(RedisOptions, SecurityOptions):
            "gateway process streams about 7,000 messages/s (docs/serving-performance.md); with "
            "--role gateway, scale the Deployment instead")
     reuse_port: bool = option(False, "listen with SO_REUSEPORT, sharing the ports with other gateway "
-                                     "processes (`taxiway serve` sets it for its gateway replicas)")
+                                     "processes, and only once ready (`taxiway serve` sets it for "
+                                     "its gateway replicas)")
 
     def __post_init__(self) -> None:
         check_serving(self)

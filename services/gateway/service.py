@@ -31,8 +31,10 @@ STOP_GRACE_S = 2.0
 
 class GatewayService:
     """start(): listens at once (NOT_SERVING, calls UNAVAILABLE), SERVING once Redis answers and
-    the tokenizer tier describes the model. drain(): NOT_SERVING, new calls UNAVAILABLE, the
-    streams in flight run to their end. stop(): the requests still in flight end as cancelled."""
+    the tokenizer tier describes the model; with reuse_port it listens only then, so that the
+    kernel never hands a connection to a replica still starting while another serves. drain():
+    NOT_SERVING, new calls UNAVAILABLE, the streams in flight run to their end. stop(): the
+    requests still in flight end as cancelled."""
 
     def __init__(self, config: GatewayConfig, *, tracer_provider: trace.TracerProvider | None = None):
         self.config = config
@@ -40,8 +42,12 @@ class GatewayService:
         self._provider = tracer_provider
         self._stopping = threading.Event()
         self.gate = Gate("gateway")
+        self.server: AioGrpcServer | None = None
+        """The gRPC server; None until it listens (with reuse_port: until ready)."""
         self.http = None
         """The OpenAI-compatible HTTP server (services/gateway/openai), unless openai_port is -1."""
+        self.failed: Exception | None = None
+        """Why the gateway cannot go on (it could not listen once ready): run_role ends it."""
 
     def start(self) -> GatewayService:
         cfg = self.config
@@ -69,6 +75,18 @@ class GatewayService:
                                 request_timeout_s=cfg.request_timeout_s,
                                 max_concurrent_requests=cfg.max_concurrent_requests,
                                 tracer=self.obs.tracer)
+        if not cfg.reuse_port:
+            await self._listen(security)  # at once, NOT_SERVING until ready (what probes expect)
+        self.reader = await OutputReader(
+            streams.connect_async(cfg.redis_url, **cfg.redis_options()), self.gateway_id,
+            self.core.router, on_restart=self.core.redis_restarted, on_outage=self.core.redis_lost,
+            on_health=self._redis_health, outage_s=cfg.redis_outage_s).start()
+        self._ready = asyncio.create_task(self._become_ready(security), name="readiness")
+
+    async def _listen(self, security: ServerSecurity) -> None:
+        """Builds and starts the gRPC server and (unless openai_port is -1) the OpenAI HTTP
+        server; an OSError naming the address when a port is taken."""
+        cfg = self.config
         servicer = AioGatedServicer(self.gate, target=GatewayServicer(self.core))
         self.server = AioGrpcServer(cfg.host, cfg.port, {"Gateway": servicer}, security=security,
                                     max_receive_bytes=4 * cfg.max_request_bytes,
@@ -78,11 +96,6 @@ class GatewayService:
 
             self.http = await OpenAIServer(self.core, self.gate, security.keys, cfg).start()
         await self.server.start()
-        self.reader = await OutputReader(
-            streams.connect_async(cfg.redis_url, **cfg.redis_options()), self.gateway_id,
-            self.core.router, on_restart=self.core.redis_restarted, on_outage=self.core.redis_lost,
-            on_health=self._redis_health, outage_s=cfg.redis_outage_s).start()
-        self._ready = asyncio.create_task(self._become_ready(), name="readiness")
 
     def _security(self) -> ServerSecurity:
         cfg = self.config
@@ -96,10 +109,10 @@ class GatewayService:
 
     async def _redis_health(self, ok: bool) -> None:
         """Redis lost or back: health follows (new calls would fail meanwhile anyway)."""
-        if self.gate.is_open:
+        if self.gate.is_open and self.server is not None:
             await self.server.set_serving(ok)
 
-    async def _become_ready(self) -> None:
+    async def _become_ready(self, security: ServerSecurity) -> None:
         """SERVING once Redis answers and the tokenizer tier describes the model."""
         while not self._stopping.is_set():
             try:
@@ -110,7 +123,15 @@ class GatewayService:
                 await asyncio.sleep(0.5)
                 continue
             self.core.metrics = GatewayMetrics(model_label(info.name), registry=self.obs.registry)
-            self.gate.open()
+            self.gate.open()  # before a reuse_port listen: whoever connects then is served
+            if self.server is None:
+                try:
+                    await self._listen(security)
+                except Exception as exc:  # noqa: BLE001 - any of it (a port taken, TLS files)
+                    self.gate.close("failed")
+                    log.error("gateway %s cannot serve: %s", self.gateway_id, exc)
+                    self.failed = exc
+                    return
             await self.server.set_serving(True)
             log.info("gateway %s serving %s on %s%s", self.gateway_id, info.name,
                      self.server.address, f" (OpenAI API on {self.http.url})" if self.http else "")
@@ -119,15 +140,22 @@ class GatewayService:
     def drain(self, timeout_s: float, interrupted: threading.Event | None = None) -> bool:
         """True when every request in flight ended within timeout_s."""
         self._stopping.set()
-        self.gate.close("draining")  # first: nobody gets in once health says NOT_SERVING
-        self.loop.run(self.server.set_serving(False))
+        self.loop.run(self._close("draining"))
         return self.gate.wait_idle(timeout_s, interrupted)
+
+    async def _close(self, state: str) -> None:
+        """Readiness given up (it would open the gate again), then the gate closed (new calls
+        UNAVAILABLE, "gateway is <state>"), then health NOT_SERVING where it listens."""
+        self._ready.cancel()
+        await asyncio.gather(self._ready, return_exceptions=True)
+        self.gate.close(state)  # first: nobody gets in once health says NOT_SERVING
+        if self.server is not None:
+            await self.server.set_serving(False)
 
     def stop(self) -> None:
         if not self.loop.alive:
             return  # stopped already
         self._stopping.set()
-        self.gate.close("stopped")
         try:
             self.loop.run(self._astop(), STOP_GRACE_S + 10)
         finally:
@@ -135,13 +163,13 @@ class GatewayService:
             self.obs.close()
 
     async def _astop(self) -> None:
+        await self._close("stopped")
         ended = self.core.shutdown()  # each ends with FINISH_REASON_CANCELLED, aborted upstream
         if ended:
             log.info("gateway stopping: %d requests in flight end as cancelled", ended)
         await asyncio.sleep(0)  # let them send their last chunk before the servers stop
-        await asyncio.gather(self.server.stop(STOP_GRACE_S),
+        await asyncio.gather(*([self.server.stop(STOP_GRACE_S)] if self.server is not None else []),
                              *([self.http.stop()] if self.http is not None else []))
-        self._ready.cancel()
         await self.reader.stop()
         await self.tokenizer.close()
         await self.redis.aclose()
