@@ -119,7 +119,7 @@ for step in "$@"; do
     spec-profile) args=(--out "$OUT/spec-profile.json")
       [ -d "$OUT/eagle3-smollm2" ] && args+=(--eagle-head "$OUT/eagle3-smollm2")
       [ -d "$OUT/draft-smollm2-L6" ] && args+=(--draft-model "$OUT/draft-smollm2-L6")
-      phase spec-profile 300 python bench/spec_profile.py "${args[@]}" ;;
+      phase spec-profile 300 python bench/spec_profile.py "${args[@]}" --trace-dir "$OUT/traces" ;;
     # verify step (k = 1..8 drafts) vs decode step, Llama-3.1-8B dummy, batch 1/8/32; the speedup is
     # projected from spec-batch1.json's acceptance lengths when that phase ran first
     spec-verify-cost) args=(--out "$OUT/spec-verify-cost.json")

@@ -2,7 +2,9 @@
 model, an EAGLE-3 head; always speculating, and EAGLE-3 as configured by default) decodes one
 prompt under torch.profiler. Per method: steps, wall ms per output token, the CUDA runtime calls per
 step (kernel launches, graph replays, copies, synchronizations), the same counted inside the
-proposer's propose() alone, and the operators taking the most host time.
+proposer's propose() alone, the operators and CUDA runtime calls taking the most host time, and
+spans around the step loop's and the proposers' main functions (host time inside each, waits for
+the device included).
 
     python bench/spec_profile.py --draft-model DIR --eagle-head DIR --out spec-profile.json
 """
@@ -33,15 +35,52 @@ RUNTIME = {"launch": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC
 PROPOSE = "spec.propose"
 
 
-def _wrap_propose() -> None:
-    """Mark each proposal in the trace (SpecDecoder.propose inside a record_function)."""
-    inner = SpecDecoder.propose
+MARKED = {  # module: (class or None, function names): each call becomes a span of its own
+    "gpu_engine.runner": ("ModelRunner", ("launch", "collect", "compute_logits", "_sample")),
+    "gpu_engine.spec.verify": (None, ("launch_verify", "collect_verify")),
+    "gpu_engine.sampler": ("Sampler", ("advance", "verify_params", "verify_probs")),
+    "gpu_engine.spec.eagle3_proposer": ("Eagle3Proposer", ("_plan", "_prefill", "_chain", "_draw")),
+    "gpu_engine.spec.draft_model": ("DraftModelProposer", ("_plan", "_chain", "_logits")),
+    "gpu_engine.spec.draft_cache": ("DraftKVCache", ("sync", "commit", "metadata", "reserve")),
+    "gpu_engine.spec.proposer": (None, ("draw_drafts",)),
+    "gpu_engine.scheduler": ("Scheduler", ("schedule", "update", "commit")),
+}
 
-    def propose(self, *a, **kw):
-        with record_function(PROPOSE):
-            return inner(self, *a, **kw)
 
-    SpecDecoder.propose = propose
+def _span(name: str, fn):
+    def wrapped(*a, **kw):
+        with record_function(name):
+            return fn(*a, **kw)
+    return wrapped
+
+
+def _mark_spans() -> list[str]:
+    """Wrap SpecDecoder.propose (PROPOSE) and the functions of MARKED in record_function spans; a
+    function a module lacks is skipped. Returns the span names."""
+    import importlib
+
+    SpecDecoder.propose = _span(PROPOSE, SpecDecoder.propose)
+    names = []
+    for module_name, (cls_name, fns) in MARKED.items():
+        module = importlib.import_module(module_name)
+        owner = getattr(module, cls_name, None) if cls_name else module
+        for fn in fns:
+            if owner is None or not hasattr(owner, fn):
+                continue
+            name = f"span.{cls_name or module_name.rsplit('.', 1)[1]}.{fn}"
+            if cls_name is None and fn == "launch_verify":  # the runner imported it by name
+                from gpu_engine import runner
+
+                runner.launch_verify = _span(name, runner.launch_verify)
+            elif cls_name is None and fn == "draw_drafts":  # so did both drafters
+                import gpu_engine.spec.draft_model as dm
+                import gpu_engine.spec.eagle3_proposer as ep
+
+                dm.draw_drafts = ep.draw_drafts = _span(name, dm.draw_drafts)
+            else:
+                setattr(owner, fn, _span(name, getattr(owner, fn)))
+            names.append(name)
+    return names
 
 
 def runtime_calls(events, within: list[tuple[int, int]] | None) -> dict[str, int]:
@@ -73,8 +112,12 @@ def profile_method(args, name: str, spec: dict | None, prompt: list[int]) -> dic
     total = runtime_calls(events, None)
     inside = runtime_calls(events, spans)
     table = prof.key_averages()
-    top = sorted((e for e in table if not e.key.startswith(("cuda", "cu", PROPOSE, "ProfilerStep"))),
+    top = sorted((e for e in table if not e.key.startswith(("cuda", "cu", PROPOSE, "ProfilerStep", "span."))),
                  key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
+    runtime = sorted((e for e in table if e.key.startswith("cu")), key=lambda e: e.self_cpu_time_total,
+                     reverse=True)[: args.top]
+    spans_table = sorted((e for e in table if e.key.startswith(("span.", PROPOSE))),
+                         key=lambda e: e.cpu_time_total, reverse=True)
     propose_us = sum(b - a for a, b in spans)
     row = {"method": name, "steps": r["steps"], "output_tokens": len(r["token_times"]),
            "wall_ms_per_token": round(wall * 1e3 / max(len(r["token_times"]), 1), 3),
@@ -83,10 +126,15 @@ def profile_method(args, name: str, spec: dict | None, prompt: list[int]) -> dic
            "runtime_calls_per_proposal": {k: round(v / max(len(spans), 1), 1) for k, v in sorted(inside.items())},
            "top_host_ops": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
                              "self_cpu_us_per_step": round(e.self_cpu_time_total / steps, 1)} for e in top],
+           "runtime_calls": [{"call": e.key, "calls_per_step": round(e.count / steps, 1),
+                              "cpu_us_per_step": round(e.self_cpu_time_total / steps, 1)} for e in runtime],
+           "spans": [{"span": e.key, "calls_per_step": round(e.count / steps, 2),
+                      "us_per_call": round(e.cpu_time_total / max(e.count, 1), 1),
+                      "us_per_step": round(e.cpu_time_total / steps, 1)} for e in spans_table],
            "step_times": engine.step_times.summary()}
     if args.trace_dir:
         Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(Path(args.trace_dir) / f"{name}.json"))
+        prof.export_chrome_trace(str(Path(args.trace_dir) / f"{name}.json.gz"))
     engine.shutdown()
     del engine
     free_memory()
@@ -108,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-dir", default=None, help="also write each method's Chrome trace here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    _wrap_propose()
+    _mark_spans()
     always = {"num_speculative_tokens": args.k, "disable_when_slower": False}
     runs = [("none", None), ("ngram-always", {"method": "ngram", **always})]
     if args.draft_model:
