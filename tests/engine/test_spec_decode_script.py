@@ -22,7 +22,8 @@ def test_spec_decode_script_writes_every_method(default_model_dir, tmp_path):
          "--device", "cpu", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert list(result["per_prompt"]) == ["none", "ngram", "ngram-always", "eagle3", "eagle3-always"]
+    assert list(result["per_prompt"]) == ["none", "ngram", "ngram-always", "eagle3", "eagle3-always",
+                                          "none-last"]
     assert [r["kind"] for r in result["per_prompt"]["none"]] == ["code", "chat", "summarize"]
     eagle = result["per_prompt"]["eagle3-always"]
     assert all(r["spec_decode"]["num_draft_tokens"] > 0 for r in eagle)
@@ -33,3 +34,6 @@ def test_spec_decode_script_writes_every_method(default_model_dir, tmp_path):
     steps = result["step_times"]  # where each method's steps spent their time, drafting included
     assert set(steps) == set(result["per_prompt"]) and steps["eagle3-always"]["verify"]["propose_ms"] > 0
     assert steps["none"]["decode"]["propose_ms"] < 0.01  # nothing to draft
+    # the baseline is the faster of the two runs without speculation, so neither beats it
+    assert max(r["speedup"] for name in ("none", "none-last") for r in result["per_prompt"][name]) == 1.0
+    assert all(r["speedup"] <= 1.0 for name in ("none", "none-last") for r in result["per_prompt"][name])
