@@ -49,6 +49,10 @@ for step in "$@"; do
     sampling-tests) phase sampling-tests 500 python -m pytest tests/kernels/test_kernels_sampling.py tests/unit/test_sampler.py -q -p no:cacheprovider ;;
     sampling-table) phase sampling-table 450 python bench/sampling_throughput.py --out "$OUT/sampling-throughput.json" ;;
     sampling-bench) phase sampling-bench 550 python bench/sampling_kernels.py --out "$OUT/sampling-kernels.json" ;;
+    # the decode attention's tiles at the T1 1000/1000 and T2 2048/2048 decode shapes (BF16 / FP8
+    # KV, block sizes 16-64), with the KV bytes read per second (bench/kernels_sweep.py)
+    attn-sweep-t1) phase attn-sweep-t1 560 python bench/kernels_sweep.py --only "ctx=1500" --out "$OUT/attn-sweep-t1.json" ;;
+    attn-sweep-t2) phase attn-sweep-t2 560 python bench/kernels_sweep.py --only "ctx=3072" --out "$OUT/attn-sweep-t2.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
     cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
     sweep) phase sweep 580 python -m taxiway.cli bench sweep --isl 128 --osl 128 --num-requests 4000 \

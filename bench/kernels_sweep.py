@@ -1,4 +1,5 @@
-"""Sweep the attention kernels' tiling knobs on the GPU, at Llama-3.1-8B shapes, bf16.
+"""Sweep the attention kernels' tiling knobs on the GPU, at Llama-3.1-8B shapes (bf16 queries; a
+BF16 or FP8 KV cache, block size 16 unless a case says otherwise).
 
 Each variant's output is checked against the default configuration's (which the tests check
 against the reference) before it is timed through a CUDA graph (do_bench_cudagraph, median).
@@ -6,6 +7,7 @@ Prints, per case, the default and the five fastest variants; --out writes every 
 
     python bench/kernels_sweep.py --only decode --out sweep-decode.json
     python bench/kernels_sweep.py --only prefill --out sweep-prefill.json
+    python bench/kernels_sweep.py --only "ctx=3072" --out sweep-t2.json   # the T2 2048/2048 shapes
 """
 
 from __future__ import annotations
@@ -38,11 +40,17 @@ def _variants(kind: str, auto_splits: int):
             yield dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
 
 
-def _sweep_case(kind: str, seqs: list[tuple[int, int]]):
+def _sweep_case(kind: str, seqs: list[tuple[int, int]], kv: str = "bf16", block_size: int = 16):
+    """Every variant of one case; kv "fp8": the cache in float8_e4m3fn (scales 1.0), as
+    kv_cache_dtype="fp8" stores it. Decode rows also give the KV bytes read per microsecond."""
     b = make_paged_batch(seqs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                         dtype=DT, device="cuda")
-    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens, HEAD_DIM**-0.5)
+                         dtype=DT, device="cuda", block_size=block_size)
+    k_cache, v_cache = b.k_cache, b.v_cache
+    if kv == "fp8":
+        k_cache, v_cache = (c.to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    args = (b.q, k_cache, v_cache, b.block_tables, b.query_start_loc, b.seq_lens, HEAD_DIM**-0.5)
     fn = A.paged_decode_attention if kind == "decode" else A.paged_prefill_attention
+    kv_bytes = sum(n for _, n in seqs) * 2 * KV_HEADS * HEAD_DIM * k_cache.element_size()
     ref = fn(*args)
     auto = A.choose_num_splits(len(seqs), KV_HEADS, b.q.device)
     out = torch.empty_like(b.q)
@@ -56,16 +64,24 @@ def _sweep_case(kind: str, seqs: list[tuple[int, int]]):
                 raise AssertionError(f"output differs from the default's: {err:.2e}")
             t = triton.testing.do_bench_cudagraph(lambda: fn(*args, out=out, **cfg), rep=30,
                                                   return_mode="median")
-            rows.append(dict(cfg=cfg or "default", t_us=t * 1e3))
+            rows.append(dict(cfg=cfg or "default", t_us=t * 1e3, kv_gb_per_s=round(kv_bytes / (t * 1e6), 1)))
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run is listed
             rows.append(dict(cfg=cfg or "default", error=f"{type(e).__name__}: {str(e)[:200]}"))
     return rows
 
 
-CASES = {
+CASES = {  # name: (kind, (q_len, seq_len) per sequence[, kv dtype, block size])
     "decode b=1 ctx=8192": ("decode", [(1, 8192)]),
     "decode b=32 ctx=4096": ("decode", [(1, 4096)] * 32),
     "decode b=256 ctx=4096": ("decode", [(1, 4096)] * 256),
+    # the decode steps of T1 1000/1000 (331 sequences, BF16 KV) and T2 2048/2048 (249, FP8 KV):
+    # a step's GPU time there was 61% and 41% of its bandwidth floor (README, calls M1 / M3)
+    "decode b=330 ctx=1500": ("decode", [(1, 1500)] * 330),
+    "decode b=330 ctx=1500 block 32": ("decode", [(1, 1500)] * 330, "bf16", 32),
+    "decode b=250 ctx=3072 fp8": ("decode", [(1, 3072)] * 250, "fp8"),
+    "decode b=250 ctx=3072 fp8 block 32": ("decode", [(1, 3072)] * 250, "fp8", 32),
+    "decode b=250 ctx=3072 fp8 block 64": ("decode", [(1, 3072)] * 250, "fp8", 64),
+    "decode b=250 ctx=3072": ("decode", [(1, 3072)] * 250),
     "prefill 8x1024": ("prefill", [(1024, 1024)] * 8),
     "prefill 8x512 ctx=4096": ("prefill", [(512, 4096)] * 8),
 }
@@ -77,15 +93,15 @@ def main() -> None:
     parser.add_argument("--out", help="write every row as JSON here")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "cases": {}}
-    for name, (kind, seqs) in CASES.items():
+    for name, (kind, seqs, *layout) in CASES.items():
         if args.only not in name:
             continue
         print(f"{name} ...", file=sys.stderr, flush=True)
-        report["cases"][name] = _sweep_case(kind, seqs)
+        report["cases"][name] = _sweep_case(kind, seqs, *layout)
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        if args.out:  # after every case: a run cut short by a time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
     print(report["device"])
     for name, rows in report["cases"].items():
         ok = sorted((r for r in rows if "t_us" in r), key=lambda r: r["t_us"])
@@ -93,7 +109,7 @@ def main() -> None:
         failed = sum("error" in r for r in rows)
         print(f"{name}: default {default.get('t_us', float('nan')):.1f} us; {failed} variants failed")
         for r in ok[:5]:
-            print(f"   {r['t_us']:8.1f} us  {r['cfg']}")
+            print(f"   {r['t_us']:8.1f} us  {r['kv_gb_per_s']:7.1f} GB/s  {r['cfg']}")
 
 
 if __name__ == "__main__":
