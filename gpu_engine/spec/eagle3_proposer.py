@@ -84,7 +84,8 @@ class Eagle3Proposer:
             self.cache.commit(w.req.seq_id, w.first, new_keys, final_end=n - 1, parent=self._parent(toks))
         if not drafting:
             return Proposal(out)
-        last_rows = self.cache.upload(_last_rows(works), torch.int64)[drafting]
+        ends = _last_rows(works)  # (picked on the host: a CUDA tensor indexed by a list waits for the device)
+        last_rows = self.cache.upload([ends[i] for i in drafting], torch.int64)
         chain = [works[i] for i in drafting]
         tokens, probs = self._chain(chain, normed[last_rows], prenorm[last_rows])
         for w, toks in zip(chain, tokens):
