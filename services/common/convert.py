@@ -129,18 +129,18 @@ def _fill_delta(msg, d: Delta) -> None:
 
 
 def delta_from_pb(msg) -> Delta:
+    # positional (Delta's field order): keywords cost a quarter of this function, once per token
     d = Delta(msg.request_id, msg.attempt, msg.first_index, list(msg.token_ids),
-              msg.finish_reason or None, num_prompt_tokens=msg.num_prompt_tokens,
-              num_cached_tokens=msg.num_cached_tokens, executor_lost=msg.executor_lost,
-              queue_time_s=msg.queue_time_s)
+              msg.finish_reason or None, None, msg.num_prompt_tokens, msg.num_cached_tokens, None,
+              msg.executor_lost, None, msg.queue_time_s)
     if msg.HasField("stop_token_id"):
         d.stop_token_id = msg.stop_token_id
     if msg.HasField("error"):
         d.error = (msg.error.kind, msg.error.message)
-    if msg.logprobs:
-        d.logprobs = [dict(lp.logprobs) for lp in msg.logprobs]
-    if msg.prompt_logprobs:
-        d.prompt_logprobs = [dict(lp.logprobs) or None for lp in msg.prompt_logprobs]
+    if logprobs := msg.logprobs:
+        d.logprobs = [dict(lp.logprobs) for lp in logprobs]
+    if prompt_logprobs := msg.prompt_logprobs:
+        d.prompt_logprobs = [dict(lp.logprobs) or None for lp in prompt_logprobs]
     return d
 
 

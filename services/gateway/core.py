@@ -99,6 +99,12 @@ class _Group:
     def live(self) -> list[Sample]:
         return [s for s in self.samples if not s.ended]
 
+    def streaming(self) -> bool:
+        """Whether a sample still sends (`live` without building the list, once per chunk)."""
+        if len(self.samples) == 1:
+            return not self.samples[0].ended
+        return any(not s.ended for s in self.samples)
+
 
 class GatewayCore:
     def __init__(self, gateway_id: str, tokenizer: TokenizerClient, intake: Intake,
@@ -199,10 +205,15 @@ class GatewayCore:
         try:
             with _current(obs.context):
                 await self._start(group, p)
-            while group.live:
+            while group.streaming():
                 items = await group.mailbox.get_all(group.deadline - self._clock())
                 if items is None:
                     raise DeadlineExceeded(f"request {client_id} passed its deadline")
+                if len(items) == 1 and type(items[0]) is Delta:  # the usual: one step's delta
+                    chunk = await self._take(group, items[0], obs)
+                    if chunk is not None:
+                        yield chunk
+                    continue
                 for chunk in await self._handle(group, coalesce(items), obs):
                     yield chunk
         finally:
@@ -270,8 +281,9 @@ class GatewayCore:
                 f"tokens {len(s.tokens)}..{delta.first_index} never arrived")
             await self._resubmit(s, obs, why)
             return None
-        obs.delta(delta.queue_time_s)
-        chunk = await s.take(delta)
+        if delta.queue_time_s:
+            obs.delta(delta.queue_time_s)
+        chunk = s.take_now(delta) if s.textless else await s.take(delta)
         if chunk is not None and chunk.finish_reason is not None:
             if delta.finish_reason is None:  # a stop string: the executor goes on
                 await self._abort(Abort(s.request.request_id, "stop_string"))

@@ -71,6 +71,21 @@ class Sample:
     async def take(self, delta: Delta) -> Chunk | None:
         """The chunk for a delta that starts at or before len(tokens) (the caller resubmits after
         a gap); None when it brings nothing new."""
+        skip, new = self._accept(delta)
+        text, stop = await self.detok.add(new, flush=delta.finish_reason is not None)
+        return self._chunk(delta, skip, new, text, stop)
+
+    def take_now(self, delta: Delta) -> Chunk | None:
+        """take() for a sample whose detokenizer is a TextlessSession (`textless`): no exchange,
+        so no coroutine per token."""
+        skip, new = self._accept(delta)
+        return self._chunk(delta, skip, new, "", None)
+
+    @property
+    def textless(self) -> bool:
+        return type(self.detok) is TextlessSession
+
+    def _accept(self, delta: Delta) -> tuple[int, list[int]]:
         skip = len(self.tokens) - delta.first_index
         new = delta.token_ids[skip:]
         if delta.num_prompt_tokens:
@@ -78,7 +93,10 @@ class Sample:
         if delta.prompt_logprobs is not None and not self.prompt_logprobs_sent:
             self.prompt_logprobs = delta.prompt_logprobs
         self.tokens.extend(new)
-        text, stop = await self.detok.add(new, flush=delta.finish_reason is not None)
+        return skip, new
+
+    def _chunk(self, delta: Delta, skip: int, new: list[int], text: str,
+               stop: str | None) -> Chunk | None:
         if not (new or text or stop or delta.finish_reason):
             return None
         chunk = Chunk(self.client_id, self.index, new, text,

@@ -13,10 +13,11 @@ from gpu_engine.errors import InvalidRequest
 from gpu_engine.sampling_params import SamplingParams
 from services.common import convert, streams
 from services.common.proto import pb
-from services.common.types import Delta, ModelInfo
+from services.common.types import Delta, EngineRequest, ModelInfo
 from services.executor.service import OutputPublisher
-from services.gateway.core import GatewayCore, GenerateInput
+from services.gateway.core import GatewayCore, GenerateInput, _Group
 from services.gateway.router import Mailbox
+from services.gateway.samples import Sample, TextlessSession
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.core import load_core
 
@@ -26,7 +27,9 @@ def test_output_batches_carry_every_field_and_leave_zero_values_unset():
               Delta("b", 2, 7, [1, 2], "stop", 2, 9, 4, queue_time_s=0.25,
                     prompt_logprobs=[None, {3: -0.5}]),
               Delta("c", 1, 3, [], "abort", error=("DeadlineExceeded", "late")),
-              Delta("d", executor_lost=True)]
+              Delta("d", executor_lost=True),
+              Delta("f", 3, 8, [4, 6], "length", 6, 5, 2, ("Overloaded", "full"), True,
+                    [{4: -0.125}, {6: -0.25}], 0.5, [None, {1: -0.375}])]  # every field, by position
     assert convert.output_batch_from_bytes(convert.output_batch_to_bytes("e", deltas)) == deltas
     plain = pb.OutputBatch.FromString(convert.output_batch_to_bytes("e", deltas[:1])).deltas[0]
     assert [f.name for f, _ in plain.ListFields()] == ["request_id", "token_ids"]
@@ -140,6 +143,44 @@ def test_a_model_without_a_tokenizer_streams_ids_with_no_detokenizer():
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage == (2, 3, 0)
     with pytest.raises(InvalidRequest, match="has no tokenizer: stop strings cannot match"):
         asyncio.run(collect(SamplingParams(max_tokens=3, stop=("x",))))
+
+
+def test_a_textless_sample_takes_deltas_without_a_coroutine_as_take_does():
+    deltas = [Delta("r", 0, 0, [5, 6], num_prompt_tokens=2, num_cached_tokens=1,
+                    prompt_logprobs=[None, {4: -0.5}]),
+              Delta("r", 0, 1, [6, 7], logprobs=[{6: -0.1}, {7: -0.2}]),  # one seen already
+              Delta("r", 0, 3, []),  # nothing new
+              Delta("r", 0, 3, [8], "stop", stop_token_id=8)]
+
+    def sample() -> Sample:
+        s = Sample("c", 0, EngineRequest("r", "gw", (3, 4), SamplingParams()), 2)
+        s.detok = TextlessSession()
+        return s
+
+    now, slow = sample(), sample()
+    assert now.textless
+    taken = [now.take_now(d) for d in deltas]
+    assert taken == [asyncio.run(slow.take(d)) for d in deltas]
+    assert taken[2] is None and [c.token_ids for c in taken if c] == [[5, 6], [7], [8]]
+    assert taken[-1].usage == (2, 4, 1) and taken[-1].stop_reason == "8"
+
+
+def test_a_group_streams_while_any_sample_has_not_ended():
+    def group(*ended: bool) -> _Group:
+        samples = [Sample("c", i, EngineRequest(f"r{i}", "gw", (1,), SamplingParams()), 1)
+                   for i in range(len(ended))]
+        for s, e in zip(samples, ended):
+            s.ended = e
+        return _Group(samples, Mailbox(), 0.0)
+
+    for ended in [(False,), (True,), (True, False), (True, True), (False, True, False)]:
+        g = group(*ended)
+        assert g.streaming() == bool(g.live), ended
+
+
+def test_the_proto_namespace_holds_its_names_after_the_first_lookup():
+    assert pb.GenerateResponse is pb.__dict__["GenerateResponse"]
+    assert pb.FINISH_REASON_STOP == pb.FinishReason.Value("FINISH_REASON_STOP")
 
 
 def test_a_started_tier_freezes_its_heap_out_of_full_collections():
