@@ -142,6 +142,9 @@ class DraftModelProposer:
                 break
             live = [i for i, w in enumerate(works) if w.drafts > j + 1]
             meta, positions = self.cache.metadata([(works[i].req.seq_id, works[i].last + 1 + j, 1) for i in live])
+            if len(live) == len(works):  # every row goes on (batch 1 always): no gather or scatter
+                hidden = self.model(tok, positions, self.cache.kv, meta, self.cos_sin, self.ops)
+                continue
             idx = up(live, torch.int64)
             out = self.model(tok[idx], positions, self.cache.kv, meta, self.cos_sin, self.ops)
             hidden = hidden.clone()

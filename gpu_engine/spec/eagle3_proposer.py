@@ -158,6 +158,9 @@ class Eagle3Proposer:
             live = [i for i, w in enumerate(works) if w.drafts > j + 1]
             entries = [(works[i].req.seq_id, len(works[i].req.token_ids) - 1 + j, 1) for i in live]
             meta, positions = self.cache.metadata(entries)
+            if len(live) == len(works):  # every row goes on (batch 1 always): no gather or scatter
+                normed, prenorm = self._forward(tok, prenorm, positions, meta)
+                continue
             idx = up(live, torch.int64)
             n_out, p_out = self._forward(tok[idx], prenorm[idx], positions, meta)
             normed = normed.clone()
