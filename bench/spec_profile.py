@@ -69,17 +69,14 @@ def _mark_spans() -> list[str]:
             if owner is None or not hasattr(owner, fn):
                 continue
             name = f"span.{cls_name or module_name.rsplit('.', 1)[1]}.{fn}"
-            if cls_name is None and fn == "launch_verify":  # the runner imported it by name
-                from gpu_engine import runner
-
-                runner.launch_verify = _span(name, runner.launch_verify)
-            elif cls_name is None and fn == "draw_drafts":  # so did both drafters
-                import gpu_engine.spec.draft_model as dm
-                import gpu_engine.spec.eagle3_proposer as ep
-
-                dm.draw_drafts = ep.draw_drafts = _span(name, dm.draw_drafts)
-            else:
-                setattr(owner, fn, _span(name, getattr(owner, fn)))
+            original = getattr(owner, fn)
+            wrapped = _span(name, original)
+            if cls_name is not None:
+                setattr(owner, fn, wrapped)
+            else:  # a module's function: also where other modules imported it by name
+                for mod in list(sys.modules.values()):
+                    if getattr(mod, fn, None) is original:
+                        setattr(mod, fn, wrapped)
             names.append(name)
     return names
 
