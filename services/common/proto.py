@@ -88,8 +88,9 @@ class _LazyNamespace:
     GenerateResponse per streamed token)."""
 
     def __getattr__(self, name: str):
-        self.__dict__.update(vars(_load()))
-        return getattr(_load(), name)
+        ns = _load()
+        self.__dict__.update(vars(ns))
+        return getattr(ns, name)
 
 
 pb = _LazyNamespace()
