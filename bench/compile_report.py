@@ -133,6 +133,9 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
     return [
         ("decode splits=1", lambda: A.paged_decode_attention(*attn, scale, num_splits=1)),
         ("decode splits=16", lambda: A.paged_decode_attention(*attn, scale, num_splits=16)),
+        ("decode fp8 kv", lambda: A.paged_decode_attention(
+            dec.q, *(c.to(torch.float8_e4m3fn) for c in (dec.k_cache, dec.v_cache)),
+            *attn[3:], scale, num_splits=16)),
         ("prefill", lambda: A.paged_prefill_attention(
             pre.q, pre.k_cache, pre.v_cache, pre.block_tables, pre.query_start_loc,
             pre.seq_lens, scale)),

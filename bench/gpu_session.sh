@@ -53,6 +53,8 @@ for step in "$@"; do
     # KV, block sizes 16-64), with the KV bytes read per second (bench/kernels_sweep.py)
     attn-sweep-t1) phase attn-sweep-t1 560 python bench/kernels_sweep.py --only "ctx=1500" --out "$OUT/attn-sweep-t1.json" ;;
     attn-sweep-t2) phase attn-sweep-t2 560 python bench/kernels_sweep.py --only "ctx=3072" --out "$OUT/attn-sweep-t2.json" ;;
+    attn-sweep-fp8) phase attn-sweep-fp8 400 python bench/kernels_sweep.py --only "ctx=3072 fp8" --out "$OUT/attn-sweep-fp8.json" ;;
+    attn-sweep-t1-b16) phase attn-sweep-t1-b16 300 python bench/kernels_sweep.py --only "b=330 ctx=1500" --skip block --out "$OUT/attn-sweep-t1-b16.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
     cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
     sweep) phase sweep 580 python -m taxiway.cli bench sweep --isl 128 --osl 128 --num-requests 4000 \

@@ -8,6 +8,7 @@ Prints, per case, the default and the five fastest variants; --out writes every 
     python bench/kernels_sweep.py --only decode --out sweep-decode.json
     python bench/kernels_sweep.py --only prefill --out sweep-prefill.json
     python bench/kernels_sweep.py --only "ctx=3072" --out sweep-t2.json   # the T2 2048/2048 shapes
+    python bench/kernels_sweep.py --only "ctx=3072 fp8" --out sweep-fp8.json   # FP8 KV, block 16 only
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DT = torch.bfloat16
 
 
-def _variants(kind: str, auto_splits: int):
+def _variants(kind: str, auto_splits: int, fp8: bool):
+    """JSON-ready configurations (a dtype by name). An FP8 cache also tries both dot dtypes."""
     if kind == "decode":
         splits = sorted({max(1, auto_splits // 2), auto_splits, min(64, auto_splits * 2)})
-        for bn, w, st, sp in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), splits):
-            yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
+        dots = ("float16", "bfloat16") if fp8 else (None,)
+        for bn, w, st, sp, dot in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), splits, dots):
+            yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp,
+                       **({"fp8_dot_dtype": dot} if dot else {}))
     else:
         for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
             yield dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
@@ -55,14 +59,15 @@ def _sweep_case(kind: str, seqs: list[tuple[int, int]], kv: str = "bf16", block_
     auto = A.choose_num_splits(len(seqs), KV_HEADS, b.q.device)
     out = torch.empty_like(b.q)
     rows = []
-    for cfg in [{}] + list(_variants(kind, auto)):
+    for cfg in [{}] + list(_variants(kind, auto, kv == "fp8")):
+        kw = {k: getattr(torch, v) if k == "fp8_dot_dtype" else v for k, v in cfg.items()}
         try:
             out.fill_(float("nan"))
-            fn(*args, out=out, **cfg)
+            fn(*args, out=out, **kw)
             err = rel_err(out, ref)
             if not err < 1e-2:
                 raise AssertionError(f"output differs from the default's: {err:.2e}")
-            t = triton.testing.do_bench_cudagraph(lambda: fn(*args, out=out, **cfg), rep=30,
+            t = triton.testing.do_bench_cudagraph(lambda: fn(*args, out=out, **kw), rep=30,
                                                   return_mode="median")
             rows.append(dict(cfg=cfg or "default", t_us=t * 1e3, kv_gb_per_s=round(kv_bytes / (t * 1e6), 1)))
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run is listed
@@ -79,8 +84,8 @@ CASES = {  # name: (kind, (q_len, seq_len) per sequence[, kv dtype, block size])
     "decode b=330 ctx=1500": ("decode", [(1, 1500)] * 330),
     "decode b=330 ctx=1500 block 32": ("decode", [(1, 1500)] * 330, "bf16", 32),
     "decode b=250 ctx=3072 fp8": ("decode", [(1, 3072)] * 250, "fp8"),
-    "decode b=250 ctx=3072 fp8 block 32": ("decode", [(1, 3072)] * 250, "fp8", 32),
-    "decode b=250 ctx=3072 fp8 block 64": ("decode", [(1, 3072)] * 250, "fp8", 64),
+    "decode b=250 ctx=3072 block 32 fp8": ("decode", [(1, 3072)] * 250, "fp8", 32),
+    "decode b=250 ctx=3072 block 64 fp8": ("decode", [(1, 3072)] * 250, "fp8", 64),
     "decode b=250 ctx=3072": ("decode", [(1, 3072)] * 250),
     "prefill 8x1024": ("prefill", [(1024, 1024)] * 8),
     "prefill 8x512 ctx=4096": ("prefill", [(512, 4096)] * 8),
@@ -90,11 +95,12 @@ CASES = {  # name: (kind, (q_len, seq_len) per sequence[, kv dtype, block size])
 def main() -> None:
     parser = argparse.ArgumentParser(description="attention tiling sweep (GPU)")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
+    parser.add_argument("--skip", default=None, help="skip cases whose name contains this")
     parser.add_argument("--out", help="write every row as JSON here")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "cases": {}}
     for name, (kind, seqs, *layout) in CASES.items():
-        if args.only not in name:
+        if args.only not in name or (args.skip and args.skip in name):
             continue
         print(f"{name} ...", file=sys.stderr, flush=True)
         report["cases"][name] = _sweep_case(kind, seqs, *layout)

@@ -3,8 +3,11 @@
 Scores are computed in base 2: the wrapper passes scale * log2(e), so softmax uses exp2.
 A sliding window w arrives as `window` (a huge number when there is none): a query at position p
 sees keys at positions in (p - w, p].
-An FP8 cache is read in FP8 and converted to q's dtype in registers; its k_scale is folded into
-scale_log2 by the wrapper and v_scale multiplies the output (both are per-layer scalars).
+An FP8 cache is read in FP8 and converted in registers to DOT_DTYPE; its k_scale is folded into
+scale_log2 by the wrapper and v_scale multiplies the output (both are per-layer scalars). The decode
+kernel takes DOT_DTYPE float16 for an FP8 cache under 16-bit queries: E4M3 -> float16 is one
+instruction per pair (to bfloat16 it goes through float32, three more), every E4M3 value is exact
+in float16, and q (clamped to float16's range) and p (in [0, 1]) lose nothing against bfloat16.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def decode_split_kernel(
     s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_ot, s_oh,
     NUM_HEADS: tl.constexpr, DIRECT_OUT: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Grid (num_decodes, num_kv_heads, num_splits). One program: one sequence's one query token,
     the GROUP query heads that share one KV head (padded to GROUP_PAD rows for tl.dot), one split
@@ -74,6 +77,9 @@ def decode_split_kernel(
     row = tl.load(qsl_ptr + seq).to(tl.int64)
     q = tl.load(q_ptr + row * s_qt + heads[:, None] * s_qh + d[None, :],
                 mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, D]
+    if DOT_DTYPE == tl.float16 and q.dtype != tl.float16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    q = q.to(DOT_DTYPE)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -85,7 +91,7 @@ def decode_split_kernel(
         v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc, l_i, m_i = _softmax_step(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i,
+        acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
                                       valid[None, :], scale_log2, True, DOT_PREC)
     o = acc / l_i[:, None] * v_scale
     gm = g < GROUP

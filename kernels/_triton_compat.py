@@ -46,6 +46,13 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch floating dtype (for a kernel's dtype constexpr)."""
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -104,6 +104,18 @@ def _launch_args(q, k_cache, v_cache, block_tables, out):
     return strides, ("ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def _decode_dot_dtype(q: torch.Tensor, k_cache: torch.Tensor, fp8_dot_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the decode kernel's dots: q's, except for an FP8 cache under 16-bit queries."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8_dot_dtype is None:
+        return torch.float16 if fp8 and q.dtype != torch.float32 else q.dtype
+    if not fp8:
+        raise ValueError(f"fp8_dot_dtype is for an FP8 cache; this cache is {k_cache.dtype}")
+    if fp8_dot_dtype not in (q.dtype, torch.float16):
+        raise ValueError(f"fp8_dot_dtype must be float16 or q's dtype {q.dtype}, got {fp8_dot_dtype}")
+    return fp8_dot_dtype
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [T, H, D]; rows query_start_loc[i] of the first num_decodes sequences
     k_cache: torch.Tensor,  # [num_blocks, KVH, block_size, D]
@@ -120,12 +132,15 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     kv_scale: tuple[float, float] = (1.0, 1.0),
+    fp8_dot_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence (q_len 1 for every sequence given).
 
     Split-K: each sequence's context is cut into num_splits equal chunks (multiples of block_n
     tokens); partial results are merged by log-sum-exp. CUDA-graph capturable.
-    block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py).
+    block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py), and so is
+    fp8_dot_dtype: what an FP8 cache is converted to for the dots (default float16 under 16-bit
+    queries, see kernels/_attention_kernels.py; q's dtype is the other choice).
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
@@ -141,6 +156,7 @@ def paged_decode_attention(
         raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
     block_n = block_n or (64 if head_dim <= 128 and q.dtype != torch.float32 else 32)
     _check_block("block_n", block_n)
+    dot_dtype = _decode_dot_dtype(q, k_cache, fp8_dot_dtype)
     window = sliding_window or _NO_WINDOW
     strides, prec = _launch_args(q, k_cache, v_cache, block_tables, out)
     # [num_seqs, H, num_splits, D] f32 and [num_seqs, H, num_splits] f32: per-split results.
@@ -152,8 +168,8 @@ def paged_decode_attention(
         scale_log2, v_scale, window, num_splits, *strides,
         NUM_HEADS=num_heads, DIRECT_OUT=num_splits == 1, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, DOT_DTYPE=C.tl_dtype(dot_dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         K.decode_combine_kernel[(num_seqs, num_heads)](
