@@ -35,7 +35,9 @@ class SpeculativeConfig:
     disable_when_slower: bool = True
     """Measure, per batch size, the output tokens per second of steps that speculate and of steps
     that do not, and speculate only where it is faster (gpu_engine/spec/gate.py); False: always
-    speculate up to disable_above_batch_size."""
+    speculate up to disable_above_batch_size. Seeded sampled output with drafted distributions
+    (draft model, EAGLE-3 at temperature > 0) is reproducible only with False: which steps speculate
+    changes its draws."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -137,3 +137,26 @@ def test_sampled_speculation_keeps_the_target_distribution(tiny_llama, tiny_chec
         table = np.array([[a.count(c) for c in cats], [b.count(c) for c in cats]])
         table = table[:, table.sum(axis=0) >= 5]  # the chi-square approximation needs counts
         assert chi2_contingency(table)[1] > 0.001, (pos, table)
+
+
+def test_seeded_sampled_speculation_in_bfloat16_is_reproducible(tiny_llama):
+    """The GPU test's body on the CPU: with every step speculating (the gate pinned), a seeded
+    request drawing drafts from the draft's q emits the same tokens on a second generate (prefix
+    hits in the target's and the draft's caches, new sequence ids), and whatever else is batched
+    (the prompts reversed, a prompt alone on a fresh engine): the draft, acceptance and residual
+    draws are keyed by (seed, sample index, position), not by batch row, step or other requests.
+    With the gate measuring (the default), which steps speculate depends on step times and on what
+    earlier requests left in the gate, and so do these draws (docs/engine.md, "The gate")."""
+    prompts = [[5, 9, 17, 3, 88, 41, 7, 120] * 4, [200, 201, 202] * 8] + random_prompts(6, 320, seed=3)
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True,
+                            repetition_penalty=1.1, logprobs=2)
+
+    def engine():
+        return spec_llm(tiny_llama, "draft_model", tiny_llama, dtype="bfloat16", num_kv_blocks=256, max_model_len=512)
+
+    llm = engine()
+    first = tokens_of(generate_checked(llm, prompts, params))
+    assert tokens_of(generate_checked(llm, prompts, params)) == first
+    assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
+    assert tokens_of(generate_checked(engine(), prompts[::-1], params))[::-1] == first
+    assert tokens_of(generate_checked(engine(), prompts[:1], params)) == first[:1]
