@@ -40,23 +40,6 @@ def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
     return acc, l_i, m_new
 
 
-_PAIRS_ASM = tl.constexpr("{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 a, lo; "
-              "cvt.rn.f16x2.e4m3x2 b, hi; prmt.b32 $0, a, b, 0x5410; prmt.b32 $1, a, b, 0x7632; }")
-_PAIRS_ASM_SWAPPED = tl.constexpr("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
-                      "cvt.rn.f16x2.e4m3x2 $1, hi; }")
-
-
-@triton.jit
-def _e4m3_pairs_to_f16(w, IN_ORDER: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    if IN_ORDER:
-        t0, t1 = tl.inline_asm_elementwise(_PAIRS_ASM, "=r,=r,r", [w], dtype=(tl.float16, tl.float16),
-                                           is_pure=True, pack=2)
-    else:
-        t0, t1 = tl.inline_asm_elementwise(_PAIRS_ASM_SWAPPED, "=r,=r,r", [w], dtype=(tl.float16, tl.float16),
-                                           is_pure=True, pack=2)
-    return tl.reshape(tl.join(t0, t1), (N, D))
-
-
 @triton.jit
 def _split_range(seq_len, window, split, num_splits, BLOCK_N: tl.constexpr):
     """Decode split `split` covers context positions [start, end); chunk is a multiple of BLOCK_N."""
@@ -76,7 +59,6 @@ def decode_split_kernel(
     NUM_HEADS: tl.constexpr, DIRECT_OUT: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    FP8_PAIRS: tl.constexpr = 0,
 ):
     """Grid (num_decodes, num_kv_heads, num_splits). One program: one sequence's one query token,
     the GROUP query heads that share one KV head (padded to GROUP_PAD rows for tl.dot), one split
@@ -91,8 +73,6 @@ def decode_split_kernel(
         return
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    if FP8_PAIRS == 2:
-        d = (d & ~3) | ((d & 1) << 1) | ((d >> 1) & 1)
     heads = kv_head * GROUP + g
     row = tl.load(qsl_ptr + seq).to(tl.int64)
     q = tl.load(q_ptr + row * s_qt + heads[:, None] * s_qh + d[None, :],
@@ -109,17 +89,8 @@ def decode_split_kernel(
         valid = n < end
         k_off = _kv_offsets(bt_row, n, valid, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
         v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
-        if FP8_PAIRS:
-            dw = tl.arange(0, HEAD_DIM // 2)
-            kw = tl.load(k_ptr.to(tl.pointer_type(tl.int16)) + (k_off // 2)[:, None] + dw[None, :],
-                         mask=valid[:, None], other=0)
-            vw = tl.load(v_ptr.to(tl.pointer_type(tl.int16)) + (v_off // 2)[:, None] + dw[None, :],
-                         mask=valid[:, None], other=0)
-            k = _e4m3_pairs_to_f16(kw, FP8_PAIRS == 1, BLOCK_N, HEAD_DIM)
-            v = _e4m3_pairs_to_f16(vw, FP8_PAIRS == 1, BLOCK_N, HEAD_DIM)
-        else:
-            k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
                                       valid[None, :], scale_log2, True, DOT_PREC)
     o = acc / l_i[:, None] * v_scale

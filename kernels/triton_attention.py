@@ -116,19 +116,6 @@ def _decode_dot_dtype(q: torch.Tensor, k_cache: torch.Tensor, fp8_dot_dtype: tor
     return fp8_dot_dtype
 
 
-_FP8_UNPACK = {"cast": 0, "pairs": 1, "swapped": 2}
-
-
-def _fp8_pairs(k_cache: torch.Tensor, dot_dtype: torch.dtype, fp8_unpack: str) -> int:
-    """The decode kernel's FP8_PAIRS: 0 (Triton's cast) unless an FP8 cache is read into float16
-    dots on a GPU with another fp8_unpack asked for."""
-    if fp8_unpack not in _FP8_UNPACK:
-        raise ValueError(f"fp8_unpack must be one of {sorted(_FP8_UNPACK)}, got {fp8_unpack!r}")
-    if k_cache.dtype != torch.float8_e4m3fn or dot_dtype != torch.float16 or C.interpreting():
-        return 0
-    return _FP8_UNPACK[fp8_unpack]
-
-
 def _decode_block_n(head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, dot_dtype: torch.dtype) -> int:
     """Context tokens per decode-loop step. Measured on an H200 at T2's decode shape (250 x 3072,
     bench/results/2026-12-02-callN1-*): an FP8 cache with float16 dots reads 3.09 TB/s at 128,
@@ -157,7 +144,6 @@ def paged_decode_attention(
     num_stages: int = 2,
     kv_scale: tuple[float, float] = (1.0, 1.0),
     fp8_dot_dtype: torch.dtype | None = None,
-    fp8_unpack: str = "cast",
 ) -> torch.Tensor:
     """Attention of one query token per sequence (q_len 1 for every sequence given).
 
@@ -165,10 +151,7 @@ def paged_decode_attention(
     tokens); partial results are merged by log-sum-exp. CUDA-graph capturable.
     block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py), and so is
     fp8_dot_dtype: what an FP8 cache is converted to for the dots (default float16 under 16-bit
-    queries, see kernels/_attention_kernels.py; q's dtype is the other choice), and fp8_unpack:
-    how float16 dots get an FP8 cache's values ("cast": Triton's conversion; "pairs" / "swapped":
-    16-bit words through inline PTX, two conversions per word, in order or with head_dim's
-    positions 1 and 2 of every 4 swapped in q, K, V and out alike; CUDA only, "cast" elsewhere).
+    queries, see kernels/_attention_kernels.py; q's dtype is the other choice).
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
@@ -197,7 +180,7 @@ def paged_decode_attention(
         NUM_HEADS=num_heads, DIRECT_OUT=num_splits == 1, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, DOT_DTYPE=C.tl_dtype(dot_dtype),
-        num_warps=num_warps, num_stages=num_stages, FP8_PAIRS=_fp8_pairs(k_cache, dot_dtype, fp8_unpack),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         K.decode_combine_kernel[(num_seqs, num_heads)](

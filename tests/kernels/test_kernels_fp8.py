@@ -189,18 +189,15 @@ def test_decode_attention_fp8_cache(dtype, kv_scale, num_splits, device):
     assert rel_err(out, _reference_fp8(b, 0.125, kv_scale)) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize(("dot_dtype", "unpack"), [(torch.float16, "cast"), (torch.float16, "pairs"),
-                                                   (torch.float16, "swapped"), (torch.bfloat16, "cast")])
-def test_decode_attention_fp8_cache_dot_dtype(dot_dtype, unpack, device):
-    """Both dot dtypes of an FP8 cache under bfloat16 queries (float16 is the default) and every
-    unpacking (inline PTX on a GPU only) match the reference; queries beyond float16's range are
-    clamped to it, not turned into inf / NaN."""
+@pytest.mark.parametrize("dot_dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_fp8_cache_dot_dtype(dot_dtype, device):
+    """Both dot dtypes of an FP8 cache under bfloat16 queries (float16 is the default) match the
+    reference; queries beyond float16's range are clamped to it, not turned into inf / NaN."""
     kv_scale = (0.05, 0.02)
     b = _fp8_batch([(1, 9), (1, 70), (1, 133)], 4, torch.bfloat16, device, seed=3, kv_scale=kv_scale)
     out = torch.full_like(b.q, float("nan"))
     A.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens,
-                             0.125, out=out, num_splits=2, kv_scale=kv_scale, fp8_dot_dtype=dot_dtype,
-                             fp8_unpack=unpack)
+                             0.125, out=out, num_splits=2, kv_scale=kv_scale, fp8_dot_dtype=dot_dtype)
     assert rel_err(out, _reference_fp8(b, 0.125, kv_scale)) < 1e-2
     b.q[0, 0, 0] = 1e6  # beyond float16: one score saturates, the output stays finite
     A.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens,
@@ -217,8 +214,6 @@ def test_decode_attention_rejects_bad_fp8_dot_dtype(device):
     fp8 = (b.k_cache.to(torch.float8_e4m3fn), b.v_cache.to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="fp8_dot_dtype must be float16 or q's dtype"):
         A.paged_decode_attention(b.q, *fp8, *args[3:], fp8_dot_dtype=torch.float32)
-    with pytest.raises(ValueError, match="fp8_unpack must be one of"):
-        A.paged_decode_attention(b.q, *fp8, *args[3:], fp8_unpack="bytes")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
