@@ -8,12 +8,14 @@
 #   bash bench/serve_bench_gpu.sh OUT_DIR
 # Overrides (for a CPU smoke run): SB_ENGINE (engine flags), SB_ISL, SB_OSL, SB_SCALE (divides the
 # request counts), SB_RATE (Poisson requests/s), SB_CLIENTS (client processes), SB_GATEWAYS
-# (gateway processes sharing the ports: `--gateway-replicas`; the kernel spreads connections, so
-# give at least as many client processes, e.g. SB_GATEWAYS=4 SB_CLIENTS=16).
+# (gateway processes sharing the ports: `--gateway-replicas`; the kernel spreads connections, not
+# streams, so each gRPC client process opens SB_CONNECTIONS, default 4, e.g. SB_GATEWAYS=4
+# SB_CLIENTS=16; the OpenAI client opens one connection per request).
 set -u
 OUT=${1:?usage: serve_bench_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
 ISL=${SB_ISL:-128} OSL=${SB_OSL:-128} SCALE=${SB_SCALE:-1} RATE=${SB_RATE:-100} CLIENTS=${SB_CLIENTS:-4}
+CONNECTIONS=${SB_CONNECTIONS:-4}
 read -r -a ENGINE <<< "${SB_ENGINE:---model llama-3.1-8b --load-format dummy --max-num-seqs 1024 --max-model-len $((ISL + OSL)) --gpu-memory-utilization 0.9 --no-enable-prefix-caching --admission-policy guaranteed_no_evict}"
 GRPC_PORT=${SB_GRPC_PORT:-50051} OPENAI_PORT=${SB_OPENAI_PORT:-8000}
 n() { echo $(( ($1 + SCALE - 1) / SCALE )); }
@@ -43,7 +45,7 @@ until grep -q "taxiway is serving at" "$OUT/serve-stack.log"; do
   sleep 1
 done
 echo "stack ready in $((SECONDS - t0))s"
-sweep grpc --address "127.0.0.1:$GRPC_PORT"
+sweep grpc --address "127.0.0.1:$GRPC_PORT" --connections "$CONNECTIONS"
 sweep openai --address "127.0.0.1:$OPENAI_PORT"
 kill -INT "$SERVER"; wait "$SERVER"
 echo "stack stopped at $((SECONDS - t0))s"

@@ -54,6 +54,9 @@ class ServeBenchConfig:
     timeout_s: float = 600.0
     client_processes: int = 1
     """Client processes sharing each run (a Python client tops out near 20k streamed messages/s)."""
+    connections: int = 1
+    """gRPC connections per client process, taking the streams in turn (the OpenAI client opens
+    one per request): more than one spreads a process's streams over gateway replicas."""
     engine: dict = field(default_factory=dict)
     """EngineConfig settings of the in-process engine (target inprocess)."""
 
@@ -76,6 +79,11 @@ class ServeBenchConfig:
             raise ValueError(f"concurrency values must be >= 0, got {self.concurrency}")
         if self.client_processes < 1:
             raise ValueError(f"client_processes must be >= 1, got {self.client_processes}")
+        if self.connections < 1:
+            raise ValueError(f"connections must be >= 1, got {self.connections}")
+        if self.connections != 1 and self.target != "grpc":
+            raise ValueError(f"connections is for target grpc (openai opens one per request), "
+                             f"got {self.connections} with target {self.target!r}")
 
     def requests_of_run(self, i: int) -> int:
         """How many requests run i (concurrency[i]) sends."""

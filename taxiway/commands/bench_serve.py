@@ -44,6 +44,9 @@ def add_kind(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=d.slo_tpot_ms, help="goodput SLO (default: %(default)s)")
     p.add_argument("--client-processes", type=int, default=d.client_processes,
                    help="client processes per run, for thousands of streams (default: %(default)s)")
+    p.add_argument("--connections", type=int, default=d.connections,
+                   help="gRPC connections per client process, taking the streams in turn; more than "
+                        "one spreads them over gateway replicas (default: %(default)s)")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per request (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     add_engine_arguments(p, INPROCESS_DEFAULTS,
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         request_rate=args.request_rate, dataset=args.dataset, warmup_requests=args.warmup_requests,
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
         seed=args.engine_seed, timeout_s=args.timeout_s, client_processes=args.client_processes,
+        connections=args.connections,
         api_key=args.api_key or os.environ.get("TAXIWAY_API_KEY") or None, tls=args.tls,
         ca_file=args.ca,
         engine=engine_kwargs(args) if args.target == "inprocess" else {})

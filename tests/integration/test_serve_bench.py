@@ -72,6 +72,34 @@ def test_grpc_gateway_runs_every_request(stack_factory, client_processes):
     assert result["config"]["request_rate"] == "inf"
 
 
+@pytest.mark.parametrize("connections", [1, 3])
+def test_grpc_connections_take_the_streams_in_turn(stack_factory, monkeypatch, connections):
+    """Each of a client's `connections` channels is its own TCP connection (the gateway sees as many
+    peers), and the streams go round them in turn."""
+    from services.gateway import grpc_api
+
+    peers = []
+    generate = grpc_api.GatewayServicer.Generate
+
+    async def counting(self, request, context):
+        peers.append(context.peer())
+        async for chunk in generate(self, request, context):
+            yield chunk
+
+    monkeypatch.setattr(grpc_api.GatewayServicer, "Generate", counting)
+    stack = stack_factory(fake_step_s=0.002)
+    cfg = ServeBenchConfig(target="grpc", address=f"127.0.0.1:{stack.gateway.server.port}", isl=8,
+                           osl=6, num_requests=12, concurrency=(4,), warmup_requests=0,
+                           connections=connections)
+    result = run_benchmark(cfg)
+    assert (result["runs"][0]["completed"], result["runs"][0]["errors"]) == (12, 0)
+    assert result["config"]["connections"] == connections
+    assert len(peers) == 12 and len(set(peers)) == connections
+    assert sorted(peers.count(p) for p in set(peers)) == [12 // connections] * connections
+    with pytest.raises(ValueError, match="connections is for target grpc"):
+        ServeBenchConfig(target="openai", connections=2)
+
+
 def test_inprocess_engine_runs_the_same_workload(tiny_llama):
     cfg = ServeBenchConfig(target="inprocess", isl=5, osl=4, num_requests=(6, 3), concurrency=(2, 0),
                            request_rate=200.0, warmup_requests=1,
