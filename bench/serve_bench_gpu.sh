@@ -30,7 +30,7 @@ bench() {  # bench TARGET NAME [args]: one `taxiway bench serve` invocation, JSO
 sweep() {  # sweep TARGET ADDRESS_ARGS...: the closed-loop points in one invocation, then Poisson
   local target=$1; shift
   bench "$target" "serve-$target-closed" --concurrency 1 64 256 1024 \
-    --num-requests "$(n 16)" "$(n 256)" "$(n 1024)" "$(n 2048)" --client-processes "$CLIENTS" "$@"
+    --num-requests "$(n 32)" "$(n 256)" "$(n 1024)" "$(n 2048)" --client-processes "$CLIENTS" "$@"
   bench "$target" "serve-$target-poisson" --concurrency 0 --request-rate "$RATE" --num-requests "$(n 2048)" --client-processes "$CLIENTS" "$@"
 }
 
