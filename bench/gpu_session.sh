@@ -56,6 +56,12 @@ for step in "$@"; do
     attn-sweep-fp8) phase attn-sweep-fp8 400 python bench/kernels_sweep.py --only "ctx=3072 fp8" --out "$OUT/attn-sweep-fp8.json" ;;
     attn-sweep-t1-b16) phase attn-sweep-t1-b16 300 python bench/kernels_sweep.py --only "b=330 ctx=1500" --skip block --out "$OUT/attn-sweep-t1-b16.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
+    # one decode step's kernels at the throughput benchmarks' decode shapes (bench/profile_decode.py)
+    profile-t1-1000) phase profile-t1-1000 300 python bench/profile_decode.py --seqs 331 --ctx 1500 --out "$OUT/profile-t1-1000.json" ;;
+    profile-t2-1000) phase profile-t2-1000 300 python bench/profile_decode.py --seqs 497 --ctx 1500 \
+        --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/profile-t2-1000.json" ;;
+    profile-t2-2048) phase profile-t2-2048 300 python bench/profile_decode.py --seqs 249 --ctx 3072 \
+        --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/profile-t2-2048.json" ;;
     cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
     sweep) phase sweep 580 python -m taxiway.cli bench sweep --isl 128 --osl 128 --num-requests 4000 \
       --sizes 256 512 1024 2048 4096 --out "$OUT/sweep-128-128.json" ;;
