@@ -201,7 +201,8 @@ class EngineConfig:
     device: str = setting("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     load_format: str = setting(
         "auto", "auto/safetensors: read the checkpoint; dummy: random weights made on the device "
-                "(benchmarks)")
+                "(benchmarks), a speculative draft model's or EAGLE-3 head's too (its folder needs "
+                "only config.json)")
     seed: int = setting(0, "seeds dummy weights and the seeds given to requests that bring none")
     max_model_len: int | None = setting(
         None, "longest prompt + output per request (default: the model's max_position_embeddings)")

@@ -146,7 +146,8 @@ class LLMEngine:
         model = load_model(self.model_config, folder, self.dtype, self.device, self.quant_spec,
                            load_format=config.load_format, seed=config.seed,
                            kv_fp8=config.kv_cache_dtype == "fp8", shard=TPShard(0, config.tensor_parallel_size))
-        drafter = load_drafter(spec, self.model_config, self.dtype, self.device) if spec else None
+        drafter = (load_drafter(spec, self.model_config, self.dtype, self.device, dummy=config.load_format == "dummy")
+                   if spec else None)
         self.tokenizer = _load_tokenizer(config.tokenizer or folder)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:

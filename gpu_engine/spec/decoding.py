@@ -132,17 +132,18 @@ def _hidden_rows(plan, result) -> dict[int, tuple[int, int, int]]:
     return rows
 
 
-def load_drafter(config: SpeculativeConfig, target_config, dtype, device):
+def load_drafter(config: SpeculativeConfig, target_config, dtype, device, dummy: bool = False):
     """The draft model or EAGLE-3 head of `config` (None for n-gram), loaded before the KV cache
-    is sized so that its weights count in the memory budget."""
+    is sized so that its weights count in the memory budget. `dummy` (the engine's load_format
+    "dummy"): random weights made on the device, the drafter's folder needs only its config.json."""
     if config.method == "draft_model":
         from gpu_engine.spec.draft_model import load_draft_model
 
-        return load_draft_model(config.model, target_config, dtype, device)
+        return load_draft_model(config.model, target_config, dtype, device, dummy=dummy)
     if config.method == "eagle3":
         from gpu_engine.spec.eagle3 import load_eagle3_head
 
-        return load_eagle3_head(config.model, target_config, dtype, device)
+        return load_eagle3_head(config.model, target_config, dtype, device, dummy=dummy)
     return None
 
 

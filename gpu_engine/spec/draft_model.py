@@ -33,9 +33,10 @@ class _Work:
 
 
 def load_draft_model(folder: str | Path, target: ModelConfig, dtype: torch.dtype,
-                     device: torch.device) -> CausalLM:
+                     device: torch.device, dummy: bool = False) -> CausalLM:
     """The draft checkpoint in `folder`, as published: a pre-quantized one (FP8, INT4 AWQ: its
-    config.json says so) is served quantized, as the target would be."""
+    config.json says so) is served quantized, as the target would be. `dummy`: random weights
+    (seeded apart from the target's), only the folder's config.json is read."""
     from gpu_engine.quant import read_checkpoint_quant, resolve_quantization
     from gpu_engine.weights import load_model
 
@@ -44,9 +45,14 @@ def load_draft_model(folder: str | Path, target: ModelConfig, dtype: torch.dtype
     if abs(cfg.vocab_size - target.vocab_size) > 1024:
         raise ModelLoadError(f"draft model {folder} has vocab_size {cfg.vocab_size}, the target "
                              f"{target.vocab_size}: a draft must share the target's tokenizer")
-    quant = resolve_quantization(None, read_checkpoint_quant(folder), dummy=False)
-    return load_model(cfg, folder, dtype, device, quant, load_format="auto", seed=0, kv_fp8=False,
-                      progress=False)
+    quant = resolve_quantization(None, read_checkpoint_quant(folder), dummy=dummy)
+    return load_model(cfg, folder, dtype, device, quant, load_format="dummy" if dummy else "auto",
+                      seed=DUMMY_DRAFT_SEED, kv_fp8=False, progress=False)
+
+
+DUMMY_DRAFT_SEED = 1
+"""Seeds a dummy draft's weights (the target's dummy weights take the engine's seed, 0 by default),
+so that a draft of the target's own shape is not the target itself."""
 
 
 class DraftModelProposer:

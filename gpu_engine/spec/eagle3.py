@@ -120,6 +120,10 @@ def _aux_layers(cfg: dict[str, Any], target: ModelConfig, where: str) -> tuple[i
     return layers
 
 
+DUMMY_HEAD_SEED = 2
+"""Seeds a dummy head's weights (load_format "dummy")."""
+
+
 class Eagle3Head(nn.Module):
     """One EAGLE-3 decoder layer over [embedding; hidden], its norms, and the draft-vocabulary head."""
 
@@ -240,12 +244,16 @@ def read_head_config(folder: Path, target: ModelConfig) -> Eagle3Config:
 
 
 def load_eagle3_head(folder: str | Path, target: ModelConfig, dtype: torch.dtype,
-                     device: torch.device) -> Eagle3Head:
-    """Read a head in the published layout, checking every tensor's name and shape."""
+                     device: torch.device, dummy: bool = False) -> Eagle3Head:
+    """Read a head in the published layout, checking every tensor's name and shape. `dummy`: a
+    random head of the folder's config.json (N(0, 0.02) matrices, unit norms, the target's
+    embedding, the first draft_vocab_size target ids as its vocabulary), for benchmarks."""
     from gpu_engine.weights import checkpoint_files
 
     folder = Path(folder).expanduser()
     cfg = read_head_config(folder, target)
+    if dummy:
+        return _finish(_dummy_head(cfg, device), folder, dtype, device, set())
     tensors: dict[str, tuple[str, torch.Tensor]] = {}
     for path in checkpoint_files(folder):
         with safe_open(str(path), framework="pt") as f:
@@ -272,11 +280,28 @@ def load_eagle3_head(folder: str | Path, target: ModelConfig, dtype: torch.dtype
     missing = sorted(set(targets) - set(tensors) - optional)
     if missing:
         raise ModelLoadError(f"EAGLE-3 head in {folder} lacks tensors: {', '.join(missing)}")
-    if "d2t" not in tensors:
-        head.d2t.zero_()  # the draft vocabulary is the whole vocabulary
-    if "t2d" not in tensors:
+    return _finish(head, folder, dtype, device, set(tensors))
+
+
+def _dummy_head(cfg: Eagle3Config, device: torch.device) -> Eagle3Head:
+    with torch.device(device):
+        head = Eagle3Head(cfg, own_embedding=False)
+    gen = torch.Generator(device=device).manual_seed(DUMMY_HEAD_SEED)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)  # the 1-D parameters are norms: ones already
+    return head
+
+
+def _finish(head: Eagle3Head, folder: Path, dtype: torch.dtype, device: torch.device, read: set[str]) -> Eagle3Head:
+    """The vocabulary maps a checkpoint left out (d2t: the first draft_vocab_size ids), checked;
+    parameters in `dtype`; inference mode."""
+    if "d2t" not in read:
+        head.d2t.zero_()  # the draft vocabulary is the first draft_vocab_size target ids
+    if "t2d" not in read:
         head.t2d.zero_()
-        head.t2d[head.target_ids(torch.arange(cfg.draft_vocab_size, device=device))] = True
+        head.t2d[head.target_ids(torch.arange(head.cfg.draft_vocab_size, device=device))] = True
     _check_vocab_map(head, folder)
     for p in head.parameters():
         p.data = p.data.to(dtype)

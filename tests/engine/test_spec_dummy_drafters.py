@@ -1,0 +1,54 @@
+"""load_format="dummy" reaches the speculative drafters: a draft model's or an EAGLE-3 head's folder
+with only config.json gets random weights (for benchmarks of a target with no checkpoint), and
+speculation with them stays lossless; without dummy, such a folder is an error naming it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gpu_engine.config import ModelConfig
+from gpu_engine.errors import ModelLoadError
+from taxiway import LLM, SamplingParams
+from tests.engine.spec_helpers import ALWAYS, generate_checked, head_config, tokens_of
+
+PROMPTS = [[5, 9, 17, 3] * 4, [200, 201, 202] * 3, [7, 40, 41, 42, 43]]
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+def _config_only(tiny_llama: str, tmp_path: Path) -> dict[str, str]:
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    shutil.copy(Path(tiny_llama) / "config.json", draft / "config.json")
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "config.json").write_text(json.dumps(head_config(ModelConfig.from_folder(tiny_llama), 100)))
+    return {"draft_model": str(draft), "eagle3": str(head)}
+
+
+def _llm(tiny_llama, spec=None, **kw):
+    return LLM(tiny_llama, device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=256,
+               speculative_config=spec, **kw)
+
+
+@pytest.mark.parametrize("method", ["draft_model", "eagle3"])
+def test_dummy_drafters_are_random_and_lossless(tiny_llama, tmp_path, method):
+    folder = _config_only(tiny_llama, tmp_path)[method]
+    reference = tokens_of(_llm(tiny_llama, load_format="dummy").generate(PROMPTS, GREEDY))
+    spec = {"method": method, "num_speculative_tokens": 3, "model": folder, **ALWAYS}
+    llm = _llm(tiny_llama, spec, load_format="dummy")
+    assert tokens_of(generate_checked(llm, PROMPTS, GREEDY)) == reference
+    stats = llm.engine.scheduler.spec_stats
+    assert stats.num_draft_tokens > 0
+    if method == "draft_model":  # seeded apart from the target: not the target itself
+        assert stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.mark.parametrize("method", ["draft_model", "eagle3"])
+def test_a_config_only_drafter_needs_dummy(tiny_llama, tmp_path, method):
+    folder = _config_only(tiny_llama, tmp_path)[method]
+    with pytest.raises(ModelLoadError, match=rf"no \*\.safetensors files in .*{Path(folder).name}"):
+        _llm(tiny_llama, {"method": method, "num_speculative_tokens": 3, "model": folder})
