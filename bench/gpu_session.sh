@@ -132,6 +132,11 @@ for step in "$@"; do
       [ -d "$OUT/eagle3-smollm2" ] && args+=(--eagle-head "$OUT/eagle3-smollm2")
       [ -d "$OUT/draft-smollm2-L6" ] && args+=(--draft-model "$OUT/draft-smollm2-L6")
       phase spec-profile 300 python bench/spec_profile.py "${args[@]}" --trace-dir "$OUT/traces" ;;
+    # the same on Llama-3.1-8B dummy with a Llama-3.2-1B-shaped draft and an EAGLE-3 head, random
+    # weights (bench/data/dummy-drafters: what drafting costs at 8B, no GGUF needed)
+    spec-profile-8b) phase spec-profile-8b 400 python bench/spec_profile.py --model llama-3.1-8b --load-format dummy \
+        --draft-model bench/data/dummy-drafters/llama-3.2-1b --eagle-head bench/data/dummy-drafters/eagle3-llama-3.1-8b \
+        --max-model-len 2048 --out "$OUT/spec-profile-8b.json" --trace-dir "$OUT/traces-8b" ;;
     # verify step (k = 1..8 drafts) vs decode step, Llama-3.1-8B dummy, batch 1/8/32; the speedup is
     # projected from spec-batch1.json's acceptance lengths when that phase ran first
     spec-verify-cost) args=(--out "$OUT/spec-verify-cost.json")

@@ -27,7 +27,7 @@ from bench.spec_decode import free_memory
 from gpu_engine.engine import LLMEngine
 from gpu_engine.spec.decoding import SpecDecoder
 from gpu_engine.spec.train_data import encode_prompts, load_prompts
-from taxiway.benchmarks import machine_info, run_requests, write_result
+from taxiway.benchmarks import machine_info, random_prompts, run_requests, write_result
 
 RUNTIME = {"launch": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),
            "graph": ("cudaGraphLaunch",), "copy": ("cudaMemcpyAsync", "cudaMemcpy", "cudaMemsetAsync"),
@@ -93,8 +93,11 @@ def runtime_calls(events, within: list[tuple[int, int]] | None) -> dict[str, int
 
 def profile_method(args, name: str, spec: dict | None, rows: list[dict]) -> dict:
     engine = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       speculative_config=spec)
-    prompt = encode_prompts(engine.tokenizer, rows)[0]
+                       load_format=args.load_format, speculative_config=spec)
+    if engine.tokenizer is not None:
+        prompt = encode_prompts(engine.tokenizer, rows)[0]
+    else:  # a preset with dummy weights: random ids (what drafting and verifying cost, not acceptance)
+        prompt = random_prompts(1, 256, engine.model_config.vocab_size, seed=1)[0]
     run_requests(engine, [prompt], args.osl, stream=True)  # warm-up: kernels, the gate's first choice
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     engine.step_times.reset()
@@ -141,7 +144,9 @@ def profile_method(args, name: str, spec: dict | None, rows: list[dict]) -> dict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="target folder (default: the default model)")
+    ap.add_argument("--model", default=None, help="target folder or preset (default: the default model)")
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights, the drafters' too "
+                    "(bench/data/dummy-drafters has config-only drafters for llama-3.1-8b)")
     ap.add_argument("--draft-model", default=None)
     ap.add_argument("--eagle-head", default=None)
     ap.add_argument("--kind", default="chat", help="the shipped prompt set's kind to decode")

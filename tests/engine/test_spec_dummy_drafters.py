@@ -52,3 +52,32 @@ def test_a_config_only_drafter_needs_dummy(tiny_llama, tmp_path, method):
     folder = _config_only(tiny_llama, tmp_path)[method]
     with pytest.raises(ModelLoadError, match=rf"no \*\.safetensors files in .*{Path(folder).name}"):
         _llm(tiny_llama, {"method": method, "num_speculative_tokens": 3, "model": folder})
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_dummy_drafters_fit_the_8b_preset():
+    """bench/data/dummy-drafters: a Llama-3.2-1B-shaped draft and an EAGLE-3 head for llama-3.1-8b."""
+    from gpu_engine.spec.eagle3 import default_aux_layers, read_head_config
+
+    target = ModelConfig.from_preset("llama-3.1-8b")
+    data = REPO / "bench" / "data" / "dummy-drafters"
+    draft = ModelConfig.from_folder(data / "llama-3.2-1b")
+    assert (draft.vocab_size, draft.num_layers, draft.hidden_size, draft.head_dim) == (target.vocab_size, 16, 2048, 64)
+    head = read_head_config(data / "eagle3-llama-3.1-8b", target)
+    assert head.draft_vocab_size == 32000 and head.aux_layers == default_aux_layers(target.num_layers)
+
+
+def test_spec_profile_runs_a_dummy_target_without_a_tokenizer(tiny_llama, tmp_path):
+    from bench.spec_profile import main
+
+    folders = _config_only(tiny_llama, tmp_path)
+    out = tmp_path / "profile.json"
+    assert main(["--model", tiny_llama, "--load-format", "dummy", "--device", "cpu", "--dtype", "float32",
+                 "--draft-model", folders["draft_model"], "--eagle-head", folders["eagle3"], "--osl", "6",
+                 "--max-model-len", "320", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in results] == ["none", "ngram-always", "draft_model-always", "eagle3-always", "eagle3"]
+    assert all(r["output_tokens"] == 6 for r in results)
+    assert results[2]["proposals"] > 0 and results[3]["proposals"] > 0
