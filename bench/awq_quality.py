@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,7 +106,9 @@ def main() -> None:
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from taxiway.benchmarks import commit_id
+
+    commit = commit_id()
     path = default_model_path()
     tok = Tokenizer.from_folder(path)
     ids = token_windows(tok.encode(evaluation_text(), add_special_tokens=False), args.windows, args.seq_len)

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -114,7 +113,9 @@ def bench_env(quick: bool) -> tuple[bool, str, str, Timer, float]:
 
 def run_meta(device_name: str, copy_gbs: float, quick: bool, **extra) -> dict:
     """What a micro-benchmark's JSON says of its run: card, commit, command, dtype, torch."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from taxiway.benchmarks import commit_id
+
+    commit = commit_id()
     return dict(device=device_name, commit=commit, command=" ".join(sys.argv), dtype=str(DT), **extra,
                 torch=torch.__version__, copy_gbs=copy_gbs, quick=quick)
 

@@ -100,9 +100,9 @@ def main() -> None:
     parser.add_argument("--skip", default=None, help="skip cases whose name contains this")
     parser.add_argument("--out", help="write every row as JSON here")
     args = parser.parse_args()
-    from taxiway.benchmarks import _git_commit
+    from taxiway.benchmarks import commit_id
 
-    report = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("TAXIWAY_COMMIT") or _git_commit(),
+    report = {"device": torch.cuda.get_device_name(), "commit": commit_id(),
               "command": " ".join(sys.argv), "torch": torch.__version__, "triton": triton.__version__, "cases": {}}
     for name, (kind, seqs, *layout) in CASES.items():
         if args.only not in name or (args.skip and args.skip in name):

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -166,7 +165,9 @@ def main() -> None:
                       f"  band {r['band_share']:.2f} slow {r['slow_share']:.2f}", flush=True)
     if args.out:
         name = torch.cuda.get_device_name(0) if timer.gpu else platform.processor() or "cpu"
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        from taxiway.benchmarks import commit_id
+
+        commit = commit_id()
         meta = dict(device=name, commit=commit, command=" ".join(sys.argv), copy_gbs=gbs,
                     config=cfg.__dict__, torch=torch.__version__)
         with open(args.out, "w") as f:

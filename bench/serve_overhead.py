@@ -155,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from gpu_engine.engine import LLMEngine  # noqa: F401 - fail early without the engine
-    from taxiway.benchmarks import _git_commit
+    from taxiway.benchmarks import commit_id
 
     from gpu_engine.default_model import default_model_path
 
@@ -172,7 +172,7 @@ def main() -> None:
     result = {
         "benchmark": "serve_overhead",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": _git_commit(),
+        "commit": commit_id(),
         "machine": machine,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "protocol": "random token-id prompts, EOS ignored, all requests submitted at once, greedy; "

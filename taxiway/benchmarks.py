@@ -147,8 +147,14 @@ def machine_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    info["commit"] = os.environ.get("TAXIWAY_COMMIT") or _git_commit()
+    info["commit"] = commit_id()
     return info
+
+
+def commit_id() -> str:
+    """The commit a result was measured at: TAXIWAY_COMMIT (set where the tree has no .git, as on
+    the GPU machine), else git's HEAD, else "unknown"."""
+    return os.environ.get("TAXIWAY_COMMIT") or _git_commit()
 
 
 def _git_commit() -> str:
