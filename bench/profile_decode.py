@@ -27,8 +27,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.profile_step import top_kernels  # noqa: E402
 from gpu_engine.engine import LLMEngine  # noqa: E402
-from gpu_engine.roofline import decode_step_bytes, kv_bytes_per_token  # noqa: E402
+from gpu_engine.roofline import decode_step_bytes  # noqa: E402
 from gpu_engine.sampling_params import SamplingParams  # noqa: E402
 from taxiway.benchmarks import copy_bandwidth_gbs, machine_info, random_prompts  # noqa: E402
 
@@ -55,23 +56,16 @@ def group_of(kernel: str) -> str:
 
 
 def kernel_times(prof) -> list[dict]:
-    """Every device kernel of the profile: name, calls, total ms (host-side ops excluded)."""
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
-        if us > 0 and e.key and not e.key.startswith(("ProfilerStep", "aten::", "cuda")):
-            rows.append({"kernel": e.key[:120], "group": group_of(e.key), "calls": e.count,
-                         "total_ms": round(us / 1e3, 4)})
-    rows.sort(key=lambda r: -r["total_ms"])
-    return rows
+    """Every device kernel of the profile (bench/profile_step.py's rows), each with its group."""
+    return [{**row, "group": group_of(row["kernel"])} for row in top_kernels(prof, n=None)]
 
 
 def step_floor(engine: LLMEngine, seqs: int, ctx: int, copy_gbs: float | None) -> dict:
     """Bytes a decode step must read (gpu_engine/roofline.py: weights as stored, one embedding row
-    per sequence, the KV of every sequence's context) and, on a GPU, that over the copy bandwidth."""
-    c = engine.model_config
-    kv_elem = 1 if engine.config.kv_cache_dtype == "fp8" else torch.empty((), dtype=engine.dtype).element_size()
-    b = decode_step_bytes(engine.runner.model, seqs, kv_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, kv_elem), ctx)
+    per sequence, the KV of every sequence's context, per token what the runner's cache holds) and,
+    on a GPU, that over the copy bandwidth."""
+    runner = engine.runner
+    b = decode_step_bytes(runner.model, seqs, runner.bytes_per_block() // runner.block_size, ctx)
     out = {"kv_gb": round(b.kv / 1e9, 3), "weights_gb": round(b.weights / 1e9, 3),
            "embedding_rows_gb": round(b.embedding_rows / 1e9, 6)}
     if copy_gbs:
