@@ -281,8 +281,7 @@ class GatewayCore:
                 f"tokens {len(s.tokens)}..{delta.first_index} never arrived")
             await self._resubmit(s, obs, why)
             return None
-        if delta.queue_time_s:
-            obs.delta(delta.queue_time_s)
+        obs.delta(delta.queue_time_s)
         chunk = s.take_now(delta) if s.textless else await s.take(delta)
         if chunk is not None and chunk.finish_reason is not None:
             if delta.finish_reason is None:  # a stop string: the executor goes on
