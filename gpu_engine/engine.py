@@ -29,6 +29,7 @@ from gpu_engine.spec.verify import warm_up_verify
 from gpu_engine.sequence import Request, Sequence as Seq
 from gpu_engine.step_times import StepTimes, step_kind
 from gpu_engine.weights import load_model
+from kernels import compile_watch
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class LLMEngine:
     def _start(self, folder: Path | None) -> None:
         config = self.config
         spec = config.speculative
+        # Kernels specialised from here to the end of start-up are the warm-up's; later ones stall
+        # the running batch (a warning each, and EngineStats.kernel_compiles_late).
+        self.compile_watch = compile_watch.install()
         model = load_model(self.model_config, folder, self.dtype, self.device, self.quant_spec,
                            load_format=config.load_format, seed=config.seed,
                            kv_fp8=config.kv_cache_dtype == "fp8", shard=TPShard(0, config.tensor_parallel_size))
@@ -195,6 +199,7 @@ class LLMEngine:
         if spec is not None:
             warm_up_verify(self.runner.compute_logits, self.model_config.hidden_size, spec.num_speculative_tokens,
                            self.device, self.dtype)
+        self.compile_watch.mark()
         self.requests: dict[str, Request] = {}
         self._texts: dict[int, _SeqText] = {}
         self.step_times = StepTimes()
@@ -335,6 +340,10 @@ class LLMEngine:
         if self._finished is not None:
             finished, emitted = self._finished
             self.spec.observe(finished, speculated, emitted, time.perf_counter() - t0)
+        if self.compile_watch.has_new():
+            for e in self.compile_watch.new_since_mark():
+                log.warning("kernel %s was specialised while serving (%s s; the start-up warm-up did not "
+                            "cover it): %s", e["kernel"], e["seconds"], e["signature"])
         return outputs
 
     def _finish(self, flight, parts: dict[str, float]) -> list[RequestOutput]:
@@ -481,6 +490,7 @@ class LLMEngine:
             spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
             spec_num_accepted_tokens=spec.num_accepted_tokens,
             spec_num_accepted_tokens_per_pos=tuple(spec.num_accepted_tokens_per_pos),
+            kernel_compiles_late=self.compile_watch.num_late(),
         )
 
     def take_kv_events(self) -> list[tuple[str, bytes]]:

@@ -77,6 +77,8 @@ class EngineStats:
     """Drafted tokens accepted."""
     spec_num_accepted_tokens_per_pos: tuple[int, ...] = ()
     """Index j: how often a verify entry's draft j (0-based) was accepted."""
+    kernel_compiles_late: int = 0
+    """Triton kernel specialisations after start-up (each one stalled the batch it ran in)."""
 
     @property
     def kv_cache_usage(self) -> float:

@@ -233,7 +233,8 @@ def timed_run(engine: LLMEngine, cfg: BenchConfig) -> dict:
         "steps": r["steps"], "output_tokens_per_s": round(r["generated_tokens"] / r["elapsed_s"], 1),
         "total_tokens_per_s": round(cfg.requests * (cfg.isl + cfg.osl) / r["elapsed_s"], 1),
         "preemptions": engine.scheduler.num_preemptions - preempted,
-        "step_times": engine.step_times.summary(), **_spec_info(engine, spec),
+        "step_times": engine.step_times.summary(), "kernel_compiles": engine.compile_watch.summary(),
+        **_spec_info(engine, spec),
     }
 
 
@@ -267,6 +268,7 @@ def throughput_llm(cfg: BenchConfig) -> dict:
         "output_tokens_per_s": round(generated / elapsed, 1),
         "total_tokens_per_s": round(cfg.requests * (cfg.isl + cfg.osl) / elapsed, 1),
         "preemptions": engine.scheduler.num_preemptions, "step_times": engine.step_times.summary(),
+        "kernel_compiles": engine.compile_watch.summary(),
     }
 
 

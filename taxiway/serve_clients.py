@@ -167,7 +167,7 @@ class InProcessClient:
         return {"target": {"kind": "inprocess", "model": e.model_config.name,
                            "engine": e.config.settings_dict(), "num_kv_blocks": e.num_kv_blocks,
                            "device": str(e.device), "dtype": str(e.dtype)},
-                "step_times": e.step_times.summary()}
+                "step_times": e.step_times.summary(), "kernel_compiles": e.compile_watch.summary()}
 
     def close(self) -> None:
         pass

@@ -191,6 +191,10 @@ class ExecutorMetrics:
         self.prefix_cache_hits = one(Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = one(Counter, "num_preemptions",
                                    "Requests preempted because KV blocks ran out.")
+        self.kernel_compiles_after_start = one(
+            Counter, "kernel_compiles_after_start",
+            "Triton kernel specialisations compiled after the engine's start-up warm-up (each one "
+            "stalled the running batch for its compile).")
         self.step_seconds = one(Histogram, "executor_step_seconds",
                                 "Duration of one executor step, seconds.", buckets=STEP_BUCKETS)
         # Speculative decoding, as vLLM names it (spec_decode_*).

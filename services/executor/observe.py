@@ -62,6 +62,7 @@ class StepMetrics:
         self.metrics = metrics
         self._last = (0, 0, 0)  # prefix-cache queries, hits (blocks), preemptions
         self._last_spec = (0, 0, 0, ())  # drafts, draft tokens, accepted tokens, accepted per position
+        self._last_compiles = 0
 
     def step(self, seconds: float) -> None:
         self.metrics.step_seconds.observe(seconds)
@@ -78,6 +79,10 @@ class StepMetrics:
             m.prefix_cache_lookup(queries * stats.block_size, hits * stats.block_size)
         if preemptions:
             m.num_preemptions.inc(preemptions)
+        compiles = stats.kernel_compiles_late
+        if compiles > self._last_compiles:
+            m.kernel_compiles_after_start.inc(compiles - self._last_compiles)
+            self._last_compiles = compiles
         spec = (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens,
                 stats.spec_num_accepted_tokens_per_pos)
         if spec[0] != self._last_spec[0]:

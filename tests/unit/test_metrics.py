@@ -51,6 +51,7 @@ EXPECTED = {
         "taxiway:prefix_cache_queries": ("counter", {"model_name"}),
         "taxiway:prefix_cache_hits": ("counter", {"model_name"}),
         "taxiway:num_preemptions": ("counter", {"model_name"}),
+        "taxiway:kernel_compiles_after_start": ("counter", {"model_name"}),
         "taxiway:executor_step_seconds": ("histogram", {"model_name"}),
         "taxiway:spec_decode_num_drafts": ("counter", {"model_name"}),
         "taxiway:spec_decode_num_draft_tokens": ("counter", {"model_name"}),
@@ -143,6 +144,20 @@ def test_executor_spec_decode_counters_follow_the_engine_stats():
     for pos, n in enumerate((3, 2, 1, 1)):
         assert (f'taxiway:spec_decode_num_accepted_tokens_per_pos_total{{model_name="{MODEL}",'
                 f'position="{pos}"}} {float(n)}') in text
+
+
+def test_executor_late_kernel_compiles_follow_the_engine_stats():
+    from gpu_engine.outputs import EngineStats
+    from services.executor.observe import StepMetrics
+
+    ex = mx.ExecutorMetrics(MODEL)
+    steps = StepMetrics(ex)
+    base = dict(num_total_blocks=8, num_free_blocks=8, block_size=16, num_running=1, num_waiting=0,
+                prefill_backlog_tokens=0, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
+    for late in (0, 2, 2, 5):  # the engine's count since start-up
+        steps.sample(EngineStats(**base, kernel_compiles_late=late))
+    text = generate_latest(ex.registry).decode()
+    assert f'taxiway:kernel_compiles_after_start_total{{model_name="{MODEL}"}} 5.0' in text
 
 
 def test_instances_do_not_collide():

@@ -1,0 +1,59 @@
+"""The compile watch: Triton's hook calls (as triton.runtime.jit makes them) counted before and
+after the start-up mark; on a GPU, tests/gpu/test_gpu_warmup.py checks the engine leaves none late."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from kernels import compile_watch
+from kernels.compile_watch import CompileWatch
+
+
+def compile_once(watch: CompileWatch, name: str, sig: str = "(n: i32)") -> None:
+    """What one specialisation does: the cache hook, the compile, the post-compile hook."""
+    fn = SimpleNamespace(name=name, module="kernels.x", jit_function=None)
+    kwargs = dict(key=("k",), repr=f"{name}[num_warps=4]{sig}", fn=fn, compile={}, is_manual_warmup=False,
+                  already_compiled=False)
+    assert watch.before(**kwargs) is None  # a true value would make Triton skip the compile
+    watch.after(**kwargs)
+
+
+def test_counts_split_at_the_mark():
+    w = CompileWatch()
+    compile_once(w, "_decode")
+    compile_once(w, "_rms_norm")
+    w.mark()
+    assert w.num_late() == 0 and not w.has_new()
+    compile_once(w, "_decode", "(n: i32, m: i32)")
+    compile_once(w, "_decode", "(n: i32, m: i32, k: i32)")
+    compile_once(w, "_sample")
+    s = w.summary()
+    assert (s["at_start"], s["late"]) == (2, 3)
+    assert s["late_by_kernel"]["_decode"]["count"] == 2 and s["late_by_kernel"]["_sample"]["count"] == 1
+    assert [e["kernel"] for e in s["late_first"]] == ["_decode", "_decode", "_sample"]
+    assert all(e["seconds"] is not None and e["seconds"] >= 0 for e in s["late_first"])
+    assert w.has_new()
+    assert [e["signature"] for e in w.new_since_mark()] == [
+        "_decode[num_warps=4](n: i32, m: i32)", "_decode[num_warps=4](n: i32, m: i32, k: i32)",
+        "_sample[num_warps=4](n: i32)"]
+    assert not w.has_new() and w.new_since_mark() == []
+    compile_once(w, "_rope")
+    assert [e["kernel"] for e in w.new_since_mark()] == ["_rope"]
+    assert w.num_late() == 4
+
+
+def test_install_keeps_hooks_already_set(monkeypatch):
+    knobs = pytest.importorskip("triton").knobs
+    if not hasattr(knobs, "runtime") or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        pytest.skip("Triton older than its knobs")
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: seen.append("cache"))
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append("post"))
+    fresh = CompileWatch()
+    monkeypatch.setattr(compile_watch, "WATCH", fresh)
+    assert compile_watch.install() is fresh and fresh.enabled
+    assert compile_watch.install() is fresh  # once
+    fn = SimpleNamespace(name="_k")
+    assert knobs.runtime.jit_cache_hook(key=(), repr="_k[]()", fn=fn) is None
+    knobs.runtime.jit_post_compile_hook(key=(), repr="_k[]()", fn=fn)
+    assert seen == ["cache", "post"] and [e["kernel"] for e in fresh.events] == ["_k"]
