@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 
-
 LISTED = 64  # late specialisations listed whole in summary()
 
 
@@ -40,7 +39,7 @@ class CompileWatch:
     def before(self, **kwargs) -> None:
         self._started.t = time.perf_counter()
 
-    def after(self, *, repr: str = "", fn=None, **kwargs) -> None:  # noqa: A002  (Triton's name)
+    def after(self, *, repr: str = "", fn=None, **kwargs) -> None:
         t0 = getattr(self._started, "t", None)
         name = getattr(fn, "name", None) or repr.split("[", 1)[0]
         event = {"kernel": name, "signature": repr,

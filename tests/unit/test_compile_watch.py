@@ -12,8 +12,8 @@ from kernels.compile_watch import CompileWatch
 def compile_once(watch: CompileWatch, name: str, sig: str = "(n: i32)") -> None:
     """What one specialisation does: the cache hook, the compile, the post-compile hook."""
     fn = SimpleNamespace(name=name, module="kernels.x", jit_function=None)
-    kwargs = dict(key=("k",), repr=f"{name}[num_warps=4]{sig}", fn=fn, compile={}, is_manual_warmup=False,
-                  already_compiled=False)
+    kwargs = {"key": ("k",), "repr": f"{name}[num_warps=4]{sig}", "fn": fn, "compile": {},
+              "is_manual_warmup": False, "already_compiled": False}
     assert watch.before(**kwargs) is None  # a true value would make Triton skip the compile
     watch.after(**kwargs)
 
