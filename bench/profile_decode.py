@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b", help="a preset (dummy weights) or a folder")
     ap.add_argument("--seqs", type=int, default=331)
-    ap.add_argument("--ctx", type=int, default=1500, help="context tokens of each sequence at the profiled step")
+    ap.add_argument("--ctx", type=int, default=1500, help="context tokens of each sequence at the profiled step (at least; "
+                    "sequences that decode while later ones prefill have more: reported as context)")
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
@@ -88,14 +89,17 @@ def main(argv=None) -> int:
     if args.seqs < 1 or args.ctx < 2 or args.steps < 1:
         raise SystemExit("--seqs, --steps must be >= 1 and --ctx >= 2")
     dummy = not Path(args.model).is_dir()
+    # Sequences admitted first decode while the later ones prefill (at least 2,048 prompt tokens a
+    # step): they must not finish before the profile, and their extra context is reported.
+    slack = args.seqs * args.ctx // 2048 + args.steps + 16
     engine = LLMEngine(model=args.model, load_format="dummy" if dummy else "auto", device=args.device,
-                       max_model_len=args.ctx + args.steps + 8, max_num_seqs=args.seqs,
+                       max_model_len=args.ctx + slack, max_num_seqs=args.seqs,
                        enable_prefix_caching=False, quantization=args.quantization,
                        kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
                        admission_policy="guaranteed_no_evict")
     cuda = engine.device.type == "cuda"
-    params = SamplingParams(max_tokens=args.steps + 4, temperature=0.0, ignore_eos=True, detokenize=False)
-    # prompts one token short of --ctx: after the prefill step samples, the next decode step reads ctx
+    params = SamplingParams(max_tokens=slack, temperature=0.0, ignore_eos=True, detokenize=False)
+    # prompts one token short of --ctx: the profiled step reads ctx + 1 tokens of each (or more, see slack)
     for i, p in enumerate(random_prompts(args.seqs, args.ctx - 1, engine.model_config.vocab_size, 3)):
         engine.add_request(str(i), p, params)
     while engine.scheduler.prefill_backlog_tokens() > 0:
@@ -106,6 +110,8 @@ def main(argv=None) -> int:
     if running != args.seqs:
         raise SystemExit(f"{running} sequences run, not {args.seqs}: the KV pool is too small for "
                          f"{args.seqs} x {args.ctx} tokens")
+    contexts = [len(seq.token_ids) for seq in engine.scheduler.running]
+    mean_ctx = sum(contexts) / len(contexts)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps = []
     for _ in range(args.steps):
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth_gbs(engine.device) if cuda else None
     result = {"benchmark": "profile_decode", "machine": machine_info(), "command": " ".join(sys.argv),
               "config": {k: v for k, v in vars(args).items() if k != "out"},
-              "floor": step_floor(engine, args.seqs, args.ctx, copy_gbs), "steps": steps}
+              "context": {"mean": round(mean_ctx, 1), "min": min(contexts), "max": max(contexts)},
+              "floor": step_floor(engine, args.seqs, round(mean_ctx), copy_gbs), "steps": steps}
     best = min(steps, key=lambda s: s["kernel_ms"])
     print(f"{args.seqs} seqs x {args.ctx} ctx: step {best['step_ms']:.2f} ms, kernels {best['kernel_ms']:.2f} ms, "
           f"floor {result['floor'].get('floor_ms', 'n/a')} ms")

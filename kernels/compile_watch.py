@@ -39,10 +39,10 @@ class CompileWatch:
     def before(self, **kwargs) -> None:
         self._started.t = time.perf_counter()
 
-    def after(self, *, repr: str = "", fn=None, **kwargs) -> None:
+    def after(self, *, repr: str = "", fn=None, compile=None, **kwargs) -> None:
         t0 = getattr(self._started, "t", None)
         name = getattr(fn, "name", None) or repr.split("[", 1)[0]
-        event = {"kernel": name, "signature": repr,
+        event = {"kernel": name, "signature": repr.split("(", 1)[0] + "(" + _specialisation(fn, compile) + ")",
                  "seconds": round(time.perf_counter() - t0, 4) if t0 is not None else None}
         with self._lock:
             self.events.append(event)
@@ -83,6 +83,22 @@ class CompileWatch:
                 "at_start_s": round(sum(e["seconds"] or 0.0 for e in early), 3),
                 "late": len(late), "late_s": round(sum(e["seconds"] or 0.0 for e in late), 3),
                 "late_by_kernel": by_kernel, "late_first": late[:LISTED]}
+
+
+def _specialisation(fn, compile) -> str:
+    """What this specialisation fixed, by argument name: constexpr and constant values
+    (`BLOCK=64`, `n=1`) and alignment attributes (`stride:16`, Triton's tt.divisibility);
+    empty where Triton's hook arguments are not what this reads (it never fails a compile)."""
+    try:
+        names = list(fn.jit_function.arg_names)
+        parts = []
+        for where, value in compile["constants"].items():
+            parts.append(f"{names[where[0]]}={getattr(value, 'value', value)}")
+        for where, attrs in compile["configs"][0].items():
+            parts.append(f"{names[where[0]]}:" + "/".join(str(v) for _, v in attrs))
+        return ", ".join(parts)
+    except Exception:  # noqa: BLE001  (a report, never a reason to fail the launch)
+        return ""
 
 
 WATCH = CompileWatch()
