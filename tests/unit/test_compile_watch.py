@@ -9,10 +9,16 @@ from kernels import compile_watch
 from kernels.compile_watch import CompileWatch
 
 
-def compile_once(watch: CompileWatch, name: str, sig: str = "(n: i32)") -> None:
-    """What one specialisation does: the cache hook, the compile, the post-compile hook."""
-    fn = SimpleNamespace(name=name, module="kernels.x", jit_function=None)
-    kwargs = {"key": ("k",), "repr": f"{name}[num_warps=4]{sig}", "fn": fn, "compile": {},
+ARGS = ("q_ptr", "n", "BLOCK")
+
+
+def compile_once(watch: CompileWatch, name: str, block: int = 64, aligned: bool = True) -> None:
+    """What one specialisation does: the cache hook, the compile, the post-compile hook, with the
+    hook arguments Triton 3.6 gives (constants and attributes keyed by argument index paths)."""
+    fn = SimpleNamespace(name=name, module="kernels.x", jit_function=SimpleNamespace(arg_names=ARGS))
+    attrs = {(0,): [["tt.divisibility", 16]]} if aligned else {}
+    kwargs = {"key": ("k",), "repr": f"{name}[num_warps=4](q_ptr: ())", "fn": fn,
+              "compile": {"constants": {(2,): block}, "configs": [attrs]},
               "is_manual_warmup": False, "already_compiled": False}
     assert watch.before(**kwargs) is None  # a true value would make Triton skip the compile
     watch.after(**kwargs)
@@ -24,8 +30,8 @@ def test_counts_split_at_the_mark():
     compile_once(w, "_rms_norm")
     w.mark()
     assert w.num_late() == 0 and not w.has_new()
-    compile_once(w, "_decode", "(n: i32, m: i32)")
-    compile_once(w, "_decode", "(n: i32, m: i32, k: i32)")
+    compile_once(w, "_decode", block=128)
+    compile_once(w, "_decode", aligned=False)
     compile_once(w, "_sample")
     s = w.summary()
     assert (s["at_start"], s["late"]) == (2, 3)
@@ -34,8 +40,8 @@ def test_counts_split_at_the_mark():
     assert all(e["seconds"] is not None and e["seconds"] >= 0 for e in s["late_first"])
     assert w.has_new()
     assert [e["signature"] for e in w.new_since_mark()] == [
-        "_decode[num_warps=4](n: i32, m: i32)", "_decode[num_warps=4](n: i32, m: i32, k: i32)",
-        "_sample[num_warps=4](n: i32)"]
+        "_decode[num_warps=4](BLOCK=128, q_ptr:16)", "_decode[num_warps=4](BLOCK=64)",
+        "_sample[num_warps=4](BLOCK=64, q_ptr:16)"]
     assert not w.has_new() and w.new_since_mark() == []
     compile_once(w, "_rope")
     assert [e["kernel"] for e in w.new_since_mark()] == ["_rope"]
@@ -55,5 +61,5 @@ def test_install_keeps_hooks_already_set(monkeypatch):
     assert compile_watch.install() is fresh  # once
     fn = SimpleNamespace(name="_k")
     assert knobs.runtime.jit_cache_hook(key=(), repr="_k[]()", fn=fn) is None
-    knobs.runtime.jit_post_compile_hook(key=(), repr="_k[]()", fn=fn)
-    assert seen == ["cache", "post"] and [e["kernel"] for e in fresh.events] == ["_k"]
+    knobs.runtime.jit_post_compile_hook(key=(), repr="_k[]()", fn=fn)  # no compile dict: no detail
+    assert seen == ["cache", "post"] and [(e["kernel"], e["signature"]) for e in fresh.events] == [("_k", "_k[]()")]
