@@ -16,6 +16,13 @@ import triton
 import triton.language as tl
 
 
+# Per-sequence metadata read a scalar (or a few block ids) at a time: in mixed steps these are views
+# at any offset (the prefill part starts after the decodes; query_start_loc and seq_lens share one
+# upload), so specialising on their 16-byte alignment only compiled each kernel again while serving
+# (kernels/compile_watch.py saw 7 such compiles, 5 s of stalls, on an H200's first requests).
+_ANY_OFFSET = ["bt_ptr", "qsl_ptr", "seq_lens_ptr"]
+
+
 @triton.jit
 def _kv_offsets(bt_row, n, valid, kv_head, s_b, s_h, s_t, BLOCK_SIZE: tl.constexpr):
     """Element offsets (int64) of the cache rows holding context positions n: [BLOCK_N]."""
@@ -51,7 +58,7 @@ def _split_range(seq_len, window, split, num_splits, BLOCK_N: tl.constexpr):
     return start, end, kv_lo, chunk
 
 
-@triton.jit(do_not_specialize=["window", "num_splits"])
+@triton.jit(do_not_specialize=["window", "num_splits"], do_not_specialize_on_alignment=_ANY_OFFSET)
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, pout_ptr, plse_ptr,
     scale_log2, v_scale, window, num_splits,
@@ -104,7 +111,7 @@ def decode_split_kernel(
         tl.store(plse_ptr + part, m_i + tl.log2(l_i), mask=gm)
 
 
-@triton.jit(do_not_specialize=["window", "num_splits"])
+@triton.jit(do_not_specialize=["window", "num_splits"], do_not_specialize_on_alignment=_ANY_OFFSET[1:])
 def decode_combine_kernel(
     pout_ptr, plse_ptr, qsl_ptr, seq_lens_ptr, out_ptr, window, num_splits, s_ot, s_oh,
     NUM_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -147,7 +154,7 @@ def _find_tile_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo, q_start, local_tile
 
 
-@triton.jit(do_not_specialize=["window", "num_seqs"])
+@triton.jit(do_not_specialize=["window", "num_seqs"], do_not_specialize_on_alignment=_ANY_OFFSET)
 def prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
     scale_log2, v_scale, window, num_seqs,

@@ -31,7 +31,9 @@ def _to_cache(x, src_dtype: tl.constexpr, cache_dtype: tl.constexpr, scale, KV_F
     return x.to(cache_dtype)
 
 
-@triton.jit
+# positions and slot_mapping may be views at any offset (one upload holds several arrays): no
+# alignment specialisation, so a step never compiles the kernel again for an odd offset.
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, k_scale, v_scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cs,
