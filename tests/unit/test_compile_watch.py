@@ -8,7 +8,6 @@ import pytest
 from kernels import compile_watch
 from kernels.compile_watch import CompileWatch
 
-
 ARGS = ("q_ptr", "n", "BLOCK")
 
 

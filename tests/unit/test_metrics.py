@@ -125,17 +125,20 @@ def test_executor_values():
     assert got["taxiway:executor_step_seconds_count"] == 1
 
 
+# EngineStats of an executor with one request and nothing else going on.
+IDLE_STATS = {"num_total_blocks": 8, "num_free_blocks": 8, "block_size": 16, "num_running": 1, "num_waiting": 0,
+              "prefill_backlog_tokens": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
+
+
 def test_executor_spec_decode_counters_follow_the_engine_stats():
     from gpu_engine.outputs import EngineStats
     from services.executor.observe import StepMetrics
 
     ex = mx.ExecutorMetrics(MODEL)
     steps = StepMetrics(ex)
-    base = dict(num_total_blocks=8, num_free_blocks=8, block_size=16, num_running=1, num_waiting=0,
-                prefill_backlog_tokens=0, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
-    steps.sample(EngineStats(**base, spec_num_drafts=2, spec_num_draft_tokens=6, spec_num_accepted_tokens=3,
+    steps.sample(EngineStats(**IDLE_STATS, spec_num_drafts=2, spec_num_draft_tokens=6, spec_num_accepted_tokens=3,
                              spec_num_accepted_tokens_per_pos=(2, 1, 0)))
-    steps.sample(EngineStats(**base, spec_num_drafts=3, spec_num_draft_tokens=10, spec_num_accepted_tokens=7,
+    steps.sample(EngineStats(**IDLE_STATS, spec_num_drafts=3, spec_num_draft_tokens=10, spec_num_accepted_tokens=7,
                              spec_num_accepted_tokens_per_pos=(3, 2, 1, 1)))
     text = generate_latest(ex.registry).decode()
     assert f'taxiway:spec_decode_num_drafts_total{{model_name="{MODEL}"}} 3.0' in text
@@ -152,10 +155,8 @@ def test_executor_late_kernel_compiles_follow_the_engine_stats():
 
     ex = mx.ExecutorMetrics(MODEL)
     steps = StepMetrics(ex)
-    base = dict(num_total_blocks=8, num_free_blocks=8, block_size=16, num_running=1, num_waiting=0,
-                prefill_backlog_tokens=0, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
     for late in (0, 2, 2, 5):  # the engine's count since start-up
-        steps.sample(EngineStats(**base, kernel_compiles_late=late))
+        steps.sample(EngineStats(**IDLE_STATS, kernel_compiles_late=late))
     text = generate_latest(ex.registry).decode()
     assert f'taxiway:kernel_compiles_after_start_total{{model_name="{MODEL}"}} 5.0' in text
 
