@@ -145,8 +145,9 @@ class LLMEngine:
         config = self.config
         spec = config.speculative
         # Kernels specialised from here to the end of start-up are the warm-up's; later ones stall
-        # the running batch (a warning each, and EngineStats.kernel_compiles_late).
-        self.compile_watch = compile_watch.install()
+        # the running batch (a warning each, and EngineStats.kernel_compiles_late). Only a GPU
+        # compiles (the CPU runs torch ops, or Triton's interpreter).
+        self.compile_watch = compile_watch.install() if self.device.type == "cuda" else compile_watch.CompileWatch()
         model = load_model(self.model_config, folder, self.dtype, self.device, self.quant_spec,
                            load_format=config.load_format, seed=config.seed,
                            kv_fp8=config.kv_cache_dtype == "fp8", shard=TPShard(0, config.tensor_parallel_size))
