@@ -10,7 +10,8 @@ running sequence for that long; with Triton's disk cache warm it still costs a f
     ...start-up...
     watch.mark()
     ...serving...
-    watch.since_mark()  ->  [{"kernel", "signature", "seconds"}, ...]
+    watch.new_since_mark()  ->  [{"kernel", "signature", "seconds"}, ...]  (each once)
+    watch.summary()         ->  counts and seconds before and after the mark
 
 The hooks are Triton's process-wide `knobs.runtime.jit_cache_hook` (before a specialisation is
 compiled or loaded from the disk cache) and `jit_post_compile_hook` (after); hooks already set by
@@ -58,10 +59,6 @@ class CompileWatch:
 
     def num_late(self) -> int:
         return len(self.events) - self._mark
-
-    def since_mark(self) -> list[dict]:
-        with self._lock:
-            return list(self.events[self._mark:])
 
     def new_since_mark(self) -> list[dict]:
         """The late specialisations not returned by an earlier call (for a warning per compile)."""

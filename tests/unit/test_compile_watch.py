@@ -1,5 +1,6 @@
 """The compile watch: Triton's hook calls (as triton.runtime.jit makes them) counted before and
-after the start-up mark; on a GPU, tests/gpu/test_gpu_warmup.py checks the engine leaves none late."""
+after the start-up mark. That the engine leaves none late on a GPU is not a test yet: it was measured
+on an H200 (bench/results/2026-12-02-callP3-serve-inprocess-cold-cache-h200.json, late 0)."""
 
 from types import SimpleNamespace
 
