@@ -180,6 +180,7 @@ class LLMEngine:
         # What the same memory holds in the model's dtype (reported beside an FP8 cache's count).
         self.num_kv_blocks_at_model_dtype = (
             self.num_kv_blocks * self.runner.bytes_per_block() // self.runner.bytes_per_block(self.dtype))
+        self.warm_up_s = self.runner.warm_up(self.num_kv_blocks, verify=spec is not None)
         self.graph_capture_s = self.runner.capture_graphs()
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

@@ -53,6 +53,18 @@ class InFlight:
     aux_hidden: torch.Tensor | None = None  # [T, A * hidden]: residual streams for EAGLE-3 (aux_layers)
 
 
+def warmup_token_counts(max_tokens: int) -> list[int]:
+    """Token counts whose forwards meet every tile choice and integer specialisation a step of at
+    most max_tokens tokens can: 1, each power of two p and p + 1 (p >= 16 divisible by 16, p + 1
+    not), max_tokens and the largest multiple of 16 up to it (its bucket's both kinds)."""
+    counts = {1, max_tokens, max(1, max_tokens - max_tokens % 16)}
+    p = 2
+    while p <= max_tokens:
+        counts.update(c for c in (p, p + 1) if c <= max_tokens)
+        p *= 2
+    return sorted(counts)
+
+
 class ModelRunner:
     """Runs the model for the engine. Under tensor parallelism, rank 0's runner has a `driver` that
     repeats each call touching the model or the KV cache on the worker ranks (whose own runners
@@ -125,28 +137,51 @@ class ModelRunner:
                  (used_before + max(others, 0)) / 2**30)
         return max(0, int(budget // self.bytes_per_block()))
 
-    def _warmup_forward(self, num_tokens: int) -> None:
-        """One forward of `num_tokens` prompt tokens (as max-length sequences) through a throwaway cache."""
+    def _warmup_forward(self, num_tokens: int, num_blocks: int | None = None) -> None:
+        """One forward of `num_tokens` prompt tokens (as max-length sequences): through a throwaway
+        cache, or through the allocated one when num_blocks (its size) is given, its blocks reused
+        as often as needed (nothing is cached yet: what it writes is overwritten before it is read).
+        Block tables are as wide as a step's (max_model_len's blocks): Triton specialises on their
+        stride."""
         num_tokens = max(1, num_tokens)
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = -(-num_tokens // seq_len)
         per_seq = -(-seq_len // self.block_size)
-        self._allocate(num_seqs * per_seq)  # every rank runs this warm-up itself
+        if num_blocks is None:
+            num_blocks = num_seqs * per_seq
+            self._allocate(num_blocks)  # every rank runs this warm-up itself
         lens = np.array([seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)], dtype=np.int32)
-        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
+        tables = [[(i * per_seq + j) % num_blocks for j in range(per_seq)] for i in range(num_seqs)]
         positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
-        slots = np.concatenate([np.arange(n, dtype=np.int64) + i * per_seq * self.block_size
-                                for i, n in enumerate(lens)])
+        slots = np.concatenate([np.asarray(t, dtype=np.int64)[np.arange(n) // self.block_size] * self.block_size
+                                + np.arange(n) % self.block_size for t, n in zip(tables, lens)])
         qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         up = self.builder.upload
         meta = AttentionMetadata(
             slot_mapping=up(slots), query_start_loc=up(qsl), seq_lens=up(lens),
-            block_tables=up(padded_tables(tables)), num_decodes=0, max_query_len=int(lens.max()),
-            max_seq_len=int(lens.max()), query_start_loc_host=qsl.tolist(), seq_lens_host=lens.tolist(),
+            block_tables=up(padded_tables(tables, self.batch.block_table.shape[1])), num_decodes=0,
+            max_query_len=int(lens.max()), max_seq_len=int(lens.max()), query_start_loc_host=qsl.tolist(),
+            seq_lens_host=lens.tolist(),
         )
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, up(positions), self.kv_caches, meta, self.cos_sin, self.ops)
-        self.model.compute_logits(hidden[-min(num_seqs * 4, self.max_num_seqs):])
+        self.model.compute_logits(hidden[-min(num_tokens, self.max_num_seqs):])
+
+    @torch.inference_mode()
+    def warm_up(self, num_blocks: int, verify: bool = False) -> float:
+        """Compile, before any request waits for it, what an eager step can need: one forward per
+        class of token count (kernels and GEMMs choose tiles by the count's power of two, and
+        Triton specialises integers equal to 1 or divisible by 16), and the sampler's kernels
+        (with the distributions speculative verify reads when `verify`). Decode batches are the
+        CUDA graphs' (captured after this). GPU with kernels only; returns seconds."""
+        if self.device.type != "cuda" or self.ops.name != "triton" or self.driver is not None:
+            return 0.0  # tensor parallelism: the worker ranks would need each forward too
+        t0 = time.perf_counter()
+        for n in warmup_token_counts(self.max_num_batched_tokens):
+            self._warmup_forward(n, num_blocks)
+        self.batch.sampler.warm_up(probs=verify)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The paged KV cache: `num_blocks` blocks of this rank's KV heads, the same ids on every rank."""

@@ -183,6 +183,26 @@ class Sampler:
 
         return sample_slots(logits, slots, self.tables, self._ws, filters=self._counts[_FILTERED] > 0)
 
+    def warm_up(self, probs: bool = False) -> None:
+        """Compile the kernels' configurations before a request waits for them (seconds each on a
+        cold Triton cache): draws with and without top-k / top-p, under penalties, and with
+        `probs` the distributions speculative verify reads. On a scratch sampler of the same
+        vocabulary and tables' widths; this one's slots are not touched. Nothing on the CPU."""
+        if self._ws is None:
+            return
+        scratch = Sampler(2, self.vocab_size, self.device, max_stop_ids=self.max_stop_ids,
+                          kernel_config=self._ws.cfg)
+        logits = torch.zeros(2, self.vocab_size, dtype=torch.float32, device=self.device)
+        slots = torch.arange(2, dtype=torch.int64, device=self.device)
+        top_k = min(40, self.vocab_size - 1)
+        for params in (SamplingParams(temperature=0.8, top_k=top_k, top_p=0.9, repetition_penalty=1.1),
+                       SamplingParams(temperature=0.8)):
+            for slot in (0, 1):
+                scratch.set_slot(slot, params, key=slot + 1, prompt_token_ids=[0])
+            scratch.sample(logits, slots)
+            if probs:
+                scratch.probs(logits, slots)
+
     def plain_greedy(self) -> bool:
         """Every active slot is greedy with no penalty or ban: its token is the logits' argmax."""
         return not (self._counts[_SAMPLING] or self._counts[_SPECIAL])

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from kernels._sampling_kernels import (  # noqa: F401  (constexprs and helpers the kernels use)
     NEG,
+    PER_STEP,
     POS,
     TOP_K,
     TOP_P,
@@ -219,7 +220,7 @@ def _combine_gather(wgf, wgi, rows, rmask, NC, NCP: tl.constexpr):
     return c_hi, m_hi, best, wid, bad
 
 
-@triton.jit
+@triton.jit(**PER_STEP)
 def finalize_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wgf, wgi, wrf, wri, bufv, bufi,
                     out_ptr, R, NC, CAP, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                     BB: tl.constexpr, NCP: tl.constexpr, NQ: tl.constexpr, MAX_STOP: tl.constexpr):
@@ -279,7 +280,7 @@ def finalize_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wgf, wgi, wrf, wri
         tl.store(at, tl.load(at, mask=has, other=0) + 1, mask=has)
 
 
-@triton.jit
+@triton.jit(**PER_STEP)
 def probs_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wrf, out_ptr, s_o, R, NC,
                  CHUNK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NCP: tl.constexpr,
                  MAX_STOP: tl.constexpr):

@@ -56,6 +56,9 @@ GF = tl.constexpr(2)  # gather: mass >= hi, winner score
 GI = tl.constexpr(3)  # gather: count >= hi, winner id, band tokens written != expected
 RF = tl.constexpr(4)  # per row: lo, hi, then (finalize) threshold, sum exp over the kept set
 RI = tl.constexpr(2)  # per row: band size, path (0 greedy, 1 race, 2 band, 3 slow)
+# The kernels' row count changes every step and slots may be a view at any offset: neither is
+# specialised (one compile per configuration, which the sampler's start-up warm-up makes).
+PER_STEP = {"do_not_specialize": ["R"], "do_not_specialize_on_alignment": ["slots_ptr"]}
 NEG = tl.constexpr(float("-inf"))
 POS = tl.constexpr(float("inf"))
 
@@ -245,7 +248,7 @@ def _filter_ctx(flags, filt, m, z):
 
 
 # -- kernels ------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(**PER_STEP)
 def stats_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, R, NC, CHUNK: tl.constexpr,
                  BR: tl.constexpr, BC: tl.constexpr, MAX_STOP: tl.constexpr):
     """Grid (cdiv(R, BR), NC)."""
@@ -288,7 +291,7 @@ def stats_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, R, NC, CHUNK: tl.cons
     tl.store(wsi + off * SI + 2, wid, mask=rmask)
 
 
-@triton.jit
+@triton.jit(**PER_STEP)
 def pivot_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wsc, wsm, R, NC, ROUND: tl.constexpr,
                  CHUNK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NCP: tl.constexpr,
                  PP: tl.constexpr, MAX_STOP: tl.constexpr):
@@ -338,7 +341,7 @@ def _band_bounds(ws, rows, rmask, R, NC, flags, filt, m, z, smin, ROUNDS: tl.con
     return lo, hi, band_c
 
 
-@triton.jit
+@triton.jit(**PER_STEP)
 def gather_kernel(src, slots_ptr, fp_ptr, ip_ptr, wsf, wsi, wsc, wsm, wgf, wgi, wrf, wri, bufv, bufi,
                   R, NC, CAP, ROUNDS: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr, NCP: tl.constexpr, PP: tl.constexpr, MAX_STOP: tl.constexpr):

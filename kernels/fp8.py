@@ -35,7 +35,7 @@ def _fp8_rows(y, static_ptr, STATIC: tl.constexpr):
     return q, scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _quantize_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, n_rows, n_cols, s_x, s_q,
     STATIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,

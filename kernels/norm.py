@@ -25,7 +25,7 @@ def _normalize(x, w, n_cols, eps, out_dtype: tl.constexpr):
     return (y * w[None, :]).to(out_dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, n_rows, n_heads, n_cols, eps, s_xt, s_xh, s_ot, s_oh,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -42,7 +42,7 @@ def _rms_norm_kernel(
     tl.store(out_ptr + (t * s_ot + h * s_oh)[:, None] + c[None, :], y, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _fused_add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, n_rows, n_cols, eps, s_x, s_r,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,7 +149,7 @@ def fused_add_rms_norm(
 
 # ---- FP8 outputs: the normalized rows quantized for the next FP8 GEMM (kernels/fp8.py) ----
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_fp8_kernel(
     x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, static_ptr, n_rows, n_cols, eps, s_x, s_r, s_q,
     ADD: tl.constexpr, STATIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -198,7 +198,8 @@ def throughput(cfg: BenchConfig) -> dict:
     return {"benchmark": "throughput", "config": cfg.to_dict(), "machine": machine_info(),
             "engine_settings": engine_settings(engine, detokenize=False),
             "startup_s": round(startup, 2), "warmup_s": round(warm, 2), "num_kv_blocks": engine.num_kv_blocks,
-            "graph_capture_s": round(engine.graph_capture_s, 2), **result}
+            "graph_capture_s": round(engine.graph_capture_s, 2),
+            "shape_warm_up_s": round(engine.warm_up_s, 2), **result}
 
 
 def engine_settings(engine: LLMEngine, detokenize: bool) -> dict:
@@ -293,7 +294,8 @@ def sweep(cfg: BenchConfig, sizes: list[int]) -> dict:
               f"{decode.get('host_ms')} ms, GPU {decode.get('gpu_ms')} ms", file=sys.stderr)
     return {"benchmark": "sweep", "config": cfg.to_dict(), "sizes": sizes, "machine": machine_info(),
             "startup_s": round(startup, 2), "num_kv_blocks": engine.num_kv_blocks,
-            "graph_capture_s": round(engine.graph_capture_s, 2), "runs": runs}
+            "graph_capture_s": round(engine.graph_capture_s, 2),
+            "shape_warm_up_s": round(engine.warm_up_s, 2), "runs": runs}
 
 
 def latency(cfg: BenchConfig) -> dict:

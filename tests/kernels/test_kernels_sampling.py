@@ -255,3 +255,21 @@ def test_verify_probs_on_the_kernels_equal_the_reference(device):
     want = ref.verify_probs(logits, row_slots, row_offsets, prior)
     got = ker.verify_probs(logits, row_slots, row_offsets, prior)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
+
+
+def test_warm_up_leaves_the_samplers_slots_and_draws_unchanged(device):
+    """Sampler.warm_up runs every kernel configuration on a scratch sampler: the slots set before
+    it draw exactly what an untouched sampler's do, and its tables are unchanged."""
+    vocab = 300
+    warmed, untouched = (Sampler(8, vocab, device, backend="triton", kernel_config=SMALL) for _ in range(2))
+    for s in (warmed, untouched):
+        s.set_slot(0, SP(temperature=0.9, top_p=0.8, presence_penalty=0.5), row_key(3, 0), prompt_token_ids=[5, 6])
+        s.set_slot(3, SP(temperature=0.7, top_k=20), row_key(4, 0), prompt_token_ids=[1])
+    before = [t.clone() for t in (warmed.tables.fparams, warmed.tables.iparams, warmed.tables.stop_ids)]
+    warmed.warm_up(probs=True)
+    after = (warmed.tables.fparams, warmed.tables.iparams, warmed.tables.stop_ids)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    slots = torch.tensor([3, 0], device=device)
+    for step in range(3):
+        logits = _logits(2, vocab, 40 + step, device)
+        assert torch.equal(warmed.sample(logits, slots), untouched.sample(logits, slots))
