@@ -81,3 +81,12 @@ def test_spec_profile_runs_a_dummy_target_without_a_tokenizer(tiny_llama, tmp_pa
     assert [r["method"] for r in results] == ["none", "ngram-always", "draft_model-always", "eagle3-always", "eagle3"]
     assert all(r["output_tokens"] == 6 for r in results)
     assert results[2]["proposals"] > 0 and results[3]["proposals"] > 0
+    assert all(r["after_first_ms_per_token"] > 0 for r in results)
+
+
+def test_the_rate_after_the_first_token_leaves_the_prompts_step_out():
+    from bench.spec_profile import _after_first
+
+    assert _after_first([1.0, 1.010, 1.020, 1.040]) == 13.333  # 40 ms for the 3 tokens after the first
+    assert _after_first([1.0, 1.0, 1.010, 1.010, 1.010]) == 3.333  # tokens sharing a step count each
+    assert _after_first([]) is None and _after_first([2.0, 2.0]) is None
