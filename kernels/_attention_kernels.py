@@ -15,7 +15,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
 # Per-sequence metadata read a scalar (or a few block ids) at a time: in mixed steps these are views
 # at any offset (the prefill part starts after the decodes; query_start_loc and seq_lens share one
 # upload), so specialising on their 16-byte alignment only compiled each kernel again while serving

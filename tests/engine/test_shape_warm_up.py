@@ -27,7 +27,7 @@ def test_a_warm_up_forward_through_the_allocated_cache_changes_no_output(tiny_ll
     the same tokens as an engine that never ran it."""
     prompts = random_prompts(4, 320, seed=2, lengths=[3, 40, 17, 90])
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    settings = dict(device="cpu", num_kv_blocks=24, max_model_len=128, max_num_batched_tokens=1000)
+    settings = {"device": "cpu", "num_kv_blocks": 24, "max_model_len": 128, "max_num_batched_tokens": 1000}
     want = [o.outputs[0].token_ids for o in LLM(tiny_llama, **settings).generate(prompts, params)]
     llm = LLM(tiny_llama, **settings)
     assert llm.engine.warm_up_s == 0.0  # the CPU compiles nothing: start-up skips it
