@@ -11,20 +11,31 @@
 # (gateway processes sharing the ports: `--gateway-replicas`; the kernel spreads connections, not
 # streams, so each gRPC client process opens SB_CONNECTIONS, default 4, e.g. SB_GATEWAYS=4
 # SB_CLIENTS=16; the OpenAI client opens one connection per request).
+# Through the stack each invocation also samples the tiers' /metrics every 0.5 s
+# (bench/scrape_metrics.py, into NAME.metrics.json: the executor's step time and running batch, the
+# scheduler's queue time, the first gateway's TTFT / ITL; SB_GATEWAY_METRICS_PORT, default 9091).
 set -u
 OUT=${1:?usage: serve_bench_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
 ISL=${SB_ISL:-128} OSL=${SB_OSL:-128} SCALE=${SB_SCALE:-1} RATE=${SB_RATE:-100} CLIENTS=${SB_CLIENTS:-4}
 CONNECTIONS=${SB_CONNECTIONS:-4}
 read -r -a ENGINE <<< "${SB_ENGINE:---model llama-3.1-8b --load-format dummy --max-num-seqs 1024 --max-model-len $((ISL + OSL)) --gpu-memory-utilization 0.9 --no-enable-prefix-caching --admission-policy guaranteed_no_evict}"
-GRPC_PORT=${SB_GRPC_PORT:-50051} OPENAI_PORT=${SB_OPENAI_PORT:-8000}
+GRPC_PORT=${SB_GRPC_PORT:-50051} OPENAI_PORT=${SB_OPENAI_PORT:-8000} GW_METRICS_PORT=${SB_GATEWAY_METRICS_PORT:-9091}
 n() { echo $(( ($1 + SCALE - 1) / SCALE )); }
 
 bench() {  # bench TARGET NAME [args]: one `taxiway bench serve` invocation, JSON to $OUT/NAME.json
-  local target=$1 name=$2; shift 2
+  local target=$1 name=$2 scraper= rc; shift 2
+  if [ "$target" != inprocess ]; then  # the tiers' default metrics ports; the first gateway's
+    python bench/scrape_metrics.py --url "gateway=http://127.0.0.1:$GW_METRICS_PORT/metrics" \
+      --url tokenizer=http://127.0.0.1:9092/metrics --url scheduler=http://127.0.0.1:9093/metrics \
+      --url executor=http://127.0.0.1:9094/metrics --out "$OUT/$name.metrics.json" &
+    scraper=$!
+  fi
   python -m taxiway.cli bench serve --target "$target" --isl "$ISL" --osl "$OSL" \
     --warmup-requests 16 --timeout-s 300 --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc=$? $(python -c "import json,sys; r=json.load(open('$OUT/$name.json')); print(' '.join(f\"c={x['concurrency']} {x.get('output_tokens_per_s')} tok/s ttft_p50={x.get('ttft_ms',{}).get('p50')} err={x['errors']}\" for x in r['runs']))" 2>/dev/null)"
+  rc=$?
+  if [ -n "$scraper" ]; then kill -TERM "$scraper"; wait "$scraper"; fi
+  echo "$name rc=$rc $(python -c "import json,sys; r=json.load(open('$OUT/$name.json')); print(' '.join(f\"c={x['concurrency']} {x.get('output_tokens_per_s')} tok/s ttft_p50={x.get('ttft_ms',{}).get('p50')} err={x['errors']}\" for x in r['runs']))" 2>/dev/null)"
 }
 
 sweep() {  # sweep TARGET ADDRESS_ARGS...: the closed-loop points in one invocation, then Poisson
@@ -36,7 +47,7 @@ sweep() {  # sweep TARGET ADDRESS_ARGS...: the closed-loop points in one invocat
 
 t0=$SECONDS
 python -m services.serve "${ENGINE[@]}" --port "$GRPC_PORT" --openai-port "$OPENAI_PORT" \
-  --metrics-port 0 --max-waiting 8192 --gateway-replicas "${SB_GATEWAYS:-1}" > "$OUT/serve-stack.log" 2>&1 &
+  --metrics-port "$GW_METRICS_PORT" --max-waiting 8192 --gateway-replicas "${SB_GATEWAYS:-1}" > "$OUT/serve-stack.log" 2>&1 &
 SERVER=$!
 until grep -q "taxiway is serving at" "$OUT/serve-stack.log"; do
   if ! kill -0 "$SERVER" 2>/dev/null || (( SECONDS - t0 > 300 )); then
@@ -54,7 +65,7 @@ python - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 for target in ("grpc", "openai", "inprocess"):
-    files = sorted(glob.glob(os.path.join(out, f"serve-{target}-*.json")))
+    files = sorted(f for f in glob.glob(os.path.join(out, f"serve-{target}-*.json")) if not f.endswith(".metrics.json"))
     if not files:
         continue
     parts = [json.load(open(f)) for f in files]
