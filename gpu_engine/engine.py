@@ -211,10 +211,10 @@ class LLMEngine:
         self._finished = None  # (plan, tokens emitted) of the step this step() collected
         self._rng = random.Random(config.seed)
         log.info("engine ready: %s on %s (%s, %s), %d KV blocks in %s (%d in %s), max_num_seqs %d, "
-                 "max_num_batched_tokens %d", self.model_config.name, self.device, self.dtype,
-                 self.quant_spec.describe() if self.quant_spec else "unquantized", self.num_kv_blocks,
-                 self.runner.kv_dtype, self.num_kv_blocks_at_model_dtype, self.dtype, self.max_num_seqs,
-                 self.max_num_batched_tokens)
+                 "max_num_batched_tokens %d; shape warm-up %.1f s, CUDA graphs %.1f s", self.model_config.name,
+                 self.device, self.dtype, self.quant_spec.describe() if self.quant_spec else "unquantized",
+                 self.num_kv_blocks, self.runner.kv_dtype, self.num_kv_blocks_at_model_dtype, self.dtype,
+                 self.max_num_seqs, self.max_num_batched_tokens, self.warm_up_s, self.graph_capture_s)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(
