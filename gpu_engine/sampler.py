@@ -187,7 +187,8 @@ class Sampler:
         """Compile the kernels' configurations before a request waits for them (seconds each on a
         cold Triton cache): draws with and without top-k / top-p, under penalties, and with
         `probs` the distributions speculative verify reads. On a scratch sampler of the same
-        vocabulary and tables' widths; this one's slots are not touched. Nothing on the CPU."""
+        vocabulary and tables' widths; this one's slots are not touched. Nothing on the torch
+        backend (the CPU: nothing to compile)."""
         if self._ws is None:
             return
         scratch = Sampler(2, self.vocab_size, self.device, max_stop_ids=self.max_stop_ids,
