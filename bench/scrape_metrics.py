@@ -16,27 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import sys
 import time
 import urllib.request
 
-_LINE = re.compile(r"^(taxiway:[A-Za-z0-9_:]+)(\{[^}]*\})?\s+(\S+)")
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def parse(text: str) -> dict[str, float]:
     """`taxiway:` samples of a Prometheus text page, summed over label sets (buckets left out)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m is None or m.group(1).endswith("_bucket") or m.group(1).endswith("_created"):
-            continue
-        try:
-            value = float(m.group(3))
-        except ValueError:
-            continue
-        out[m.group(1)] = out.get(m.group(1), 0.0) + value
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("taxiway:") and not sample.name.endswith(("_bucket", "_created")):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 

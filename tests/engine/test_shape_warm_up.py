@@ -16,9 +16,9 @@ from tests.engine.hf import random_prompts
 def test_the_counts_meet_every_power_of_two_bucket_on_both_sides_of_16(max_tokens):
     counts = warmup_token_counts(max_tokens)
     assert counts == sorted(set(counts)) and counts[0] == 1 and counts[-1] == max_tokens
+    kinds = {(max(c - 1, 0).bit_length(), c == 1, c % 16 == 0) for c in counts}
     for n in range(1, max_tokens + 1):  # each count a step can have: a warm-up count of its kind
         bucket = max(n - 1, 0).bit_length()  # next power of two = 2 ** bucket
-        kinds = {(max(c - 1, 0).bit_length(), c == 1, c % 16 == 0) for c in counts}
         assert (bucket, n == 1, n % 16 == 0) in kinds, (n, counts)
 
 
