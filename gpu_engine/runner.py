@@ -165,7 +165,7 @@ class ModelRunner:
         )
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, up(positions), self.kv_caches, meta, self.cos_sin, self.ops)
-        self.model.compute_logits(hidden[-min(num_tokens, self.max_num_seqs):])
+        self.model.compute_logits(hidden[-min(num_seqs * 4, self.max_num_seqs):])
 
     @torch.inference_mode()
     def warm_up(self, num_blocks: int, verify: bool = False) -> float:
