@@ -198,6 +198,10 @@ class LLMEngine:
             spec, drafter, target_model=model, num_blocks=self.num_kv_blocks, block_size=config.block_size,
             max_model_len=self.max_model_len, device=self.device,
             enable_prefix_caching=config.enable_prefix_caching))
+        build_chain = getattr(self.spec.proposer, "build_chain", None) if self.spec else None
+        if build_chain is not None and self.runner.graphs is not None:  # drafters' chains as decode steps
+            self.graph_capture_s += build_chain(min(self.max_num_seqs, spec.disable_above_batch_size),
+                                                spec.num_speculative_tokens, capture=True)
         if spec is not None:
             warm_up_verify(self.runner.compute_logits, self.model_config.hidden_size, spec.num_speculative_tokens,
                            self.device, self.dtype)

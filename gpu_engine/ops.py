@@ -81,9 +81,10 @@ class TorchOps:
         meta: AttentionMetadata,
         kv_scale: KVScale = (1.0, 1.0),
     ) -> torch.Tensor:
-        """Rotates q and k, stores k and v in the cache; returns the rotated q."""
+        """Rotates q and k, stores k and v in the cache (not a row of slot -1); returns the rotated q."""
         q, k = reference.apply_rope(q, k, positions, cos_sin_cache)
-        reference.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scale)
+        keep = meta.slot_mapping >= 0
+        reference.write_kv(k[keep], v[keep], k_cache, v_cache, meta.slot_mapping[keep], kv_scale)
         return q
 
     def attention(

@@ -22,19 +22,10 @@ import torch
 
 from gpu_engine.block_manager import BlockManager, hash_token_blocks
 from gpu_engine.ops import AttentionMetadata
-from gpu_engine.step_inputs import InputBuilder
+from gpu_engine.step_inputs import InputBuilder, padded_tables
 
 
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
-
-
-def padded_tables(tables: list[list[int]]) -> np.ndarray:
-    """[S, max blocks] int32 block tables, padded with block 0 (kept here, apart from the step
-    loop's input building, so the drafters do not depend on it)."""
-    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-    for i, t in enumerate(tables):
-        out[i, : len(t)] = t
-    return out
 
 
 def blocks_for_budget(budget_bytes: int, target_bytes_per_block: int, drafter_bytes_per_block: int) -> int:
@@ -95,6 +86,10 @@ class DraftKVCache:
     # -- per-sequence state -----------------------------------------------------------------------
     def start(self, seq_id: int) -> int:
         return self._seqs[seq_id].start
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """The sequence's blocks; slot i (position start + i) lies in block i // block_size."""
+        return self._seqs[seq_id].block_table
 
     def held_end(self, seq_id: int) -> int:
         s = self._seqs.get(seq_id)

@@ -5,7 +5,8 @@ engine through `bytes_per_block`).
 Its cache is kept in step lazily: at each call it keeps the longest prefix of what it computed that
 still matches the sequence's tokens (the accepted drafts included), and computes the rest: the
 tokens the target added (its bonus or correction token, or a whole prompt the first time), then the
-drafts one position at a time.
+drafts one position at a time (greedy chains as one CUDA graph per batch size once `build_chain`
+has captured them: gpu_engine/spec/chain_graphs.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gpu_engine.config import ModelConfig
 from gpu_engine.errors import ModelLoadError
 from gpu_engine.model import CausalLM, rope_cos_sin_cache
 from gpu_engine.ops import select_ops
+from gpu_engine.spec.chain_graphs import ChainGraphs
 from gpu_engine.spec.draft_cache import DraftKVCache
 from gpu_engine.spec.proposer import DraftBatch, DraftRequest, Proposal, draw_drafts
 
@@ -66,8 +68,20 @@ class DraftModelProposer:
         self.ops = select_ops(device)
         self.cos_sin = rope_cos_sin_cache(c, max_model_len + 32, device)
         self.vocab_size = target_vocab_size
+        self.max_model_len = max_model_len
         self.cache = DraftKVCache(num_blocks, block_size, c.num_layers, c.num_kv_heads, c.head_dim,
                                   model.norm.dtype, device, enable_prefix_caching)
+        self.chain: ChainGraphs | None = None
+
+    def build_chain(self, max_rows: int, steps: int, capture: bool) -> float:
+        """Greedy chains of `steps` drafts for up to `max_rows` sequences run as one fixed-shape
+        program (captured as CUDA graphs when `capture`); returns the seconds capturing took."""
+        self.chain = ChainGraphs(
+            self.cache, steps, max_rows, self.max_model_len, [(self.model.cfg.hidden_size, self.model.norm.dtype)],
+            greedy=lambda state: self._logits(state[0]).argmax(dim=-1),
+            forward=lambda tok, state, positions, meta: (
+                self.model(tok, positions, self.cache.kv, meta, self.cos_sin, self.ops),))
+        return self.chain.capture() if capture else 0.0
 
     @staticmethod
     def bytes_per_block(model: CausalLM, block_size: int) -> int:
@@ -96,7 +110,12 @@ class DraftModelProposer:
         for w in works:
             end += w.last + 1 - w.first
             ends.append(end - 1)
-        tokens, probs = self._chain(works, hidden[self.cache.upload(ends, torch.int64)])
+        last = hidden[self.cache.upload(ends, torch.int64)]
+        if self.chain is not None and self.chain.serves(works):
+            tokens, probs = self.chain.run((last,), [w.req.seq_id for w in works],
+                                           [w.last + 1 for w in works], [w.drafts for w in works]), None
+        else:
+            tokens, probs = self._chain(works, last)
         for w, toks in zip(works, tokens):
             toks = toks[: w.drafts]
             out[w.index] = toks

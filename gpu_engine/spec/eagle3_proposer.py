@@ -5,6 +5,8 @@ t): once the target has computed positions and the next token of each is known, 
 added (a prefill of the head), and the last one's output gives draft 1. Draft j + 1 then comes from
 (draft j, the head's own previous output) one position further; those chain entries are never
 kept: the next call replaces them with the target's real hidden states of the accepted tokens.
+A greedy chain runs as one CUDA graph per batch size once `build_chain` has captured them
+(gpu_engine/spec/chain_graphs.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from gpu_engine.block_manager import hash_block
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import select_ops
+from gpu_engine.spec.chain_graphs import ChainGraphs
 from gpu_engine.spec.draft_cache import DraftKVCache
 from gpu_engine.spec.eagle3 import Eagle3Head
 from gpu_engine.spec.proposer import DraftBatch, DraftRequest, Proposal, draw_drafts
@@ -46,10 +49,22 @@ class Eagle3Proposer:
         self.dtype = head.norm.dtype
         self.device = device
         self.vocab_size = head.cfg.vocab_size
+        self.max_model_len = max_model_len
         self.ops = select_ops(device)
         self.cos_sin = rope_cos_sin_cache(c, max_model_len + 32, device)
         self.cache = DraftKVCache(num_blocks, block_size, 1, c.num_kv_heads, c.head_dim, self.dtype,
                                   device, enable_prefix_caching)
+        self.chain: ChainGraphs | None = None
+
+    def build_chain(self, max_rows: int, steps: int, capture: bool) -> float:
+        """Greedy chains of `steps` drafts for up to `max_rows` sequences run as one fixed-shape
+        program (captured as CUDA graphs when `capture`); returns the seconds capturing took."""
+        h = self.head.cfg.layer.hidden_size
+        self.chain = ChainGraphs(
+            self.cache, steps, max_rows, self.max_model_len, [(h, self.dtype), (h, self.dtype)],
+            greedy=lambda state: self.head.target_ids(self.head.draft_logits(state[0]).argmax(dim=-1)),
+            forward=lambda tok, state, positions, meta: self._forward(tok, state[1], positions, meta))
+        return self.chain.capture() if capture else 0.0
 
     @property
     def aux_layers(self) -> tuple[int, ...]:
@@ -87,7 +102,13 @@ class Eagle3Proposer:
         ends = _last_rows(works)  # (picked on the host: a CUDA tensor indexed by a list waits for the device)
         last_rows = self.cache.upload([ends[i] for i in drafting], torch.int64)
         chain = [works[i] for i in drafting]
-        tokens, probs = self._chain(chain, normed[last_rows], prenorm[last_rows])
+        if self.chain is not None and self.chain.serves(chain):
+            firsts = [len(w.req.token_ids) - 1 for w in chain]  # each chain's first entry's position
+            tokens = self.chain.run((normed[last_rows], prenorm[last_rows]), [w.req.seq_id for w in chain],
+                                    firsts, [w.drafts for w in chain])
+            probs = None
+        else:
+            tokens, probs = self._chain(chain, normed[last_rows], prenorm[last_rows])
         for w, toks in zip(chain, tokens):
             out[w.index] = toks[: w.drafts]
         if probs is None:

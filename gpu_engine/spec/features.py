@@ -9,7 +9,7 @@ import torch
 
 from gpu_engine.model import CausalLM
 from gpu_engine.ops import AttentionMetadata, TorchOps
-from gpu_engine.spec.draft_cache import padded_tables
+from gpu_engine.step_inputs import padded_tables
 
 
 @torch.inference_mode()

@@ -45,6 +45,9 @@ def test_float32_greedy_with_speculation_equals_cpu(method, threshold, tiny_llam
     assert tokens_of(outs) == [ref[:n] for ref, n in zip(cpu_reference, lengths)]
     stats = llm.engine.scheduler.spec_stats
     assert stats.num_draft_tokens > 0
+    chain = getattr(llm.engine.spec.proposer, "chain", None)
+    if method != "ngram":  # the drafters' greedy chains replayed their CUDA graphs
+        assert sorted(chain.graphs) == chain.sizes and chain.replays > 0
     if method == "draft_model":  # the target as its own draft (decode vs verify kernels may differ a hair)
         assert stats.num_accepted_tokens >= 0.9 * stats.num_draft_tokens
 
@@ -66,3 +69,35 @@ def test_sampled_speculation_in_bfloat16_runs_and_is_reproducible(tiny_llama):
     assert tokens_of(a) == tokens_of(b)
     assert all(len(o.outputs[0].token_ids) == 24 and len(o.outputs[0].logprobs) == 24 for o in a)
     assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_captured_draft_chains_draft_as_the_eager_chain(tiny_llama, tmp_path):
+    """The CUDA graphs of the drafters' chains (gpu_engine/spec/chain_graphs.py) against their eager
+    chains, in float32: padded rows, rows wanting fewer drafts, a head cache starting at 2."""
+    from gpu_engine.spec.draft_model import DraftModelProposer, load_draft_model
+    from gpu_engine.spec.eagle3 import load_eagle3_head
+    from gpu_engine.spec.eagle3_proposer import Eagle3Proposer
+    from gpu_engine.spec.proposer import DraftBatch, DraftRequest
+    from tests.engine.spec_helpers import features, load_target
+    from tests.engine.test_spec_chain_graphs import same_proposals
+
+    dev = torch.device("cuda")
+    model, cfg = load_target(tiny_llama)
+    draft = load_draft_model(tiny_llama, cfg, torch.float32, dev)
+    made = [DraftModelProposer(draft, 64, 16, 512, dev, cfg.vocab_size) for _ in range(2)]
+    assert made[1].build_chain(max_rows=4, steps=4, capture=True) > 0
+    a, b = PROMPTS[0][:20], [(7 * i + 3) % 300 + 3 for i in range(30)]
+    first = same_proposals(*made, DraftBatch([DraftRequest(1, a, 4), DraftRequest(2, b, 2),
+                                              DraftRequest(3, [8, 8, 6], 3)]), atol=1e-4)
+    same_proposals(*made, DraftBatch([DraftRequest(2, b + first[1], 4), DraftRequest(1, a + first[0][:1] + [6], 3)]),
+                   atol=1e-4)
+    assert made[1].chain.replays == 2
+
+    head = load_eagle3_head(random_head(tiny_llama, tmp_path / "head"), cfg, torch.float32, dev)
+    (fa, _), (fb, _) = features(model, [a, b], head.cfg.aux_layers)
+    made = [Eagle3Proposer(head, model.embed_tokens.to(dev), 64, 16, 512, dev) for _ in range(2)]
+    made[1].build_chain(max_rows=4, steps=4, capture=True)
+    rows = torch.cat([fa[:19], fb[2:29]]).to(dev)
+    same_proposals(*made, DraftBatch([DraftRequest(1, a, 4, hidden_rows=(0, 0, 19)),
+                                      DraftRequest(2, b, 1, hidden_rows=(19, 2, 27))], rows), atol=1e-4)
+    assert made[1].chain.replays == 1
