@@ -87,7 +87,7 @@ def _loop_sass(kernel) -> dict:
 
 
 def _pair_asm_mismatches(kernel) -> int:
-    """Inline-asm calls on 16-bit pairs (kernels/w4a16_unpack.py, pack=2 over join(p, p)) whose two
+    """Inline-asm calls on 16-bit pairs (taxiway_kernels/w4a16_unpack.py, pack=2 over join(p, p)) whose two
     32-bit word operands differ: the two elements of a packed pair must come from the same word."""
     calls = re.findall(r'asm [^"]*"(?:[^"\\]|\\.)*", "[^"]*"\(([^)]*)\)', kernel.asm["llir"])
     pairs = [[a.split()[-1] for a in c.split(",")] for c in calls if "<2 x" in c and c.count(",") == 3]
@@ -117,8 +117,8 @@ def _resources(kernel, sass: bool = False) -> dict:
 
 
 def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
-    from kernels import activation, norm, rotary, triton_attention as A
-    from kernels.testing import make_cos_sin_cache, make_paged_batch
+    from taxiway_kernels import activation, norm, rotary, triton_attention as A
+    from taxiway_kernels.testing import make_cos_sin_cache, make_paged_batch
 
     g = torch.Generator().manual_seed(0)
     heads = dict(num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, generator=g)
@@ -158,8 +158,8 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
 
 def _w4a16_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
     """The W4A16 GEMM's paths at Llama-3.1-8B's o_proj shape (4096 x 4096, group 128)."""
-    from kernels import w4a16
-    from kernels.w4a16_reference import W4A16Weight
+    from taxiway_kernels import w4a16
+    from taxiway_kernels.w4a16_reference import W4A16Weight
 
     n = k = 4096
     w = W4A16Weight(torch.zeros(n, k // 8, dtype=torch.int32), torch.ones(n, k // 128, dtype=dtype),
@@ -182,9 +182,9 @@ def _w4a16_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
 
 
 def _fp8_gemm_calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
-    """The small-M FP8 GEMM (kernels/fp8_gemv.py) at Llama-3.1-8B's o_proj shape (4096 x 4096)."""
-    from kernels import fp8_gemv
-    from kernels.fp8_gemv import FP8SmallMConfig
+    """The small-M FP8 GEMM (taxiway_kernels/fp8_gemv.py) at Llama-3.1-8B's o_proj shape (4096 x 4096)."""
+    from taxiway_kernels import fp8_gemv
+    from taxiway_kernels.fp8_gemv import FP8SmallMConfig
 
     n = k = 4096
     w, ws = torch.zeros(n, k, dtype=torch.float8_e4m3fn), torch.ones(n)
@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="compile only the cases whose name starts so (e.g. w4a16)")
     parser.add_argument("--sass", action="store_true", help="also count the SASS of each kernel's main loop")
     args = parser.parse_args()
-    from kernels import _triton_compat
+    from taxiway_kernels import _triton_compat
 
     _triton_compat.ALLOW_CPU_TENSORS = True
     driver.set_active(_Sm90Driver())

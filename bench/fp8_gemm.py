@@ -2,10 +2,10 @@
 
 For each (linear, M): BF16 F.linear; FP8 W8A8 through torch._scaled_mm with rowwise scales (per
 token x per channel) and with tensorwise scales (cuBLASLt's per-tensor path, for comparison); for
-M <= 64 the small-M Triton kernel (kernels/fp8_gemv.py: its default mma path, the same with the
+M <= 64 the small-M Triton kernel (taxiway_kernels/fp8_gemv.py: its default mma path, the same with the
 split-K sum done in the kernel (reduce="last_split") and, for M <= 4, the CUDA-core gemv path);
 fp8_linear as the model calls it (whichever it dispatches to); and the per-token activation
-quantization (kernels/fp8.py) that o_proj's input takes. Median times
+quantization (taxiway_kernels/fp8.py) that o_proj's input takes. Median times
 (through a CUDA graph, as the engine runs decode; eager where a graph cannot be captured), inputs
 rotated past the L2; TFLOP/s; bytes moved (weight + scales + x + y) per second and as a share of
 the device-to-device copy bandwidth measured in the same run; the speed-up over BF16.
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.kernels import Timer, bench_env, n_sets, rotating, run_meta  # noqa: E402
-from kernels import reference as R  # noqa: E402
+from taxiway_kernels import reference as R  # noqa: E402
 
 SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
           "down_proj": (4096, 14336)}  # (N, K)
@@ -57,7 +57,7 @@ def _sets(n: int, k: int, m: int, device: str, quick: bool) -> tuple[list, list]
 
 def _fp8_calls(m: int) -> dict:
     """label -> fn(xq, xs, wq, ws, sa, sb) of every FP8 GEMM timed at this M."""
-    from kernels.fp8_gemm import SMALL_M_MAX, fp8_linear
+    from taxiway_kernels.fp8_gemm import SMALL_M_MAX, fp8_linear
 
     calls = {
         "fp8_rowwise": lambda xq, xs, wq, ws, _a, _b: torch._scaled_mm(
@@ -67,7 +67,11 @@ def _fp8_calls(m: int) -> dict:
         "fp8_linear": lambda xq, xs, wq, ws, _a, _b: fp8_linear(xq, xs, wq, ws),
     }
     if m <= SMALL_M_MAX:
-        from kernels.fp8_gemv import FP8SmallMConfig, choose_config, fp8_linear_small_m
+        from taxiway_kernels.fp8_gemv import (
+            FP8SmallMConfig,
+            choose_config,
+            fp8_linear_small_m,
+        )
 
         calls["fp8_small_m"] = lambda xq, xs, wq, ws, _a, _b: fp8_linear_small_m(xq, xs, wq, ws)
         calls["fp8_small_m_last_split"] = lambda xq, xs, wq, ws, _a, _b: fp8_linear_small_m(
@@ -99,14 +103,14 @@ def one_shape(timer: Timer, device: str, n: int, k: int, m: int, copy_gbs: float
         t = _time(timer, rotating(q, call))
         row[label] = _entry(t, flop, n * k + 4 * (n + m) + io, copy_gbs)
         row[label]["speedup_vs_bf16"] = t_bf16 / t
-    from kernels.fp8 import quantize_fp8
+    from taxiway_kernels.fp8 import quantize_fp8
 
     row["quantize_activation_ms"] = _time(timer, rotating(bf, lambda x, _w: quantize_fp8(x)))
     return row
 
 
 def _sweep_configs(m: int):
-    from kernels.fp8_gemv import FP8SmallMConfig
+    from taxiway_kernels.fp8_gemv import FP8SmallMConfig
 
     block_m = max(16, 1 << (m - 1).bit_length())
     cfgs = [FP8SmallMConfig("mma", block_m=block_m, block_n=bn, block_k=bk, split_k=s, num_stages=st)
@@ -127,7 +131,7 @@ def _sweep_configs(m: int):
 def sweep(timer: Timer, device: str, name: str, n: int, k: int, m: int, copy_gbs: float,
           quick: bool) -> list[dict]:
     """Every swept config of the small-M kernel at one shape; fastest first."""
-    from kernels.fp8_gemv import fp8_linear_small_m
+    from taxiway_kernels.fp8_gemv import fp8_linear_small_m
 
     _, q = _sets(n, k, m, device, quick)
     cfgs = _sweep_configs(m)

@@ -88,7 +88,7 @@ for step in "$@"; do
     # FP8 W8A8 + FP8 KV (T2, L1 FP8): run each beside its BF16 phase in the same call.
     fp8-tests) phase fp8-tests 400 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/kernels/test_kernels_fp8_gemv.py tests/gpu/test_gpu_fp8.py -m gpu ;;
     fp8-gemm) phase fp8-gemm 500 python bench/fp8_gemm.py --out "$OUT/fp8-gemm.json" ;;
-    # the small-M FP8 kernel (kernels/fp8_gemv.py): all its tests on the GPU, then its tiles swept at
+    # the small-M FP8 kernel (taxiway_kernels/fp8_gemv.py): all its tests on the GPU, then its tiles swept at
     # M = 1 and 16, two linears a call (each call under 10 minutes):
     #   bash bench/gpu_session.sh fp8-gemv-tests fp8-gemm-sweep-a;  bash bench/gpu_session.sh fp8-gemm-sweep-b
     fp8-gemv-tests) phase fp8-gemv-tests 300 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8_gemv.py ;;

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import reference as R  # noqa: E402
-from kernels.testing import make_cos_sin_cache, make_paged_batch  # noqa: E402
+from taxiway_kernels import reference as R  # noqa: E402
+from taxiway_kernels.testing import make_cos_sin_cache, make_paged_batch  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER = 32, 8, 128, 4096, 14336
 DT = torch.bfloat16
@@ -100,7 +100,7 @@ def bench_env(quick: bool) -> tuple[bool, str, str, Timer, float]:
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     quick = quick or interp
     if interp:
-        from kernels._triton_compat import patch_interpreter
+        from taxiway_kernels._triton_compat import patch_interpreter
 
         patch_interpreter()
     device = "cuda" if torch.cuda.is_available() and not interp else "cpu"
@@ -121,7 +121,7 @@ def run_meta(device_name: str, copy_gbs: float, quick: bool, **extra) -> dict:
 
 
 def decode_case(timer, device, batch, ctx, quick):
-    from kernels import triton_attention as A
+    from taxiway_kernels import triton_attention as A
 
     kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * DT.itemsize
     copies = n_sets(kv_bytes, quick)
@@ -151,7 +151,7 @@ def decode_case(timer, device, batch, ctx, quick):
 
 
 def prefill_case(timer, device, n_seqs, q_len, ctx, quick):
-    from kernels import triton_attention as A
+    from taxiway_kernels import triton_attention as A
 
     b = make_paged_batch([(q_len, ctx)] * n_seqs, num_heads=HEADS, num_kv_heads=KV_HEADS,
                          head_dim=HEAD_DIM, dtype=DT, device=device)
@@ -185,7 +185,7 @@ def _try(timer, fn):
 
 
 def elementwise_case(timer, device, op, tokens, quick):
-    from kernels import activation, norm
+    from taxiway_kernels import activation, norm
 
     width = 2 * INTER if op == "silu_and_mul" else HIDDEN
     per_set = tokens * width * DT.itemsize * (2 if op == "fused_add_rms_norm" else 1)
@@ -214,7 +214,7 @@ def elementwise_case(timer, device, op, tokens, quick):
 
 
 def rope_case(timer, device, tokens, quick):
-    from kernels.rotary import rope_and_write_kv
+    from taxiway_kernels.rotary import rope_and_write_kv
 
     width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     num_blocks = tokens // 16 + 1

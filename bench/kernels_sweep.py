@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
-from kernels import triton_attention as A  # noqa: E402
-from kernels.testing import make_paged_batch, rel_err  # noqa: E402
+from taxiway_kernels import triton_attention as A  # noqa: E402
+from taxiway_kernels.testing import make_paged_batch, rel_err  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DT = torch.bfloat16

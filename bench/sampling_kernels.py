@@ -137,10 +137,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 64, 512, 4096])
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        from kernels._triton_compat import patch_interpreter
+        from taxiway_kernels._triton_compat import patch_interpreter
 
         patch_interpreter()
-    from kernels.sampling import SamplingKernelConfig
+    from taxiway_kernels.sampling import SamplingKernelConfig
 
     timer = Timer(args.quick)
     device = "cuda" if timer.gpu else "cpu"

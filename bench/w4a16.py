@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.w4a16_reference import W4A16Weight  # noqa: E402
+from taxiway_kernels.w4a16_reference import W4A16Weight  # noqa: E402
 
 from bench.kernels import Timer, bench_env, rotating, run_meta  # noqa: E402
 
@@ -64,8 +64,8 @@ def _paths(m: int, n: int, k: int, device: torch.device):
     x tile, both unpackings (mm-swap, mm-swap-i2f)."""
     from dataclasses import replace
 
-    from kernels._triton_compat import sm_count
-    from kernels.w4a16 import W4A16Config, _split, choose_config, gemv_config
+    from taxiway_kernels._triton_compat import sm_count
+    from taxiway_kernels.w4a16 import W4A16Config, _split, choose_config, gemv_config
 
     default = choose_config(m, n, k, GROUP, device, DT)
     out = [("default:" + _label(default), default)]
@@ -92,7 +92,7 @@ def _paths(m: int, n: int, k: int, device: torch.device):
 
 
 def case(timer: Timer, device: str, name: str, n: int, k: int, m: int, quick: bool) -> dict:
-    from kernels import w4a16
+    from taxiway_kernels import w4a16
 
     wbytes = _weights(n, k, "meta", 1)[0].nbytes()
     ws = _weights(n, k, device, _copies(wbytes, quick))
@@ -113,7 +113,7 @@ def case(timer: Timer, device: str, name: str, n: int, k: int, m: int, quick: bo
 
 def _sweep_configs(m: int, quick: bool) -> list:
     """gemv tiles (m = 1) and the swapped mm's tiles (16-row x tile at m = 1 as at m = 16)."""
-    from kernels.w4a16 import W4A16Config
+    from taxiway_kernels.w4a16 import W4A16Config
 
     cfgs = []
     if m == 1:
@@ -131,7 +131,7 @@ def _sweep_configs(m: int, quick: bool) -> list:
 def sweep(timer: Timer, device: str, name: str, n: int, k: int, m: int, quick: bool,
           copy_gbs: float) -> list[dict]:
     """Tiles of the gemv and the swapped mm at one shape (CUDA-graph times); fastest first."""
-    from kernels import w4a16
+    from taxiway_kernels import w4a16
 
     wbytes = _weights(n, k, "meta", 1)[0].nbytes()
     ws = _weights(n, k, device, _copies(wbytes, quick))

@@ -29,7 +29,7 @@ from gpu_engine.spec.verify import warm_up_verify
 from gpu_engine.sequence import Request, Sequence as Seq
 from gpu_engine.step_times import StepTimes, step_kind
 from gpu_engine.weights import load_model
-from kernels import compile_watch
+from taxiway_kernels import compile_watch
 
 log = logging.getLogger(__name__)
 

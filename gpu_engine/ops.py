@@ -1,7 +1,7 @@
 """The per-layer operations the model calls, and the step's attention metadata.
 
 `TorchOps` runs the plain-torch references (the CPU engine, and the reference for the kernels);
-`TritonOps` (gpu_engine/triton_ops.py) runs the kernels/ package on a GPU. The model only sees
+`TritonOps` (gpu_engine/triton_ops.py) runs the taxiway_kernels/ package on a GPU. The model only sees
 this interface, so the two are interchangeable.
 
 Ops that feed a quantized linear take its `quant` (gpu_engine.quant.ActQuant) and then return a
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from gpu_engine.quant.activation import ActQuant, QuantizedActivation
-from kernels import reference
+from taxiway_kernels import reference
 
 KVScale = tuple[float, float]  # (k_scale, v_scale): an FP8 cache holds k / k_scale and v / v_scale
 

@@ -1,7 +1,7 @@
 """Token sampling: the slot-based device `Sampler`, and the per-step `sample(logits, SamplingBatch)`.
 
 Semantics of both (penalties, bans, temperature, top-k, top-p, min-p, the seeded race):
-kernels/reference_sampling.py. Randomness is a counter-based hash of (row key, output position,
+taxiway_kernels/reference_sampling.py. Randomness is a counter-based hash of (row key, output position,
 token id), so a seeded request draws the same tokens whatever else is in the batch, after
 preemption, or when it resumes elsewhere, with no per-request generator and no host round trip.
 """
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from gpu_engine.sampling_params import SamplingParams
-from kernels import reference_sampling as L
-from kernels.reference_sampling import uniform_noise  # noqa: F401  (part of this module's API)
+from taxiway_kernels import reference_sampling as L
+from taxiway_kernels.reference_sampling import uniform_noise  # noqa: F401  (part of this module's API)
 
 if TYPE_CHECKING:
-    from kernels.sampling import SamplingKernelConfig
+    from taxiway_kernels.sampling import SamplingKernelConfig
 
 _M32 = 0xFFFFFFFF
 _SAMPLING, _FILTERED, _SPECIAL = 1, 2, 4  # what an active slot needs (fast-path counters)
@@ -49,8 +49,8 @@ class Sampler:
     (4 B x 128,256 = 513 KB each: 263 MB for 512 penalised slots), plus the kernels' workspace
     (about 37 KB per row of the largest batch at 128k vocabulary).
 
-    On a GPU it runs the Triton kernels (kernels/sampling.py); on the CPU the plain-torch reference
-    (kernels/reference_sampling.py), with the same semantics.
+    On a GPU it runs the Triton kernels (taxiway_kernels/sampling.py); on the CPU the plain-torch reference
+    (taxiway_kernels/reference_sampling.py), with the same semantics.
     """
 
     def __init__(self, max_slots: int, vocab_size: int, device: torch.device | str, *,
@@ -68,7 +68,7 @@ class Sampler:
             raise ValueError(f"backend must be 'triton' or 'torch', got {self.backend!r}")
         self._ws = None
         if self.backend == "triton":
-            from kernels.sampling import SamplingKernelConfig, SamplingWorkspace
+            from taxiway_kernels.sampling import SamplingKernelConfig, SamplingWorkspace
 
             self._ws = SamplingWorkspace(self.device, kernel_config or SamplingKernelConfig())
         self._f = np.zeros((max_slots, L.NUM_F), dtype=np.float32)
@@ -179,7 +179,7 @@ class Sampler:
             return logits.argmax(dim=-1)
         if self._ws is None:
             return L.sample_slots(logits, slots.long(), self.tables, record=True)
-        from kernels.sampling import sample_slots
+        from taxiway_kernels.sampling import sample_slots
 
         return sample_slots(logits, slots, self.tables, self._ws, filters=self._counts[_FILTERED] > 0)
 
@@ -220,7 +220,7 @@ class Sampler:
         where there are (no host sync), else the torch reference."""
         if self._ws is None:
             return L.probs_slots(logits, rows.long(), tables)
-        from kernels.sampling import probs_slots
+        from taxiway_kernels.sampling import probs_slots
 
         return probs_slots(logits, rows, tables, self._ws, filters=self._counts[_FILTERED] > 0)
 

@@ -1,4 +1,5 @@
-"""The model's operations on the GPU, through the Triton kernels of kernels/ (same interface as TorchOps)."""
+"""The model's operations on the GPU, through the Triton kernels of taxiway_kernels/ (same interface
+as TorchOps)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from gpu_engine.ops import AttentionMetadata, KVScale
 from gpu_engine.quant.activation import ActQuant, QuantizedActivation
-from kernels import activation, fp8, norm, rotary, triton_attention
+from taxiway_kernels import activation, fp8, norm, rotary, triton_attention
 
 
 class TritonOps:

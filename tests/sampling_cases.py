@@ -6,7 +6,7 @@ import torch
 
 from gpu_engine.sampler import Sampler, row_key
 from gpu_engine.sampling_params import SamplingParams as SP
-from kernels import reference_sampling as L
+from taxiway_kernels import reference_sampling as L
 
 EOS = 0
 # Every feature alone and together; ban ids 7 and 9 (plus EOS) before min_tokens.

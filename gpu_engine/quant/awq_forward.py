@@ -2,7 +2,7 @@
 
 AWQ needs each linear group's inputs and the output of the block it feeds, on whole sequences,
 many times over; the paged engine forward is the wrong tool for that. These functions run the
-layer's own parameters through the same references the CPU engine uses (kernels.reference), on
+layer's own parameters through the same references the CPU engine uses (taxiway_kernels.reference), on
 [B, S, hidden] tensors with causal SDPA. tests/unit/test_awq.py checks the pieces reproduce
 CausalLM's logits.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_engine.model import DecoderLayer
-from kernels import reference as R
+from taxiway_kernels import reference as R
 
 
 @dataclass

@@ -20,7 +20,7 @@ from gpu_engine.quant.int4_checkpoint import Int4Scheme, read_linear
 from gpu_engine.quant.int4_linear import Int4Linear
 from gpu_engine.quant.linear import LinearMethod, QuantLinear
 from gpu_engine.quant.spec import QuantSpec, WeightScheme
-from kernels.w4a16_reference import SUPPORTED_GROUP_SIZES
+from taxiway_kernels.w4a16_reference import SUPPORTED_GROUP_SIZES
 
 DUMMY_GROUP_SIZE = 128
 """Dummy AWQ weights use groups of 128 (what published AWQ checkpoints use), or the largest

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gpu_engine.quant.linear import DenseLinear
-from kernels import reference as R
+from taxiway_kernels import reference as R
 
 
 def default_calibration_text() -> str:

@@ -1,7 +1,7 @@
 """FP8 (E4M3) W8A8 linears: weights in FP8 with one scale per output channel, activations in FP8
-per token or with one static scale; GEMMs through kernels.fp8_gemm.fp8_linear on a GPU
+per token or with one static scale; GEMMs through taxiway_kernels.fp8_gemm.fp8_linear on a GPU
 (torch._scaled_mm, or the small-M Triton kernel up to 64 tokens), the dequantizing reference
-(kernels.reference.fp8_linear) elsewhere.
+(taxiway_kernels.reference.fp8_linear) elsewhere.
 
 Checkpoint schemes (gpu_engine/quant/detect.py): per-channel or per-tensor weight scales,
 dynamic per-token or static per-tensor input scales, or online (16/32-bit weights quantized per
@@ -19,8 +19,8 @@ from gpu_engine.errors import ModelLoadError
 from gpu_engine.quant.activation import ActQuant, QuantizedActivation
 from gpu_engine.quant.linear import LinearMethod, QuantLinear
 from gpu_engine.quant.spec import QuantSpec
-from kernels import reference as R
-from kernels.fp8_gemm import fp8_linear
+from taxiway_kernels import reference as R
+from taxiway_kernels.fp8_gemm import fp8_linear
 
 FP8 = torch.float8_e4m3fn
 

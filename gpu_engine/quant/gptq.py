@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 
 from gpu_engine.quant.int4 import Int4Weight, int4_codes, int4_group_params
-from kernels import reference as R
-from kernels.w4a16_reference import SYMMETRIC_ZERO
+from taxiway_kernels import reference as R
+from taxiway_kernels.w4a16_reference import SYMMETRIC_ZERO
 
 DAMP = 0.1
 """Default dampening, as a share of mean diag H. GPTQ's usual 0.01 fitted the calibration text's

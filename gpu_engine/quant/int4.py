@@ -17,7 +17,7 @@ Layouts (pure torch; all checked against the code of the tools that write them):
   int32 of signed values + 8 packed along K little-endian, `weight_scale` [N, K // g],
   `weight_zero_point` [N // 8, K // g] int32 (asymmetric only: signed zero points + 8 packed along N),
   `weight_shape` [2] = (N, K).
-- the W4A16 kernel's layout (kernels/w4a16_reference.py): `weight_packed`'s packing, uint8 zeros.
+- the W4A16 kernel's layout (taxiway_kernels/w4a16_reference.py): `weight_packed`'s packing, uint8 zeros.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.w4a16_reference import (
+from taxiway_kernels.w4a16_reference import (
     SUPPORTED_GROUP_SIZES,
     SYMMETRIC_ZERO,
     W4A16Weight,

@@ -1,6 +1,6 @@
 """A linear layer holding group-wise INT4 weights in the W4A16 kernel's layout, for the AWQ linear
 method to hand the model (gpu_engine/quant/awq_method.py adds the checkpoint formats): fused parts
-(q|k|v, gate|up) stack their rows. On CUDA it runs kernels/w4a16.py; elsewhere the reference
+(q|k|v, gate|up) stack their rows. On CUDA it runs taxiway_kernels/w4a16.py; elsewhere the reference
 (dequantize, then F.linear), with the dense weight dequantized once and kept beside the INT4
 buffers (not counted as stored bytes)."""
 
@@ -12,7 +12,11 @@ from torch import nn
 
 from gpu_engine.quant.int4 import Int4FormatError, Int4Weight, to_kernel_layout
 from gpu_engine.quant.linear import QuantLinear
-from kernels.w4a16_reference import SUPPORTED_GROUP_SIZES, W4A16Weight, dequantize_w4a16
+from taxiway_kernels.w4a16_reference import (
+    SUPPORTED_GROUP_SIZES,
+    W4A16Weight,
+    dequantize_w4a16,
+)
 
 
 class Int4Linear(QuantLinear):
@@ -76,7 +80,7 @@ class Int4Linear(QuantLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x.is_cuda:
-            from kernels.w4a16 import w4a16_linear
+            from taxiway_kernels.w4a16 import w4a16_linear
 
             y = w4a16_linear(x2.contiguous(), self.weight4(), self.bias)
         else:

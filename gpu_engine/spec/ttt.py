@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_engine.spec.eagle3 import Eagle3Head
-from kernels import reference
+from taxiway_kernels import reference
 
 
 def ttt_forward(

@@ -198,7 +198,8 @@ def test_dockerfile_dependency_step_reads_pyproject():
 def test_dockerignore_keeps_what_the_build_needs():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    for needed in ("pyproject.toml", "README.md", "services", "taxiway", "gpu_engine", "kernels", "protos"):
+    for needed in ("pyproject.toml", "README.md", "services", "taxiway", "gpu_engine", "taxiway_kernels",
+                   "protos"):
         assert needed not in ignored
     assert {".git", "tests"} <= ignored
 

@@ -26,8 +26,8 @@ from gpu_engine.quant.int4_checkpoint import load_dequantized, read_int4_checkpo
 from gpu_engine.quant.int4_linear import Int4Linear
 from gpu_engine.quant.linear import stored_bytes
 from gpu_engine.weights import build_model, load_checkpoint
-from kernels.w4a16_reference import dequantize_w4a16
 from taxiway import LLM, SamplingParams
+from taxiway_kernels.w4a16_reference import dequantize_w4a16
 from tests.engine.test_fp8_checkpoints import prompt_logprobs
 
 transformers = pytest.importorskip("transformers")

@@ -3,7 +3,7 @@
 A specialisation while serving stalls every running sequence (seconds on a cold Triton cache). The
 workload mixes what a served stream sees: chunked prefills beside an odd number of decodes (the
 metadata views start at any offset), prompts of 1 token and of many blocks, prefix hits, greedy and
-sampled requests with penalties. The engine's compile watch (kernels/compile_watch.py) records
+sampled requests with penalties. The engine's compile watch (taxiway_kernels/compile_watch.py) records
 each specialisation; none may come after its start-up mark.
 """
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        from kernels._triton_compat import patch_interpreter
+        from taxiway_kernels._triton_compat import patch_interpreter
 
         patch_interpreter()
     except ImportError:  # no triton: each test module skips itself

@@ -1,4 +1,4 @@
-"""Paged attention kernels against kernels.reference.paged_attention (computed in float64)."""
+"""Paged attention kernels against taxiway_kernels.reference.paged_attention (computed in float64)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import reference as R  # noqa: E402
-from kernels import triton_attention as A  # noqa: E402
-from kernels.testing import PagedBatch, make_paged_batch, rel_err  # noqa: E402
+from taxiway_kernels import reference as R  # noqa: E402
+from taxiway_kernels import triton_attention as A  # noqa: E402
+from taxiway_kernels.testing import PagedBatch, make_paged_batch, rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 

@@ -1,4 +1,4 @@
-"""FP8 kernels against kernels.reference: quantize, RMSNorm / residual + RMSNorm / SiLU-and-mul with
+"""FP8 kernels against taxiway_kernels.reference: quantize, RMSNorm / residual + RMSNorm / SiLU-and-mul with
 FP8 outputs, the FP8 GEMM (torch._scaled_mm, which also runs on the CPU), and the FP8 KV cache
 (rotary + KV write, paged decode and prefill attention)."""
 
@@ -9,14 +9,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import reference as R  # noqa: E402
-from kernels.activation import silu_and_mul_quant_fp8  # noqa: E402
-from kernels.fp8 import quantize_fp8  # noqa: E402
-from kernels.fp8_gemm import fp8_linear  # noqa: E402
-from kernels.norm import fused_add_rms_norm_quant_fp8, rms_norm_quant_fp8  # noqa: E402
-from kernels.rotary import rope_and_write_kv  # noqa: E402
-from kernels import triton_attention as A  # noqa: E402
-from kernels.testing import make_cos_sin_cache, make_paged_batch, rel_err  # noqa: E402
+from taxiway_kernels import reference as R  # noqa: E402
+from taxiway_kernels.activation import silu_and_mul_quant_fp8  # noqa: E402
+from taxiway_kernels.fp8 import quantize_fp8  # noqa: E402
+from taxiway_kernels.fp8_gemm import fp8_linear  # noqa: E402
+from taxiway_kernels.norm import fused_add_rms_norm_quant_fp8, rms_norm_quant_fp8  # noqa: E402
+from taxiway_kernels.rotary import rope_and_write_kv  # noqa: E402
+from taxiway_kernels import triton_attention as A  # noqa: E402
+from taxiway_kernels.testing import make_cos_sin_cache, make_paged_batch, rel_err  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,5 +1,6 @@
-"""The small-M FP8 GEMM (kernels/fp8_gemv.py: mma and gemv paths, split-K) against
-kernels.reference.fp8_linear; the CPU interpreter on small shapes, the GPU on Llama-3.1-8B's shapes."""
+"""The small-M FP8 GEMM (taxiway_kernels/fp8_gemv.py: mma and gemv paths, split-K) against
+taxiway_kernels.reference.fp8_linear; the CPU interpreter on small shapes, the GPU on Llama-3.1-8B's
+shapes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import reference as R  # noqa: E402
-from kernels.fp8_gemm import fp8_linear  # noqa: E402
-from kernels import fp8_gemv  # noqa: E402
-from kernels.fp8_gemv import FP8SmallMConfig, choose_config, fp8_linear_small_m  # noqa: E402
-from kernels.testing import rel_err  # noqa: E402
+from taxiway_kernels import reference as R  # noqa: E402
+from taxiway_kernels.fp8_gemm import fp8_linear  # noqa: E402
+from taxiway_kernels import fp8_gemv  # noqa: E402
+from taxiway_kernels.fp8_gemv import FP8SmallMConfig, choose_config, fp8_linear_small_m  # noqa: E402
+from taxiway_kernels.testing import rel_err  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 # float32: exact products, float32 sums (order differs); 16-bit outputs: one rounding of the result.
@@ -106,7 +107,7 @@ def test_fp8_small_m_keeps_subnormal_codes(device):
 
 
 def test_fp8_small_m_choose_config():
-    cpu = torch.device("cpu")  # 4 multiprocessors off CUDA (kernels._triton_compat.sm_count)
+    cpu = torch.device("cpu")  # 4 multiprocessors off CUDA (taxiway_kernels._triton_compat.sm_count)
     one = choose_config(1, 64, 4096, cpu)
     assert (one.path, one.block_m, one.block_n, one.block_k) == ("mma", 16, 64, 256)
     assert one.split_k == 8, "one N tile: K split until 2 programs per multiprocessor"

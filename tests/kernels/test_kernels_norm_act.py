@@ -1,4 +1,4 @@
-"""RMSNorm, fused residual-add + RMSNorm and SiLU-and-mul against kernels.reference."""
+"""RMSNorm, fused residual-add + RMSNorm and SiLU-and-mul against taxiway_kernels.reference."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import reference as R  # noqa: E402
-from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
-from kernels.testing import rel_err  # noqa: E402
+from taxiway_kernels import reference as R  # noqa: E402
+from taxiway_kernels.activation import silu_and_mul  # noqa: E402
+from taxiway_kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
+from taxiway_kernels.testing import rel_err  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The kernels round where torch rounds, so they differ from it by an ulp here and there.

@@ -1,4 +1,4 @@
-"""rope_and_write_kv against kernels.reference.rope_and_write_kv."""
+"""rope_and_write_kv against taxiway_kernels.reference.rope_and_write_kv."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import reference as R  # noqa: E402
-from kernels.rotary import rope_and_write_kv  # noqa: E402
-from kernels.testing import make_cos_sin_cache, rel_err  # noqa: E402
+from taxiway_kernels import reference as R  # noqa: E402
+from taxiway_kernels.rotary import rope_and_write_kv  # noqa: E402
+from taxiway_kernels.testing import make_cos_sin_cache, rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

@@ -1,4 +1,4 @@
-"""The sampling kernels (kernels/sampling.py) against the plain-torch reference, through Sampler.
+"""The sampling kernels (taxiway_kernels/sampling.py) against the plain-torch reference, through Sampler.
 
 CPU interpreter on small vocabularies with small tiles (several chunks per row, narrow bands, a
 tiny band capacity that forces the slow path); real vocabularies and batch sizes on a GPU.
@@ -16,8 +16,13 @@ pytest.importorskip("triton")
 
 from gpu_engine.sampler import Sampler, row_key  # noqa: E402
 from gpu_engine.sampling_params import SamplingParams as SP  # noqa: E402
-from kernels import reference_sampling as L  # noqa: E402
-from kernels.sampling import SamplingKernelConfig, SamplingWorkspace, probs_slots, sample_slots  # noqa: E402
+from taxiway_kernels import reference_sampling as L  # noqa: E402
+from taxiway_kernels.sampling import (  # noqa: E402
+    SamplingKernelConfig,
+    SamplingWorkspace,
+    probs_slots,
+    sample_slots,
+)
 from tests.sampling_cases import PARAM_MIX, assert_tokens_match, fill, race_scores  # noqa: E402
 
 # Interpreter configs: 128-column chunks (a 300-token row spans 3, the last partial), 16 rows per

@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("triton")
 
 from gpu_engine.quant.int4 import Int4Weight, quantize_int4, to_kernel_layout  # noqa: E402
-from kernels import w4a16  # noqa: E402
-from kernels.testing import rel_err  # noqa: E402
-from kernels.w4a16 import W4A16Config  # noqa: E402
-from kernels.w4a16_reference import dequantize_w4a16, w4a16_linear as reference  # noqa: E402
+from taxiway_kernels import w4a16  # noqa: E402
+from taxiway_kernels.testing import rel_err  # noqa: E402
+from taxiway_kernels.w4a16 import W4A16Config  # noqa: E402
+from taxiway_kernels.w4a16_reference import dequantize_w4a16, w4a16_linear as reference  # noqa: E402
 
 # Tensor-core paths round the dequantized weight to x's dtype (as AWQ kernels do); the gemv path
 # does not, so in float32 everything agrees to summation order.

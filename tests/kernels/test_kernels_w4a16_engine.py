@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import w4a16  # noqa: E402
-from kernels.testing import rel_err  # noqa: E402
+from taxiway_kernels import w4a16  # noqa: E402
+from taxiway_kernels.testing import rel_err  # noqa: E402
 
 AUTOAWQ = Path(__file__).resolve().parents[1] / "data" / "tiny-llama-autoawq"
 

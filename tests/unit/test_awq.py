@@ -17,7 +17,7 @@ from gpu_engine.quant import awq_forward as AF
 from gpu_engine.quant.int4 import fake_quantize_int4
 from gpu_engine.quant.int4_checkpoint import load_dequantized, read_scheme
 from gpu_engine.weights import build_model, load_checkpoint
-from kernels.testing import rel_err
+from taxiway_kernels.testing import rel_err
 
 transformers = pytest.importorskip("transformers")
 from tests.tiny_models import make_tiny_checkpoint  # noqa: E402

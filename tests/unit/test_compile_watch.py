@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from kernels import compile_watch
-from kernels.compile_watch import CompileWatch
+from taxiway_kernels import compile_watch
+from taxiway_kernels.compile_watch import CompileWatch
 
 ARGS = ("q_ptr", "n", "BLOCK")
 
@@ -15,7 +15,7 @@ ARGS = ("q_ptr", "n", "BLOCK")
 def compile_once(watch: CompileWatch, name: str, block: int = 64, aligned: bool = True) -> None:
     """What one specialisation does: the cache hook, the compile, the post-compile hook, with the
     hook arguments Triton 3.6 gives (constants and attributes keyed by argument index paths)."""
-    fn = SimpleNamespace(name=name, module="kernels.x", jit_function=SimpleNamespace(arg_names=ARGS))
+    fn = SimpleNamespace(name=name, module="taxiway_kernels.x", jit_function=SimpleNamespace(arg_names=ARGS))
     attrs = {(0,): [["tt.divisibility", 16]]} if aligned else {}
     kwargs = {"key": ("k",), "repr": f"{name}[num_warps=4](q_ptr: ())", "fn": fn,
               "compile": {"constants": {(2,): block}, "configs": [attrs]},

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from gpu_engine.quant import int4
 from gpu_engine.quant.int4 import Int4FormatError, Int4Weight
-from kernels.w4a16_reference import dequantize_w4a16, pack_int4_k, unpack_int4_k
+from taxiway_kernels.w4a16_reference import dequantize_w4a16, pack_int4_k, unpack_int4_k
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "tiny-llama-autoawq"
 

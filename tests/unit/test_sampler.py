@@ -9,7 +9,7 @@ import torch
 
 from gpu_engine.sampler import Penalties, Sampler, SamplingBatch, apply_penalties, row_key, sample, uniform_noise
 from gpu_engine.sampling_params import SamplingParams as SP
-from kernels import reference_sampling as L
+from taxiway_kernels import reference_sampling as L
 from tests.sampling_cases import EOS, PARAM_MIX, fill
 
 

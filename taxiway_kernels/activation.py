@@ -1,5 +1,5 @@
-"""SiLU-and-mul: out = silu(gate) * up for x = [gate | up] (reference: kernels.reference), and its
-variant that outputs FP8 with per-token scales for the down projection (kernels/fp8.py)."""
+"""SiLU-and-mul: out = silu(gate) * up for x = [gate | up] (reference: taxiway_kernels.reference), and its
+variant that outputs FP8 with per-token scales for the down projection (taxiway_kernels/fp8.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _triton_compat as C
-from kernels import fp8 as F8
+from taxiway_kernels import _triton_compat as C
+from taxiway_kernels import fp8 as F8
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def silu_and_mul_quant_fp8(
     x: torch.Tensor,  # [T, 2 * I] = [gate | up]; last dim contiguous
     static_scale: torch.Tensor | None = None,  # [1] f32; None = per-token scales
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, I] float8_e4m3fn, scale [T, 1] f32)
-    """silu(gate) * up quantized to FP8 (reference: kernels.reference.silu_and_mul_quant_fp8)."""
+    """silu(gate) * up quantized to FP8 (reference: taxiway_kernels.reference.silu_and_mul_quant_fp8)."""
     C.check_device("x", x, x.device)
     C.check_dtype("x", x, C.FLOAT_DTYPES)
     if x.dim() != 2 or x.shape[1] % 2:

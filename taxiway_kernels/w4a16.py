@@ -1,5 +1,5 @@
 """W4A16 GEMM: y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W 4-bit group-wise (reference and
-layout: kernels/w4a16_reference.py). Three paths (`choose_config` picks by M and dtype):
+layout: taxiway_kernels/w4a16_reference.py). Three paths (`choose_config` picks by M and dtype):
 
 - gemv (M = 1; the default on float32 x). Each program owns BLOCK_N output rows and reads them as
   long coalesced runs; codes are dequantized in registers and never written: per group,
@@ -13,7 +13,7 @@ layout: kernels/w4a16_reference.py). Three paths (`choose_config` picks by M and
   cuBLAS through F.linear; the dequantization is a few percent of a GEMM this large.
 
 Decode-sized calls are bound by the instructions that unpack each code, not by HBM, unless the
-unpacking avoids int->float conversion: kernels/w4a16_unpack.py says how (`unpack="fast"`).
+unpacking avoids int->float conversion: taxiway_kernels/w4a16_unpack.py says how (`unpack="fast"`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _triton_compat as C
-from kernels.w4a16_reference import W4A16Weight
-from kernels.w4a16_unpack import (ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, pair_order, unpack8,
+from taxiway_kernels import _triton_compat as C
+from taxiway_kernels.w4a16_reference import W4A16Weight
+from taxiway_kernels.w4a16_unpack import (ASM, I2F, MAGIC, UNPACK_MODES, dequant_tile, magic_f32, pair_order, unpack8,
                                   word_dots)
 
 DEQUANT_MIN_M = 1024  # from M on, dequantize + cuBLAS (bench/w4a16.py measures every path at every M)
@@ -325,7 +325,7 @@ def w4a16_linear(
     out: torch.Tensor | None = None,  # [M, N], x's dtype
     config: W4A16Config | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(w).T + bias, [M, N] in x's dtype (reference: kernels.w4a16_reference.w4a16_linear)."""
+    """y = x @ dequant(w).T + bias, [M, N] in x's dtype (reference: taxiway_kernels.w4a16_reference.w4a16_linear)."""
     _check(x, w, bias, out)
     m, k = x.shape
     n = w.out_features
@@ -366,7 +366,7 @@ def w4a16_linear(
 
 
 def dequantize(w: W4A16Weight, dtype: torch.dtype, *, config: W4A16Config | None = None) -> torch.Tensor:
-    """The dense weight [N, K] in `dtype` (reference: kernels.w4a16_reference.dequantize_w4a16)."""
+    """The dense weight [N, K] in `dtype` (reference: taxiway_kernels.w4a16_reference.dequantize_w4a16)."""
     C.check_device("qweight", w.qweight, w.qweight.device)
     C.check_dtype("dtype", torch.empty(0, dtype=dtype), C.FLOAT_DTYPES)
     n, k = w.out_features, w.in_features

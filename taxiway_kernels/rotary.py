@@ -1,6 +1,6 @@
 """Rotary embedding of q and k fused with writing k and v into the paged KV cache.
 
-Reference: kernels.reference.rope_and_write_kv (apply_rope + write_kv, slot -1 skipped).
+Reference: taxiway_kernels.reference.rope_and_write_kv (apply_rope + write_kv, slot -1 skipped).
 An FP8 (E4M3) cache receives k / k_scale and v / v_scale, saturated at ±448.
 """
 
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _triton_compat as C
+from taxiway_kernels import _triton_compat as C
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """W4A16 (4-bit weights, 16-bit activations): the kernel's weight layout and its plain-torch reference.
 
-The layout kernels/w4a16.py reads (checkpoint formats convert into it at load, gpu_engine/quant/int4.py):
+The layout taxiway_kernels/w4a16.py reads (checkpoint formats convert into it at load, gpu_engine/quant/int4.py):
 
     qweight: [N, K // 8] int32   row n holds the 4-bit codes of w[n, :]; bits 4j..4j+3 of word i
                                  hold the code of k = 8 i + j (little-endian nibbles along K)

@@ -1,11 +1,11 @@
 """FP8 GEMM: torch._scaled_mm (cuBLASLt / CUTLASS on sm_89+; torch's CPU kernel elsewhere), and for
-M <= SMALL_M_MAX on CUDA sm_89+ the small-M Triton kernel of kernels/fp8_gemv.py (at decode sizes
+M <= SMALL_M_MAX on CUDA sm_89+ the small-M Triton kernel of taxiway_kernels/fp8_gemv.py (at decode sizes
 _scaled_mm is no faster than BF16: bench/fp8_gemm.py).
 
-Reference: kernels.reference.fp8_linear. Rowwise scales: one per token of the activation ([M, 1]),
+Reference: taxiway_kernels.reference.fp8_linear. Rowwise scales: one per token of the activation ([M, 1]),
 one per output channel of the weight ([N]), so per-token x per-channel and static per-tensor
 schemes (a broadcast scale) all take the same call. No triton import at module level (the CPU
-engine imports this module); kernels.fp8_gemv is imported on the first small-M CUDA call.
+engine imports this module); taxiway_kernels.fp8_gemv is imported on the first small-M CUDA call.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-SMALL_M_MAX = 64  # M up to this runs kernels/fp8_gemv.py on CUDA sm_89+ (bench/fp8_gemm.py measures both)
+SMALL_M_MAX = 64  # M up to this runs taxiway_kernels/fp8_gemv.py on CUDA sm_89+ (bench/fp8_gemm.py measures both)
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -59,7 +59,7 @@ def fp8_linear(
 ) -> torch.Tensor:  # [M, N] out_dtype
     """y = (xq * x_scale) @ (weight * weight_scale[:, None]).T + bias, accumulated in f32."""
     if xq.is_cuda and xq.shape[0] <= SMALL_M_MAX and _has_fp8_mma(xq.device):
-        from kernels.fp8_gemv import fp8_linear_small_m
+        from taxiway_kernels.fp8_gemv import fp8_linear_small_m
 
         return fp8_linear_small_m(xq, x_scale, weight, weight_scale, bias, out_dtype)
     check_gemm(xq, x_scale, weight, weight_scale)

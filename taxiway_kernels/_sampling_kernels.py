@@ -1,4 +1,4 @@
-"""Triton kernels of token sampling; kernels/sampling.py launches them, kernels/reference_sampling.py
+"""Triton kernels of token sampling; taxiway_kernels/sampling.py launches them, taxiway_kernels/reference_sampling.py
 states the semantics they implement.
 
 Every kernel works on BR rows of the batch at once (1 on a GPU, more in the CPU interpreter); the
@@ -13,7 +13,7 @@ the logits and the slot's penalty row (`_scores`), never written back.
             holds the threshold is narrow.
   gather    per chunk: count, mass and race winner of the tokens >= hi (kept for sure), and the
             band's tokens written to a per-row buffer of CAP (score, id) pairs.
-  finalize  (kernels/_sampling_finalize.py) per row: the exact threshold inside the band by a
+  finalize  (taxiway_kernels/_sampling_finalize.py) per row: the exact threshold inside the band by a
             16-way search, the checks that the band really held it, else the slow path (the same
             search over the whole row), the token, and the slot's position and output count
             advanced on the device.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels import reference_sampling as L
+from taxiway_kernels import reference_sampling as L
 
 NUM_F = tl.constexpr(L.NUM_F)
 NUM_I = tl.constexpr(L.NUM_I)
@@ -49,7 +49,7 @@ FILTERS = tl.constexpr(L.FILTERS)
 PROMPT_BIT = tl.constexpr(L.PROMPT_BIT)
 BAN_BIT = tl.constexpr(L.BAN_BIT)
 COUNT_MASK = tl.constexpr(L.COUNT_MASK)
-# Workspace records (see kernels/sampling.py): floats / ints per (row, chunk).
+# Workspace records (see taxiway_kernels/sampling.py): floats / ints per (row, chunk).
 SF = tl.constexpr(4)  # stats: max, sum exp, min finite, race winner score
 SI = tl.constexpr(3)  # stats: argmax, finite count, race winner id
 GF = tl.constexpr(2)  # gather: mass >= hi, winner score

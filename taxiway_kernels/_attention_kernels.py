@@ -1,4 +1,4 @@
-"""Triton kernels for paged attention; the checked entry points are in kernels/triton_attention.py.
+"""Triton kernels for paged attention; the checked entry points are in taxiway_kernels/triton_attention.py.
 
 Scores are computed in base 2: the wrapper passes scale * log2(e), so softmax uses exp2.
 A sliding window w arrives as `window` (a huge number when there is none): a query at position p
@@ -18,7 +18,7 @@ import triton.language as tl
 # Per-sequence metadata read a scalar (or a few block ids) at a time: in mixed steps these are views
 # at any offset (the prefill part starts after the decodes; query_start_loc and seq_lens share one
 # upload), so specialising on their 16-byte alignment only compiled each kernel again while serving
-# (kernels/compile_watch.py saw 7 such compiles, 5 s of stalls, on an H200's first requests).
+# (taxiway_kernels/compile_watch.py saw 7 such compiles, 5 s of stalls, on an H200's first requests).
 _ANY_OFFSET = ["bt_ptr", "qsl_ptr", "seq_lens_ptr"]
 
 

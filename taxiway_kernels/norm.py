@@ -1,6 +1,6 @@
-"""RMSNorm and fused residual-add + RMSNorm (HF Llama semantics; see kernels/reference.py).
+"""RMSNorm and fused residual-add + RMSNorm (HF Llama semantics; see taxiway_kernels/reference.py).
 
-The *_quant_fp8 variants output the normalized rows in FP8 with their scales (kernels/fp8.py),
+The *_quant_fp8 variants output the normalized rows in FP8 with their scales (taxiway_kernels/fp8.py),
 so the next GEMM needs no separate quantization pass.
 
 rms_norm also takes [T, H, D] views (per-head q/k norm, as Qwen3 does) with any token and head
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _triton_compat as C
-from kernels import fp8 as F8
+from taxiway_kernels import _triton_compat as C
+from taxiway_kernels import fp8 as F8
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def fused_add_rms_norm(
     return x, residual
 
 
-# ---- FP8 outputs: the normalized rows quantized for the next FP8 GEMM (kernels/fp8.py) ----
+# ---- FP8 outputs: the normalized rows quantized for the next FP8 GEMM (taxiway_kernels/fp8.py) ----
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_fp8_kernel(
@@ -206,7 +206,7 @@ def rms_norm_quant_fp8(
     eps: float,
     static_scale: torch.Tensor | None = None,  # [1] f32; None = per-token scales
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, N] float8_e4m3fn, scale [T, 1] f32)
-    """rms_norm(x) quantized to FP8 in the same pass (reference: kernels.reference.rms_norm_quant_fp8)."""
+    """rms_norm(x) quantized to FP8 in the same pass (reference: taxiway_kernels.reference.rms_norm_quant_fp8)."""
     return _norm_fp8(x, None, weight, eps, static_scale)
 
 

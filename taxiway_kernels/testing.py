@@ -13,7 +13,7 @@ import torch
 
 @dataclass
 class PagedBatch:
-    """One step's attention inputs over a paged cache (see kernels/reference.py for the layout)."""
+    """One step's attention inputs over a paged cache (see taxiway_kernels/reference.py for the layout)."""
 
     q: torch.Tensor  # [T, H, D]
     k_cache: torch.Tensor  # [num_blocks, KVH, block_size, D]

@@ -1,5 +1,5 @@
 """Small-M FP8 W8A8 GEMM (M = 1 ... 64, decode): y[M, N] = (xq * x_scale) @ (w * w_scale[:, None]).T
-(+ bias). Reference: kernels.reference.fp8_linear; kernels.fp8_gemm.fp8_linear dispatches here.
+(+ bias). Reference: taxiway_kernels.reference.fp8_linear; taxiway_kernels.fp8_gemm.fp8_linear dispatches here.
 
 At small M the GEMM is bound by reading the weight's N * K bytes, and torch._scaled_mm with rowwise
 scales is no faster there than BF16 F.linear (bench/results/2026-12-01-callA-fp8-gemm-h200.json).
@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _triton_compat as C
-from kernels.fp8_gemm import check_gemm
-from kernels.w4a16 import _split, _split_k_reduce_kernel, store_tile
+from taxiway_kernels import _triton_compat as C
+from taxiway_kernels.fp8_gemm import check_gemm
+from taxiway_kernels.w4a16 import _split, _split_k_reduce_kernel, store_tile
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_BLOCK_K = 256

@@ -1,6 +1,6 @@
 """Plain-torch reference of token sampling, and the slot-table layout the sampling kernels read.
 
-What the CPU engine runs, and what kernel tests compare the Triton kernels to (kernels/sampling.py).
+What the CPU engine runs, and what kernel tests compare the Triton kernels to (taxiway_kernels/sampling.py).
 
 Semantics, per row (one sample drawn), in this order:
   1. penalties (slots with them): repetition (HF: divide positive, multiply negative logits of every

@@ -1,4 +1,4 @@
-"""W4A16 unpacking: 4-bit codes to numbers inside the kernels of kernels/w4a16.py.
+"""W4A16 unpacking: 4-bit codes to numbers inside the kernels of taxiway_kernels/w4a16.py.
 
 Decode is bandwidth-bound only if the SMs dequantize faster than HBM delivers codes: an H200 at
 4.8 TB/s feeds each of 132 SMs ~37 codes per clock, against 128 thread-instructions issued per

@@ -1,11 +1,11 @@
-"""Paged attention over the KV cache: checked entry points around kernels/_attention_kernels.py.
+"""Paged attention over the KV cache: checked entry points around taxiway_kernels/_attention_kernels.py.
 
     paged_attention(...)          the whole mixed batch: decodes first, then prefill chunks
     paged_decode_attention(...)   one query token per sequence, split-K (flash-decoding)
     paged_prefill_attention(...)  any number of query tokens per sequence, causal, one launch
 
 Launches depend only on tensor shapes and on `num_splits` (a host int), never on tensor values,
-so the decode path can be captured in a CUDA graph. Layouts are those of kernels/reference.py.
+so the decode path can be captured in a CUDA graph. Layouts are those of taxiway_kernels/reference.py.
 
 An FP8 (float8_e4m3fn) cache takes kv_scale = (k_scale, v_scale): K/V are read in FP8 and
 converted to q's dtype in registers (half the bytes of a 16-bit cache).
@@ -21,8 +21,8 @@ import math
 import torch
 import triton
 
-from kernels import _attention_kernels as K
-from kernels import _triton_compat as C
+from taxiway_kernels import _attention_kernels as K
+from taxiway_kernels import _triton_compat as C
 
 _NO_WINDOW = 1 << 30
 _MAX_SPLITS = 64
@@ -151,7 +151,7 @@ def paged_decode_attention(
     tokens); partial results are merged by log-sum-exp. CUDA-graph capturable.
     block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py), and so is
     fp8_dot_dtype: what an FP8 cache is converted to for the dots (default float16 under 16-bit
-    queries, see kernels/_attention_kernels.py; q's dtype is the other choice).
+    queries, see taxiway_kernels/_attention_kernels.py; q's dtype is the other choice).
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
@@ -273,7 +273,7 @@ def paged_attention(
     num_splits: int | None = None,
     kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
-    """Mixed batch, same meaning as kernels.reference.paged_attention.
+    """Mixed batch, same meaning as taxiway_kernels.reference.paged_attention.
 
     The first `num_decodes` sequences must have q_len 1 (not checked: that would read the
     device); they go to the split-K decode kernel, the rest to the prefill kernel. With

@@ -1,7 +1,7 @@
 """Triton kernels of token sampling, second half: the exact threshold inside the band (or over the
 whole row), the token, the record into the slot, and the processed distribution.
 
-See kernels/_sampling_kernels.py for the passes before these and the helpers they share.
+See taxiway_kernels/_sampling_kernels.py for the passes before these and the helpers they share.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._sampling_kernels import (  # noqa: F401  (constexprs and helpers the kernels use)
+from taxiway_kernels._sampling_kernels import (  # noqa: F401  (constexprs and helpers the kernels use)
     NEG,
     PER_STEP,
     POS,

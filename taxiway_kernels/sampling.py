@@ -1,7 +1,7 @@
 """Token sampling from slot tables on the GPU: penalties, bans, temperature, top-k, top-p, min-p,
 seeded Gumbel race and greedy rows in one pipeline, without sorting the vocabulary.
 
-Semantics: kernels/reference_sampling.py (the plain-torch reference the CPU runs). How: the kept
+Semantics: taxiway_kernels/reference_sampling.py (the plain-torch reference the CPU runs). How: the kept
 set of a row is always {score >= T}; a stats pass gives max and softmax mass, two pivot rounds
 narrow T to a band of at most `band_cap` tokens, a gather pass counts what lies above the band and
 copies the band out, and a finalize pass finds T exactly inside the band by a 16-way search over
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels import _sampling_finalize as F
-from kernels import _sampling_kernels as K
-from kernels import _triton_compat as C
-from kernels import reference_sampling as L
+from taxiway_kernels import _sampling_finalize as F
+from taxiway_kernels import _sampling_kernels as K
+from taxiway_kernels import _triton_compat as C
+from taxiway_kernels import reference_sampling as L
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""FP8 (E4M3) activations and GEMMs (references: kernels.reference.quantize_fp8 / fp8_linear).
+"""FP8 (E4M3) activations and GEMMs (references: taxiway_kernels.reference.quantize_fp8 / fp8_linear).
 
     quantize_fp8(x, static_scale)   [T, K] -> (fp8 [T, K], scale [T, 1] f32), whole rows per program
 
-The GEMM that takes these (torch._scaled_mm, rowwise scales) is kernels/fp8_gemm.py.
+The GEMM that takes these (torch._scaled_mm, rowwise scales) is taxiway_kernels/fp8_gemm.py.
 
 An activation is quantized per token (scale = amax of its row / 448) unless a static per-tensor
 scale is given, whose value is then written as every row's scale: the GEMM always takes rowwise
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _triton_compat as C
-from kernels.fp8_gemm import FP8, FP8_MAX  # noqa: F401 (re-exported)
+from taxiway_kernels import _triton_compat as C
+from taxiway_kernels.fp8_gemm import FP8, FP8_MAX  # noqa: F401 (re-exported)
 
 
 @triton.jit
