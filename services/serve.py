@@ -154,7 +154,8 @@ def run_all(cli: dict, env: dict, file: dict, known: set[str]) -> int:
     configs = shared_gateway_ports(embedded_security(role_configs(cli, env, file, known)))
     busy = busy_ports(serve_ports(configs))
     if busy:
-        print(f"taxiway serve: {busy[0]} is in use: is another `taxiway serve` running? Stop it, "
+        verb = "is" if len(busy) == 1 else "are"
+        print(f"taxiway serve: {', '.join(busy)} {verb} in use: is another `taxiway serve` running? Stop it, "
               "or pick other ports (--port, --openai-port, --metrics-port, the YAML file)",
               file=sys.stderr)
         return 1

@@ -1,11 +1,12 @@
 """`taxiway serve` as users meet it: a request still running when the gateway stops ends with
 FINISH_REASON_CANCELLED (not a raw gRPC cancellation); a second `taxiway serve` fails with one
-line naming the busy port; a `taxiway serve` killed with SIGKILL leaves no redis-server, no tier
+line naming the busy ports; a `taxiway serve` killed with SIGKILL leaves no redis-server, no tier
 process and (after the next start) no folder behind."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -71,6 +72,21 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def test_serve_names_every_busy_port_in_one_line():
+    gateway, openai = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+    with gateway, openai:
+        ports = gateway.getsockname()[1], openai.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "services.serve", "--fake-engine", "--port",
+                              str(ports[0]), "--openai-port", str(ports[1])], cwd=ROOT,
+                             env=child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1, err
+    named = err[0].split(" are in use: ")[0]
+    assert f"127.0.0.1:{ports[0]} (gateway port)" in named, err
+    assert f"127.0.0.1:{ports[1]} (gateway openai_port)" in named, err
+
+
 @pytest.mark.slow
 def test_second_serve_names_the_busy_port_and_a_killed_serve_leaves_nothing(tmp_path):
     if find_redis_server() is None:
@@ -83,8 +99,11 @@ def test_second_serve_names_the_busy_port_and_a_killed_serve_leaves_nothing(tmp_
                                  "--port", str(port)], cwd=ROOT, env=child_env(),
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
+        # one line naming every busy port: the gateway's, and any other default port that one of the
+        # first serve's (kernel-chosen) ports happens to hold
         err = second.stderr.strip().splitlines()
-        assert len(err) == 1 and f"127.0.0.1:{port} (gateway port) is in use" in err[0], err
+        assert len(err) == 1 and " in use: " in err[0], err
+        assert f"127.0.0.1:{port} (gateway port)" in err[0].split(" in use: ")[0], err
         children = _children(first.pid)
         names = {Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1]
                  for c in children}
