@@ -13,7 +13,11 @@
 # SB_CLIENTS=16; the OpenAI client opens one connection per request).
 # Through the stack each invocation also samples the tiers' /metrics every 0.5 s
 # (bench/scrape_metrics.py, into NAME.metrics.json: the executor's step time and running batch, the
-# scheduler's queue time, the first gateway's TTFT / ITL; SB_GATEWAY_METRICS_PORT, default 9091).
+# scheduler's queue time, the first gateway's TTFT / ITL; SB_GATEWAY_METRICS_PORT, default 9091),
+# and the executor's step times (per kind, as the in-process result has them) go from its log line
+# at stop into executor-step-times.json. A part of the sweep: SB_TARGETS (default "grpc openai
+# inprocess"), SB_POINTS (the closed-loop concurrencies, default "1 64 256 1024"; "" for none),
+# SB_POISSON=0 (no Poisson run).
 set -u
 OUT=${1:?usage: serve_bench_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -21,7 +25,10 @@ ISL=${SB_ISL:-128} OSL=${SB_OSL:-128} SCALE=${SB_SCALE:-1} RATE=${SB_RATE:-100} 
 CONNECTIONS=${SB_CONNECTIONS:-4}
 read -r -a ENGINE <<< "${SB_ENGINE:---model llama-3.1-8b --load-format dummy --max-num-seqs 1024 --max-model-len $((ISL + OSL)) --gpu-memory-utilization 0.9 --no-enable-prefix-caching --admission-policy guaranteed_no_evict}"
 GRPC_PORT=${SB_GRPC_PORT:-50051} OPENAI_PORT=${SB_OPENAI_PORT:-8000} GW_METRICS_PORT=${SB_GATEWAY_METRICS_PORT:-9091}
+read -r -a POINTS <<< "${SB_POINTS-1 64 256 1024}"
+TARGETS=" ${SB_TARGETS:-grpc openai inprocess} "
 n() { echo $(( ($1 + SCALE - 1) / SCALE )); }
+declare -A REQUESTS=([1]=32 [64]=256 [256]=1024 [1024]=2048)
 
 bench() {  # bench TARGET NAME [args]: one `taxiway bench serve` invocation, JSON to $OUT/NAME.json
   local target=$1 name=$2 scraper= rc; shift 2
@@ -39,10 +46,16 @@ bench() {  # bench TARGET NAME [args]: one `taxiway bench serve` invocation, JSO
 }
 
 sweep() {  # sweep TARGET ADDRESS_ARGS...: the closed-loop points in one invocation, then Poisson
-  local target=$1; shift
-  bench "$target" "serve-$target-closed" --concurrency 1 64 256 1024 \
-    --num-requests "$(n 32)" "$(n 256)" "$(n 1024)" "$(n 2048)" --client-processes "$CLIENTS" "$@"
-  bench "$target" "serve-$target-poisson" --concurrency 0 --request-rate "$RATE" --num-requests "$(n 2048)" --client-processes "$CLIENTS" "$@"
+  local target=$1 counts=() c; shift
+  [[ $TARGETS == *" $target "* ]] || return 0
+  for c in "${POINTS[@]}"; do counts+=("$(n "${REQUESTS[$c]:-2048}")"); done
+  if (( ${#POINTS[@]} )); then
+    bench "$target" "serve-$target-closed" --concurrency "${POINTS[@]}" \
+      --num-requests "${counts[@]}" --client-processes "$CLIENTS" "$@"
+  fi
+  if [ "${SB_POISSON:-1}" != 0 ]; then
+    bench "$target" "serve-$target-poisson" --concurrency 0 --request-rate "$RATE" --num-requests "$(n 2048)" --client-processes "$CLIENTS" "$@"
+  fi
 }
 
 t0=$SECONDS
@@ -60,6 +73,7 @@ sweep grpc --address "127.0.0.1:$GRPC_PORT" --connections "$CONNECTIONS"
 sweep openai --address "127.0.0.1:$OPENAI_PORT"
 kill -INT "$SERVER"; wait "$SERVER"
 echo "stack stopped at $((SECONDS - t0))s"
+grep -o ' step times: .*' "$OUT/serve-stack.log" | head -n 1 | cut -c 14- > "$OUT/executor-step-times.json"
 sweep inprocess "${ENGINE[@]}"
 python - "$OUT" <<'PY'
 import glob, json, os, sys

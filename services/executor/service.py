@@ -3,6 +3,7 @@ output publisher (Redis XADD, off the step loop) and the registration heartbeat.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -195,6 +196,9 @@ class ExecutorService:
             self.core.run(self._stopping)
             if self.core.broken is not None:
                 self._leave_pool(self.core.broken)
+            steps = getattr(engine, "step_times", None)
+            if steps is not None:  # what `taxiway bench` reports in-process, for the same comparison
+                log.info("executor %s step times: %s", self.executor_id, json.dumps(steps.summary()))
 
         self._spawn(loop, name="step-loop")
         built.wait()

@@ -1,8 +1,10 @@
 """Engine settings given to `taxiway serve` reach the executor's engine, which reports them (and
-what it measured at start-up) in its registration."""
+what it measured at start-up) in its registration; a stopping executor logs its step times."""
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import time
@@ -44,3 +46,23 @@ def test_serve_engine_flags_reach_the_engine_and_are_reported(tmp_path, redis_ur
             settings["admission_policy"]) == (3, 200, 8, False, 0.5, "guaranteed_no_evict")
     assert settings["model"] == str(model)
     assert (report["num_kv_blocks"], report["block_size"], report["device"]) == (77, 8, "cpu")
+
+
+def test_a_stopping_executor_logs_its_engines_step_times(stack_factory, byte_llama, caplog):
+    """The same per-kind step breakdown that `taxiway bench` records in-process, so a run behind the
+    services can be compared with one in-process."""
+    from tests.integration.svc_stack import real_engine
+
+    caplog.set_level(logging.INFO, logger="services.executor.service")
+    stack = stack_factory(executors=0)
+    executor = stack.add_executor(engine=real_engine(byte_llama))
+    stack.wait_executors(1)
+    chunks = stack.generate("Hi", max_tokens=5, temperature=0.0, ignore_eos=True)
+    assert sum(len(c.token_ids) for c in chunks) == 5
+    stack.executors.remove(executor)
+    executor.stop()
+    lines = [r.getMessage() for r in caplog.records if " step times: " in r.getMessage()]
+    assert len(lines) == 1, lines
+    summary = json.loads(lines[0].split(" step times: ", 1)[1])
+    assert summary == executor.core.engine.step_times.summary()
+    assert sum(kind["steps"] for kind in summary.values()) >= 5  # a prefill, then the decodes
