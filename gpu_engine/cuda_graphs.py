@@ -1,7 +1,8 @@
 """CUDA graphs for decode steps: captured once at start-up for a ladder of batch sizes; a step is
 padded up to the next captured size and replayed. Steps of decodes and speculative verify entries
 replay them too, each of an entry's 1 + k tokens as a row of its own (StepLayout.decode_rows).
-Prefill and mixed steps run eagerly.
+Prefill and mixed steps have graphs of their own, in pieces between attentions
+(gpu_engine/mixed_graphs.py).
 
 A graph reads one static [3, size] int64 input (slot, position, host token or -1 per row) and the
 persistent batch's device buffers: inside it, the input ids come from the slots' last sampled
@@ -15,6 +16,9 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -37,6 +41,34 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s < top} | {top})
 
 
+@contextmanager
+def collection_held() -> Iterator[None]:
+    """The garbage collector held off while graphs are captured: a collection inside a capture that
+    frees pinned host memory (an earlier engine's staging buffers, say) makes the host allocator
+    query CUDA events, which a capture forbids. A capture failing that way ("operation failed due
+    to a previous error during capture") was seen in a process building its sixth engine
+    (tests/gpu/test_spec_engine_gpu.py); that this was its cause is not confirmed on a GPU yet."""
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def capture(program: Callable[[], object], device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run `program` once (it compiles what the capture will launch), then capture it in `pool`
+    (None: a new one; graph.pool() gives it). Returns (graph, what the captured run returned)."""
+    program()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = program()
+    return graph, out
+
+
 class DecodeGraphs:
     """One captured forward per batch size, reading one static input buffer."""
 
@@ -49,37 +81,21 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         # size -> (graph, hidden [size, hidden], residual streams [size, A * hidden] or None)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
+        self.pool = None
+        """The memory pool of the captures (the mixed-step graphs share it: no two replay at once)."""
 
     def _view(self, size: int) -> torch.Tensor:
         return self.inputs[: 3 * size].view(3, size)
 
     def capture(self) -> float:
-        """Capture every size, largest first, sharing one memory pool; returns seconds taken.
-
-        The garbage collector is held off meanwhile: a collection inside a capture that frees
-        pinned host memory (an earlier engine's staging buffers, say) makes the host allocator
-        query CUDA events, which a capture forbids. A capture failing that way ("operation failed
-        due to a previous error during capture") was seen in a process building its sixth engine
-        (tests/gpu/test_spec_engine_gpu.py); that this was its cause is not confirmed on a GPU yet."""
+        """Capture every size, largest first, sharing one memory pool; returns seconds taken."""
         start = time.perf_counter()
-        pool = None
-        gc.collect()
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collection_held():
             for size in reversed(self.sizes):
-                view = self._view(size)
-                view[1].fill_(-1)  # capture with padding rows: nothing is written
-                self._forward(size)
-                torch.cuda.synchronize(self.runner.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out, aux = self._forward(size)
-                pool = graph.pool()
+                self._view(size)[1].fill_(-1)  # capture with padding rows: nothing is written
+                graph, (out, aux) = capture(partial(self._forward, size), self.runner.device, self.pool)
+                self.pool = graph.pool()
                 self.graphs[size] = (graph, out, aux)
-        finally:
-            if collecting:
-                gc.enable()
         torch.cuda.synchronize(self.runner.device)
         return time.perf_counter() - start
 
@@ -111,14 +127,8 @@ class DecodeGraphs:
         the drafter reads them after the next replay may have begun)."""
         t = layout.num_tokens
         size = self.padded_size(t)
-        stage = np.zeros((3, size), dtype=np.int64)
-        stage[0, :t] = layout.tok_slot
-        stage[1, :t] = layout.tok_pos
-        stage[1, t:] = -1
-        stage[2, :t] = layout.host_ids
-        stage[2, t:] = -1
         view = self._view(size)
-        self.runner.builder.upload_into(view, stage)
+        self.runner.builder.upload_into(view, row_inputs(layout, size))
         out, aux = self._replay(size)
         return out[:t], view[0, :t], None if aux is None else aux[:t].clone()
 
@@ -126,3 +136,16 @@ class DecodeGraphs:
         graph, out, aux = self.graphs[size]
         graph.replay()
         return out, aux
+
+
+def row_inputs(layout: StepLayout, size: int) -> np.ndarray:
+    """[3, size] int64 (slot, position, host token or -1) of a step's rows, padded with rows of
+    position -1 (they write no KV: their cache slot is -1)."""
+    t = layout.num_tokens
+    stage = np.zeros((3, size), dtype=np.int64)
+    stage[0, :t] = layout.tok_slot
+    stage[1, :t] = layout.tok_pos
+    stage[1, t:] = -1
+    stage[2, :t] = layout.host_ids
+    stage[2, t:] = -1
+    return stage

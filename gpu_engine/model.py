@@ -92,6 +92,15 @@ class DecoderLayer(nn.Module):
         cos_sin: torch.Tensor,
         ops: TorchOps,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, residual = self.attention_inputs(hidden, residual, positions, kv_cache, meta, cos_sin, ops)
+        k_cache, v_cache = kv_cache
+        attn = ops.attention(q, k_cache, v_cache, meta, self.scale, self.cfg.sliding_window, self.kv_scale)
+        return self.after_attention(attn, residual, ops)
+
+    def attention_inputs(self, hidden, residual, positions, kv_cache, meta: AttentionMetadata, cos_sin,
+                         ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to attention: norm, qkv, rope, this step's K and V written to the cache
+        (only meta.slot_mapping is read). Returns (q [T, heads, head_dim], residual)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         want = self.qkv_proj.input_quant
@@ -110,10 +119,15 @@ class DecoderLayer(nn.Module):
             k = ops.rms_norm(k, self.k_norm, eps)
         k_cache, v_cache = kv_cache
         q = ops.rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta, self.kv_scale)
-        attn = ops.attention(q, k_cache, v_cache, meta, self.scale, cfg.sliding_window, self.kv_scale)
+        return q, residual
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor,
+                        ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after attention (attn: [T, heads, head_dim]): o_proj, norm, MLP."""
+        t = attn.shape[0]
         hidden = all_reduce(self.o_proj(ops.quantize(attn.reshape(t, self.q_size), self.o_proj.input_quant)))
-        hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps,
-                                                  quant=self.gate_up_proj.input_quant)
+        hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm,
+                                                  self.cfg.rms_norm_eps, quant=self.gate_up_proj.input_quant)
         act = ops.silu_and_mul(self.gate_up_proj(hidden), quant=self.down_proj.input_quant)
         return all_reduce(self.down_proj(act)), residual
 

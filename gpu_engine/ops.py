@@ -96,11 +96,13 @@ class TorchOps:
         scale: float,
         sliding_window: int | None,
         kv_scale: KVScale = (1.0, 1.0),
+        out: torch.Tensor | None = None,  # [T, H, D]: written and returned when given
     ) -> torch.Tensor:  # [T, H, D]
-        return reference.paged_attention(
+        attn = reference.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc_host,
             meta.seq_lens_host, scale, sliding_window, kv_scale,
         )
+        return attn if out is None else out.copy_(attn)
 
 
 def select_ops(device: torch.device) -> TorchOps:

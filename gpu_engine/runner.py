@@ -18,6 +18,7 @@ import torch
 from gpu_engine.config import EngineConfig, ModelConfig
 from gpu_engine.cuda_graphs import DecodeGraphs
 from gpu_engine.input_batch import InputBatch, StepLayout
+from gpu_engine.mixed_graphs import MixedGraphs
 from gpu_engine.model import rope_cos_sin_cache
 from gpu_engine.ops import AttentionMetadata, select_ops
 from gpu_engine.outputs import Logprobs
@@ -88,6 +89,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cfg.block_size
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.builder = InputBuilder(device)
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // cfg.block_size), cfg.block_size,
                                 model_cfg.vocab_size, device)
@@ -199,14 +201,19 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_graphs(self) -> float:
         """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager; with the residual
-        streams EAGLE-3 drafts from when it runs); returns seconds."""
+        streams EAGLE-3 drafts from when it runs) and, without those streams, the prefill and
+        mixed steps' pieces (gpu_engine/mixed_graphs.py); returns seconds."""
         if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
             return 0.0
         if self.driver is not None:
             log.warning("tensor parallelism runs decode steps eagerly: CUDA graphs over NCCL are not captured yet")
             return 0.0
         self.graphs = DecodeGraphs(self, max(self.max_num_seqs, self.graph_rows))
-        return self.graphs.capture()
+        seconds = self.graphs.capture()
+        if not self.aux_layers:
+            self.mixed_graphs = MixedGraphs(self, self.max_num_batched_tokens)
+            seconds += self.mixed_graphs.capture(self.graphs.pool)
+        return seconds
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -226,11 +233,15 @@ class ModelRunner:
         self.batch.apply(plan, up)
         layout = self.batch.layout(plan)
         graphed = self.graphs is not None and layout.decode_rows and self.graphs.padded_size(layout.num_tokens)
+        pieces = (not graphed and self.mixed_graphs is not None
+                  and self.mixed_graphs.padded_size(layout.num_tokens) is not None)
         t1 = time.perf_counter()
         self.copy_blocks(plan.blocks_to_copy)
         aux = None
         if graphed:
             hidden, tok_slot, aux = self.graphs.run(layout)
+        elif pieces:
+            hidden, tok_slot = self.mixed_graphs.run(layout)
         else:
             ids, positions, meta, tok_slot = self.batch.device_inputs(layout, up, self.ops.name == "torch")
             if self.driver is not None:

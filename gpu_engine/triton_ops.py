@@ -48,9 +48,9 @@ class TritonOps:
         return q
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window,
-                  kv_scale: KVScale = (1.0, 1.0)):
+                  kv_scale: KVScale = (1.0, 1.0), out: torch.Tensor | None = None):
         return triton_attention.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            sliding_window=sliding_window, num_decodes=meta.num_decodes, max_query_len=meta.max_query_len,
-            kv_scale=kv_scale,
+            out=out, sliding_window=sliding_window, num_decodes=meta.num_decodes,
+            max_query_len=meta.max_query_len, kv_scale=kv_scale,
         )

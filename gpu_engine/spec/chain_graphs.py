@@ -17,14 +17,14 @@ Without a GPU (tests) `run` executes the same program eagerly.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
 
-from gpu_engine.cuda_graphs import batch_size_ladder
+from gpu_engine.cuda_graphs import batch_size_ladder, capture, collection_held
 from gpu_engine.ops import AttentionMetadata
 from gpu_engine.step_inputs import padded_tables
 
@@ -95,26 +95,15 @@ class ChainGraphs:
         return torch.stack(tokens, dim=1)
 
     def capture(self) -> float:
-        """Capture every size, largest first, in one memory pool (the garbage collector held off,
-        as for the decode graphs: gpu_engine/cuda_graphs.py says why); returns seconds taken."""
+        """Capture every size, largest first, in one memory pool; returns seconds taken."""
         start = time.perf_counter()
         pool = None
-        gc.collect()
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collection_held():
             for size in reversed(self.sizes):
                 self._view(size)[2].zero_()  # no row live: nothing is written while capturing
-                self.program(size)  # compiles what the capture will launch
-                torch.cuda.synchronize(self.cache.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.program(size)
+                graph, out = capture(partial(self.program, size), self.cache.device, pool)
                 pool = graph.pool()
                 self.graphs[size] = (graph, out)
-        finally:
-            if collecting:
-                gc.enable()
         torch.cuda.synchronize(self.cache.device)
         return time.perf_counter() - start
 
