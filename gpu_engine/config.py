@@ -185,6 +185,10 @@ def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
     return field(default=default, metadata={"help": help})
 
 
+MAX_MIXED_GRAPH_TOKENS = 2048
+"""The largest step whose forward is captured in pieces (gpu_engine/mixed_graphs.py)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything `LLM(...)` / `LLMEngine` accept: the single declaration of every engine setting.
@@ -235,6 +239,10 @@ class EngineConfig:
         "(recompute); guaranteed_no_evict: admit only when prompt + max_tokens is reserved for "
         "every running request")
     enforce_eager: bool = setting(False, "GPU only: no CUDA graphs")
+    max_mixed_graph_tokens: int = setting(
+        MAX_MIXED_GRAPH_TOKENS, "GPU only: prefill and mixed steps of up to this many tokens replay "
+        "CUDA graphs captured in pieces between the layers' attentions, which cuts their host time "
+        f"(0: they run eagerly; at most {MAX_MIXED_GRAPH_TOKENS}: beyond, the GPU's time hides the host's)")
     async_scheduling: bool | None = setting(
         None, "plan and launch step N+1 while step N runs (outputs trail by one step); default: on "
               "with a GPU, off on the CPU (where nothing would overlap)")
@@ -271,6 +279,10 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        mixed = self.max_mixed_graph_tokens
+        if isinstance(mixed, bool) or not isinstance(mixed, int) or not 0 <= mixed <= MAX_MIXED_GRAPH_TOKENS:
+            raise ValueError(f"max_mixed_graph_tokens must be an integer in [0, {MAX_MIXED_GRAPH_TOKENS}], "
+                             f"got {mixed!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_per_seq"):

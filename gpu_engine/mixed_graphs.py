@@ -18,8 +18,9 @@ nothing a later capture allocates can overlap what a replay still needs. Attenti
 step's rows only; padding rows have position -1 (slot -1: they write no KV) and no row mixes with
 another outside attention, so they change nothing.
 
-Not graphed: steps above the ladder's top (MAX_MIXED_GRAPH_TOKENS, where the GPU's time hides the
-host's), steps that keep EAGLE-3's residual streams (aux_layers), tensor parallelism (no graphs).
+Not graphed: steps above the ladder's top (the setting max_mixed_graph_tokens, at most 2,048:
+beyond, the GPU's time hides the host's; 0 graphs none), steps that keep EAGLE-3's residual streams
+(aux_layers), tensor parallelism (no graphs), enforce_eager.
 """
 
 from __future__ import annotations
@@ -30,16 +31,16 @@ from functools import partial
 import numpy as np
 import torch
 
+from gpu_engine.config import MAX_MIXED_GRAPH_TOKENS
 from gpu_engine.cuda_graphs import capture, collection_held, row_inputs
 from gpu_engine.input_batch import StepLayout
 from gpu_engine.ops import AttentionMetadata
 
-MAX_MIXED_GRAPH_TOKENS = 2048
-
 
 def mixed_token_ladder(max_tokens: int) -> list[int]:
     """16, 32, 48, 64, then steps of 32 to 256, of 64 to 1024, of 128 to 2048, up to max_tokens
-    (at most MAX_MIXED_GRAPH_TOKENS): a step pads by at most 20% (at 257 tokens), 6% beyond 1024."""
+    (at most MAX_MIXED_GRAPH_TOKENS): a step pads by fewer than 32 rows up to 256 tokens, 64 up to
+    1,024, 128 beyond."""
     top = min(max_tokens, MAX_MIXED_GRAPH_TOKENS)
     sizes = ([16, 32, 48] + list(range(64, 256, 32)) + list(range(256, 1024, 64))
              + list(range(1024, MAX_MIXED_GRAPH_TOKENS + 1, 128)))

@@ -210,8 +210,9 @@ class ModelRunner:
             return 0.0
         self.graphs = DecodeGraphs(self, max(self.max_num_seqs, self.graph_rows))
         seconds = self.graphs.capture()
-        if not self.aux_layers:
-            self.mixed_graphs = MixedGraphs(self, self.max_num_batched_tokens)
+        if not self.aux_layers and self.cfg.max_mixed_graph_tokens:
+            top = min(self.max_num_batched_tokens, self.cfg.max_mixed_graph_tokens)
+            self.mixed_graphs = MixedGraphs(self, top)
             seconds += self.mixed_graphs.capture(self.graphs.pool)
         return seconds
 

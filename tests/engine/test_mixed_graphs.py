@@ -5,7 +5,8 @@ the GPU's (tests/gpu/test_gpu_engine.py runs every engine test with the pieces c
 import pytest
 import torch
 
-from gpu_engine.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, mixed_token_ladder
+from gpu_engine.config import MAX_MIXED_GRAPH_TOKENS, EngineConfig
+from gpu_engine.mixed_graphs import MixedGraphs, mixed_token_ladder
 from taxiway import LLM, SamplingParams
 from tests.engine.hf import random_prompts
 
@@ -70,3 +71,9 @@ def test_padding_rows_write_no_kv_and_leave_the_cache_as_the_eager_forward_does(
     assert mixed_token_ladder(settings["max_model_len"])[0] == 16
     assert torch.allclose(caches[0], caches[1], atol=1e-5)
     assert int((caches[1] != 7.0).any(dim=-1).sum()) == 2 * 2 * 2 * 5  # layers x K/V x heads x tokens
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_MIXED_GRAPH_TOKENS + 1, 1.5, True, None])
+def test_max_mixed_graph_tokens_outside_its_range_is_refused(bad):
+    with pytest.raises(ValueError, match=r"max_mixed_graph_tokens must be an integer in \[0, 2048\], got"):
+        EngineConfig(max_mixed_graph_tokens=bad)
