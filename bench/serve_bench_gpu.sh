@@ -16,7 +16,7 @@
 # scheduler's queue time, the first gateway's TTFT / ITL; SB_GATEWAY_METRICS_PORT, default 9091),
 # and the executor's step times (per kind, as the in-process result has them) go from its log line
 # at stop into executor-step-times.json. A part of the sweep: SB_TARGETS (default "grpc openai
-# inprocess"), SB_POINTS (the closed-loop concurrencies, default "1 64 256 1024"; "" for none),
+# inprocess"; the stack starts only for grpc or openai), SB_POINTS (the closed-loop concurrencies, default "1 64 256 1024"; "" for none),
 # SB_POISSON=0 (no Poisson run).
 set -u
 OUT=${1:?usage: serve_bench_gpu.sh OUT_DIR}
@@ -59,21 +59,23 @@ sweep() {  # sweep TARGET ADDRESS_ARGS...: the closed-loop points in one invocat
 }
 
 t0=$SECONDS
-python -m services.serve "${ENGINE[@]}" --port "$GRPC_PORT" --openai-port "$OPENAI_PORT" \
-  --metrics-port "$GW_METRICS_PORT" --max-waiting 8192 --gateway-replicas "${SB_GATEWAYS:-1}" > "$OUT/serve-stack.log" 2>&1 &
-SERVER=$!
-until grep -q "taxiway is serving at" "$OUT/serve-stack.log"; do
-  if ! kill -0 "$SERVER" 2>/dev/null || (( SECONDS - t0 > 300 )); then
-    echo "taxiway serve did not get ready (see serve-stack.log)"; tail -n 20 "$OUT/serve-stack.log"; exit 1
-  fi
-  sleep 1
-done
-echo "stack ready in $((SECONDS - t0))s"
-sweep grpc --address "127.0.0.1:$GRPC_PORT" --connections "$CONNECTIONS"
-sweep openai --address "127.0.0.1:$OPENAI_PORT"
-kill -INT "$SERVER"; wait "$SERVER"
-echo "stack stopped at $((SECONDS - t0))s"
-grep -o ' step times: .*' "$OUT/serve-stack.log" | head -n 1 | cut -c 14- > "$OUT/executor-step-times.json"
+if [[ $TARGETS == *" grpc "* || $TARGETS == *" openai "* ]]; then  # the stack
+  python -m services.serve "${ENGINE[@]}" --port "$GRPC_PORT" --openai-port "$OPENAI_PORT" \
+    --metrics-port "$GW_METRICS_PORT" --max-waiting 8192 --gateway-replicas "${SB_GATEWAYS:-1}" > "$OUT/serve-stack.log" 2>&1 &
+  SERVER=$!
+  until grep -q "taxiway is serving at" "$OUT/serve-stack.log"; do
+    if ! kill -0 "$SERVER" 2>/dev/null || (( SECONDS - t0 > 300 )); then
+      echo "taxiway serve did not get ready (see serve-stack.log)"; tail -n 20 "$OUT/serve-stack.log"; exit 1
+    fi
+    sleep 1
+  done
+  echo "stack ready in $((SECONDS - t0))s"
+  sweep grpc --address "127.0.0.1:$GRPC_PORT" --connections "$CONNECTIONS"
+  sweep openai --address "127.0.0.1:$OPENAI_PORT"
+  kill -INT "$SERVER"; wait "$SERVER"
+  echo "stack stopped at $((SECONDS - t0))s"
+  grep -o ' step times: .*' "$OUT/serve-stack.log" | head -n 1 | cut -c 14- > "$OUT/executor-step-times.json"
+fi
 sweep inprocess "${ENGINE[@]}"
 python - "$OUT" <<'PY'
 import glob, json, os, sys
