@@ -12,6 +12,7 @@ from tests.engine.hf import random_prompts
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 PROMPTS = random_prompts(12, 320, seed=7, lengths=[1, 2, 7, 16, 17, 33, 64, 65, 100, 130, 200, 40])
+QUANT = [{}, {"quantization": "fp8"}, {"quantization": "fp8", "kv_cache_dtype": "fp8"}]
 PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1, prompt_logprobs=1)
 
 
@@ -45,8 +46,7 @@ def test_an_fp8_linear_replays_what_it_computes_eagerly(m, out_dtype):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kw", [{}, {"quantization": "fp8"}, {"quantization": "fp8", "kv_cache_dtype": "fp8"}],
-                         ids=["bf16", "fp8", "fp8-kv"])
+@pytest.mark.parametrize("kw", QUANT, ids=["bf16", "fp8", "fp8-kv"])
 @pytest.mark.parametrize("top", [64, 2048])
 def test_steps_in_pieces_equal_the_eager_steps(tiny_llama, kw, top):
     if kw:
@@ -62,6 +62,25 @@ def test_steps_in_pieces_equal_the_eager_steps(tiny_llama, kw, top):
     llm.engine.block_manager.check_integrity()
     assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
     diffs = [abs(a[k] - b[k]) for g, w in zip(got, want)
-             for a, b in zip(g.outputs[0].logprobs + g.prompt_logprobs[1:], w.outputs[0].logprobs + w.prompt_logprobs[1:])
+             for a, b in zip(g.outputs[0].logprobs + g.prompt_logprobs[1:],
+                             w.outputs[0].logprobs + w.prompt_logprobs[1:])
+             for k in b]
+    assert max(diffs) < 1e-3
+
+
+@pytest.mark.parametrize("kw", QUANT, ids=["bf16", "fp8", "fp8-kv"])
+def test_every_graph_on_equals_enforce_eager(tiny_llama, kw):
+    """Decode graphs and pieces together against no graph at all (float32: only rounding differs)."""
+    if kw:
+        _fp8()
+    settings = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_model_len=512, **kw)
+    want = LLM(tiny_llama, enforce_eager=True, **settings).generate(PROMPTS, PARAMS)
+    llm = LLM(tiny_llama, **settings)
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.mixed_graphs is not None
+    got = llm.generate(PROMPTS, PARAMS)
+    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
+    diffs = [abs(a[k] - b[k]) for g, w in zip(got, want)
+             for a, b in zip(g.outputs[0].logprobs + g.prompt_logprobs[1:],
+                             w.outputs[0].logprobs + w.prompt_logprobs[1:])
              for k in b]
     assert max(diffs) < 1e-3
