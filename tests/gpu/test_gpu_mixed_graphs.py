@@ -21,6 +21,16 @@ def _fp8():
         pytest.skip("FP8 needs sm_89+")
 
 
+def assert_same(got, want):
+    """The same greedy tokens, and their logprobs and the prompts' within 1e-3 (float32 rounding)."""
+    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
+    diffs = [abs(a[k] - b[k]) for g, w in zip(got, want)
+             for a, b in zip(g.outputs[0].logprobs + g.prompt_logprobs[1:],
+                             w.outputs[0].logprobs + w.prompt_logprobs[1:])
+             for k in b]
+    assert max(diffs) < 1e-3
+
+
 def _replayed(program):
     """(eager result, the captured program's result after one replay)."""
     want = program().clone()
@@ -60,12 +70,7 @@ def test_steps_in_pieces_equal_the_eager_steps(tiny_llama, kw, top):
     assert llm.engine.runner.mixed_graphs.sizes[-1] == min(top, 256)
     got = llm.generate(PROMPTS, PARAMS)
     llm.engine.block_manager.check_integrity()
-    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
-    diffs = [abs(a[k] - b[k]) for g, w in zip(got, want)
-             for a, b in zip(g.outputs[0].logprobs + g.prompt_logprobs[1:],
-                             w.outputs[0].logprobs + w.prompt_logprobs[1:])
-             for k in b]
-    assert max(diffs) < 1e-3
+    assert_same(got, want)
 
 
 @pytest.mark.parametrize("kw", QUANT, ids=["bf16", "fp8", "fp8-kv"])
@@ -78,9 +83,4 @@ def test_every_graph_on_equals_enforce_eager(tiny_llama, kw):
     llm = LLM(tiny_llama, **settings)
     assert llm.engine.runner.graphs is not None and llm.engine.runner.mixed_graphs is not None
     got = llm.generate(PROMPTS, PARAMS)
-    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
-    diffs = [abs(a[k] - b[k]) for g, w in zip(got, want)
-             for a, b in zip(g.outputs[0].logprobs + g.prompt_logprobs[1:],
-                             w.outputs[0].logprobs + w.prompt_logprobs[1:])
-             for k in b]
-    assert max(diffs) < 1e-3
+    assert_same(got, want)
