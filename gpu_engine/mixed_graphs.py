@@ -48,8 +48,8 @@ def mixed_token_ladder(max_tokens: int) -> list[int]:
 
 
 class MixedGraphs:
-    """The pieces of one forward per token count; `capture=False` runs them eagerly (the CPU tests
-    check the composition that way)."""
+    """The pieces of one forward per token count. A size not captured (every size on the CPU, which
+    captures nothing) runs its pieces eagerly: the CPU tests check the composition that way."""
 
     def __init__(self, runner, max_tokens: int):
         self.runner = runner
@@ -117,7 +117,7 @@ class MixedGraphs:
         if stream.data_ptr() != residual.data_ptr():  # the first piece; the fused norms work in place
             residual.copy_(stream)
 
-    def run(self, layout: StepLayout, graphed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """One prefill or mixed step: (hidden [T, hidden], the rows' slots [T] int64 on the device)."""
         r = self.runner
         t, size = layout.num_tokens, self.padded_size(layout.num_tokens)
@@ -134,7 +134,7 @@ class MixedGraphs:
             query_start_loc_host=qsl.tolist() if host_lists else [],
             seq_lens_host=lens.tolist() if host_lists else [],
         )
-        pieces = self.graphs.get(size) if graphed else None
+        pieces = self.graphs.get(size)
         layers = r.model.layers
         for i in range(len(layers) + 1):
             if pieces is None:
