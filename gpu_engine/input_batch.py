@@ -181,19 +181,24 @@ class InputBatch:
         int64 and one int32 upload. host_lists: also give the reference ops their host lists."""
         t = layout.num_tokens
         ints = upload(np.concatenate([layout.tok_slot, layout.tok_pos, layout.host_ids, layout.seq_slot]))
-        small = upload(np.concatenate([layout.query_start_loc, layout.seq_lens]))
         slot, pos, host, seq_slot = ints[:t], ints[t:2 * t], ints[2 * t:3 * t], ints[3 * t:]
+        meta = self.attention_metadata(layout, self.slot_mapping(slot, pos), seq_slot, upload, host_lists)
+        return self.input_ids(slot, host), pos, meta, slot
+
+    def attention_metadata(self, layout: StepLayout, slot_mapping: torch.Tensor, seq_slot: torch.Tensor,
+                           upload, host_lists: bool) -> AttentionMetadata:
+        """The step's AttentionMetadata around its KV slots and its sequences' slots (device
+        tensors): query starts and lengths in one int32 upload, the block tables gathered."""
         qsl, lens = layout.query_start_loc, layout.seq_lens
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping(slot, pos),
-            query_start_loc=small[: len(qsl)], seq_lens=small[len(qsl):],
+        small = upload(np.concatenate([qsl, lens]))
+        return AttentionMetadata(
+            slot_mapping=slot_mapping, query_start_loc=small[: len(qsl)], seq_lens=small[len(qsl):],
             block_tables=self.block_table.index_select(0, seq_slot),
             num_decodes=layout.num_decodes, max_query_len=int(np.max(np.diff(qsl))),
             max_seq_len=int(lens.max()),
             query_start_loc_host=qsl.tolist() if host_lists else [],
             seq_lens_host=lens.tolist() if host_lists else [],
         )
-        return self.input_ids(slot, host), pos, meta, slot
 
     def input_ids(self, slot: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
         """[T] int64: the host's id where given, else the slot's last sampled token."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from functools import partial
 
-import numpy as np
 import torch
 
 from gpu_engine.config import MAX_MIXED_GRAPH_TOKENS
@@ -123,17 +122,9 @@ class MixedGraphs:
         t, size = layout.num_tokens, self.padded_size(layout.num_tokens)
         view = self._view(size)
         r.builder.upload_into(view, row_inputs(layout, size))
-        qsl, lens = layout.query_start_loc, layout.seq_lens
-        small = r.builder.upload(np.concatenate([qsl, lens]))
-        host_lists = r.ops.name == "torch"
-        meta = AttentionMetadata(
-            slot_mapping=self.kv_slots[:t], query_start_loc=small[: len(qsl)], seq_lens=small[len(qsl):],
-            block_tables=r.batch.block_table.index_select(0, r.builder.upload(layout.seq_slot)),
-            num_decodes=layout.num_decodes, max_query_len=int(np.max(np.diff(qsl))),
-            max_seq_len=int(lens.max()),
-            query_start_loc_host=qsl.tolist() if host_lists else [],
-            seq_lens_host=lens.tolist() if host_lists else [],
-        )
+        up = r.builder.upload
+        meta = r.batch.attention_metadata(layout, self.kv_slots[:t], up(layout.seq_slot), up,
+                                          host_lists=r.ops.name == "torch")
         pieces = self.graphs.get(size)
         layers = r.model.layers
         for i in range(len(layers) + 1):
