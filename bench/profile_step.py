@@ -2,7 +2,8 @@
 step (256 sequences, graph replay and eager), Llama-3.1-8B dummy weights; then mixed steps
 (1024 decodes + prefill chunks up to 8192 tokens) launched on an idle GPU, so that the launch's
 host time is measured alone (no back-pressure from a queue full of the previous step's kernels),
-beside the step's GPU time and its count of kernel launches.
+beside the step's GPU time and its count of kernel launches; last, one mixed step's kernels by
+group. --quantization / --kv-cache-dtype take the engine's settings (T2: fp8 and fp8).
 
     python bench/profile_step.py --out profile.json
 """
@@ -83,6 +84,27 @@ def idle_launch(engine: LLMEngine) -> dict:
             "gpu_ms": round(gpu_s * 1e3, 3), "launches": launch_counts(prof)}
 
 
+def mixed_kernels(engine: LLMEngine) -> dict:
+    """One synchronous mixed step (decodes + prefill chunks) under the profiler: its kernels,
+    grouped as bench/profile_decode.py groups them."""
+    from bench.profile_decode import kernel_times  # that module imports this one
+
+    sched = engine.scheduler
+    seqs, backlog = len(sched.running), sched.prefill_backlog_tokens()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ms, _ = timed_step(engine)
+    kernels = kernel_times(prof)
+    groups: dict[str, float] = {}
+    for k in kernels:
+        groups[k["group"]] = round(groups.get(k["group"], 0.0) + k["total_ms"], 3)
+    out = {"running_before": seqs, "prefill_backlog_before": backlog, "step_ms": round(ms, 3),
+           "kernel_ms": round(sum(k["total_ms"] for k in kernels), 3),
+           "groups_ms": dict(sorted(groups.items(), key=lambda g: -g[1])), "top": kernels[:20]}
+    print(f"\n== mixed step ({seqs} running, {backlog} prompt tokens waiting): step {ms:.2f} ms, "
+          f"kernels {out['kernel_ms']:.2f} ms: {out['groups_ms']}")
+    return out
+
+
 def mixed_steps(engine: LLMEngine, vocab: int, results: dict) -> None:
     """1024 running decodes, then prompts arriving so that steps carry prefill chunks."""
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -97,6 +119,9 @@ def mixed_steps(engine: LLMEngine, vocab: int, results: dict) -> None:
         engine.add_request(f"n{i}", p, params)
     rows += [idle_launch(engine) for _ in range(4)]  # mixed: decodes + 7168-token prefill chunks
     results["idle_launches"] = rows
+    for i, p in enumerate(random_prompts(64, 1024, vocab, 8)):
+        engine.add_request(f"k{i}", p, params)
+    results["mixed_kernels"] = mixed_kernels(engine)
     for r in rows:
         print(f"{r['seqs']:5d} seqs {r['tokens']:5d} tokens: launch {r['launch_ms_gpu_idle']:.2f} ms host "
               f"(GPU idle), GPU {r['gpu_ms']:.2f} ms, {r['launches']}")
@@ -109,13 +134,17 @@ def mixed_steps(engine: LLMEngine, vocab: int, results: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     engine = LLMEngine(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1088,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, detokenize=False)
-    results: dict = {"machine": machine_info()}
+    results: dict = {"benchmark": "profile_step", "machine": machine_info(), "command": " ".join(sys.argv),
+                     "config": {k: v for k, v in vars(args).items() if k != "out"}}
     for i, p in enumerate(random_prompts(64, 128, vocab, 5)):
         engine.add_request(f"w{i}", p, params)
     while engine.has_unfinished_requests():  # warm-up: compile every kernel variant
