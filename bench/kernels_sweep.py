@@ -9,6 +9,7 @@ Prints, per case, the default and the five fastest variants; --out writes every 
     python bench/kernels_sweep.py --only prefill --out sweep-prefill.json
     python bench/kernels_sweep.py --only "ctx=3072" --out sweep-t2.json   # the T2 2048/2048 shapes
     python bench/kernels_sweep.py --only "ctx=3072 fp8" --out sweep-fp8.json   # FP8 KV, block 16 only
+    python bench/kernels_sweep.py --only "decode b=1" --skip "ctx=8192" --out sweep-t1-128.json  # T1 128/128
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ CASES = {  # name: (kind, (q_len, seq_len) per sequence[, kv dtype, block size])
     "decode b=250 ctx=3072 block 32 fp8": ("decode", [(1, 3072)] * 250, "fp8", 32),
     "decode b=250 ctx=3072 block 64 fp8": ("decode", [(1, 3072)] * 250, "fp8", 64),
     "decode b=250 ctx=3072": ("decode", [(1, 3072)] * 250),
+    # the decode steps of T1 128/128 at max_num_seqs 1024 and 2048 (about 980 and 1,810 sequences
+    # at 130-256 tokens of context, call B): short contexts, many sequences
+    "decode b=1024 ctx=160": ("decode", [(1, 160)] * 1024),
+    "decode b=1800 ctx=190": ("decode", [(1, 190)] * 1800),
     "prefill 8x1024": ("prefill", [(1024, 1024)] * 8),
     "prefill 8x512 ctx=4096": ("prefill", [(512, 4096)] * 8),
 }

@@ -76,12 +76,12 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, static_ptr, n_cols, s_x, s_q,
             c = c0 + tl.arange(0, BLOCK)
             y = _silu_mul_chunk(x_ptr, t, s_x, c, c < n_cols, n_cols, dtype)
             amax = tl.maximum(amax, tl.abs(y))
-        scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)
     for c0 in range(0, n_cols, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         mask = c < n_cols
         y = _silu_mul_chunk(x_ptr, t, s_x, c, mask, n_cols, dtype)
-        q = tl.clamp(y / scale, -448.0, 448.0).to(tl.float8e4nv)
+        q = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0).to(tl.float8e4nv)
         tl.store(q_ptr + t * s_q + c, q, mask=mask)
     tl.store(s_ptr + t, scale)
 

@@ -6,7 +6,9 @@ The GEMM that takes these (torch._scaled_mm, rowwise scales) is taxiway_kernels/
 
 An activation is quantized per token (scale = amax of its row / 448) unless a static per-tensor
 scale is given, whose value is then written as every row's scale: the GEMM always takes rowwise
-scales. `_fp8_rows` is the jit helper the fused norm and SiLU kernels share.
+scales. Both divisions round correctly (tl.math.div_rn): Triton's `/` is the GPU's approximate
+division, whose last-bit errors move a few codes across a rounding boundary (3 of 33.5 million at
+8192 x 4096 on an H200) away from the reference's. `_fp8_rows` is the jit helper the fused norm and SiLU kernels share.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ def _fp8_scale(amax, static_ptr, STATIC: tl.constexpr):
     """Per-row scales [R] f32: amax / 448, or the static per-tensor scale broadcast."""
     if STATIC:
         return tl.zeros_like(amax) + tl.load(static_ptr)
-    return tl.maximum(amax, 1e-12) / 448.0
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
 
 
 @triton.jit
 def _fp8_rows(y, static_ptr, STATIC: tl.constexpr):
     """y: [R, N] f32 (0 beyond the row) -> (q [R, N] fp8e4nv, scale [R] f32)."""
     scale = _fp8_scale(tl.max(tl.abs(y), 1), static_ptr, STATIC)
-    q = tl.clamp(y / scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
+    q = tl.clamp(tl.math.div_rn(y, scale[:, None]), -448.0, 448.0).to(tl.float8e4nv)
     return q, scale
 
 

@@ -27,7 +27,7 @@ def _to_cache(x, src_dtype: tl.constexpr, cache_dtype: tl.constexpr, scale, KV_F
     """Round through the source dtype first, as the reference does, then to the cache's."""
     x = x.to(src_dtype)
     if KV_FP8:
-        return tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0).to(cache_dtype)
+        return tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0).to(cache_dtype)  # as fp8.py
     return x.to(cache_dtype)
 
 

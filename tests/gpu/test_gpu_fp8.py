@@ -1,5 +1,16 @@
 """FP8 W8A8 + FP8 KV cache on a GPU (sm_89+): Triton kernels, torch._scaled_mm and CUDA graphs,
-against BF16 on the GPU and against the CPU reference engine with the same quantization."""
+against BF16 on the GPU and against the CPU reference engine with the same quantization.
+
+FP8 turns float32 rounding into visible differences: every linear re-quantizes its input, and an
+input a last bit away from an E4M3 rounding boundary lands one code (1/16) away. So the GPU never
+matches the CPU exactly, even on the torch reference ops. Measured on an H200 (call T1,
+bench/results/2026-12-04-callT1-*): the tiny model's prompt logprobs differ from the CPU engine's
+by 0.011-0.014 on average (up to 0.08) on the reference ops and the dequantizing linear, and by
+0.015-0.022 (up to 0.11) on the Triton kernels with _scaled_mm, whose FP8 tensor-core sums keep
+about 14 bits. The tests compare against that floor, measured in the same test, rather than a
+fixed tolerance, and compare decode steps by scoring the tokens they chose (teacher forcing), so
+that one flipped argmax does not turn every later token into a mismatch.
+"""
 
 import gc
 from pathlib import Path
@@ -7,15 +18,22 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpu_engine.quant.fp8 as quant_fp8
+import gpu_engine.runner as runner_module
+from gpu_engine.ops import TorchOps
 from taxiway import LLM, SamplingParams
+from taxiway_kernels import reference as R
 from tests.engine.hf import random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+SCORE = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
 PROMPTS = random_prompts(16, 320, seed=5, lengths=[1, 2, 7, 15, 16, 17, 33, 64, 65, 100, 130, 200, 5, 9, 40, 80])
 FP8 = dict(quantization="fp8", kv_cache_dtype="fp8")
+FLOOR_FACTOR = 2.5  # our kernels' mean error over the reference ops' (measured 1.3-1.6x, call T1)
+MAX_ERR = 0.3  # any one logprob; a wrong scale or a misplaced KV row moves them by O(1)
 
 
 @pytest.fixture(autouse=True)
@@ -24,50 +42,101 @@ def _needs_sm89():
         pytest.skip("FP8 GEMMs need sm_89+")
 
 
-def run(llm, prompts=PROMPTS, params=GREEDY):
-    outs = llm.generate(prompts, params)
+@pytest.fixture
+def reference_ops(monkeypatch):
+    """Within the block, a GPU engine runs the torch reference ops and the dequantizing FP8 linear:
+    it differs from the CPU engine only in float32 rounding (the floor)."""
+    def use():
+        monkeypatch.setattr(runner_module, "select_ops", lambda device: TorchOps())
+        monkeypatch.setattr(quant_fp8, "fp8_linear", R.fp8_linear)
+    return use
+
+
+def prompt_logprobs(llm, prompts) -> torch.Tensor:
+    """log p(token j | tokens < j) of every prompt token after the first, flattened."""
+    outs = llm.generate(prompts, SCORE)
+    return torch.tensor([lp[t] for o in outs for lp, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])],
+                        dtype=torch.float64)
+
+
+def generate(llm):
+    outs = llm.generate(PROMPTS, GREEDY)
     llm.engine.block_manager.check_integrity()
     return [o.outputs[0] for o in outs]
 
 
-def first_token_agreement(got, want):
-    agree = sum(g.token_ids[0] == w.token_ids[0] for g, w in zip(got, want))
-    lp = [abs(g.logprobs[0][g.token_ids[0]] - w.logprobs[0][w.token_ids[0]])
-          for g, w in zip(got, want) if g.token_ids[0] == w.token_ids[0]]
-    return agree, max(lp)
+def decode_errors(got, scorer) -> torch.Tensor:
+    """|logprob the engine reported for each token it generated - the scorer's logprob of that
+    token after the same prefix (a prefill over prompt + generated tokens)."""
+    seqs = [p + list(g.token_ids) for p, g in zip(PROMPTS, got)]
+    want = prompt_logprobs(scorer, seqs)
+    errs, at = [], 0
+    for p, g in zip(PROMPTS, got):
+        at += len(p) - 1  # prompt positions after the first
+        errs += [abs(lp[t] - float(want[at + j])) for j, (lp, t) in enumerate(zip(g.logprobs, g.token_ids))]
+        at += len(g.token_ids)
+    return torch.tensor(errs, dtype=torch.float64)
+
+
+def errors(llm, cpu, cpu_prompt_lps) -> dict[str, torch.Tensor]:
+    """Prefill (prompt logprobs) and decode (teacher-forced) errors of a GPU engine against the CPU's."""
+    return {"prefill": (prompt_logprobs(llm, PROMPTS) - cpu_prompt_lps).abs(), "decode": decode_errors(generate(llm), cpu)}
+
+
+def assert_within_floor(got: dict, floor: dict, what: str) -> None:
+    for kind, err in got.items():
+        mean, floor_mean, worst = float(err.mean()), float(floor[kind].mean()), float(err.max())
+        print(f"{what} {kind}: mean {mean:.4f} (floor {floor_mean:.4f}), max {worst:.4f} "
+              f"(floor {float(floor[kind].max()):.4f})")
+        assert mean <= FLOOR_FACTOR * floor_mean + 1e-3 and worst < MAX_ERR, (what, kind, mean, floor_mean, worst)
 
 
 def test_fp8_and_fp8_kv_close_to_bf16(tiny_llama):
-    bf16 = run(LLM(tiny_llama, device="cuda", dtype="bfloat16", num_kv_blocks=256, max_model_len=512))
+    bf16 = LLM(tiny_llama, device="cuda", dtype="bfloat16", num_kv_blocks=256, max_model_len=512)
+    want = [o.outputs[0] for o in bf16.generate(PROMPTS, GREEDY)]
     llm = LLM(tiny_llama, device="cuda", dtype="bfloat16", num_kv_blocks=256, max_model_len=512, **FP8)
     assert llm.engine.runner.graphs is not None and llm.engine.runner.ops.name == "triton"
     assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
-    got = run(llm)
-    agree, lp = first_token_agreement(got, bf16)
+    got = generate(llm)
+    agree = sum(g.token_ids[0] == w.token_ids[0] for g, w in zip(got, want))
     # A random tiny model (weights N(0, 0.08)) has close top tokens; FP8 activations (1/16 relative
     # steps) move them: measured 12 of 16 first tokens on an H200 (call B).
-    assert agree >= len(PROMPTS) * 3 // 4 and lp < 0.3
-    same = sum(g.token_ids == w.token_ids for g, w in zip(got, bf16))
-    assert same >= len(PROMPTS) // 4
+    assert agree >= len(PROMPTS) * 3 // 4
+    # Every token FP8 chose, scored by BF16 after the same prefix: FP8's decode steps (graphs, the
+    # FP8 KV cache) stay close even where an early flip made the texts part.
+    err = decode_errors(got, bf16)
+    print(f"FP8 decode vs BF16 scoring: mean {float(err.mean()):.4f}, max {float(err.max()):.4f}")
+    assert float(err.mean()) < 0.1 and float(err.max()) < 2 * MAX_ERR
 
 
-def test_fp8_gpu_equals_cpu_reference(tiny_llama):
-    """Same quantization on both: the GPU differs only by rounding (bf16 GEMM outputs)."""
-    kw = dict(dtype="float32", num_kv_blocks=256, max_model_len=512, **FP8)
-    cpu = run(LLM(tiny_llama, device="cpu", **kw))
-    for eager in (True, False):
-        got = run(LLM(tiny_llama, device="cuda", enforce_eager=eager, **kw))
-        agree, lp = first_token_agreement(got, cpu)
-        assert agree >= len(PROMPTS) - 1 and lp < 0.05
+@pytest.mark.parametrize("kv", ["fp8", "auto"])
+def test_fp8_gpu_equals_cpu_reference(tiny_llama, kv, reference_ops):
+    """Same quantization on both: eager steps and CUDA graphs err no more than the GPU's float32
+    rounding alone does (the reference ops on the GPU), at prefill and at every decode step."""
+    kw = dict(dtype="float32", num_kv_blocks=256, max_model_len=512, quantization="fp8", kv_cache_dtype=kv)
+    cpu = LLM(tiny_llama, device="cpu", **kw)
+    cpu_lps = prompt_logprobs(cpu, PROMPTS)
+    got = {eager: errors(LLM(tiny_llama, device="cuda", enforce_eager=eager, **kw), cpu, cpu_lps)
+           for eager in (True, False)}
+    reference_ops()
+    llm = LLM(tiny_llama, device="cuda", enforce_eager=True, **kw)
+    assert llm.engine.runner.ops.name == "torch"
+    floor = errors(llm, cpu, cpu_lps)
+    for eager, errs in got.items():
+        assert_within_floor(errs, floor, f"kv {kv}, {'eager' if eager else 'graphs'}")
 
 
 @pytest.mark.parametrize("name,kv", [("tiny-llama-fp8-dynamic", "auto"), ("tiny-llama-fp8-static", "fp8")])
-def test_llm_compressor_fixtures_on_gpu(name, kv):
-    from tests.engine.test_fp8_checkpoints import prompt_logprobs, reference_logprobs
+def test_llm_compressor_fixtures_on_gpu(name, kv, reference_ops):
+    """The fixtures' prompt logprobs against llm-compressor's own (fake-quantized, on the CPU)."""
+    from tests.engine.test_fp8_checkpoints import reference_logprobs
 
-    llm = LLM(str(DATA / name), device="cuda", dtype="float32", kv_cache_dtype=kv, num_kv_blocks=64)
     ids, want = reference_logprobs(DATA / name)
-    assert (prompt_logprobs(llm, ids) - want).abs().max() < 0.05
+    kw = dict(device="cuda", dtype="float32", kv_cache_dtype=kv, num_kv_blocks=64)
+    got = {"prefill": (prompt_logprobs(LLM(str(DATA / name), **kw), ids) - want).abs()}
+    reference_ops()
+    floor = {"prefill": (prompt_logprobs(LLM(str(DATA / name), enforce_eager=True, **kw), ids) - want).abs()}
+    assert_within_floor(got, floor, name)
 
 
 def test_fp8_kv_pool_holds_twice_the_blocks(tiny_llama):
