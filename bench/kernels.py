@@ -187,7 +187,7 @@ def _try(timer, fn):
 def elementwise_case(timer, device, op, tokens, quick):
     from taxiway_kernels import activation, norm
 
-    width = 2 * INTER if op == "silu_and_mul" else HIDDEN
+    width = 2 * INTER if op.startswith("silu_and_mul") else HIDDEN
     per_set = tokens * width * DT.itemsize * (2 if op == "fused_add_rms_norm" else 1)
     sets = [(torch.randn(tokens, width, device=device, dtype=DT),
              torch.randn(tokens, width, device=device, dtype=DT) if op == "fused_add_rms_norm"
@@ -203,6 +203,12 @@ def elementwise_case(timer, device, op, tokens, quick):
         kernel = lambda x, r: norm.fused_add_rms_norm(x, r, w, 1e-5)  # noqa: E731
         base = lambda x, r: R.fused_add_rms_norm(x, r, w, 1e-5)  # noqa: E731
         nbytes = 4 * elems * DT.itemsize
+    elif op == "silu_and_mul_fp8":  # FP8 per-token output: one pass over the row against two
+        kernel = lambda x, _: activation.silu_and_mul_quant_fp8(x, one_pass=True)  # noqa: E731
+        fn = rotating(sets, kernel)
+        two = rotating(sets, lambda x, _: activation.silu_and_mul_quant_fp8(x, one_pass=False))
+        return dict(bytes=elems * DT.itemsize + elems // 2 + 4 * tokens, flops=0, t_ms=timer.eager(fn),
+                    t_graph_ms=timer.graph(fn), baseline="two passes", t_base_ms=timer.graph(two) or timer.eager(two))
     else:
         out = torch.empty(tokens, INTER, device=device, dtype=DT)
         kernel = lambda x, _: activation.silu_and_mul(x, out=out)  # noqa: E731
@@ -248,8 +254,8 @@ def cases(quick: bool):
     out += [(f"prefill {n}x{q} ctx={c}", f"{n}x{q}/{c}",
              lambda t, d, n=n, q=q, c=c: prefill_case(t, d, n, q, c, quick)) for n, q, c in pre]
     out.append(("rope+kv write", f"{tokens} tok", lambda t, d: rope_case(t, d, tokens, quick)))
-    for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul"):
-        w = 2 * INTER if op == "silu_and_mul" else HIDDEN
+    for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "silu_and_mul_fp8"):
+        w = 2 * INTER if op.startswith("silu_and_mul") else HIDDEN
         out.append((op, f"{tokens}x{w}", lambda t, d, op=op: elementwise_case(t, d, op, tokens, quick)))
     return out
 

@@ -63,32 +63,49 @@ def _silu_mul_chunk(x_ptr, t, s_x, c, mask, n_cols, dtype: tl.constexpr):
 
 @triton.jit
 def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, static_ptr, n_cols, s_x, s_q,
-                             STATIC: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (T,). Per-token scales need the row's amax: a first pass over the row finds it (the
-    product is recomputed in the second pass rather than stored); a static scale needs one pass."""
+                             STATIC: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Grid (T,). Per-token scales need the row's amax. ONE_PASS (BLOCK covers the row): the row is
+    read once and held in registers. Otherwise a first pass over the row finds the amax and the
+    second recomputes the product (x read twice); a static scale needs one pass either way."""
     t = tl.program_id(0).to(tl.int64)
     dtype = x_ptr.dtype.element_ty
-    if STATIC:
-        scale = tl.load(static_ptr)
-    else:
-        amax = tl.zeros([BLOCK], tl.float32)
-        for c0 in range(0, n_cols, BLOCK):
-            c = c0 + tl.arange(0, BLOCK)
-            y = _silu_mul_chunk(x_ptr, t, s_x, c, c < n_cols, n_cols, dtype)
-            amax = tl.maximum(amax, tl.abs(y))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)
-    for c0 in range(0, n_cols, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        c = tl.arange(0, BLOCK)
         mask = c < n_cols
         y = _silu_mul_chunk(x_ptr, t, s_x, c, mask, n_cols, dtype)
+        if STATIC:
+            scale = tl.load(static_ptr)
+        else:
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), 0), 1e-12), 448.0)
         q = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0).to(tl.float8e4nv)
         tl.store(q_ptr + t * s_q + c, q, mask=mask)
+    else:
+        if STATIC:
+            scale = tl.load(static_ptr)
+        else:
+            amax = tl.zeros([BLOCK], tl.float32)
+            for c0 in range(0, n_cols, BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                y = _silu_mul_chunk(x_ptr, t, s_x, c, c < n_cols, n_cols, dtype)
+                amax = tl.maximum(amax, tl.abs(y))
+            scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)
+        for c0 in range(0, n_cols, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            mask = c < n_cols
+            y = _silu_mul_chunk(x_ptr, t, s_x, c, mask, n_cols, dtype)
+            q = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0).to(tl.float8e4nv)
+            tl.store(q_ptr + t * s_q + c, q, mask=mask)
     tl.store(s_ptr + t, scale)
+
+
+ONE_PASS_MAX = 16384  # widest intermediate row held in registers (16 warps: 32 values a thread)
 
 
 def silu_and_mul_quant_fp8(
     x: torch.Tensor,  # [T, 2 * I] = [gate | up]; last dim contiguous
     static_scale: torch.Tensor | None = None,  # [1] f32; None = per-token scales
+    *,
+    one_pass: bool | None = None,  # None: rows up to ONE_PASS_MAX wide in one pass (a benchmark knob)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, I] float8_e4m3fn, scale [T, 1] f32)
     """silu(gate) * up quantized to FP8 (reference: taxiway_kernels.reference.silu_and_mul_quant_fp8)."""
     C.check_device("x", x, x.device)
@@ -101,9 +118,14 @@ def silu_and_mul_quant_fp8(
     q, scale = F8.new_outputs(num_tokens, inter, x.device)
     if num_tokens == 0:
         return q, scale
-    block = min(2048, triton.next_power_of_2(inter))
+    if one_pass is None:
+        one_pass = inter <= ONE_PASS_MAX
+    elif one_pass and inter > ONE_PASS_MAX:
+        raise ValueError(f"one_pass holds rows up to {ONE_PASS_MAX} wide, got {inter}")
+    block = triton.next_power_of_2(inter) if one_pass else 2048
     _silu_and_mul_fp8_kernel[(num_tokens,)](
         x, q, scale, scale if static_scale is None else static_scale, inter, x.stride(0),
-        q.stride(0), STATIC=static_scale is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        q.stride(0), STATIC=static_scale is not None, BLOCK=block, ONE_PASS=one_pass,
+        num_warps=max(4, min(16, block // 1024)),
     )
     return q, scale

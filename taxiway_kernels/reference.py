@@ -25,7 +25,16 @@ FP8_MAX = 448.0
 
 def to_fp8(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """x / scale in E4M3, saturated at ±448 (round to nearest even). x: any shape."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return _div(x.float(), scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _div(x: torch.Tensor, d: float | torch.Tensor) -> torch.Tensor:
+    """x / d correctly rounded on every device, as the kernels divide (tl.math.div_rn). On CUDA,
+    torch divides by a Python number (or a CPU scalar) as a multiplication by its reciprocal,
+    which is a last bit off now and then; by a tensor on x's device it divides."""
+    if not isinstance(d, torch.Tensor) or d.device != x.device:
+        d = torch.as_tensor(d, dtype=torch.float32).to(x.device)
+    return x / d
 
 
 def quantize_fp8(
@@ -34,7 +43,7 @@ def quantize_fp8(
     """x: [T, K] -> (q [T, K] float8_e4m3fn, scale [T, 1] f32): per token, or one static scale ([1] f32)."""
     xf = x.float()
     if static_scale is None:
-        scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+        scale = _div(xf.abs().amax(-1, keepdim=True).clamp_min(1e-12), FP8_MAX)
     else:
         scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
     return to_fp8(xf, scale), scale

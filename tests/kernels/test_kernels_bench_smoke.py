@@ -27,5 +27,5 @@ def test_kernel_benchmark_quick_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert {r["name"].split()[0] for r in results} >= {
-        "decode", "prefill", "rope+kv", "rms_norm", "fused_add_rms_norm", "silu_and_mul"}
+        "decode", "prefill", "rope+kv", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "silu_and_mul_fp8"}
     assert all(r["t_ms"] > 0 and r["bytes"] > 0 for r in results)

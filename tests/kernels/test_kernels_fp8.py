@@ -89,13 +89,21 @@ def test_fused_add_rms_norm_quant_fp8(dtype, static, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 2 * 300), (3, 2 * 1536), (2, 2 * 5000)])
+@pytest.mark.parametrize("shape", [(5, 2 * 300), (3, 2 * 1536), (2, 2 * 5000), (2, 2 * 17000)])  # last: two passes
 @pytest.mark.parametrize("static", [None, 0.05])
 def test_silu_and_mul_quant_fp8(dtype, shape, static, device):
     """I = 5000 takes several column blocks: the per-token amax spans all of them."""
     x = _randn(*shape, dtype=dtype, device=device, seed=shape[1])
     s = None if static is None else _static(static, device)
     _same_fp8(silu_and_mul_quant_fp8(x, s), R.silu_and_mul_quant_fp8(x, s), max_mismatch=0.01)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_silu_and_mul_quant_fp8_both_paths_agree(one_pass, device):
+    x = _randn(3, 2 * 1000, dtype=torch.bfloat16, device=device, seed=8)
+    _same_fp8(silu_and_mul_quant_fp8(x, one_pass=one_pass), silu_and_mul_quant_fp8(x))
+    with pytest.raises(ValueError, match="one_pass holds rows up to"):
+        silu_and_mul_quant_fp8(torch.zeros(1, 2 * 20000, device=device), one_pass=True)
 
 
 @pytest.mark.parametrize("m", [1, 5, 64])
