@@ -94,6 +94,8 @@ CASES = {  # name: (kind, (q_len, seq_len) per sequence[, kv dtype, block size])
     # at 130-256 tokens of context, call B): short contexts, many sequences
     "decode b=1024 ctx=160": ("decode", [(1, 160)] * 1024),
     "decode b=1800 ctx=190": ("decode", [(1, 190)] * 1800),
+    # T2 128/128's decode steps (975 sequences, FP8 KV): 2.25 TB/s in the engine's profile (call T3)
+    "decode b=975 ctx=215 fp8": ("decode", [(1, 215)] * 975, "fp8"),
     "prefill 8x1024": ("prefill", [(1024, 1024)] * 8),
     "prefill 8x512 ctx=4096": ("prefill", [(512, 4096)] * 8),
 }
