@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpu_engine.quant.fp8 as quant_fp8  # noqa: E402
 import gpu_engine.runner as runner_module  # noqa: E402
-from taxiway_kernels import fp8_gemm  # noqa: E402
 from gpu_engine.ops import TorchOps  # noqa: E402
 from taxiway import LLM, SamplingParams  # noqa: E402
 from taxiway.benchmarks import machine_info  # noqa: E402
+from taxiway_kernels import fp8_gemm  # noqa: E402
 from taxiway_kernels import reference as R  # noqa: E402
 from tests.engine.hf import random_prompts  # noqa: E402
 from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
