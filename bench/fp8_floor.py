@@ -7,12 +7,15 @@ eager steps, under six variants (the GPU FP8 tests' floor is the torch_ops one):
     all_small_m           every FP8 GEMM through the small-M kernel (fails beyond its tiles: listed)
     torch_ops             the torch reference ops, FP8 GEMMs as dispatched
     ref_linear            Triton ops, the dequantizing float32 linear instead of FP8 GEMMs
-    torch_ops+ref_linear  the whole reference on the GPU: float32 rounding is all that differs
+    torch_ops+ref_linear  the whole reference on the GPU
 
 Per variant: first generated tokens that agree with the CPU's, the largest first-token logprob
 difference, whole 24-token outputs equal, and the prompt logprobs' largest and mean difference.
-Call T1 (bench/results/2026-12-04-callT1-fp8-floor-bisect-h200.*) measured it with the GEMMs as
-the only source beyond float32 rounding.
+Call T4 (bench/results/2026-12-04-callT4-fp8-floor-h200.json): the whole reference on the GPU equals
+the CPU engine and the Triton ops with the dequantizing linear differ by 1e-6, so the FP8 GEMMs are
+the only source. Call T1 (-callT1-fp8-floor-bisect-h200.*, the same variants from an untracked copy
+of this script) ran before the reference divided as the kernels do, and its whole-reference
+variant was 0.011-0.014 from the CPU.
 
     python bench/fp8_floor.py --out fp8-floor.json
 """

@@ -126,6 +126,6 @@ def silu_and_mul_quant_fp8(
     _silu_and_mul_fp8_kernel[(num_tokens,)](
         x, q, scale, scale if static_scale is None else static_scale, inter, x.stride(0),
         q.stride(0), STATIC=static_scale is not None, BLOCK=block, ONE_PASS=one_pass,
-        num_warps=max(4, min(16, block // 1024)),
+        num_warps=max(4, min(16, block // 1024)) if one_pass else 8,
     )
     return q, scale
