@@ -13,14 +13,16 @@ input of slot, position and host token per row, as the decode graphs read theirs
                0 up to its attention (norm, qkv, rope, K and V written to the cache);
   piece i:     layer i - 1 after its attention (o_proj, norm, MLP), layer i up to its attention;
   piece L:     the last layer after its attention, the final norm.
-Pieces hand over through static buffers (q, attention output, residual stream, hidden), so
+With EAGLE-3 (the runner's aux_layers), the piece that ends at layer i's attention also copies the
+residual stream entering layer i into a static [T, A * hidden] buffer, as Model.forward_aux keeps
+it. Pieces hand over through static buffers (q, attention output, residual stream, hidden), so
 nothing a later capture allocates can overlap what a replay still needs. Attention runs over the
 step's rows only; padding rows have position -1 (slot -1: they write no KV) and no row mixes with
 another outside attention, so they change nothing.
 
 Not graphed: steps above the ladder's top (the setting max_mixed_graph_tokens, at most 2,048:
-beyond, the GPU's time hides the host's; 0 graphs none), steps that keep EAGLE-3's residual streams
-(aux_layers), tensor parallelism (no graphs), enforce_eager.
+beyond, the GPU's time hides the host's; 0 graphs none), tensor parallelism (no graphs),
+enforce_eager.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ class MixedGraphs:
         self.attn = torch.zeros_like(self.q)
         self.residual = torch.zeros(top, hidden, dtype=dtype, device=dev)
         self.hidden = torch.zeros(top, hidden, dtype=dtype, device=dev)
+        # EAGLE-3: the residual stream entering each aux layer, in aux_layers' order (a layer may
+        # be named twice: tiny targets clamp the default choice)
+        self.aux_at: dict[int, list[int]] = {}
+        for j, layer in enumerate(runner.aux_layers):
+            self.aux_at.setdefault(layer, []).append(j)
+        self.aux = (torch.zeros(top, len(runner.aux_layers) * hidden, dtype=dtype, device=dev)
+                    if runner.aux_layers else None)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
 
     def _view(self, size: int) -> torch.Tensor:
@@ -102,6 +111,9 @@ class MixedGraphs:
         else:
             attn = self.attn[:size].view(size, self.heads, self.head_dim)
             hidden, stream = layers[i - 1].after_attention(attn, residual, ops)
+        for j in self.aux_at.get(i, ()):  # before the layer's fused norm, which works in place
+            h = hidden.shape[-1]
+            self.aux[:size, j * h : (j + 1) * h].copy_(hidden if stream is None else hidden + stream)
         if i == len(layers):
             hidden, stream = ops.fused_add_rms_norm(hidden, stream, model.norm, model.cfg.rms_norm_eps)
             self.hidden[:size].copy_(hidden)
@@ -116,8 +128,10 @@ class MixedGraphs:
         if stream.data_ptr() != residual.data_ptr():  # the first piece; the fused norms work in place
             residual.copy_(stream)
 
-    def run(self, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prefill or mixed step: (hidden [T, hidden], the rows' slots [T] int64 on the device)."""
+    def run(self, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One prefill or mixed step: (hidden [T, hidden], the rows' slots [T] int64 on the device,
+        EAGLE-3's residual streams [T, A * hidden] or None), the streams a copy that the next step
+        does not overwrite."""
         r = self.runner
         t, size = layout.num_tokens, self.padded_size(layout.num_tokens)
         view = self._view(size)
@@ -138,4 +152,4 @@ class MixedGraphs:
                 r.ops.attention(self.q[:t].view(t, self.heads, self.head_dim), k_cache, v_cache, meta,
                                 layer.scale, layer.cfg.sliding_window, layer.kv_scale,
                                 out=self.attn[:t].view(t, self.heads, self.head_dim))
-        return self.hidden[:t], view[0, :t]
+        return self.hidden[:t], view[0, :t], None if self.aux is None else self.aux[:t].clone()

@@ -200,9 +200,9 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self) -> float:
-        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager; with the residual
-        streams EAGLE-3 drafts from when it runs) and, without those streams, the prefill and
-        mixed steps' pieces (gpu_engine/mixed_graphs.py); returns seconds."""
+        """Capture decode CUDA graphs (GPU with kernels, unless enforce_eager) and the prefill and
+        mixed steps' pieces (gpu_engine/mixed_graphs.py), both keeping the residual streams
+        EAGLE-3 drafts from when it runs; returns seconds."""
         if self.device.type != "cuda" or self.cfg.enforce_eager or self.ops.name != "triton":
             return 0.0
         if self.driver is not None:
@@ -210,7 +210,7 @@ class ModelRunner:
             return 0.0
         self.graphs = DecodeGraphs(self, max(self.max_num_seqs, self.graph_rows))
         seconds = self.graphs.capture()
-        if not self.aux_layers and self.cfg.max_mixed_graph_tokens:
+        if self.cfg.max_mixed_graph_tokens:
             top = min(self.max_num_batched_tokens, self.cfg.max_mixed_graph_tokens)
             self.mixed_graphs = MixedGraphs(self, top)
             seconds += self.mixed_graphs.capture(self.graphs.pool)
@@ -242,7 +242,7 @@ class ModelRunner:
         if graphed:
             hidden, tok_slot, aux = self.graphs.run(layout)
         elif pieces:
-            hidden, tok_slot = self.mixed_graphs.run(layout)
+            hidden, tok_slot, aux = self.mixed_graphs.run(layout)
         else:
             ids, positions, meta, tok_slot = self.batch.device_inputs(layout, up, self.ops.name == "torch")
             if self.driver is not None:

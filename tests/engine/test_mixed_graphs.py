@@ -55,6 +55,45 @@ def test_greedy_tokens_and_logprobs_equal_the_eager_forward(arch, tiny_checkpoin
             assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-4
 
 
+def test_eagle3_drafts_from_the_same_residual_streams_through_the_pieces(tiny_llama, eagle_head):
+    """EAGLE-3 drafts from the residual streams entering its aux layers: through the pieces they
+    are copied into a static buffer. Step by step they equal the eager forward's (on the CPU every
+    step that fits the ladder takes the pieces, decodes and verify steps too), and so do the
+    outputs and the drafts accepted; chunked prefill beside decodes included."""
+    from tests.engine.spec_helpers import ALWAYS
+
+    prompts = random_prompts(6, 320, seed=7, lengths=[3, 17, 40, 64, 9, 100])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    spec = {"method": "eagle3", "num_speculative_tokens": 3, "model": eagle_head, **ALWAYS}
+    settings = {"num_kv_blocks": 64, "max_model_len": 256, "max_num_batched_tokens": 48,
+                "speculative_config": spec}
+    runs = []
+    for pieces in (False, True):
+        llm = _engine(tiny_llama, pieces, **settings)
+        runner, streams = llm.engine.runner, []
+        assert runner.aux_layers
+        owner, name = (runner.mixed_graphs, "run") if pieces else (runner.model, "forward_aux")
+        original = getattr(owner, name)
+
+        def keep(*args, original=original, streams=streams, **kw):
+            out = original(*args, **kw)
+            streams.append(out[-1])
+            return out
+
+        setattr(owner, name, keep)
+        outs = llm.generate(prompts, params)
+        llm.engine.block_manager.check_integrity()
+        stats = llm.engine.scheduler.spec_stats
+        runs.append(([o.outputs[0].token_ids for o in outs], stats.num_draft_tokens, stats.num_accepted_tokens,
+                     streams))
+    (want, drafted, accepted, eager), (got, drafted_p, accepted_p, replayed) = runs
+    assert got == want and (drafted_p, accepted_p) == (drafted, accepted) and drafted > 0
+    assert len(replayed) == len(eager) > len(prompts)
+    for a, b in zip(replayed, eager):
+        assert a.shape == b.shape == (a.shape[0], len(llm.engine.runner.aux_layers) * 64)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_padding_rows_write_no_kv_and_leave_the_cache_as_the_eager_forward_does(tiny_llama):
     """One 5-token prefill padded to 16 rows: the cache afterwards equals the eager step's (the
     11 padding rows wrote nowhere), and so does the hidden state of the real rows."""

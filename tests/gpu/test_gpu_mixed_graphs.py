@@ -84,3 +84,23 @@ def test_every_graph_on_equals_enforce_eager(tiny_llama, kw):
     assert llm.engine.runner.graphs is not None and llm.engine.runner.mixed_graphs is not None
     got = llm.generate(PROMPTS, PARAMS)
     assert_same(got, want)
+
+
+def test_eagle3_steps_in_pieces_equal_the_eager_steps(tiny_llama, tmp_path):
+    """With EAGLE-3 the pieces also copy the residual streams its head drafts from: the same tokens
+    and the same drafts accepted as with every prefill and mixed step eager."""
+    from tests.engine.spec_helpers import ALWAYS, random_head
+
+    spec = {"method": "eagle3", "num_speculative_tokens": 3, "model": random_head(tiny_llama, tmp_path), **ALWAYS}
+    settings = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_model_len=512, max_num_seqs=8,
+                    max_num_batched_tokens=256, speculative_config=spec)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    runs = []
+    for top in (0, 256):
+        llm = LLM(tiny_llama, max_mixed_graph_tokens=top, **settings)
+        assert (llm.engine.runner.mixed_graphs is None) == (top == 0)
+        outs = llm.generate(PROMPTS, params)
+        llm.engine.block_manager.check_integrity()
+        stats = llm.engine.scheduler.spec_stats
+        runs.append(([o.outputs[0].token_ids for o in outs], stats.num_draft_tokens, stats.num_accepted_tokens))
+    assert runs[1] == runs[0] and runs[0][1] > 0
