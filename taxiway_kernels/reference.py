@@ -32,8 +32,10 @@ def _div(x: torch.Tensor, d: float | torch.Tensor) -> torch.Tensor:
     """x / d correctly rounded on every device, as the kernels divide (tl.math.div_rn). On CUDA,
     torch divides by a Python number (or a CPU scalar) as a multiplication by its reciprocal,
     which is a last bit off now and then; by a tensor on x's device it divides."""
-    if not isinstance(d, torch.Tensor) or d.device != x.device:
-        d = torch.as_tensor(d, dtype=torch.float32).to(x.device)
+    if not isinstance(d, torch.Tensor):
+        d = torch.full((), float(d), dtype=torch.float32, device=x.device)  # a fill, no copy: capturable
+    elif d.device != x.device:
+        d = d.to(x.device)
     return x / d
 
 
