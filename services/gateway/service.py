@@ -113,7 +113,19 @@ class GatewayService:
             await self.server.set_serving(ok)
 
     async def _become_ready(self, security: ServerSecurity) -> None:
-        """SERVING once Redis answers and the tokenizer tier describes the model."""
+        """SERVING once Redis answers and the tokenizer tier describes the model. Anything else
+        that goes wrong on the way (the listen, the metrics, health) fails the gateway: the gate
+        closes and `failed` says why, so the tier exits rather than waiting, unready, forever."""
+        try:
+            await self._wait_ready(security)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any of it (a port taken, TLS files, the metrics)
+            self.gate.close("failed")
+            log.error("gateway %s cannot serve: %s: %s", self.gateway_id, type(exc).__name__, exc)
+            self.failed = exc
+
+    async def _wait_ready(self, security: ServerSecurity) -> None:
         while not self._stopping.is_set():
             try:
                 await self.redis.ping()
@@ -125,13 +137,7 @@ class GatewayService:
             self.core.metrics = GatewayMetrics(model_label(info.name), registry=self.obs.registry)
             self.gate.open()  # before a reuse_port listen: whoever connects then is served
             if self.server is None:
-                try:
-                    await self._listen(security)
-                except Exception as exc:  # noqa: BLE001 - any of it (a port taken, TLS files)
-                    self.gate.close("failed")
-                    log.error("gateway %s cannot serve: %s", self.gateway_id, exc)
-                    self.failed = exc
-                    return
+                await self._listen(security)
             await self.server.set_serving(True)
             log.info("gateway %s serving %s on %s%s", self.gateway_id, info.name,
                      self.server.address, f" (OpenAI API on {self.http.url})" if self.http else "")

@@ -111,6 +111,31 @@ def test_a_port_taken_once_ready_fails_the_gateway(redis_url):
             tok.stop(0.5)
 
 
+def test_any_error_on_the_way_to_ready_fails_the_gateway(redis_url, monkeypatch):
+    """Not only a listen: the metrics failing once the model is known (or health) fails the
+    gateway the same way, gate closed and `failed` set, rather than leaving it unready forever."""
+    import services.gateway.service as gateway_service
+
+    def broken(*args, **kwargs):
+        raise ValueError("Duplicated timeseries in CollectorRegistry")
+
+    monkeypatch.setattr(gateway_service, "GatewayMetrics", broken)
+    tok = tokenizer(0)
+    gw = gateway(redis_url, tok.port, port=0, openai_port=-1)
+    try:
+        failed = wait_for(lambda: gw.failed, 20, "the gateway to fail")
+        assert isinstance(failed, ValueError) and "Duplicated timeseries" in str(failed)
+        assert not gw.gate.is_open
+        with grpc.insecure_channel(f"127.0.0.1:{gw.server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                list(Stub(channel, "Gateway").Generate(pb.GenerateRequest(text="hi"), timeout=5))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "gateway is failed" in err.value.details()
+    finally:
+        gw.stop()
+        tok.stop(0.5)
+
+
 def test_a_port_taken_once_ready_ends_the_tier_process(redis_url):
     """`taxiway serve --role gateway` exits 1 with one line naming the address."""
     tok = tokenizer(0)
