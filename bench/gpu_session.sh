@@ -62,6 +62,12 @@ for step in "$@"; do
         --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/profile-t2-1000.json" ;;
     profile-t2-2048) phase profile-t2-2048 300 python bench/profile_decode.py --seqs 249 --ctx 3072 \
         --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/profile-t2-2048.json" ;;
+    # idle device time between a decode step's kernels in the running loop (bench/decode_gaps.py):
+    # the ~11% by which kernel sums fell short of the steps' GPU time at T1's decode shapes
+    decode-gaps-t1-128) phase decode-gaps-t1-128 300 python bench/decode_gaps.py --seqs 1800 --ctx 190 --steps 8 \
+        --out "$OUT/decode-gaps-t1-128.json" ;;
+    decode-gaps-t1-1000) phase decode-gaps-t1-1000 300 python bench/decode_gaps.py --seqs 331 --ctx 1500 --steps 8 \
+        --out "$OUT/decode-gaps-t1-1000.json" ;;
     cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
     sweep) phase sweep 580 python -m taxiway.cli bench sweep --isl 128 --osl 128 --num-requests 4000 \
       --sizes 256 512 1024 2048 4096 --out "$OUT/sweep-128-128.json" ;;

@@ -73,8 +73,8 @@ def step_floor(engine: LLMEngine, seqs: int, ctx: int, copy_gbs: float | None) -
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def decode_args(ap: argparse.ArgumentParser, steps_help: str) -> None:
+    """The decode shape's flags (bench/decode_gaps.py takes the same)."""
     ap.add_argument("--model", default="llama-3.1-8b", help="a preset (dummy weights) or a folder")
     ap.add_argument("--seqs", type=int, default=331)
     ap.add_argument("--ctx", type=int, default=1500, help="context tokens of each sequence at the profiled step (at least; "
@@ -83,9 +83,13 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--steps", type=int, default=3, help="profiled decode steps (each reported)")
+    ap.add_argument("--steps", type=int, default=3, help=steps_help)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+
+
+def decoding_engine(args) -> LLMEngine:
+    """An engine whose next step is a plain decode step of --seqs sequences with at least --ctx
+    tokens of context each, the loop synchronous (async_scheduling off), room for --steps more."""
     if args.seqs < 1 or args.ctx < 2 or args.steps < 1:
         raise SystemExit("--seqs, --steps must be >= 1 and --ctx >= 2")
     dummy = not Path(args.model).is_dir()
@@ -97,7 +101,6 @@ def main(argv=None) -> int:
                        enable_prefix_caching=False, quantization=args.quantization,
                        kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
                        admission_policy="guaranteed_no_evict")
-    cuda = engine.device.type == "cuda"
     params = SamplingParams(max_tokens=slack, temperature=0.0, ignore_eos=True, detokenize=False)
     # prompts one token short of --ctx: the profiled step reads ctx + 1 tokens of each (or more, see slack)
     for i, p in enumerate(random_prompts(args.seqs, args.ctx - 1, engine.model_config.vocab_size, 3)):
@@ -110,6 +113,15 @@ def main(argv=None) -> int:
     if running != args.seqs:
         raise SystemExit(f"{running} sequences run, not {args.seqs}: the KV pool is too small for "
                          f"{args.seqs} x {args.ctx} tokens")
+    return engine
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    decode_args(ap, "profiled decode steps (each reported)")
+    args = ap.parse_args(argv)
+    engine = decoding_engine(args)
+    cuda = engine.device.type == "cuda"
     contexts = [len(seq.token_ids) for seq in engine.scheduler.running]
     mean_ctx = sum(contexts) / len(contexts)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
