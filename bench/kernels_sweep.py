@@ -34,9 +34,9 @@ DT = torch.bfloat16
 
 def _variants(kind: str, auto_splits: int, fp8: bool):
     """JSON-ready configurations (a dtype by name)."""
-    if kind == "decode" and fp8:  # both dot dtypes: float16 won by 1.4x at the T2 shape (call N1)
+    if kind == "decode" and fp8:  # the dot dtypes: float16 won by 1.4x over bfloat16 at the T2 shape (call N1)
         for bn, w, st, sp, dot in itertools.product((64, 128), (4, 8), (2, 3), sorted({auto_splits, 2 * auto_splits}),
-                                                    ("float16", "bfloat16")):
+                                                    ("float16", "bfloat16", "float8_e4m3fn")):
             yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, fp8_dot_dtype=dot)
     elif kind == "decode":
         splits = sorted({max(1, auto_splits // 2), auto_splits, min(64, auto_splits * 2)})
@@ -68,7 +68,8 @@ def _sweep_case(kind: str, seqs: list[tuple[int, int]], kv: str = "bf16", block_
             out.fill_(float("nan"))
             fn(*args, out=out, **kw)
             err = rel_err(out, ref)
-            if not err < 1e-2:
+            # FP8 dots round q and p to E4M3 too (tests/kernels/test_kernels_fp8.py: about 1.3e-2)
+            if not err < (3e-2 if cfg.get("fp8_dot_dtype") == "float8_e4m3fn" else 1e-2):
                 raise AssertionError(f"output differs from the default's: {err:.2e}")
             t = triton.testing.do_bench_cudagraph(lambda: fn(*args, out=out, **kw), rep=30,
                                                   return_mode="median")

@@ -8,6 +8,11 @@ scale_log2 by the wrapper and v_scale multiplies the output (both are per-layer 
 kernel takes DOT_DTYPE float16 for an FP8 cache under 16-bit queries: E4M3 -> float16 is one
 instruction per pair (to bfloat16 it goes through float32, three more), every E4M3 value is exact
 in float16, and q (clamped to float16's range) and p (in [0, 1]) lose nothing against bfloat16.
+DOT_DTYPE float8e4nv (opt-in, fp8_dot_dtype=torch.float8_e4m3fn) converts no K or V at all: both
+dots run on FP8 operands, q quantized per row (amax / 448, the scale applied to the scores) and p
+scaled by 448 before its rounding to E4M3 (so probabilities down to about 4e-6 of the row's
+largest survive; the 448 comes off the output). It trades q's and p's rounding (3 mantissa bits)
+for the conversions.
 """
 
 from __future__ import annotations
@@ -43,6 +48,21 @@ def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_step_fp8(q, q_scale_log2, k, v, acc, l_i, m_i, keep):
+    """_softmax_step on FP8 operands: q [M, D] E4M3 with its per-row scale (times scale_log2)
+    q_scale_log2 [M], k, v [N, D] E4M3; p enters the second dot as E4M3 of 448 * p."""
+    s = tl.dot(q, tl.trans(k)) * q_scale_log2[:, None]  # [M, N] f32
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), v)
     return acc, l_i, m_new
 
 
@@ -83,9 +103,16 @@ def decode_split_kernel(
     row = tl.load(qsl_ptr + seq).to(tl.int64)
     q = tl.load(q_ptr + row * s_qt + heads[:, None] * s_qh + d[None, :],
                 mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, D]
-    if DOT_DTYPE == tl.float16 and q.dtype != tl.float16:
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
-    q = q.to(DOT_DTYPE)
+    q_scale_log2 = tl.zeros([GROUP_PAD], tl.float32) + scale_log2
+    if DOT_DTYPE == tl.float8e4nv:  # per-row E4M3 (padding rows are 0)
+        qf = q.to(tl.float32)
+        q_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(qf), 1), 1e-12), 448.0)
+        q = tl.math.div_rn(qf, q_scale[:, None]).to(tl.float8e4nv)
+        q_scale_log2 = q_scale * scale_log2
+    else:
+        if DOT_DTYPE == tl.float16 and q.dtype != tl.float16:
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+        q = q.to(DOT_DTYPE)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -97,8 +124,13 @@ def decode_split_kernel(
         v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
-                                      valid[None, :], scale_log2, True, DOT_PREC)
+        if DOT_DTYPE == tl.float8e4nv:
+            acc, l_i, m_i = _softmax_step_fp8(q, q_scale_log2, k, v, acc, l_i, m_i, valid[None, :])
+        else:
+            acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
+                                          valid[None, :], scale_log2, True, DOT_PREC)
+    if DOT_DTYPE == tl.float8e4nv:
+        v_scale = v_scale / 448.0  # p entered the second dot times 448
     o = acc / l_i[:, None] * v_scale
     gm = g < GROUP
     if DIRECT_OUT:

@@ -111,8 +111,9 @@ def _decode_dot_dtype(q: torch.Tensor, k_cache: torch.Tensor, fp8_dot_dtype: tor
         return torch.float16 if fp8 and q.dtype != torch.float32 else q.dtype
     if not fp8:
         raise ValueError(f"fp8_dot_dtype is for an FP8 cache; this cache is {k_cache.dtype}")
-    if fp8_dot_dtype not in (q.dtype, torch.float16):
-        raise ValueError(f"fp8_dot_dtype must be float16 or q's dtype {q.dtype}, got {fp8_dot_dtype}")
+    if fp8_dot_dtype not in (q.dtype, torch.float16, torch.float8_e4m3fn):
+        raise ValueError(f"fp8_dot_dtype must be float16, float8_e4m3fn or q's dtype {q.dtype}, "
+                         f"got {fp8_dot_dtype}")
     return fp8_dot_dtype
 
 
@@ -122,7 +123,7 @@ def _decode_block_n(head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, 
     2.64 at 64 (bfloat16 dots: 2.21); a bfloat16 cache is within 2% at 32, 64 and 128."""
     if q_dtype == torch.float32 or head_dim > 128:
         return 32
-    if kv_dtype == torch.float8_e4m3fn and dot_dtype == torch.float16:
+    if kv_dtype == torch.float8_e4m3fn and dot_dtype in (torch.float16, torch.float8_e4m3fn):
         return 128
     return 64
 
@@ -151,7 +152,9 @@ def paged_decode_attention(
     tokens); partial results are merged by log-sum-exp. CUDA-graph capturable.
     block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py), and so is
     fp8_dot_dtype: what an FP8 cache is converted to for the dots (default float16 under 16-bit
-    queries, see taxiway_kernels/_attention_kernels.py; q's dtype is the other choice).
+    queries, see taxiway_kernels/_attention_kernels.py; q's dtype is another choice, and
+    float8_e4m3fn converts nothing: q and p are rounded to E4M3 instead, an opt-in the engine does
+    not take yet).
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
