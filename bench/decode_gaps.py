@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.profile_decode import decode_args, decoding_engine  # noqa: E402
+from bench.profile_decode import decode_args, decoding_engine, running_context  # noqa: E402
 from taxiway.benchmarks import machine_info  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     engine = decoding_engine(args)
     cuda = engine.device.type == "cuda"
-    contexts = [len(seq.token_ids) for seq in engine.scheduler.running]
+    context = running_context(engine)
     engine.async_scheduling = True
     for _ in range(2):  # the loop in flight again: a step launched while the last one runs
         engine.step()
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     found = gaps(device_intervals(trace))
     result = {"benchmark": "decode_gaps", "machine": machine_info(), "command": " ".join(sys.argv),
               "config": {k: v for k, v in vars(args).items() if k != "out"},
-              "context": {"mean": round(sum(contexts) / len(contexts), 1), "min": min(contexts), "max": max(contexts)},
+              "context": context,
               "engine_gpu_ms": gpu_ms, **found}
     print(f"{args.seqs} seqs x {args.ctx} ctx, {args.steps} steps in the loop: span {found['span_ms']} ms, "
           f"busy {found['busy_ms']} ms, idle {found['idle_ms']} ms ({100 * found['idle_share']:.1f}%) in "

@@ -116,14 +116,19 @@ def decoding_engine(args) -> LLMEngine:
     return engine
 
 
+def running_context(engine: LLMEngine) -> dict:
+    """Context tokens of the running sequences: mean, min, max."""
+    contexts = [len(seq.token_ids) for seq in engine.scheduler.running]
+    return {"mean": round(sum(contexts) / len(contexts), 1), "min": min(contexts), "max": max(contexts)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     decode_args(ap, "profiled decode steps (each reported)")
     args = ap.parse_args(argv)
     engine = decoding_engine(args)
     cuda = engine.device.type == "cuda"
-    contexts = [len(seq.token_ids) for seq in engine.scheduler.running]
-    mean_ctx = sum(contexts) / len(contexts)
+    context = running_context(engine)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps = []
     for _ in range(args.steps):
@@ -145,8 +150,8 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth_gbs(engine.device) if cuda else None
     result = {"benchmark": "profile_decode", "machine": machine_info(), "command": " ".join(sys.argv),
               "config": {k: v for k, v in vars(args).items() if k != "out"},
-              "context": {"mean": round(mean_ctx, 1), "min": min(contexts), "max": max(contexts)},
-              "floor": step_floor(engine, args.seqs, round(mean_ctx), copy_gbs), "steps": steps}
+              "context": context, "floor": step_floor(engine, args.seqs, round(context["mean"]), copy_gbs),
+              "steps": steps}
     best = min(steps, key=lambda s: s["kernel_ms"])
     print(f"{args.seqs} seqs x {args.ctx} ctx: step {best['step_ms']:.2f} ms, kernels {best['kernel_ms']:.2f} ms, "
           f"floor {result['floor'].get('floor_ms', 'n/a')} ms")
