@@ -36,9 +36,11 @@ def _kv_offsets(bt_row, n, valid, kv_head, s_b, s_h, s_t, BLOCK_SIZE: tl.constex
 
 @triton.jit
 def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
-                  APPLY_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                  APPLY_MASK: tl.constexpr, DOT_PREC: tl.constexpr, P_SCALE: tl.constexpr = 1.0):
     """One online-softmax update. q: [M, D], k, v: [N, D], acc: [M, D] f32, l_i, m_i: [M] f32,
-    keep: [M, N] bool (used only when APPLY_MASK). Rows that have seen no key keep m = -inf."""
+    keep: [M, N] bool (used only when APPLY_MASK); scale_log2 a scalar or per row ([M, 1]); p
+    enters the second dot times P_SCALE (the caller divides it out). Rows that have seen no key
+    keep m = -inf."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [M, N] f32
     if APPLY_MASK:
         s = tl.where(keep, s, float("-inf"))
@@ -47,22 +49,9 @@ def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if P_SCALE != 1.0:
+        p = p * P_SCALE
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _softmax_step_fp8(q, q_scale_log2, k, v, acc, l_i, m_i, keep):
-    """_softmax_step on FP8 operands: q [M, D] E4M3 with its per-row scale (times scale_log2)
-    q_scale_log2 [M], k, v [N, D] E4M3; p enters the second dot as E4M3 of 448 * p."""
-    s = tl.dot(q, tl.trans(k)) * q_scale_log2[:, None]  # [M, N] f32
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), v)
     return acc, l_i, m_new
 
 
@@ -103,7 +92,6 @@ def decode_split_kernel(
     row = tl.load(qsl_ptr + seq).to(tl.int64)
     q = tl.load(q_ptr + row * s_qt + heads[:, None] * s_qh + d[None, :],
                 mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, D]
-    q_scale_log2 = tl.zeros([GROUP_PAD], tl.float32) + scale_log2
     if DOT_DTYPE == tl.float8e4nv:  # per-row E4M3 (padding rows are 0)
         qf = q.to(tl.float32)
         q_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(qf), 1), 1e-12), 448.0)
@@ -125,7 +113,8 @@ def decode_split_kernel(
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if DOT_DTYPE == tl.float8e4nv:
-            acc, l_i, m_i = _softmax_step_fp8(q, q_scale_log2, k, v, acc, l_i, m_i, valid[None, :])
+            acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, valid[None, :], q_scale_log2[:, None],
+                                          True, DOT_PREC, 448.0)
         else:
             acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
                                           valid[None, :], scale_log2, True, DOT_PREC)
