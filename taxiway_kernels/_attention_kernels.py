@@ -36,12 +36,15 @@ def _kv_offsets(bt_row, n, valid, kv_head, s_b, s_h, s_t, BLOCK_SIZE: tl.constex
 
 @triton.jit
 def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
-                  APPLY_MASK: tl.constexpr, DOT_PREC: tl.constexpr, P_SCALE: tl.constexpr = 1.0):
+                  APPLY_MASK: tl.constexpr, DOT_PREC: tl.constexpr, P_SCALE: tl.constexpr = 1.0,
+                  IMPRECISE_ACC: tl.constexpr = None):
     """One online-softmax update. q: [M, D], k, v: [N, D], acc: [M, D] f32, l_i, m_i: [M] f32,
     keep: [M, N] bool (used only when APPLY_MASK); scale_log2 a scalar or per row ([M, 1]); p
     enters the second dot times P_SCALE (the caller divides it out). Rows that have seen no key
-    keep m = -inf."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [M, N] f32
+    keep m = -inf. IMPRECISE_ACC (FP8 operands on Hopper): how many products the tensor cores
+    accumulate at their reduced precision before adding into float32 (Triton's default there is
+    all of them, the running `acc` included)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC, max_num_imprecise_acc=IMPRECISE_ACC) * scale_log2
     if APPLY_MASK:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -51,7 +54,8 @@ def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
     l_i = l_i * alpha + tl.sum(p, 1)
     if P_SCALE != 1.0:
         p = p * P_SCALE
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC,
+                                        max_num_imprecise_acc=IMPRECISE_ACC)
     return acc, l_i, m_new
 
 
@@ -74,6 +78,7 @@ def decode_split_kernel(
     NUM_HEADS: tl.constexpr, DIRECT_OUT: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr = None,
 ):
     """Grid (num_decodes, num_kv_heads, num_splits). One program: one sequence's one query token,
     the GROUP query heads that share one KV head (padded to GROUP_PAD rows for tl.dot), one split
@@ -114,7 +119,7 @@ def decode_split_kernel(
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if DOT_DTYPE == tl.float8e4nv:
             acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, valid[None, :], q_scale_log2[:, None],
-                                          True, DOT_PREC, 448.0)
+                                          True, DOT_PREC, 448.0, IMPRECISE_ACC)
         else:
             acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
                                           valid[None, :], scale_log2, True, DOT_PREC)

@@ -216,8 +216,8 @@ def test_decode_attention_fp8_cache_dot_dtype(dot_dtype, device):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("num_splits", [1, 2])
-def test_decode_attention_fp8_dots(num_splits, device):
+@pytest.mark.parametrize("num_splits,imprecise_acc", [(1, None), (2, None), (2, 64)])
+def test_decode_attention_fp8_dots(num_splits, imprecise_acc, device):
     """fp8_dot_dtype=float8_e4m3fn (opt-in): both dots on E4M3 operands, q per row and 448 * p
     rounded to E4M3; the error is that rounding's (3 mantissa bits), measured FP8_DOTS_ERR on the
     CPU interpreter, about ten times the float16 dots'."""
@@ -227,7 +227,7 @@ def test_decode_attention_fp8_dots(num_splits, device):
     out = torch.full_like(b.q, float("nan"))
     A.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens,
                              0.125, out=out, num_splits=num_splits, kv_scale=kv_scale,
-                             fp8_dot_dtype=torch.float8_e4m3fn)
+                             fp8_dot_dtype=torch.float8_e4m3fn, fp8_imprecise_acc=imprecise_acc)
     err = rel_err(out, _reference_fp8(b, 0.125, kv_scale))
     assert err < FP8_DOTS_ERR, err
 
@@ -241,6 +241,11 @@ def test_decode_attention_rejects_bad_fp8_dot_dtype(device):
     fp8 = (b.k_cache.to(torch.float8_e4m3fn), b.v_cache.to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="fp8_dot_dtype must be float16, float8_e4m3fn or q's dtype"):
         A.paged_decode_attention(b.q, *fp8, *args[3:], fp8_dot_dtype=torch.float32)
+    with pytest.raises(ValueError, match="fp8_imprecise_acc is for float8_e4m3fn dots"):
+        A.paged_decode_attention(b.q, *fp8, *args[3:], fp8_imprecise_acc=32)  # float16 dots
+    with pytest.raises(ValueError, match=r"in \[1, 64\] \(head_dim, block_n\); got 128"):
+        A.paged_decode_attention(b.q, *fp8, *args[3:], fp8_dot_dtype=torch.float8_e4m3fn,
+                                 fp8_imprecise_acc=128)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -304,9 +309,13 @@ def test_fused_fp8_ops_llama_shapes_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dot", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dot,imprecise_acc", [(None, None), (torch.float8_e4m3fn, 128)])
 @pytest.mark.parametrize("batch,max_ctx", [(1, 8192), (256, 4096)])
-def test_decode_fp8_cache_llama_shapes_gpu(batch, max_ctx, dot):
+def test_decode_fp8_cache_llama_shapes_gpu(batch, max_ctx, dot, imprecise_acc):
+    """FP8 dots with Triton's default accumulation on Hopper (every product, and the running
+    output, summed at the tensor cores' reduced precision) were 3.5e-2 from the reference here
+    (call U1, where the interpreter gives 1.3e-2); fp8_imprecise_acc=128 adds each tile's dot into
+    float32."""
     lens = torch.randint(1, max_ctx + 1, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
     g = torch.Generator().manual_seed(5)
     b = make_paged_batch([(1, n) for n in lens], num_heads=32, num_kv_heads=8, head_dim=128,
@@ -314,7 +323,8 @@ def test_decode_fp8_cache_llama_shapes_gpu(batch, max_ctx, dot):
     kv_scale = (0.02, 0.01)
     b.k_cache, b.v_cache = R.to_fp8(b.k_cache, kv_scale[0]), R.to_fp8(b.v_cache, kv_scale[1])
     out = A.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens,
-                                   128**-0.5, kv_scale=kv_scale, fp8_dot_dtype=dot)
+                                   128**-0.5, kv_scale=kv_scale, fp8_dot_dtype=dot,
+                                   fp8_imprecise_acc=imprecise_acc)
     ref = R.paged_attention(b.q.float(), b.k_cache.float() * kv_scale[0], b.v_cache.float() * kv_scale[1],
                             b.block_tables, b.query_start_loc, b.seq_lens, 128**-0.5)
     assert rel_err(out, ref) < (1e-2 if dot is None else FP8_DOTS_ERR)
