@@ -34,14 +34,9 @@ DT = torch.bfloat16
 
 def _variants(kind: str, auto_splits: int, fp8: bool):
     """JSON-ready configurations (a dtype by name)."""
-    if kind == "decode" and fp8:  # float16 dots won by 1.4x over bfloat16 at the T2 shape (call N1);
-        # float8 dots with Triton's default accumulation (fp8_imprecise_acc None) or each tile's dot
-        # added into float32 (block_n)
-        for bn, w, st, sp in itertools.product((64, 128), (4, 8), (2, 3), sorted({auto_splits, 2 * auto_splits})):
+    if kind == "decode" and fp8:  # float16 dots: they won by 1.4x over bfloat16 at the T2 shape (call N1)
+        for bn, w, st, sp in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), sorted({auto_splits, 2 * auto_splits})):
             yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, fp8_dot_dtype="float16")
-            for acc in (None, bn):
-                yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp,
-                           fp8_dot_dtype="float8_e4m3fn", fp8_imprecise_acc=acc)
     elif kind == "decode":
         splits = sorted({max(1, auto_splits // 2), auto_splits, min(64, auto_splits * 2)})
         for bn, w, st, sp in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), splits):
@@ -72,15 +67,11 @@ def _sweep_case(kind: str, seqs: list[tuple[int, int]], kv: str = "bf16", block_
             out.fill_(float("nan"))
             fn(*args, out=out, **kw)
             err = rel_err(out, ref)
-            # FP8 dots round q and p to E4M3 too (tests/kernels/test_kernels_fp8.py: about 1.3e-2);
-            # a variant over its tolerance is still timed, and marked
-            tol = 3e-2 if cfg.get("fp8_dot_dtype") == "float8_e4m3fn" else 1e-2
-            if not err < 10 * tol:
+            if not err < 1e-2:
                 raise AssertionError(f"output differs from the default's: {err:.2e}")
             t = triton.testing.do_bench_cudagraph(lambda: fn(*args, out=out, **kw), rep=30,
                                                   return_mode="median")
-            rows.append(dict(cfg=cfg or "default", t_us=t * 1e3, kv_gb_per_s=round(kv_bytes / (t * 1e6), 1),
-                             rel_err=float(err), over_tolerance=not err < tol))
+            rows.append(dict(cfg=cfg or "default", t_us=t * 1e3, kv_gb_per_s=round(kv_bytes / (t * 1e6), 1)))
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run is listed
             rows.append(dict(cfg=cfg or "default", error=f"{type(e).__name__}: {str(e)[:200]}"))
     return rows
@@ -134,13 +125,8 @@ def main() -> None:
         default = next((r for r in rows if r["cfg"] == "default"), None)
         failed = sum("error" in r for r in rows)
         print(f"{name}: default {default.get('t_us', float('nan')):.1f} us; {failed} variants failed")
-        best_by_dots = {}  # the fastest of each dot dtype and accumulation, beside the top five
-        for r in ok:
-            if isinstance(r["cfg"], dict):
-                best_by_dots.setdefault((r["cfg"].get("fp8_dot_dtype"), r["cfg"].get("fp8_imprecise_acc") is None), r)
-        for r in ok[:5] + [r for r in best_by_dots.values() if r not in ok[:5]]:
-            print(f"   {r['t_us']:8.1f} us  {r['kv_gb_per_s']:7.1f} GB/s  err {r['rel_err']:.1e}"
-                  f"{' (over tolerance)' if r['over_tolerance'] else ''}  {r['cfg']}")
+        for r in ok[:5]:
+            print(f"   {r['t_us']:8.1f} us  {r['kv_gb_per_s']:7.1f} GB/s  {r['cfg']}")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,6 @@ scale_log2 by the wrapper and v_scale multiplies the output (both are per-layer 
 kernel takes DOT_DTYPE float16 for an FP8 cache under 16-bit queries: E4M3 -> float16 is one
 instruction per pair (to bfloat16 it goes through float32, three more), every E4M3 value is exact
 in float16, and q (clamped to float16's range) and p (in [0, 1]) lose nothing against bfloat16.
-DOT_DTYPE float8e4nv (opt-in, fp8_dot_dtype=torch.float8_e4m3fn) converts no K or V at all: both
-dots run on FP8 operands, q quantized per row (amax / 448, the scale applied to the scores) and p
-scaled by 448 before its rounding to E4M3 (so probabilities down to about 4e-6 of the row's
-largest survive; the 448 comes off the output). It trades q's and p's rounding (3 mantissa bits)
-for the conversions.
 """
 
 from __future__ import annotations
@@ -36,15 +31,10 @@ def _kv_offsets(bt_row, n, valid, kv_head, s_b, s_h, s_t, BLOCK_SIZE: tl.constex
 
 @triton.jit
 def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
-                  APPLY_MASK: tl.constexpr, DOT_PREC: tl.constexpr, P_SCALE: tl.constexpr = 1.0,
-                  IMPRECISE_ACC: tl.constexpr = None):
+                  APPLY_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax update. q: [M, D], k, v: [N, D], acc: [M, D] f32, l_i, m_i: [M] f32,
-    keep: [M, N] bool (used only when APPLY_MASK); scale_log2 a scalar or per row ([M, 1]); p
-    enters the second dot times P_SCALE (the caller divides it out). Rows that have seen no key
-    keep m = -inf. IMPRECISE_ACC (FP8 operands on Hopper): how many products the tensor cores
-    accumulate at their reduced precision before adding into float32 (Triton's default there is
-    all of them, the running `acc` included)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC, max_num_imprecise_acc=IMPRECISE_ACC) * scale_log2
+    keep: [M, N] bool (used only when APPLY_MASK). Rows that have seen no key keep m = -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [M, N] f32
     if APPLY_MASK:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -52,10 +42,7 @@ def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if P_SCALE != 1.0:
-        p = p * P_SCALE
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC,
-                                        max_num_imprecise_acc=IMPRECISE_ACC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -78,7 +65,6 @@ def decode_split_kernel(
     NUM_HEADS: tl.constexpr, DIRECT_OUT: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    IMPRECISE_ACC: tl.constexpr = None,
 ):
     """Grid (num_decodes, num_kv_heads, num_splits). One program: one sequence's one query token,
     the GROUP query heads that share one KV head (padded to GROUP_PAD rows for tl.dot), one split
@@ -97,15 +83,9 @@ def decode_split_kernel(
     row = tl.load(qsl_ptr + seq).to(tl.int64)
     q = tl.load(q_ptr + row * s_qt + heads[:, None] * s_qh + d[None, :],
                 mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, D]
-    if DOT_DTYPE == tl.float8e4nv:  # per-row E4M3 (padding rows are 0)
-        qf = q.to(tl.float32)
-        q_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(qf), 1), 1e-12), 448.0)
-        q = tl.math.div_rn(qf, q_scale[:, None]).to(tl.float8e4nv)
-        q_scale_log2 = q_scale * scale_log2
-    else:
-        if DOT_DTYPE == tl.float16 and q.dtype != tl.float16:
-            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
-        q = q.to(DOT_DTYPE)
+    if DOT_DTYPE == tl.float16 and q.dtype != tl.float16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    q = q.to(DOT_DTYPE)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -117,14 +97,8 @@ def decode_split_kernel(
         v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if DOT_DTYPE == tl.float8e4nv:
-            acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, valid[None, :], q_scale_log2[:, None],
-                                          True, DOT_PREC, 448.0, IMPRECISE_ACC)
-        else:
-            acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
-                                          valid[None, :], scale_log2, True, DOT_PREC)
-    if DOT_DTYPE == tl.float8e4nv:
-        v_scale = v_scale / 448.0  # p entered the second dot times 448
+        acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
+                                      valid[None, :], scale_log2, True, DOT_PREC)
     o = acc / l_i[:, None] * v_scale
     gm = g < GROUP
     if DIRECT_OUT:

@@ -50,8 +50,7 @@ def tl_dtype(dtype: torch.dtype):
     """The Triton dtype of a torch floating dtype (for a kernel's dtype constexpr)."""
     import triton.language as tl
 
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-            torch.float8_e4m3fn: tl.float8e4nv}[dtype]
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
 @functools.lru_cache(maxsize=None)

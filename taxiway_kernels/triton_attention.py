@@ -111,9 +111,8 @@ def _decode_dot_dtype(q: torch.Tensor, k_cache: torch.Tensor, fp8_dot_dtype: tor
         return torch.float16 if fp8 and q.dtype != torch.float32 else q.dtype
     if not fp8:
         raise ValueError(f"fp8_dot_dtype is for an FP8 cache; this cache is {k_cache.dtype}")
-    if fp8_dot_dtype not in (q.dtype, torch.float16, torch.float8_e4m3fn):
-        raise ValueError(f"fp8_dot_dtype must be float16, float8_e4m3fn or q's dtype {q.dtype}, "
-                         f"got {fp8_dot_dtype}")
+    if fp8_dot_dtype not in (q.dtype, torch.float16):
+        raise ValueError(f"fp8_dot_dtype must be float16 or q's dtype {q.dtype}, got {fp8_dot_dtype}")
     return fp8_dot_dtype
 
 
@@ -123,7 +122,7 @@ def _decode_block_n(head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, 
     2.64 at 64 (bfloat16 dots: 2.21); a bfloat16 cache is within 2% at 32, 64 and 128."""
     if q_dtype == torch.float32 or head_dim > 128:
         return 32
-    if kv_dtype == torch.float8_e4m3fn and dot_dtype in (torch.float16, torch.float8_e4m3fn):
+    if kv_dtype == torch.float8_e4m3fn and dot_dtype == torch.float16:
         return 128
     return 64
 
@@ -145,7 +144,6 @@ def paged_decode_attention(
     num_stages: int = 2,
     kv_scale: tuple[float, float] = (1.0, 1.0),
     fp8_dot_dtype: torch.dtype | None = None,
-    fp8_imprecise_acc: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence (q_len 1 for every sequence given).
 
@@ -153,11 +151,7 @@ def paged_decode_attention(
     tokens); partial results are merged by log-sum-exp. CUDA-graph capturable.
     block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py), and so is
     fp8_dot_dtype: what an FP8 cache is converted to for the dots (default float16 under 16-bit
-    queries, see taxiway_kernels/_attention_kernels.py; q's dtype is another choice, and
-    float8_e4m3fn converts nothing: q and p are rounded to E4M3 instead, an opt-in the engine does
-    not take yet). fp8_imprecise_acc (with float8_e4m3fn dots): how many products Hopper's tensor
-    cores sum at their reduced precision before each float32 addition, at most min(head_dim,
-    block_n); None is Triton's default, every product and the running output included.
+    queries, see taxiway_kernels/_attention_kernels.py; q's dtype is the other choice).
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
@@ -174,10 +168,6 @@ def paged_decode_attention(
     dot_dtype = _decode_dot_dtype(q, k_cache, fp8_dot_dtype)
     block_n = block_n or _decode_block_n(head_dim, q.dtype, k_cache.dtype, dot_dtype)
     _check_block("block_n", block_n)
-    if fp8_imprecise_acc is not None and (dot_dtype != torch.float8_e4m3fn
-                                          or not 1 <= fp8_imprecise_acc <= min(head_dim, block_n)):
-        raise ValueError(f"fp8_imprecise_acc is for float8_e4m3fn dots, in [1, {min(head_dim, block_n)}] "
-                         f"(head_dim, block_n); got {fp8_imprecise_acc} with {dot_dtype} dots")
     window = sliding_window or _NO_WINDOW
     strides, prec = _launch_args(q, k_cache, v_cache, block_tables, out)
     # [num_seqs, H, num_splits, D] f32 and [num_seqs, H, num_splits] f32: per-split results.
@@ -190,7 +180,7 @@ def paged_decode_attention(
         NUM_HEADS=num_heads, DIRECT_OUT=num_splits == 1, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, DOT_DTYPE=C.tl_dtype(dot_dtype),
-        IMPRECISE_ACC=fp8_imprecise_acc, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         K.decode_combine_kernel[(num_seqs, num_heads)](
