@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.profile_decode import decode_args, decoding_engine, running_context  # noqa: E402
+from bench.profile_decode import decode_args, decoding_engine, group_of, running_context  # noqa: E402
 from taxiway.benchmarks import machine_info  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -73,6 +73,15 @@ def gaps(intervals: list[tuple[float, float, str]], top: int = 12) -> dict:
     }
 
 
+def group_ms_per_step(intervals: list[tuple[float, float, str]], steps: int) -> dict[str, float]:
+    """Device time per step by kernel group (bench/profile_decode.py's groups), as the loop ran
+    them: beside profile_decode's synchronous steps, whether a group is slower in the loop."""
+    groups: dict[str, float] = {}
+    for start, end, name in intervals:
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + (end - start)
+    return {g: round(us / 1e3 / max(steps, 1), 3) for g, us in sorted(groups.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     decode_args(ap, "decode steps profiled in the running loop")
@@ -105,7 +114,9 @@ def main(argv=None) -> int:
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
     engine.abort_request(list(engine.requests))
-    found = gaps(device_intervals(trace))
+    intervals = device_intervals(trace)
+    found = gaps(intervals)
+    found["group_ms_per_step"] = group_ms_per_step(intervals, args.steps)
     result = {"benchmark": "decode_gaps", "machine": machine_info(), "command": " ".join(sys.argv),
               "config": {k: v for k, v in vars(args).items() if k != "out"},
               "context": context,
@@ -113,6 +124,7 @@ def main(argv=None) -> int:
     print(f"{args.seqs} seqs x {args.ctx} ctx, {args.steps} steps in the loop: span {found['span_ms']} ms, "
           f"busy {found['busy_ms']} ms, idle {found['idle_ms']} ms ({100 * found['idle_share']:.1f}%) in "
           f"{found['gaps_over_1us']} gaps; engine GPU ms per step {gpu_ms}")
+    print("  device ms per step by group: " + ", ".join(f"{g} {v}" for g, v in found["group_ms_per_step"].items()))
     for row in found["idle_by_pair"][:8]:
         print(f"  {row['idle_ms']:8.3f} ms in {row['gaps']:4d} gaps  {row['before'][:45]} -> {row['after'][:45]}")
     if args.out:

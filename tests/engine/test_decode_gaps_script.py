@@ -4,7 +4,7 @@ operations there: zero busy time, the steps still run in the loop)."""
 
 import json
 
-from bench.decode_gaps import device_intervals, gaps, main
+from bench.decode_gaps import device_intervals, gaps, group_ms_per_step, main
 
 
 def test_gaps_count_overlaps_once_and_name_both_sides():
@@ -24,6 +24,14 @@ def test_gaps_count_overlaps_once_and_name_both_sides():
     assert [(r["before"], r["after"], r["gaps"]) for r in found["idle_by_pair"]] == [("copy", "c", 1), ("c", "c", 1)]
 
 
+def test_device_time_per_step_by_group():
+    intervals = [(0.0, 300.0, "nvjet_sm90_tst_128x232"), (300.0, 400.0, "decode_split_kernel"),
+                 (400.0, 1000.0, "nvjet_sm90_tst_256x120"), (1000.0, 1010.0, "Memset (Device)")]
+    assert group_ms_per_step(intervals, steps=2) == {"gemm": 0.45, "attention": 0.05, "copy": 0.005}
+    assert list(group_ms_per_step(intervals, steps=2)) == ["gemm", "attention", "copy"]  # largest first
+    assert group_ms_per_step([], steps=3) == {}
+
+
 def test_runs_in_the_loop_on_the_cpu(tiny_llama, tmp_path):
     out = tmp_path / "gaps.json"
     assert main(["--model", tiny_llama, "--device", "cpu", "--seqs", "3", "--ctx", "40", "--steps", "3",
@@ -31,3 +39,4 @@ def test_runs_in_the_loop_on_the_cpu(tiny_llama, tmp_path):
     r = json.loads(out.read_text())
     assert r["benchmark"] == "decode_gaps" and r["config"]["seqs"] == 3 and r["context"]["min"] >= 41
     assert r["device_ops"] == 0 and r["busy_ms"] == 0.0 and r["engine_gpu_ms"] == []
+    assert r["group_ms_per_step"] == {}
