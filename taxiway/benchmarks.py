@@ -148,7 +148,29 @@ def machine_info() -> dict:
     except ImportError:
         pass
     info["commit"] = commit_id()
+    info["source_sha256"] = source_hash()
     return info
+
+
+SOURCE_DIRS = ("gpu_engine", "taxiway", "taxiway_kernels", "services", "bench")
+"""The folders whose Python files make up what a benchmark ran."""
+
+
+def source_hash(root: Path | None = None) -> str:
+    """SHA-256 (first 16 hex digits) over the Python files of SOURCE_DIRS, by relative path and
+    content: what a record's code was, whatever the commit field says (the GPU machine's copy of a
+    working tree can carry an older commit's git metadata). `python -m taxiway.benchmarks` prints
+    it for a checkout, to match a record to a commit."""
+    import hashlib
+
+    root = root or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for folder in SOURCE_DIRS:
+        for path in sorted((root / folder).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def commit_id() -> str:
@@ -364,3 +386,7 @@ def write_result(result: dict, out: str | None) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     print(text, file=sys.stdout)
+
+
+if __name__ == "__main__":
+    print(source_hash())
