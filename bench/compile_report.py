@@ -111,6 +111,7 @@ def _resources(kernel, sass: bool = False) -> dict:
         "mma_sync": ptx.count("mma.sync"),
         "cp_async": ptx.count("cp.async"),
         "ld_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+        "ld_shared_b8": len(re.findall(r"ld\.shared\.b8", ptx)),  # byte-wide shared loads (FP8 V's operand)
         "pair_asm_mismatches": _pair_asm_mismatches(kernel),
         **(_loop_sass(kernel) if sass else {}),
     }
@@ -135,6 +136,10 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
         ("decode splits=16", lambda: A.paged_decode_attention(*attn, scale, num_splits=16)),
         ("decode fp8 kv", lambda: A.paged_decode_attention(
             dec.q, *(c.to(torch.float8_e4m3fn) for c in (dec.k_cache, dec.v_cache)),
+            *attn[3:], scale, num_splits=16)),
+        ("decode fp8 kv token-major V", lambda: A.paged_decode_attention(
+            dec.q, dec.k_cache.to(torch.float8_e4m3fn),
+            dec.v_cache.to(torch.float8_e4m3fn).transpose(2, 3).contiguous().transpose(2, 3),
             *attn[3:], scale, num_splits=16)),
         ("prefill", lambda: A.paged_prefill_attention(
             pre.q, pre.k_cache, pre.v_cache, pre.block_tables, pre.query_start_loc,
@@ -238,7 +243,7 @@ def main() -> None:
                 rows.append({"case": name, "dtype": str(dtype).split(".")[1], "kernel": kname,
                              **_resources(kernel, args.sass)})
     cols = ["case", "dtype", "kernel", "regs", "stack_bytes", "local_bytes", "shared_bytes",
-            "num_warps", "num_stages", "wgmma", "mma_sync", "cp_async", "ld_v4"]
+            "num_warps", "num_stages", "wgmma", "mma_sync", "cp_async", "ld_v4", "ld_shared_b8"]
     if args.sass:
         cols += ["loop_instrs"] + [f"loop_{op}" for op in SASS_OPS]
     print(" | ".join(cols))

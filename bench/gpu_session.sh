@@ -54,6 +54,9 @@ for step in "$@"; do
     attn-sweep-t1) phase attn-sweep-t1 560 python bench/kernels_sweep.py --only "ctx=1500" --out "$OUT/attn-sweep-t1.json" ;;
     attn-sweep-t2) phase attn-sweep-t2 560 python bench/kernels_sweep.py --only "ctx=3072" --out "$OUT/attn-sweep-t2.json" ;;
     attn-sweep-fp8) phase attn-sweep-fp8 400 python bench/kernels_sweep.py --only "ctx=3072 fp8" --out "$OUT/attn-sweep-fp8.json" ;;
+    # V token-major (the FP8 cache's candidate layout) against the row-major cases of the same shapes
+    attn-token-major) phase attn-token-major 400 python bench/kernels_sweep.py --only "token-major V" \
+        --out "$OUT/attn-token-major.json" ;;
     attn-sweep-t1-b16) phase attn-sweep-t1-b16 300 python bench/kernels_sweep.py --only "b=330 ctx=1500" --skip block --out "$OUT/attn-sweep-t1-b16.json" ;;
     profile) phase profile 300 python bench/profile_step.py --out "$OUT/profile.json" ;;
     # one decode step's kernels at the throughput benchmarks' decode shapes (bench/profile_decode.py)

@@ -48,12 +48,15 @@ def _variants(kind: str, auto_splits: int, fp8: bool):
 
 def _sweep_case(kind: str, seqs: list[tuple[int, int]], kv: str = "bf16", block_size: int = 16):
     """Every variant of one case; kv "fp8": the cache in float8_e4m3fn (scales 1.0), as
-    kv_cache_dtype="fp8" stores it. Decode rows also give the KV bytes read per microsecond."""
+    kv_cache_dtype="fp8" stores it; a "-vt" suffix: V token-major (each block stored [head_dim,
+    block_size]). Decode rows also give the KV bytes read per microsecond."""
     b = make_paged_batch(seqs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                          dtype=DT, device="cuda", block_size=block_size)
     k_cache, v_cache = b.k_cache, b.v_cache
-    if kv == "fp8":
+    if kv.startswith("fp8"):
         k_cache, v_cache = (c.to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    if kv.endswith("-vt"):
+        v_cache = v_cache.transpose(2, 3).contiguous().transpose(2, 3)
     args = (b.q, k_cache, v_cache, b.block_tables, b.query_start_loc, b.seq_lens, HEAD_DIM**-0.5)
     fn = A.paged_decode_attention if kind == "decode" else A.paged_prefill_attention
     kv_bytes = sum(n for _, n in seqs) * 2 * KV_HEADS * HEAD_DIM * k_cache.element_size()
@@ -61,7 +64,7 @@ def _sweep_case(kind: str, seqs: list[tuple[int, int]], kv: str = "bf16", block_
     auto = A.choose_num_splits(len(seqs), KV_HEADS, b.q.device)
     out = torch.empty_like(b.q)
     rows = []
-    for cfg in [{}] + list(_variants(kind, auto, kv == "fp8")):
+    for cfg in [{}] + list(_variants(kind, auto, kv.startswith("fp8"))):
         kw = {k: getattr(torch, v) if k == "fp8_dot_dtype" else v for k, v in cfg.items()}
         try:
             out.fill_(float("nan"))
@@ -95,6 +98,11 @@ CASES = {  # name: (kind, (q_len, seq_len) per sequence[, kv dtype, block size])
     "decode b=1800 ctx=190": ("decode", [(1, 190)] * 1800),
     # T2 128/128's decode steps (975 sequences, FP8 KV): 2.25 TB/s in the engine's profile (call T3)
     "decode b=975 ctx=215 fp8": ("decode", [(1, 215)] * 975, "fp8"),
+    # V token-major: the FP8 dot's operand without byte loads (bench/compile_report.py: 881 loop
+    # instructions per 32 KB tile on sm_90 against 1,314 row-major); not yet an engine layout
+    "decode b=250 ctx=3072 fp8 token-major V": ("decode", [(1, 3072)] * 250, "fp8-vt"),
+    "decode b=975 ctx=215 fp8 token-major V": ("decode", [(1, 215)] * 975, "fp8-vt"),
+    "decode b=330 ctx=1500 token-major V": ("decode", [(1, 1500)] * 330, "bf16-vt"),
     "prefill 8x1024": ("prefill", [(1024, 1024)] * 8),
     "prefill 8x512 ctx=4096": ("prefill", [(512, 4096)] * 8),
 }

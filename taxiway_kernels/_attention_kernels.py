@@ -61,15 +61,20 @@ def _split_range(seq_len, window, split, num_splits, BLOCK_N: tl.constexpr):
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, pout_ptr, plse_ptr,
     scale_log2, v_scale, window, num_splits,
-    s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_ot, s_oh,
+    s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_vd, s_bt, s_ot, s_oh,
     NUM_HEADS: tl.constexpr, DIRECT_OUT: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    V_TOKEN_MAJOR: tl.constexpr = False,
 ):
     """Grid (num_decodes, num_kv_heads, num_splits). One program: one sequence's one query token,
     the GROUP query heads that share one KV head (padded to GROUP_PAD rows for tl.dot), one split
     of its context. DIRECT_OUT (num_splits == 1) writes `out`; otherwise a normalized partial
-    output pout: [S, H, num_splits, D] f32 and its base-2 log-sum-exp plse: [S, H, num_splits]."""
+    output pout: [S, H, num_splits, D] f32 and its base-2 log-sum-exp plse: [S, H, num_splits].
+    V_TOKEN_MAJOR: V's tokens are contiguous within a block (s_vt 1, s_vd BLOCK_SIZE): its tile is
+    read as V^T [D, BLOCK_N] in whole-block runs and unmasked (positions past the context get
+    p = 0, so every slot of every block must hold a finite value), and the dot's operand takes
+    consecutive tokens from one word instead of one byte load each (an FP8 cache)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -90,13 +95,28 @@ def decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * s_bt
-    for n0 in range(start, end, BLOCK_N):
+    lo = start
+    if V_TOKEN_MAJOR:  # tiles start on a block boundary (the runs below); positions before start are masked
+        lo = start - start % BLOCK_SIZE
+    for n0 in range(lo, end, BLOCK_N):
+        if V_TOKEN_MAJOR:
+            n0 = tl.multiple_of(n0, BLOCK_SIZE)
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
+        if V_TOKEN_MAJOR:
+            valid = valid & (n >= start)
         k_off = _kv_offsets(bt_row, n, valid, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
-        v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if V_TOKEN_MAJOR:
+            # a whole run of BLOCK_SIZE tokens shares its block (the table read is masked by
+            # block, so the contiguity asserted below holds), past the context block 0's
+            v_col = _kv_offsets(bt_row, n, n - n % BLOCK_SIZE < end, kv_head, s_vb, s_vh, 1, BLOCK_SIZE)
+            vt_off = tl.max_contiguous(tl.multiple_of(d[:, None] * s_vd + v_col[None, :], [BLOCK_SIZE, BLOCK_SIZE]),
+                                       [1, BLOCK_SIZE])
+            v = tl.trans(tl.load(v_ptr + vt_off))
+        else:
+            v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd, mask=valid[:, None], other=0.0)
         acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
                                       valid[None, :], scale_log2, True, DOT_PREC)
     o = acc / l_i[:, None] * v_scale
@@ -157,7 +177,7 @@ def _find_tile_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 def prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
     scale_log2, v_scale, window, num_seqs,
-    s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_ot, s_oh,
+    s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_vd, s_bt, s_ot, s_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -199,7 +219,7 @@ def prefill_kernel(
         k_off = _kv_offsets(bt_row, n, n < full_end, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
         v_off = _kv_offsets(bt_row, n, n < full_end, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :]).to(q.dtype)
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :]).to(q.dtype)
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd).to(q.dtype)
         acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, None, scale_log2, False, DOT_PREC)
     for n0 in range(full_end, p_last + 1, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -207,7 +227,7 @@ def prefill_kernel(
         k_off = _kv_offsets(bt_row, n, valid, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
         v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd, mask=valid[:, None], other=0.0)
         keep = (n[None, :] <= qpos[:, None]) & (n[None, :] > qpos[:, None] - window)
         acc, l_i, m_i = _softmax_step(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i, keep,
                                       scale_log2, True, DOT_PREC)

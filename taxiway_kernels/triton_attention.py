@@ -67,8 +67,11 @@ def _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
             raise ValueError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype} or float8_e4m3fn")
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache has dtype {v_cache.dtype}, expected k_cache's {k_cache.dtype}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+    for name, t in (("q", q), ("k_cache", k_cache), ("out", out)):
         C.check_last_dim_contiguous(name, t)
+    if v_cache.stride(3) != 1 and not _v_token_major(v_cache):
+        raise ValueError(f"v_cache must have contiguous head_dim, or tokens contiguous within each block "
+                         f"(strides [..., 1, block_size]: a transposed view); got strides {tuple(v_cache.stride())}")
     C.check_shape("out", out, tuple(q.shape))
     if block_tables.dim() != 2:
         raise ValueError(f"block_tables must be [num_seqs, max_blocks], got {tuple(block_tables.shape)}")
@@ -98,8 +101,14 @@ def _check_block(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest), got {value}")
 
 
+def _v_token_major(v_cache: torch.Tensor) -> bool:
+    """V stored [num_blocks, num_kv_heads, head_dim, block_size] and viewed as the usual shape:
+    each block's tokens contiguous for each dimension."""
+    return v_cache.stride(2) == 1 and v_cache.stride(3) == v_cache.shape[2] and v_cache.shape[3] > 1
+
+
 def _launch_args(q, k_cache, v_cache, block_tables, out):
-    strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+    strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
                block_tables.stride(0), out.stride(0), out.stride(1))
     return strides, ("ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -152,6 +161,9 @@ def paged_decode_attention(
     block_n, num_warps and num_stages are tuning knobs (bench/kernels_sweep.py), and so is
     fp8_dot_dtype: what an FP8 cache is converted to for the dots (default float16 under 16-bit
     queries, see taxiway_kernels/_attention_kernels.py; q's dtype is the other choice).
+    v_cache may also be token-major (each block stored [head_dim, block_size] and passed as
+    `.transpose(2, 3)` of that): the kernel then reads it unmasked, so every slot of every block
+    must hold a finite value (a cache allocated zeroed and written by the KV kernels does).
     """
     out = torch.empty_like(q) if out is None else out
     num_seqs, group = _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
@@ -180,7 +192,7 @@ def paged_decode_attention(
         NUM_HEADS=num_heads, DIRECT_OUT=num_splits == 1, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, DOT_DTYPE=C.tl_dtype(dot_dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        V_TOKEN_MAJOR=_v_token_major(v_cache), num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         K.decode_combine_kernel[(num_seqs, num_heads)](

@@ -132,6 +132,55 @@ def test_choose_num_splits():
     assert 1 <= A.choose_num_splits(3, 2, cpu) <= 64
 
 
+# ---- token-major V (each block's tokens contiguous per dimension; the FP8 cache's candidate layout) ----
+
+def _token_major(v_cache: torch.Tensor) -> torch.Tensor:
+    """The same values, stored [num_blocks, num_kv_heads, head_dim, block_size], viewed as usual."""
+    return v_cache.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+@pytest.mark.parametrize("kv", ["model", "fp8"])
+@pytest.mark.parametrize("block_size,window,num_splits", [(16, None, 1), (16, None, 3), (8, 20, 4), (32, 37, 2)])
+def test_decode_token_major_v_equals_row_major(kv, block_size, window, num_splits, device):
+    """Same output from either V layout, with splits (their starts block-aligned or not, under a
+    window) and partial last blocks; the token-major path reads V unmasked, so slots past every
+    context are filled with a large finite value: p = 0 there must keep them out."""
+    b = _batch(DECODE_SEQS, 4, 64, torch.bfloat16, device, seed=block_size + num_splits, block_size=block_size)
+    used = torch.zeros(b.v_cache.shape[0], block_size, dtype=torch.bool)  # [block, offset]
+    for row, n in zip(b.block_tables.cpu(), b.seq_lens.cpu().tolist()):
+        used[row.long()[torch.arange(n) // block_size], torch.arange(n) % block_size] = True
+    b.v_cache.permute(0, 2, 1, 3)[~used.to(b.v_cache.device)] = 400.0  # every slot no context reads
+    if kv == "fp8":
+        b.k_cache, b.v_cache = (c.to(torch.float8_e4m3fn) for c in (b.k_cache, b.v_cache))
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens, 0.125)
+    kw = dict(sliding_window=window, num_splits=num_splits, block_n=16 if block_size < 16 else None)
+    row_major = A.paged_decode_attention(*args, **kw)
+    tm = _token_major(b.v_cache)
+    assert tm.stride(2) == 1 and A._v_token_major(tm)
+    token_major = A.paged_decode_attention(*args[:2], tm, *args[3:], **kw)
+    assert not token_major.isnan().any()
+    assert rel_err(token_major, row_major) < 1e-3
+    ref = R.paged_attention(b.q.double(), b.k_cache.double(), b.v_cache.double(), b.block_tables,
+                            b.query_start_loc, b.seq_lens, 0.125, sliding_window=window)
+    assert rel_err(token_major, ref) < 1e-2
+
+
+def test_prefill_reads_a_token_major_v(device):
+    b = _batch(MIXED, 4, 64, torch.float32, device, seed=5)
+    out = torch.full_like(b.q, float("nan"))
+    A.paged_attention(b.q, b.k_cache, _token_major(b.v_cache), b.block_tables, b.query_start_loc, b.seq_lens,
+                      0.125, out=out, num_decodes=b.num_decodes)
+    _check(out, _reference(b, 0.125, None), torch.float32)
+
+
+def test_v_cache_of_another_layout_is_refused(device):
+    b = _batch([(1, 5)], 4, 64, torch.float16, device, seed=0)
+    wide = torch.zeros(*b.v_cache.shape[:3], 2 * b.v_cache.shape[3], dtype=b.v_cache.dtype, device=device)
+    with pytest.raises(ValueError, match="v_cache must have contiguous head_dim, or tokens contiguous"):
+        A.paged_decode_attention(b.q, b.k_cache, wide[..., ::2], b.block_tables, b.query_start_loc,
+                                 b.seq_lens, 0.1)
+
+
 def _args(b: PagedBatch) -> list:
     return [b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens, 0.1]
 

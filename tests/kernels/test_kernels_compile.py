@@ -1,6 +1,7 @@
 """Every kernel compiles for sm_90 (H100/H200) through Triton's own ptxas, without a GPU, and
 keeps its registers: no spills to local memory (bf16/fp16; float32 attention, a test-only path,
-may spill), the prefill, W4A16 mm and FP8 small-M kernels on Hopper's wgmma."""
+may spill), the prefill, W4A16 mm and FP8 small-M kernels on Hopper's wgmma, and an FP8 cache's
+token-major V read without byte-wide shared loads."""
 
 from __future__ import annotations
 
@@ -40,3 +41,6 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert all(r["ld_v4"] > 0 for r in rows if r["kernel"] in ("_gemv_kernel", "_fp8_gemv_kernel")), \
         "16-byte weight loads"
     assert not any(r["pair_asm_mismatches"] for r in rows), "a bf16x2 / f16x2 pair from two words"
+    token_major = [r for r in rows if r["case"] == "decode fp8 kv token-major V" and r["kernel"] == "decode_split_kernel"]
+    assert token_major and not any(r["ld_shared_b8"] for r in token_major), \
+        "a token-major FP8 V reaches the dot without byte-wide shared loads"

@@ -285,15 +285,17 @@ def test_fused_fp8_ops_llama_shapes_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("v_layout", ["row-major", "token-major"])
 @pytest.mark.parametrize("batch,max_ctx", [(1, 8192), (256, 4096)])
-def test_decode_fp8_cache_llama_shapes_gpu(batch, max_ctx):
+def test_decode_fp8_cache_llama_shapes_gpu(batch, max_ctx, v_layout):
     lens = torch.randint(1, max_ctx + 1, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
     g = torch.Generator().manual_seed(5)
     b = make_paged_batch([(1, n) for n in lens], num_heads=32, num_kv_heads=8, head_dim=128,
                          dtype=torch.bfloat16, device="cuda", generator=g)
     kv_scale = (0.02, 0.01)
     b.k_cache, b.v_cache = R.to_fp8(b.k_cache, kv_scale[0]), R.to_fp8(b.v_cache, kv_scale[1])
-    out = A.paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens,
+    v = b.v_cache if v_layout == "row-major" else b.v_cache.transpose(2, 3).contiguous().transpose(2, 3)
+    out = A.paged_attention(b.q, b.k_cache, v, b.block_tables, b.query_start_loc, b.seq_lens,
                             128**-0.5, max_query_len=1, kv_scale=kv_scale)
     ref = R.paged_attention(b.q.float(), b.k_cache.float() * kv_scale[0], b.v_cache.float() * kv_scale[1],
                             b.block_tables, b.query_start_loc, b.seq_lens, 128**-0.5)
