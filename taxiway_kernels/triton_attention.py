@@ -103,8 +103,11 @@ def _check_block(name: str, value: int) -> None:
 
 def _v_token_major(v_cache: torch.Tensor) -> bool:
     """V stored [num_blocks, num_kv_heads, head_dim, block_size] and viewed as the usual shape:
-    each block's tokens contiguous for each dimension."""
-    return v_cache.stride(2) == 1 and v_cache.stride(3) == v_cache.shape[2] and v_cache.shape[3] > 1
+    each block's tokens contiguous for each dimension, every run starting at a multiple of the
+    block size (the decode kernel asserts both to the compiler)."""
+    bs = v_cache.shape[2]
+    return (v_cache.stride(2) == 1 and v_cache.stride(3) == bs and v_cache.shape[3] > 1
+            and v_cache.stride(0) % bs == 0 and v_cache.stride(1) % bs == 0)
 
 
 def _launch_args(q, k_cache, v_cache, block_tables, out):
