@@ -115,6 +115,12 @@ for step in "$@"; do
     t2-128) ID=t2 tp 128 128 3000 --quantization fp8 --kv-cache-dtype fp8 ;;
     t2-1000) ID=t2 tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 ;;
     t2-2048) ID=t2 tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 ;;
+    # V token-major (v_cache_token_major; the FP8 decode without byte loads), beside the phases above
+    t2-128-vt) ID=t2 TAG=-vt tp 128 128 3000 --quantization fp8 --kv-cache-dtype fp8 --v-cache-token-major ;;
+    t2-1000-vt) ID=t2 TAG=-vt tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 --v-cache-token-major ;;
+    t2-2048-vt) ID=t2 TAG=-vt tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 --v-cache-token-major ;;
+    token-major-tests) phase token-major-tests 400 python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_v_cache_token_major_engine.py tests/kernels/test_kernels_fp8.py -k "token_major or llama_shapes" ;;
     l1-fp8) phase l1-fp8 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
       --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/l1-fp8.json" ;;
     # INT4 AWQ (W4A16): tests, L1 beside l1 / l1-fp8, and T3, throughput at 64 and 256 concurrent

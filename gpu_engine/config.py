@@ -261,6 +261,11 @@ class EngineConfig:
         "auto", "auto: the KV cache in the model's dtype; fp8: E4M3 with per-layer scales (the "
                 "checkpoint's k_scale/v_scale when it has them, else 1.0), about twice the blocks in "
                 "the same memory")
+    v_cache_token_major: bool = setting(
+        False, "store V with each block's tokens contiguous per dimension (K stays as it is): the "
+               "decode attention over an FP8 cache then reads V without byte-wise shared loads "
+               "(bench/compile_report.py: a third fewer instructions per tile); the prefill kernel "
+               "spends more; not yet measured on a GPU, so off by default")
     tensor_parallel_size: int = setting(
         1, "split the model across this many devices (Megatron tensor parallelism: one process per "
            "rank, NCCL on GPUs cuda:0..N-1, gloo on the CPU); attention heads, intermediate size and "

@@ -192,10 +192,18 @@ class ModelRunner:
         self._allocate(num_blocks)
 
     def _allocate(self, num_blocks: int) -> None:
+        """K and V of every layer, zeroed, in one tensor; with v_cache_token_major in two, V's last
+        two dims stored swapped and seen through a transposed view (the kernels read either;
+        zeros: the token-major decode reads slots past a context, which must hold finite values)."""
         c = self.model_cfg
         shape = (c.num_layers, 2, num_blocks, self.num_kv_heads, self.block_size, c.head_dim)
-        cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)]
+        if not self.cfg.v_cache_token_major:
+            cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)]
+            return
+        k = torch.zeros((shape[0], *shape[2:]), dtype=self.kv_dtype, device=self.device)
+        v = torch.zeros((*shape[:1], *shape[2:4], c.head_dim, self.block_size), dtype=self.kv_dtype, device=self.device)
+        self.kv_caches = [(k[i], v[i].transpose(-1, -2)) for i in range(c.num_layers)]
 
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -30,6 +30,19 @@ def _kv_offsets(bt_row, n, valid, kv_head, s_b, s_h, s_t, BLOCK_SIZE: tl.constex
 
 
 @triton.jit
+def _v_tile_token_major(v_ptr, bt_row, n, end, kv_head, s_vb, s_vh, s_vd, d, BLOCK_SIZE: tl.constexpr):
+    """[BLOCK_N, D] V tile of context positions n (n[0] a multiple of BLOCK_SIZE) from a
+    token-major V (each block's tokens contiguous per dimension): loaded as V^T [D, BLOCK_N] in
+    whole-block runs, unmasked. Past `end` the run reads block 0 (the table read is masked by
+    block, so a run never spans two blocks): the caller gives those positions p = 0, so every slot
+    must hold a finite value."""
+    col = _kv_offsets(bt_row, n, n - n % BLOCK_SIZE < end, kv_head, s_vb, s_vh, 1, BLOCK_SIZE)
+    off = tl.max_contiguous(tl.multiple_of(d[:, None] * s_vd + col[None, :], [BLOCK_SIZE, BLOCK_SIZE]),
+                            [1, BLOCK_SIZE])
+    return tl.trans(tl.load(v_ptr + off))
+
+
+@triton.jit
 def _softmax_step(q, k, v, acc, l_i, m_i, keep, scale_log2,
                   APPLY_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax update. q: [M, D], k, v: [N, D], acc: [M, D] f32, l_i, m_i: [M] f32,
@@ -71,10 +84,10 @@ def decode_split_kernel(
     the GROUP query heads that share one KV head (padded to GROUP_PAD rows for tl.dot), one split
     of its context. DIRECT_OUT (num_splits == 1) writes `out`; otherwise a normalized partial
     output pout: [S, H, num_splits, D] f32 and its base-2 log-sum-exp plse: [S, H, num_splits].
-    V_TOKEN_MAJOR: V's tokens are contiguous within a block (s_vt 1, s_vd BLOCK_SIZE): its tile is
-    read as V^T [D, BLOCK_N] in whole-block runs and unmasked (positions past the context get
-    p = 0, so every slot of every block must hold a finite value), and the dot's operand takes
-    consecutive tokens from one word instead of one byte load each (an FP8 cache)."""
+    V_TOKEN_MAJOR: V's tokens are contiguous within a block (s_vt 1, s_vd BLOCK_SIZE), read by
+    _v_tile_token_major from block-aligned tiles (positions before the split's start masked): the
+    dot's operand then takes consecutive tokens from one word instead of one byte load each (an
+    FP8 cache)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -108,12 +121,7 @@ def decode_split_kernel(
         k_off = _kv_offsets(bt_row, n, valid, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if V_TOKEN_MAJOR:
-            # a whole run of BLOCK_SIZE tokens shares its block (the table read is masked by
-            # block, so the contiguity asserted below holds), past the context block 0's
-            v_col = _kv_offsets(bt_row, n, n - n % BLOCK_SIZE < end, kv_head, s_vb, s_vh, 1, BLOCK_SIZE)
-            vt_off = tl.max_contiguous(tl.multiple_of(d[:, None] * s_vd + v_col[None, :], [BLOCK_SIZE, BLOCK_SIZE]),
-                                       [1, BLOCK_SIZE])
-            v = tl.trans(tl.load(v_ptr + vt_off))
+            v = _v_tile_token_major(v_ptr, bt_row, n, end, kv_head, s_vb, s_vh, s_vd, d, BLOCK_SIZE)
         else:
             v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
             v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd, mask=valid[:, None], other=0.0)
@@ -180,11 +188,13 @@ def prefill_kernel(
     s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_vd, s_bt, s_ot, s_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, V_TOKEN_MAJOR: tl.constexpr = False,
 ):
     """Grid (tiles, num_kv_heads). A tile is BLOCK_Q query tokens of one sequence times the GROUP
     query heads of one KV head, packed as BLOCK_M = BLOCK_Q * GROUP (padded) rows: each K/V tile
-    is read once for the whole group. Tiles wholly below the causal diagonal skip the mask."""
+    is read once for the whole group. Tiles wholly below the causal diagonal skip the mask.
+    V_TOKEN_MAJOR: as in decode_split_kernel (under a sliding window the masked loop starts on the
+    block boundary below; the window's mask drops what lies under it)."""
     seq, q_start, local_tile = _find_tile_seq(qsl_ptr, tl.program_id(0), num_seqs, BLOCK_Q)
     kv_head = tl.program_id(1)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
@@ -214,20 +224,33 @@ def prefill_kernel(
     else:
         kv_lo = 0
         full_end = (p_first + 1) // BLOCK_N * BLOCK_N  # every key below is seen by every row
-    for n0 in range(kv_lo, full_end, BLOCK_N):
+    for n0 in range(kv_lo, full_end, BLOCK_N):  # not SLIDING here: kv_lo is 0
+        if V_TOKEN_MAJOR:
+            n0 = tl.multiple_of(n0, BLOCK_SIZE)
         n = n0 + tl.arange(0, BLOCK_N)
         k_off = _kv_offsets(bt_row, n, n < full_end, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
-        v_off = _kv_offsets(bt_row, n, n < full_end, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :]).to(q.dtype)
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd).to(q.dtype)
-        acc, l_i, m_i = _softmax_step(q, k, v, acc, l_i, m_i, None, scale_log2, False, DOT_PREC)
-    for n0 in range(full_end, p_last + 1, BLOCK_N):
+        if V_TOKEN_MAJOR:
+            v = _v_tile_token_major(v_ptr, bt_row, n, full_end, kv_head, s_vb, s_vh, s_vd, d, BLOCK_SIZE)
+        else:
+            v_off = _kv_offsets(bt_row, n, n < full_end, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd)
+        acc, l_i, m_i = _softmax_step(q, k, v.to(q.dtype), acc, l_i, m_i, None, scale_log2, False, DOT_PREC)
+    lo = full_end
+    if V_TOKEN_MAJOR:
+        lo = full_end - full_end % BLOCK_SIZE
+    for n0 in range(lo, p_last + 1, BLOCK_N):
+        if V_TOKEN_MAJOR:
+            n0 = tl.multiple_of(n0, BLOCK_SIZE)
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n <= p_last
         k_off = _kv_offsets(bt_row, n, valid, kv_head, s_kb, s_kh, s_kt, BLOCK_SIZE)
-        v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
         k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd, mask=valid[:, None], other=0.0)
+        if V_TOKEN_MAJOR:
+            v = _v_tile_token_major(v_ptr, bt_row, n, p_last + 1, kv_head, s_vb, s_vh, s_vd, d, BLOCK_SIZE)
+        else:
+            v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd, mask=valid[:, None], other=0.0)
         keep = (n[None, :] <= qpos[:, None]) & (n[None, :] > qpos[:, None] - window)
         acc, l_i, m_i = _softmax_step(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i, keep,
                                       scale_log2, True, DOT_PREC)

@@ -37,7 +37,7 @@ def _to_cache(x, src_dtype: tl.constexpr, cache_dtype: tl.constexpr, scale, KV_F
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, k_scale, v_scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cs,
-    s_kcb, s_kch, s_kct, s_vcb, s_vch, s_vct,
+    s_kcb, s_kch, s_kct, s_vcb, s_vch, s_vct, s_vcd,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr,
     KVH_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
@@ -69,7 +69,7 @@ def _rope_write_kv_kernel(
         d = tl.arange(0, 2 * HALF_PAD)
         vmask = (kh < NUM_KV_HEADS)[:, None] & (d < 2 * HALF)[None, :]
         v = tl.load(v_ptr + (t * s_vt + kh * s_vh)[:, None] + d[None, :], mask=vmask)
-        vc = vc_ptr + (blk * s_vcb + off * s_vct + kh * s_vch)[:, None] + d[None, :]
+        vc = vc_ptr + (blk * s_vcb + off * s_vct + kh * s_vch)[:, None] + d[None, :] * s_vcd
         tl.store(vc, _to_cache(v, v_ptr.dtype.element_ty, vc_ptr.dtype.element_ty, v_scale, KV_FP8),
                  mask=vmask)
 
@@ -113,7 +113,11 @@ def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) ->
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache has dtype {v_cache.dtype}, expected k_cache's {k_cache.dtype}")
     for name, t in tensors.items():
-        C.check_last_dim_contiguous(name, t)
+        if name != "v_cache":
+            C.check_last_dim_contiguous(name, t)
+    if v_cache.stride(3) != 1 and v_cache.stride(2) != 1:
+        raise ValueError(f"v_cache must have contiguous head_dim or contiguous tokens within each block, "
+                         f"got strides {tuple(v_cache.stride())}")
 
 
 def rope_and_write_kv(
@@ -123,7 +127,7 @@ def rope_and_write_kv(
     positions: torch.Tensor,  # [T] int64
     cos_sin_cache: torch.Tensor,  # [max_position, D] f32: cos | sin
     k_cache: torch.Tensor,  # [num_blocks, KVH, block_size, D]
-    v_cache: torch.Tensor,  # [num_blocks, KVH, block_size, D]
+    v_cache: torch.Tensor,  # [num_blocks, KVH, block_size, D]; or token-major (attention reads either)
     slot_mapping: torch.Tensor,  # [T] int64, -1 = padding token, not written
     kv_scale: tuple[float, float] = (1.0, 1.0),  # (k_scale, v_scale) of an FP8 cache
 ) -> None:
@@ -146,7 +150,7 @@ def rope_and_write_kv(
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
         float(kv_scale[0]), float(kv_scale[1]),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos_sin_cache.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        cos_sin_cache.stride(0), *k_cache.stride()[:3], *v_cache.stride(),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, H_PAD=h_pad,
         KVH_PAD=triton.next_power_of_2(num_kv_heads), HALF=half,
         HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[2], KV_FP8=kv_fp8,
