@@ -119,8 +119,11 @@ for step in "$@"; do
     t2-128-vt) ID=t2 TAG=-vt tp 128 128 3000 --quantization fp8 --kv-cache-dtype fp8 --v-cache-token-major ;;
     t2-1000-vt) ID=t2 TAG=-vt tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 --v-cache-token-major ;;
     t2-2048-vt) ID=t2 TAG=-vt tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 --v-cache-token-major ;;
+    # on a GPU these also check the alignment the token-major loads assert to the compiler (the
+    # interpreter ignores it)
     token-major-tests) phase token-major-tests 400 python -m pytest -q -p no:cacheprovider \
-        tests/kernels/test_v_cache_token_major_engine.py tests/kernels/test_kernels_fp8.py -k "token_major or llama_shapes" ;;
+        tests/kernels/test_v_cache_token_major_engine.py tests/kernels/test_kernels_fp8.py \
+        tests/kernels/test_kernels_attention.py -k "token_major or llama_shapes" ;;
     l1-fp8) phase l1-fp8 300 python -m taxiway.cli bench latency --isl 128 --osl 256 --max-num-seqs 8 \
       --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/l1-fp8.json" ;;
     # INT4 AWQ (W4A16): tests, L1 beside l1 / l1-fp8, and T3, throughput at 64 and 256 concurrent

@@ -165,12 +165,15 @@ def test_decode_token_major_v_equals_row_major(kv, block_size, window, num_split
     assert rel_err(token_major, ref) < 1e-2
 
 
-def test_prefill_reads_a_token_major_v(device):
+@pytest.mark.parametrize("window", [None, 20, 37])
+def test_prefill_reads_a_token_major_v(window, device):
+    """Full tiles, the masked diagonal tiles and, under a sliding window, the masked loop started
+    on the block boundary below the window's first position."""
     b = _batch(MIXED, 4, 64, torch.float32, device, seed=5)
     out = torch.full_like(b.q, float("nan"))
     A.paged_attention(b.q, b.k_cache, _token_major(b.v_cache), b.block_tables, b.query_start_loc, b.seq_lens,
-                      0.125, out=out, num_decodes=b.num_decodes)
-    _check(out, _reference(b, 0.125, None), torch.float32)
+                      0.125, out=out, num_decodes=b.num_decodes, sliding_window=window)
+    _check(out, _reference(b, 0.125, window), torch.float32)
 
 
 def test_v_cache_of_another_layout_is_refused(device):
