@@ -144,6 +144,9 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, callable]]:
         ("prefill", lambda: A.paged_prefill_attention(
             pre.q, pre.k_cache, pre.v_cache, pre.block_tables, pre.query_start_loc,
             pre.seq_lens, scale)),
+        ("prefill fp8 kv", lambda: A.paged_prefill_attention(
+            pre.q, *(c.to(torch.float8_e4m3fn) for c in (pre.k_cache, pre.v_cache)), pre.block_tables,
+            pre.query_start_loc, pre.seq_lens, scale)),
         ("prefill window", lambda: A.paged_prefill_attention(
             pre.q, pre.k_cache, pre.v_cache, pre.block_tables, pre.query_start_loc,
             pre.seq_lens, scale, sliding_window=32)),

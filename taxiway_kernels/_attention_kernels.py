@@ -188,13 +188,15 @@ def prefill_kernel(
     s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_vd, s_bt, s_ot, s_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
-    DOT_PREC: tl.constexpr, V_TOKEN_MAJOR: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, V_TOKEN_MAJOR: tl.constexpr = False, FP16_DOTS: tl.constexpr = False,
 ):
     """Grid (tiles, num_kv_heads). A tile is BLOCK_Q query tokens of one sequence times the GROUP
     query heads of one KV head, packed as BLOCK_M = BLOCK_Q * GROUP (padded) rows: each K/V tile
     is read once for the whole group. Tiles wholly below the causal diagonal skip the mask.
     V_TOKEN_MAJOR: as in decode_split_kernel (under a sliding window the masked loop starts on the
-    block boundary below; the window's mask drops what lies under it)."""
+    block boundary below; the window's mask drops what lies under it). FP16_DOTS (an FP8 cache
+    under bfloat16 queries): q clamped to float16 and both dots in float16, as the decode kernel
+    does, so E4M3 converts in one step instead of two (the loops below convert to q's dtype)."""
     seq, q_start, local_tile = _find_tile_seq(qsl_ptr, tl.program_id(0), num_seqs, BLOCK_Q)
     kv_head = tl.program_id(1)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
@@ -211,6 +213,8 @@ def prefill_kernel(
     rows = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * s_qt + heads[:, None] * s_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    if FP16_DOTS:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     qpos = ctx + tok  # [BLOCK_M]
     p_first = ctx + t0
     p_last = ctx + t_last

@@ -267,7 +267,9 @@ def paged_prefill_attention(
         *strides,
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[2], BLOCK_N=block_n, SLIDING=sliding_window is not None,
-        DOT_PREC=prec, V_TOKEN_MAJOR=_v_token_major(v_cache), num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=prec, V_TOKEN_MAJOR=_v_token_major(v_cache),
+        FP16_DOTS=k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -241,6 +241,20 @@ def test_mixed_attention_fp8_cache(dtype, window, device):
     assert rel_err(cpu.double(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_prefill_fp8_cache_float16_dots_clamp_q(device):
+    """An FP8 cache under bfloat16 queries: the prefill kernel's dots run in float16 (E4M3 converts
+    in one step) and match the reference; a query beyond float16's range is clamped, not inf."""
+    kv_scale = (0.05, 0.02)
+    b = _fp8_batch([(13, 61), (40, 40), (37, 120)], 4, torch.bfloat16, device, seed=4, kv_scale=kv_scale)
+    out = A.paged_prefill_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc,
+                                    b.seq_lens, 0.125, kv_scale=kv_scale)
+    assert rel_err(out, _reference_fp8(b, 0.125, kv_scale)) < 4e-3  # 1.65e-3 measured (bfloat16 dots 1.93e-3)
+    b.q[5, 0, 0] = 1e6
+    out = A.paged_prefill_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc,
+                                    b.seq_lens, 1e-6, kv_scale=kv_scale)
+    assert torch.isfinite(out).all()
+
+
 def test_attention_rejects_scales_without_fp8_cache(device):
     b = make_paged_batch([(1, 5)], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16,
                          device=device, generator=torch.Generator().manual_seed(0))
