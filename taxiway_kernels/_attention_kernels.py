@@ -5,7 +5,8 @@ A sliding window w arrives as `window` (a huge number when there is none): a que
 sees keys at positions in (p - w, p].
 An FP8 cache is read in FP8 and converted in registers to DOT_DTYPE; its k_scale is folded into
 scale_log2 by the wrapper and v_scale multiplies the output (both are per-layer scalars). The decode
-kernel takes DOT_DTYPE float16 for an FP8 cache under 16-bit queries: E4M3 -> float16 is one
+kernel takes DOT_DTYPE float16 for an FP8 cache under 16-bit queries, and the prefill kernel
+FP16_DOTS under bfloat16 ones: E4M3 -> float16 is one
 instruction per pair (to bfloat16 it goes through float32, three more), every E4M3 value is exact
 in float16, and q (clamped to float16's range) and p (in [0, 1]) lose nothing against bfloat16.
 """
