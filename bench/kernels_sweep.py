@@ -98,7 +98,7 @@ CASES = {  # name: (kind, (q_len, seq_len) per sequence[, kv dtype, block size])
     "decode b=1800 ctx=190": ("decode", [(1, 190)] * 1800),
     # T2 128/128's decode steps (975 sequences, FP8 KV): 2.25 TB/s in the engine's profile (call T3)
     "decode b=975 ctx=215 fp8": ("decode", [(1, 215)] * 975, "fp8"),
-    # V token-major: the FP8 dot's operand without byte loads (bench/compile_report.py: 881 loop
+    # V token-major: the FP8 dot's operand without byte loads (bench/compile_report.py: 816 loop
     # instructions per 32 KB tile on sm_90 against 1,314 row-major); not yet an engine layout
     "decode b=250 ctx=3072 fp8 token-major V": ("decode", [(1, 3072)] * 250, "fp8-vt"),
     "decode b=975 ctx=215 fp8 token-major V": ("decode", [(1, 215)] * 975, "fp8-vt"),

@@ -143,13 +143,15 @@ def _token_major(v_cache: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("block_size,window,num_splits", [(16, None, 1), (16, None, 3), (8, 20, 4), (32, 37, 2)])
 def test_decode_token_major_v_equals_row_major(kv, block_size, window, num_splits, device):
     """Same output from either V layout, with splits (their starts block-aligned or not, under a
-    window) and partial last blocks; the token-major path reads V unmasked, so slots past every
-    context are filled with a large finite value: p = 0 there must keep them out."""
+    window) and partial last blocks; the token-major path reads K and V unmasked, so slots past
+    every context hold NaN in K (their scores are masked) and a large finite value in V (p = 0
+    there must keep them out)."""
     b = _batch(DECODE_SEQS, 4, 64, torch.bfloat16, device, seed=block_size + num_splits, block_size=block_size)
     used = torch.zeros(b.v_cache.shape[0], block_size, dtype=torch.bool)  # [block, offset]
     for row, n in zip(b.block_tables.cpu(), b.seq_lens.cpu().tolist()):
         used[row.long()[torch.arange(n) // block_size], torch.arange(n) % block_size] = True
     b.v_cache.permute(0, 2, 1, 3)[~used.to(b.v_cache.device)] = 400.0  # every slot no context reads
+    b.k_cache.permute(0, 2, 1, 3)[~used.to(b.k_cache.device)] = float("nan")  # K loads unmasked: scores masked
     if kv == "fp8":
         b.k_cache, b.v_cache = (c.to(torch.float8_e4m3fn) for c in (b.k_cache, b.v_cache))
     args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens, 0.125)
