@@ -148,13 +148,16 @@ KV_SCALES = [(1.0, 1.0), (0.5, 0.25), (0.037, 0.011)]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_scale", KV_SCALES)
-def test_rope_and_write_kv_fp8(dtype, kv_scale, device):
+@pytest.mark.parametrize("v_layout", ["row-major", "token-major"])
+def test_rope_and_write_kv_fp8(dtype, kv_scale, v_layout, device):
     g = torch.Generator().manual_seed(3)
     heads, kvh, d, bs, t = 8, 2, 64, 16, 13
     qkv = torch.randn(t, (heads + 2 * kvh) * d, generator=g).to(dtype).to(device)
     q, k, v = qkv.view(t, -1, d).split([heads, kvh, kvh], 1)
     k_cache = torch.randn(4, kvh, bs, d, generator=g).to(FP8).to(device)
     v_cache = torch.randn(4, kvh, bs, d, generator=g).to(FP8).to(device)
+    if v_layout == "token-major":  # the same values stored [blocks, heads, d, bs] (v_cache_token_major)
+        v_cache = v_cache.transpose(2, 3).contiguous().transpose(2, 3)
     slots = torch.randperm(4 * bs, generator=g)[:t]
     slots[::5] = -1
     positions = torch.randint(0, 512, (t,), generator=g).to(device)
