@@ -76,7 +76,7 @@ for step in "$@"; do
         --out "$OUT/overlap-t1-128.json" ;;
     overlap-t1-1000) phase overlap-t1-1000 300 python bench/overlap_probe.py --seqs 331 --ctx 1500 \
         --out "$OUT/overlap-t1-1000.json" ;;
-    overlap-t2-1000) phase overlap-t2-1000 300 python bench/overlap_probe.py --seqs 870 --ctx 1500 \
+    overlap-t2-1000) phase overlap-t2-1000 300 python bench/overlap_probe.py --seqs 800 --ctx 1500 \
         --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/overlap-t2-1000.json" ;;
     cpu-step) phase cpu-step 300 python bench/cpu_step.py --seqs 256 1024 2048 4096 --out "$OUT/cpu-step.json" ;;
     sweep) phase sweep 580 python -m taxiway.cli bench sweep --isl 128 --osl 128 --num-requests 4000 \
