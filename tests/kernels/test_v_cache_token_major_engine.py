@@ -18,4 +18,6 @@ def test_same_outputs_through_the_kernels(tiny_llama, kv, device, monkeypatch): 
     kw = dict(enforce_eager=True, device=device)
     row, tm = _run(tiny_llama, False, kv, **kw), _run(tiny_llama, True, kv, **kw)
     assert tm[0] == row[0] and tm[2] == row[2]
-    _close_logprobs(tm[1], row[1], 1e-4)
+    # the same values through differently laid-out tiles: float32 on the CPU, the model's 16-bit
+    # dtype on a GPU (its last bits may differ)
+    _close_logprobs(tm[1], row[1], 1e-4 if device == "cpu" else 5e-2)
