@@ -124,8 +124,8 @@ def decode_split_kernel(
             k = tl.load(k_ptr + k_off[:, None] + d[None, :])
             v = _v_tile_token_major(v_ptr, bt_row, n, end, kv_head, s_vb, s_vh, s_vd, d, BLOCK_SIZE)
         else:
-            k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             v_off = _kv_offsets(bt_row, n, valid, kv_head, s_vb, s_vh, s_vt, BLOCK_SIZE)
+            k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + v_off[:, None] + d[None, :] * s_vd, mask=valid[:, None], other=0.0)
         acc, l_i, m_i = _softmax_step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, l_i, m_i,
                                       valid[None, :], scale_log2, True, DOT_PREC)
