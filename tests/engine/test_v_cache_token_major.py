@@ -16,7 +16,7 @@ def _run(model, token_major: bool, kv: str, device: str = "cpu", **kw):
     k, v = llm.engine.runner.kv_caches[0]
     assert k.stride(-1) == 1 and (v.stride(-2) == 1) == token_major
     greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=0))
-    forked = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0.0, n=2))
+    forked = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=5, temperature=0.0, n=2))  # 17 tokens: a partial block to copy
     return ([o.outputs[0].token_ids for o in greedy], [o.prompt_logprobs for o in greedy],
             [c.token_ids for c in forked[0].outputs])
 
