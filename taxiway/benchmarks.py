@@ -233,7 +233,7 @@ def engine_settings(engine: LLMEngine, detokenize: bool) -> dict:
             "admission_policy": ec.admission_policy, "enable_prefix_caching": ec.enable_prefix_caching,
             "max_model_len": engine.max_model_len, "async_scheduling": engine.async_scheduling,
             "dtype": str(engine.dtype).removeprefix("torch."), "detokenize": detokenize,
-            "tokenizer": engine.tokenizer is not None}
+            "tokenizer": engine.tokenizer is not None, "v_cache_token_major": ec.v_cache_token_major}
 
 
 def warm_up(engine: LLMEngine, cfg: BenchConfig) -> None:

@@ -45,6 +45,7 @@ def test_throughput_through_llm_generate_uses_the_engine_defaults(cfg):
         cfg, api="llm", engine={k: v for k, v in cfg.engine.items() if k != "max_num_seqs"}))["engine_settings"]
     assert llm_defaults["max_num_seqs"] == 256 and settings["max_num_batched_tokens"] == 8192  # CPU defaults
     assert settings["admission_policy"] == "max_utilization" and settings["detokenize"] is True
+    assert settings["v_cache_token_major"] is False  # the cache layout a run used is on record
     assert result["output_tokens_per_s"] > 0
 
 
