@@ -121,6 +121,10 @@ for step in "$@"; do
     t2-2048-vt) ID=t2 TAG=-vt tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 --v-cache-token-major ;;
     # on a GPU these also check the alignment the token-major loads assert to the compiler (the
     # interpreter ignores it)
+    # guaranteed_no_evict with the queue's tail admitted early (admission_tail_overcommit)
+    t2-1000-tail) ID=t2 TAG=-tail tp 1000 1000 1000 --quantization fp8 --kv-cache-dtype fp8 --admission-tail-overcommit 0.1 ;;
+    t2-2048-tail) ID=t2 TAG=-tail tp 2048 2048 500 --quantization fp8 --kv-cache-dtype fp8 --admission-tail-overcommit 0.1 ;;
+    t1-1000-tail) TAG=-tail tp 1000 1000 1000 --admission-tail-overcommit 0.1 ;;
     token-major-tests) phase token-major-tests 400 python -m pytest -q -p no:cacheprovider \
         tests/kernels/test_v_cache_token_major_engine.py tests/kernels/test_kernels_fp8.py \
         tests/kernels/test_kernels_attention.py -k "token_major or llama_shapes" ;;

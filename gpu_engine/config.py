@@ -238,6 +238,12 @@ class EngineConfig:
         "max_utilization: admit while blocks are free, preempt the newest on exhaustion "
         "(recompute); guaranteed_no_evict: admit only when prompt + max_tokens is reserved for "
         "every running request")
+    admission_tail_overcommit: float = setting(
+        0.0, "guaranteed_no_evict only: when the whole waiting queue would fit in this fraction of "
+             "the KV pool beyond what the running requests reserve (the end of an offline batch, "
+             "whose last requests would otherwise run alone), admit all of it; a request that then "
+             "finds no free block is preempted and recomputed, as under max_utilization (0: never; "
+             "at most 1)")
     enforce_eager: bool = setting(False, "GPU only: no CUDA graphs")
     max_mixed_graph_tokens: int = setting(
         MAX_MIXED_GRAPH_TOKENS, "GPU only: prefill and mixed steps of up to this many tokens replay "
@@ -278,6 +284,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
         if self.admission_policy not in _POLICIES:
             raise ValueError(f"admission_policy must be one of {_POLICIES}, got {self.admission_policy!r}")
+        if not 0.0 <= self.admission_tail_overcommit <= 1.0:
+            raise ValueError(f"admission_tail_overcommit must be in [0, 1], got {self.admission_tail_overcommit}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -191,6 +191,7 @@ class LLMEngine:
                 policy=config.admission_policy,
                 max_prefill_tokens_per_seq=config.max_prefill_tokens_per_seq
                 or PREFILL_CHUNK_DEFAULTS[self.device.type == "cuda"],
+                tail_overcommit=config.admission_tail_overcommit,
             ),
             self.block_manager,
         )

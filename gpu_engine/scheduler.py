@@ -46,6 +46,9 @@ class SchedulerConfig:
     """Admission: "max_utilization" or "guaranteed_no_evict" (see EngineConfig)."""
     max_prefill_tokens_per_seq: int | None = None
     """Most prompt tokens one sequence prefills per step (chunked prefill only); None: no cap."""
+    tail_overcommit: float = 0.0
+    """guaranteed_no_evict: the share of the pool the waiting queue's tail may take beyond the
+    reservations (see GuaranteedNoEvict); 0: none."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -54,6 +57,8 @@ class SchedulerConfig:
             raise ValueError(f"max_prefill_tokens_per_seq must be >= 1, got {self.max_prefill_tokens_per_seq}")
         if self.policy not in ADMISSION_POLICIES:
             raise ValueError(f"unknown admission policy {self.policy!r}; one of {list(ADMISSION_POLICIES)}")
+        if not 0.0 <= self.tail_overcommit <= 1.0:
+            raise ValueError(f"tail_overcommit must be in [0, 1], got {self.tail_overcommit}")
 
 
 class Scheduler:

@@ -23,20 +23,40 @@ class MaxUtilization:
 
 
 class GuaranteedNoEvict:
-    """Admit only if prompt + max_tokens of every sample fits beside what running ones reserve."""
+    """Admit only if prompt + max_tokens of every sample fits beside what running ones reserve.
+
+    With the scheduler's tail_overcommit > 0: when the whole waiting queue would fit in that
+    fraction of the pool beyond the reservations (the end of an offline batch, whose last
+    requests would otherwise decode alone for a whole output length), admit all of it; a
+    sequence that then finds no free block is preempted (recomputed) as under max_utilization."""
 
     def __init__(self):
         self._epoch = -1
         self._available = 0  # free blocks minus what running sequences still reserve
+        self._tail = False  # this schedule() admits the whole waiting queue (tail_overcommit)
 
     def can_admit(self, seq: Sequence, scheduler: "Scheduler") -> bool:
         if self._epoch != scheduler.epoch:  # once per schedule(), not once per candidate
             self._epoch = scheduler.epoch
             self._available = scheduler.block_manager.num_free_blocks - self.reserved(scheduler)
+            self._tail = False
         needed = self.blocks_to_finish(seq, scheduler.block_size)
-        if needed > self._available:
+        if needed > self._available and not (self._tail or self._whole_queue_fits(scheduler)):
             return False
         self._available -= needed  # admitting it reserves what it needs to finish
+        return True
+
+    def _whole_queue_fits(self, scheduler: "Scheduler") -> bool:
+        """Whether every waiting request fits in tail_overcommit of the pool beyond what is
+        available; summed until it does not, so a long queue costs a few entries."""
+        room = self._available + int(scheduler.config.tail_overcommit * scheduler.block_manager.num_blocks)
+        if scheduler.config.tail_overcommit <= 0 or len(scheduler.waiting) > room:
+            return False
+        for queued in scheduler.waiting:
+            room -= self.blocks_to_finish(queued, scheduler.block_size)
+            if room < 0:
+                return False
+        self._tail = True
         return True
 
     def reserved(self, scheduler: "Scheduler") -> int:

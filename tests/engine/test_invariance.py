@@ -40,6 +40,26 @@ def test_guaranteed_no_evict_changes_nothing_and_never_preempts(tiny_llama, base
     assert llm.engine.scheduler.num_preemptions == 0
 
 
+def test_tail_overcommit_admits_the_last_requests_and_changes_nothing(tiny_llama, baseline):
+    """The prompts need 37 blocks to finish and the pool holds 34: under guaranteed_no_evict the
+    last ones wait; with 10% of tail overcommit all run from the first step, and the outputs stay
+    the same whether or not the pool then runs out."""
+    def first_step_running(overcommit):
+        llm = LLM(tiny_llama, num_kv_blocks=34, max_model_len=256, admission_policy="guaranteed_no_evict",
+                  admission_tail_overcommit=overcommit)
+        for i, p in enumerate(PROMPTS):
+            llm.engine.add_request(str(i), p, GREEDY)
+        llm.engine.step()
+        running = len(llm.engine.scheduler.running)
+        llm.engine.abort_request([str(i) for i in range(len(PROMPTS))])
+        return running
+
+    assert first_step_running(0.0) < len(PROMPTS) == first_step_running(0.1)
+    llm = LLM(tiny_llama, num_kv_blocks=34, max_model_len=256, admission_policy="guaranteed_no_evict",
+              admission_tail_overcommit=0.1)
+    assert greedy_tokens(llm) == baseline
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_other_block_sizes_change_nothing(tiny_llama, baseline, block_size):
     llm = LLM(tiny_llama, num_kv_blocks=4096 // block_size, max_model_len=512, block_size=block_size)

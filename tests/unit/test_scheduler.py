@@ -12,10 +12,11 @@ BS = 4
 
 
 def make_scheduler(num_blocks=64, budget=64, max_seqs=8, policy="max_utilization", chunked=True, caching=True,
-                   prefill_cap=None):
+                   prefill_cap=None, tail_overcommit=0.0):
     bm = BlockManager(num_blocks, BS, enable_prefix_caching=caching)
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy,
-                          enable_chunked_prefill=chunked, max_prefill_tokens_per_seq=prefill_cap)
+                          enable_chunked_prefill=chunked, max_prefill_tokens_per_seq=prefill_cap,
+                          tail_overcommit=tail_overcommit)
     return Scheduler(cfg, bm)
 
 
@@ -180,6 +181,40 @@ def test_guaranteed_no_evict_reserves_prompt_plus_max_tokens_and_never_preempts(
     first_b = next(i for i, p in enumerate(runner.plans) if any(e.seq is b.seqs[0] for e in p.scheduled))
     last_a = max(i for i, p in enumerate(runner.plans) if any(e.seq is a.seqs[0] for e in p.scheduled))
     assert first_b > last_a
+
+
+def _tail_run(tail_overcommit):
+    """Five requests needing 4 blocks each to finish, a pool of 18: four fit the reservations."""
+    sched = make_scheduler(num_blocks=18, policy="guaranteed_no_evict", tail_overcommit=tail_overcommit,
+                           caching=False)
+    reqs = [make_request(f"r{i}", [i + 1] * 8, max_tokens=8) for i in range(5)]
+    for r in reqs:
+        sched.add(r)
+    first = sched.schedule()
+    runner = FakeRunner()
+    runner.launch(first)
+    sched.commit(first)
+    sched.update(first, runner.collect(first))
+    run_to_completion(sched, runner)  # checks the pool after every step
+    return sched, reqs, first, runner
+
+
+def test_tail_overcommit_admits_the_whole_queue_when_it_fits():
+    sched, reqs, first, _ = _tail_run(0.0)
+    assert len(first.scheduled) == 4 and sched.num_preemptions == 0  # the fifth waits: a tail
+    plain = [r.seqs[0].output_token_ids for r in reqs]
+    sched, reqs, first, runner = _tail_run(0.25)  # 20 blocks needed, 18 + 25% of 18 allowed
+    assert len(first.scheduled) == 5
+    assert sched.num_preemptions >= 1  # the pool ran out: the newest was recomputed
+    assert [r.seqs[0].output_token_ids for r in reqs] == plain  # nothing a user sees changes
+    assert all(len(r.seqs[0].output_token_ids) == 8 for r in reqs)
+
+
+def test_tail_overcommit_leaves_a_queue_that_does_not_fit_waiting():
+    sched, _, first, _ = _tail_run(0.05)  # 18 + 0.9 blocks: the fifth still does not fit
+    assert len(first.scheduled) == 4 and sched.num_preemptions == 0
+    with pytest.raises(ValueError, match="tail_overcommit must be in"):
+        SchedulerConfig(tail_overcommit=1.5)
 
 
 def test_prefix_cache_hit_shares_blocks_and_skips_their_compute():
