@@ -203,7 +203,7 @@ def test_tail_overcommit_admits_the_whole_queue_when_it_fits():
     sched, reqs, first, _ = _tail_run(0.0)
     assert len(first.scheduled) == 4 and sched.num_preemptions == 0  # the fifth waits: a tail
     plain = [r.seqs[0].output_token_ids for r in reqs]
-    sched, reqs, first, runner = _tail_run(0.25)  # 20 blocks needed, 18 + 25% of 18 allowed
+    sched, reqs, first, _ = _tail_run(0.25)  # 20 blocks needed, 18 + 25% of 18 allowed
     assert len(first.scheduled) == 5
     assert sched.num_preemptions >= 1  # the pool ran out: the newest was recomputed
     assert [r.seqs[0].output_token_ids for r in reqs] == plain  # nothing a user sees changes
