@@ -7,7 +7,9 @@ the other. Before the engine is built around that, this measures it on the engin
 cache and running sequences (bench/profile_decode.py's set-up): one decode forward (and lm_head and
 greedy argmax) of all --seqs rows against the same rows as two halves, one after the other on one
 stream and concurrently on two, each a CUDA graph with its own memory pool (so both halves can
-replay at once). The halves' tokens must equal the whole batch's.
+replay at once). The halves' tokens must agree with the whole batch's: all of them on the CPU
+(float32), 99% of the rows on a GPU, where a GEMM of half the rows may take another kernel and a
+near-tie of the dummy weights' logits then falls either way.
 
     python bench/overlap_probe.py --seqs 1800 --ctx 190 --out overlap-t1-128.json
     python bench/overlap_probe.py --seqs 331 --ctx 1500 --out overlap-t1-1000.json
@@ -73,6 +75,12 @@ def _median_ms(run, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def _agreement(outs: dict[str, torch.Tensor]) -> float:
+    """Share of rows whose token from the halves equals the whole batch's."""
+    halves = torch.cat([outs["first"], outs["second"]])
+    return round(float((halves == outs["whole"]).float().mean()), 4)
+
+
 def probe(engine, reps: int) -> dict:
     """Tokens of the whole batch and of its two halves (they must agree) and, on a GPU, the median
     ms of: the whole batch, the halves one after the other, the halves on two streams at once."""
@@ -85,8 +93,8 @@ def probe(engine, reps: int) -> dict:
     if dev.type != "cuda":
         with torch.inference_mode():
             out = {name: p() for name, p in programs.items()}
-        same = torch.equal(out["whole"], torch.cat([out["first"], out["second"]]))
-        return {"rows": len(rows), "halves": [half, len(rows) - half], "same_tokens": bool(same)}
+        agree = _agreement(out)
+        return {"rows": len(rows), "halves": [half, len(rows) - half], "agreeing_rows": agree}
     with torch.inference_mode():
         graphs, outs = {}, {}
         for name, p in programs.items():  # a pool each: the halves replay at the same time
@@ -95,7 +103,7 @@ def probe(engine, reps: int) -> dict:
         for g in graphs.values():
             g.replay()
         torch.cuda.synchronize(dev)
-        same = torch.equal(outs["whole"], torch.cat([outs["first"], outs["second"]]))
+        agree = _agreement(outs)
         main_stream = torch.cuda.current_stream(dev)
         side = [torch.cuda.Stream(dev), torch.cuda.Stream(dev)]
 
@@ -120,7 +128,7 @@ def probe(engine, reps: int) -> dict:
         for _ in range(3):  # interleaved rounds: the card's clock drifts under load
             for key, run in variants.items():
                 times[key].append(_median_ms(run, dev, reps))
-    result = {"rows": len(rows), "halves": [half, len(rows) - half], "same_tokens": bool(same),
+    result = {"rows": len(rows), "halves": [half, len(rows) - half], "agreeing_rows": agree,
               **{k: round(statistics.median(v), 3) for k, v in times.items()}}
     result["two_streams_vs_whole"] = round(result["whole_ms"] / result["halves_two_streams_ms"], 3)
     result["two_streams_vs_one_stream"] = round(result["halves_one_stream_ms"] / result["halves_two_streams_ms"], 3)
@@ -141,7 +149,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "config", "command")}))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0 if found["same_tokens"] else 1
+    return 0 if found["agreeing_rows"] >= (1.0 if engine.device.type != "cuda" else 0.99) else 1
 
 
 if __name__ == "__main__":
