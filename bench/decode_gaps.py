@@ -78,7 +78,8 @@ def group_ms_per_step(intervals: list[tuple[float, float, str]], steps: int) -> 
     them: beside profile_decode's synchronous steps, whether a group is slower in the loop."""
     groups: dict[str, float] = {}
     for start, end, name in intervals:
-        groups[group_of(name)] = groups.get(group_of(name), 0.0) + (end - start)
+        group = group_of(name)
+        groups[group] = groups.get(group, 0.0) + (end - start)
     return {g: round(us / 1e3 / max(steps, 1), 3) for g, us in sorted(groups.items(), key=lambda kv: -kv[1])}
 
 

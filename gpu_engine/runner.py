@@ -201,8 +201,9 @@ class ModelRunner:
             cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)]
             return
-        k = torch.zeros((shape[0], *shape[2:]), dtype=self.kv_dtype, device=self.device)
-        v = torch.zeros((*shape[:1], *shape[2:4], c.head_dim, self.block_size), dtype=self.kv_dtype, device=self.device)
+        per_layer = (c.num_layers, num_blocks, self.num_kv_heads)
+        k = torch.zeros((*per_layer, self.block_size, c.head_dim), dtype=self.kv_dtype, device=self.device)
+        v = torch.zeros((*per_layer, c.head_dim, self.block_size), dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(k[i], v[i].transpose(-1, -2)) for i in range(c.num_layers)]
 
     # -- one step ---------------------------------------------------------------------------------

@@ -49,8 +49,11 @@ class GuaranteedNoEvict:
     def _whole_queue_fits(self, scheduler: "Scheduler") -> bool:
         """Whether every waiting request fits in tail_overcommit of the pool beyond what is
         available; summed until it does not, so a long queue costs a few entries."""
-        room = self._available + int(scheduler.config.tail_overcommit * scheduler.block_manager.num_blocks)
-        if scheduler.config.tail_overcommit <= 0 or len(scheduler.waiting) > room:
+        overcommit = scheduler.config.tail_overcommit
+        if overcommit <= 0:
+            return False
+        room = self._available + int(overcommit * scheduler.block_manager.num_blocks)
+        if len(scheduler.waiting) > room:  # each needs a block at least
             return False
         for queued in scheduler.waiting:
             room -= self.blocks_to_finish(queued, scheduler.block_size)

@@ -33,6 +33,22 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have stride 1 in its last dim, got strides {tuple(t.stride())}")
 
 
+def v_token_major(v_cache: torch.Tensor) -> bool:
+    """V [num_blocks, num_kv_heads, block_size, head_dim] stored [.., head_dim, block_size] and
+    viewed as the usual shape: each block's tokens contiguous for each dimension, every run starting
+    at a multiple of the block size (the attention kernels assert both to the compiler)."""
+    bs = v_cache.shape[2]
+    return (v_cache.stride(2) == 1 and v_cache.stride(3) == bs and v_cache.shape[3] > 1
+            and v_cache.stride(0) % bs == 0 and v_cache.stride(1) % bs == 0)
+
+
+def check_v_cache_layout(v_cache: torch.Tensor) -> None:
+    """Contiguous head_dim (the usual layout) or token-major (v_token_major)."""
+    if v_cache.stride(3) != 1 and not v_token_major(v_cache):
+        raise ValueError(f"v_cache must have contiguous head_dim, or tokens contiguous within each block "
+                         f"(strides [..., 1, block_size]: a transposed view); got strides {tuple(v_cache.stride())}")
+
+
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in allowed:
         raise ValueError(f"{name} has dtype {t.dtype}, expected one of {allowed}")

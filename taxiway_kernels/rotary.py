@@ -115,9 +115,7 @@ def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) ->
     for name, t in tensors.items():
         if name != "v_cache":
             C.check_last_dim_contiguous(name, t)
-    if v_cache.stride(3) != 1 and v_cache.stride(2) != 1:
-        raise ValueError(f"v_cache must have contiguous head_dim or contiguous tokens within each block, "
-                         f"got strides {tuple(v_cache.stride())}")
+    C.check_v_cache_layout(v_cache)
 
 
 def rope_and_write_kv(

@@ -69,9 +69,7 @@ def _check_common(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
         raise ValueError(f"v_cache has dtype {v_cache.dtype}, expected k_cache's {k_cache.dtype}")
     for name, t in (("q", q), ("k_cache", k_cache), ("out", out)):
         C.check_last_dim_contiguous(name, t)
-    if v_cache.stride(3) != 1 and not _v_token_major(v_cache):
-        raise ValueError(f"v_cache must have contiguous head_dim, or tokens contiguous within each block "
-                         f"(strides [..., 1, block_size]: a transposed view); got strides {tuple(v_cache.stride())}")
+    C.check_v_cache_layout(v_cache)
     C.check_shape("out", out, tuple(q.shape))
     if block_tables.dim() != 2:
         raise ValueError(f"block_tables must be [num_seqs, max_blocks], got {tuple(block_tables.shape)}")
@@ -99,15 +97,6 @@ def _kv_scales(k_cache: torch.Tensor, kv_scale: tuple[float, float]) -> tuple[fl
 def _check_block(name: str, value: int) -> None:
     if value < 16 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest), got {value}")
-
-
-def _v_token_major(v_cache: torch.Tensor) -> bool:
-    """V stored [num_blocks, num_kv_heads, head_dim, block_size] and viewed as the usual shape:
-    each block's tokens contiguous for each dimension, every run starting at a multiple of the
-    block size (the decode kernel asserts both to the compiler)."""
-    bs = v_cache.shape[2]
-    return (v_cache.stride(2) == 1 and v_cache.stride(3) == bs and v_cache.shape[3] > 1
-            and v_cache.stride(0) % bs == 0 and v_cache.stride(1) % bs == 0)
 
 
 def _launch_args(q, k_cache, v_cache, block_tables, out):
@@ -195,7 +184,7 @@ def paged_decode_attention(
         NUM_HEADS=num_heads, DIRECT_OUT=num_splits == 1, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PREC=prec, DOT_DTYPE=C.tl_dtype(dot_dtype),
-        V_TOKEN_MAJOR=_v_token_major(v_cache), num_warps=num_warps, num_stages=num_stages,
+        V_TOKEN_MAJOR=C.v_token_major(v_cache), num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         K.decode_combine_kernel[(num_seqs, num_heads)](
@@ -267,7 +256,7 @@ def paged_prefill_attention(
         *strides,
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[2], BLOCK_N=block_n, SLIDING=sliding_window is not None,
-        DOT_PREC=prec, V_TOKEN_MAJOR=_v_token_major(v_cache),
+        DOT_PREC=prec, V_TOKEN_MAJOR=C.v_token_major(v_cache),
         FP16_DOTS=k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )

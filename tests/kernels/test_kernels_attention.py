@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from taxiway_kernels import _triton_compat as C  # noqa: E402
 from taxiway_kernels import reference as R  # noqa: E402
 from taxiway_kernels import triton_attention as A  # noqa: E402
 from taxiway_kernels.testing import PagedBatch, make_paged_batch, rel_err  # noqa: E402
@@ -158,7 +159,7 @@ def test_decode_token_major_v_equals_row_major(kv, block_size, window, num_split
     kw = dict(sliding_window=window, num_splits=num_splits, block_n=16 if block_size < 16 else None)
     row_major = A.paged_decode_attention(*args, **kw)
     tm = _token_major(b.v_cache)
-    assert tm.stride(2) == 1 and A._v_token_major(tm)
+    assert tm.stride(2) == 1 and C.v_token_major(tm)
     token_major = A.paged_decode_attention(*args[:2], tm, *args[3:], **kw)
     assert not token_major.isnan().any()
     assert rel_err(token_major, row_major) < 1e-3
